@@ -1,0 +1,298 @@
+"""The ``diffusion-blend`` command line.
+
+Every command validates its inputs before it loads a model, reports a bad input as one line on stderr with a
+non-zero exit code, and writes its outputs only once everything succeeded (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="diffusion-blend",
+    help="Align a diffusion model with any mix of preferences at inference time (Diffusion Blend).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: Short names for the usual diffusers schedulers; any diffusers scheduler class name works too.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
+}
+
+
+class CommandError(Exception):
+    """A bad input or a failed step, reported as one line without a traceback."""
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main() -> None:
+    """Diffusion Blend: blend basis models fine-tuned for single rewards, at every denoising step."""
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+def parse_named_values(text: str, what: str) -> dict[str, float]:
+    """``"a=0.3,b=0.7"`` → ``{"a": 0.3, "b": 0.7}``; raise on malformed items and repeated names."""
+    values: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CommandError(f"{what}: {item!r} is not NAME=NUMBER")
+        if name in values:
+            raise CommandError(f"{what}: {name!r} is given twice")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise CommandError(f"{what}: {value.strip()!r} (for {name!r}) is not a number") from None
+    return values
+
+
+def parse_basis(items: list[str]) -> dict[str, str]:
+    """``["a=path/to/lora", ...]`` → ``{"a": "path/to/lora"}``."""
+    basis: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise CommandError(f"--basis: {item!r} is not NAME=PATH")
+        if name.strip() in basis:
+            raise CommandError(f"--basis: {name.strip()!r} is given twice")
+        basis[name.strip()] = path.strip()
+    return basis
+
+
+def scheduler_class(name: str) -> type:
+    import diffusers
+
+    class_name = SCHEDULERS.get(name.lower(), name)
+    cls = getattr(diffusers, class_name, None)
+    if not (isinstance(cls, type) and class_name.endswith("Scheduler")):
+        raise CommandError(f"--scheduler: unknown scheduler {name!r} (try {', '.join(SCHEDULERS)} or a class name)")
+    return cls
+
+
+# ------------------------------------------------------------------------------------------------------- output
+def write_atomically(path: Path, write: Any) -> None:
+    """Write through ``write(temp_path)`` into a temp file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(temp))
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def image_grid(images: list) -> Any:
+    """The images side by side in a near-square grid."""
+    from PIL import Image
+
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def save_images(images: list, out: Path, settings: dict) -> list[Path]:
+    """A grid PNG at ``out`` (when it ends in .png) or one PNG per image in the folder ``out``; plus a JSON sidecar."""
+    if out.suffix.lower() == ".png":
+        targets = [(out, image_grid(images))]
+        sidecar = out.with_suffix(".json")
+    else:
+        targets = [(out / f"image-{index:03d}.png", image) for index, image in enumerate(images)]
+        sidecar = out / "settings.json"
+    settings = {**settings, "outputs": [path.name for path, _ in targets]}
+    for path, image in targets:
+        write_atomically(path, lambda temp, image=image: image.save(temp, format="PNG"))
+    write_atomically(sidecar, lambda temp: temp.write_text(json.dumps(settings, indent=2) + "\n"))
+    return [path for path, _ in targets] + [sidecar]
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix.lower() != ".png" and out.exists() and not out.is_dir():
+        raise CommandError(f"--out: {out} exists and is not a folder (give a .png file or a folder)")
+    if out.suffix.lower() == ".png" and out.is_dir():
+        raise CommandError(f"--out: {out} is a folder")
+
+
+# ----------------------------------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    base: Annotated[str, typer.Option(help="Base pipeline: a local folder or a hub id.")],
+    basis: Annotated[list[str], typer.Option(help="NAME=PATH of a basis model (LoRA or denoiser); repeat it.")],
+    weights: Annotated[str, typer.Option(help="NAME=W,... blend weights; names left out count as 0.")],
+    prompt: Annotated[str, typer.Option(help="The prompt.")],
+    out: Annotated[Path, typer.Option(help="A .png file (grid of all images) or a folder (one PNG per image).")],
+    kl_scale: Annotated[float, typer.Option(help="λ: 1 = the basis models' KL strength, 0 = the base.")] = 1.0,
+    mode: Annotated[str, typer.Option(help="mix (DB-MPA/DB-KLA) or stochastic (DB-MPA-LS).")] = "mix",
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the pipeline's).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")] = 0,
+    num_images: Annotated[int, typer.Option(help="Images to generate.")] = 1,
+    height: Annotated[int | None, typer.Option(help="Image height in pixels.")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in pixels.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help=f"Scheduler: {', '.join(SCHEDULERS)} or a class name.")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
+) -> None:
+    """Generate images from a blend of basis models."""
+    run_reporting_errors(_generate, **locals())
+
+
+def run_reporting_errors(command: Any, **kwargs: Any) -> None:
+    """Run a command; any failure becomes one line on stderr and exit code 2 (``DIFFUSION_BLEND_DEBUG=1``: traceback)."""
+    try:
+        command(**kwargs)
+    except typer.Exit:
+        raise
+    except Exception as error:
+        if os.environ.get("DIFFUSION_BLEND_DEBUG"):
+            raise
+        text = str(error).strip().splitlines()
+        fail(text[0] if text and isinstance(error, (CommandError, ValueError)) else f"{type(error).__name__}: {' '.join(text)}")
+
+
+def _generate(
+    base, basis, weights, prompt, out, kl_scale, mode, negative_prompt, steps, guidance, seed, num_images,
+    height, width, scheduler, dtype, device,
+) -> None:
+    import torch
+
+    from . import __version__
+    from .blend import validate_kl_scale, validate_weights
+    from .pipeline import Blend
+
+    quiet_libraries()
+
+    if mode not in ("mix", "stochastic"):
+        raise CommandError(f"--mode must be mix or stochastic, got {mode!r}")
+    basis_paths = parse_basis(basis)
+    blend_weights = validate_weights(parse_named_values(weights, "--weights"), basis_paths, simplex=mode == "stochastic")
+    kl_scale = validate_kl_scale(kl_scale)
+    if dtype not in DTYPES:
+        raise CommandError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for option, value in (("--num-images", num_images), ("--steps", steps), ("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise CommandError(f"{option} must be >= 1, got {value}")
+    _check_out(out)
+    scheduler_cls = scheduler_class(scheduler) if scheduler else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    blend = Blend.from_pretrained(base, basis=basis_paths, torch_dtype=getattr(torch, DTYPES[dtype]))
+    pipe = blend.pipe
+    if scheduler_cls is not None:
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    blend.to(device)
+    call_defaults = {
+        name: parameter.default for name, parameter in inspect.signature(pipe.__call__).parameters.items()
+    }
+    steps = steps if steps is not None else call_defaults.get("num_inference_steps")
+    guidance = guidance if guidance is not None else call_defaults.get("guidance_scale")
+    kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=num_images,
+                  generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    images = _run_with_progress(blend, pipe, kwargs, blend_weights, kl_scale, mode, steps)
+
+    import diffusers
+
+    settings = {
+        "base": base,
+        "basis": basis_paths,
+        "weights": blend_weights,
+        "kl_scale": kl_scale,
+        "mode": mode,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "num_images": num_images,
+        "height": images[0].size[1],
+        "width": images[0].size[0],
+        "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
+        "dtype": dtype,
+        "device": str(device),
+        "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
+    }
+    for path in save_images(images, out, _jsonable(settings)):
+        typer.echo(str(path))
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own logs, warnings and progress bars: the CLI reports progress and errors itself."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def _run_with_progress(blend, pipe, kwargs, weights, kl_scale, mode, steps) -> list:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    pipe.set_progress_bar_config(disable=True)
+    with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task("denoising", total=steps)
+
+        def on_step_end(_pipe, _step, _timestep, callback_kwargs):
+            progress.advance(task)
+            return callback_kwargs
+
+        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+            kwargs["callback_on_step_end"] = on_step_end
+        return blend.blend(weights=weights, kl_scale=kl_scale, mode=mode, **kwargs).images
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,375 @@
+"""BlendedDenoiser: a stand-in for a pipeline's denoiser (UNet or transformer) that returns the blended prediction.
+
+Like k-diffusion's model wrappers, it is called exactly as the wrapped module is called and returns the same type,
+so any sampling loop (a diffusers pipeline, a hand-written loop, the lab's exact samplers) runs Diffusion Blend
+without knowing it. Members are full fine-tuned modules of the base's architecture, or names of peft LoRA
+adapters loaded on the base (evaluated on the shared base through :class:`~diffusion_blend.adapters.AdapterRouter`).
+
+Every forward call is planned as a list of *evaluations* — (member, rows of the batch) — and then executed; the
+plan decides what the formula needs (the base only where its coefficient is non-zero, members only where their
+weight is), the executor decides how many denoiser calls that takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .adapters import NO_ADAPTER, AdapterRouter, loaded_adapters
+from .blend import base_coefficient, blend_predictions, validate_kl_scale, validate_weights
+
+#: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
+BASE = NO_ADAPTER
+MODES = ("mix", "stochastic")
+#: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
+#: (Flux's positional ids are (sequence, 3)).
+UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
+
+
+class Evaluation(NamedTuple):
+    """One member (or ``BASE``) to evaluate on some rows of the batch (``None``: all rows)."""
+
+    member: str
+    rows: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlendSettings:
+    weights: dict[str, float]
+    kl_scale: float
+    mode: str
+    generator: torch.Generator | None
+
+
+class BlendedDenoiser(nn.Module):
+    """Wraps a denoiser and its basis members; ``forward`` returns ``base + λ Σ w_i (member_i − base)``.
+
+    Args:
+        base: the pretrained denoiser module (e.g. a ``UNet2DConditionModel`` or ``SD3Transformer2DModel``).
+        members: basis name → a full fine-tuned denoiser of the same architecture, or the name of a peft LoRA
+            adapter already loaded on ``base``.
+
+    Call :meth:`set_blend` before the first forward call. The wrapper exposes the base's ``config``, ``dtype``,
+    ``device`` and every other attribute, so a pipeline cannot tell it from the base.
+    """
+
+    def __init__(self, base: nn.Module, members: Mapping[str, nn.Module | str]):
+        super().__init__()
+        if not isinstance(members, Mapping) or not members:
+            raise ValueError("a blend needs at least one basis member (members is empty)")
+        for name in members:
+            check_member_name(name)
+        self.base = base
+        self.modules_by_name = nn.ModuleDict(
+            {name: member for name, member in members.items() if isinstance(member, nn.Module)}
+        )
+        self.adapter_of = {name: member for name, member in members.items() if isinstance(member, str)}
+        odd = [name for name, member in members.items() if not isinstance(member, (nn.Module, str))]
+        if odd:
+            raise ValueError(f"member(s) {odd} must be an nn.Module or the name of a LoRA adapter on the base")
+        self.names = list(members)
+        self._check_adapters_loaded()
+        for name, module in self.modules_by_name.items():
+            _check_same_architecture(name, base, module)
+        _check_prediction_types(base, self.modules_by_name)
+        self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
+        self._latent_name = _first_parameter(base)
+        self.settings: BlendSettings | None = None
+
+    # ----------------------------------------------------------------------------------------------- what pipelines read
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _placement(self.base)[1]
+
+    @property
+    def device(self) -> torch.device:
+        return _placement(self.base)[0]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    # ------------------------------------------------------------------------------------------------------- the blend
+    def set_blend(
+        self,
+        weights: Mapping[str, float],
+        kl_scale: float = 1.0,
+        mode: str = "mix",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Choose the blend used by every following forward call.
+
+        Args:
+            weights: basis name → w_i; names left out count as 0. In ``"stochastic"`` mode they must lie on the
+                simplex.
+            kl_scale: λ ≥ 0, the KL-strength multiplier (DB-KLA): λ > 1 regularises less, λ < 1 stays nearer the base.
+            mode: ``"mix"`` evaluates every member with non-zero weight and combines them; ``"stochastic"``
+                (DB-MPA-LS) lets each sample draw one member I with probability w_I at every call and returns
+                ``base + λ (member_I − base)``: the same expectation at the cost of one member.
+            generator: the random generator of the stochastic draws (reproducible for a fixed seed).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        checked = validate_weights(weights, self.names, simplex=mode == "stochastic")
+        self._check_placement()
+        self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.settings is None:
+            raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
+        latent = args[0] if args else kwargs[self._latent_name]
+        with self.router if self.router is not None else contextlib.nullcontext():
+            if self.settings.mode == "mix":
+                return self._mix(args, kwargs)
+            return self._stochastic(latent, args, kwargs)
+
+    def routing(self) -> contextlib.AbstractContextManager:
+        """Keep the LoRA routing hooks installed across many forward calls (e.g. a whole pipeline call)."""
+        return self.router if self.router is not None else contextlib.nullcontext()
+
+    def plan_mix(self) -> list[Evaluation]:
+        """What the mix formula needs: members with λ·w ≠ 0, and the base unless 1 − λΣw = 0."""
+        weights, kl_scale = self.settings.weights, self.settings.kl_scale
+        members = [Evaluation(name) for name, weight in weights.items() if kl_scale * weight != 0]
+        needs_base = base_coefficient(weights.values(), kl_scale) != 0
+        return ([Evaluation(BASE)] if needs_base else []) + members
+
+    def _mix(self, args: tuple, kwargs: dict) -> Any:
+        plan = self.plan_mix()
+        outputs = dict(zip((e.member for e in plan), self.evaluate(plan, args, kwargs)))
+        predictions = {name: prediction_of(output) for name, output in outputs.items()}
+        members = [name for name in predictions if name != BASE]
+        blended = blend_predictions(
+            predictions.get(BASE),
+            [predictions[name] for name in members],
+            [self.settings.weights[name] for name in members],
+            self.settings.kl_scale,
+        )
+        return with_prediction(next(iter(outputs.values())), blended)
+
+    def _stochastic(self, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        drawn = self.draw_members(latent)
+        plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, latent.device)]
+        if self.settings.kl_scale != 1:
+            plan.insert(0, Evaluation(BASE))
+        outputs = self.evaluate(plan, args, kwargs)
+        members = [(evaluation.rows, prediction_of(out)) for evaluation, out in zip(plan, outputs) if evaluation.rows is not None]
+        prediction = members[0][1].new_empty((latent.shape[0], *members[0][1].shape[1:]))
+        for rows, member_prediction in members:
+            prediction[rows] = member_prediction
+        if plan[0].member == BASE:
+            base = prediction_of(outputs[0])
+            prediction = base + self.settings.kl_scale * (prediction - base)
+        return with_prediction(outputs[0], prediction)
+
+    def draw_members(self, latent: torch.Tensor) -> list[int]:
+        """DB-MPA-LS: one member index per row, drawn with probability w per *sample*.
+
+        Rows whose latent inputs are bitwise identical are one sample presented several times — classifier-free
+        guidance's unconditional and conditional halves (and any guidance that repeats the latents) — so they
+        share their draw.
+        """
+        sample_of_row = _samples_of_rows(latent)
+        generator = self.settings.generator
+        probabilities = torch.tensor(
+            [self.settings.weights[name] for name in self.names],
+            dtype=torch.float64,
+            device=generator.device if generator is not None else "cpu",
+        )
+        draws = torch.multinomial(probabilities, max(sample_of_row) + 1, replacement=True, generator=generator)
+        draws = draws.tolist()
+        return [draws[sample] for sample in sample_of_row]
+
+    # ----------------------------------------------------------------------------------------------------- execution
+    def evaluate(self, plan: list[Evaluation], args: tuple, kwargs: dict) -> list[Any]:
+        """Run every evaluation of the plan; returns the raw denoiser outputs in plan order."""
+        batch = len(args[0] if args else kwargs[self._latent_name])
+        outputs = []
+        for evaluation in plan:
+            call_args, call_kwargs = args, kwargs
+            if evaluation.rows is not None:
+                call_args = take_rows(args, evaluation.rows, batch)
+                call_kwargs = {
+                    key: value if key in UNBATCHED_ARGUMENTS else take_rows(value, evaluation.rows, batch)
+                    for key, value in kwargs.items()
+                }
+            outputs.append(self._call(evaluation.member, call_args, call_kwargs))
+        return outputs
+
+    def _call(self, member: str, args: tuple, kwargs: dict) -> Any:
+        if member in self.modules_by_name:
+            return self.modules_by_name[member](*args, **kwargs)
+        if self.router is None:
+            return self.base(*args, **kwargs)
+        with self.router.route(self.adapter_of.get(member, NO_ADAPTER)):
+            return self.base(*args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------- validation
+    def _check_adapters_loaded(self) -> None:
+        if not self.adapter_of:
+            return
+        present = loaded_adapters(self.base)
+        missing = [f"{name!r} (adapter {a!r})" for name, a in self.adapter_of.items() if a not in present]
+        if missing:
+            have = ", ".join(sorted(present)) or "none"
+            raise ValueError(f"LoRA member(s) {', '.join(missing)} are not loaded on the base (loaded: {have})")
+
+    def _check_placement(self) -> None:
+        device, dtype = _placement(self.base)
+        for name, module in self.modules_by_name.items():
+            member_device, member_dtype = _placement(module)
+            if (member_device, member_dtype) != (device, dtype):
+                raise ValueError(
+                    f"member {name!r} is on {member_device} in {member_dtype}, the base on {device} in {dtype}; "
+                    "move it with .to(...) first"
+                )
+
+
+# ------------------------------------------------------------------------------------------------- denoiser outputs
+def prediction_of(output: Any) -> torch.Tensor:
+    """The prediction tensor in a denoiser's output: the tensor itself, ``output[0]`` or the output's first field."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if isinstance(output, Mapping):  # diffusers' BaseOutput is an ordered dict of its fields
+        return next(iter(output.values()))
+    raise TypeError(f"cannot find the prediction in a denoiser output of type {type(output).__name__}")
+
+
+def with_prediction(template: Any, prediction: torch.Tensor) -> Any:
+    """``template`` (a denoiser output) with its prediction replaced, keeping its type and any other fields."""
+    if isinstance(template, torch.Tensor):
+        return prediction
+    if isinstance(template, (tuple, list)):
+        return type(template)([prediction, *template[1:]])
+    if dataclasses.is_dataclass(template):
+        return dataclasses.replace(template, **{dataclasses.fields(template)[0].name: prediction})
+    if isinstance(template, Mapping):
+        first = next(iter(template))
+        return type(template)({**template, first: prediction})
+    raise TypeError(f"cannot rebuild a denoiser output of type {type(template).__name__}")
+
+
+def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """``value`` restricted to some rows of the batch: tensors whose first size is the batch size are indexed,
+    containers are walked, everything else (timesteps given as scalars, options) is passed unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value[rows.to(value.device)] if value.ndim > 0 and value.shape[0] == batch else value
+    if isinstance(value, Mapping):
+        return type(value)({key: take_rows(item, rows, batch) for key, item in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(take_rows(item, rows, batch) for item in value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def _samples_of_rows(latent: torch.Tensor) -> list[int]:
+    """A sample index per row, numbered by first appearance; rows with identical latents get the same index."""
+    _, inverse = torch.unique(latent.reshape(len(latent), -1), dim=0, return_inverse=True)
+    inverse = inverse.tolist()
+    first_seen: dict[int, int] = {}
+    return [first_seen.setdefault(group, len(first_seen)) for group in inverse]
+
+
+def _rows_by_member(drawn: list[int], names: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    groups: dict[int, list[int]] = {}
+    for row, member in enumerate(drawn):
+        groups.setdefault(member, []).append(row)
+    return [(names[member], torch.tensor(rows, device=device)) for member, rows in sorted(groups.items())]
+
+
+def _first_parameter(module: nn.Module) -> str:
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if not parameters or parameters[0].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        raise ValueError(f"cannot tell which argument of {type(module).__name__}.forward is the noisy sample")
+    return parameters[0].name
+
+
+def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a module, read from its first floating-point parameter or buffer."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def check_member_name(name: object) -> None:
+    if not isinstance(name, str) or not name or any(c in name for c in ".,=") or name == BASE or name.isspace():
+        raise ValueError(f"basis name {name!r} must be a non-empty string without '.', ',' or '='")
+
+
+def _comparable_config(module: nn.Module) -> dict | None:
+    config = getattr(module, "config", None)
+    if config is None or not isinstance(config, Mapping):
+        return None
+    return {key: value for key, value in config.items() if not key.startswith("_") and key != "prediction_type"}
+
+
+def _check_same_architecture(name: str, base: nn.Module, member: nn.Module) -> None:
+    """Raise unless ``member`` has the base's class and configuration (or, without a config, its parameter shapes)."""
+    if type(member) is not type(base):
+        raise ValueError(f"member {name!r} is a {type(member).__name__}, the base is a {type(base).__name__}")
+    base_config, member_config = _comparable_config(base), _comparable_config(member)
+    if base_config is not None and member_config is not None:
+        differing = [
+            f"{key}: {member_config.get(key)!r} vs base {base_config.get(key)!r}"
+            for key in sorted(set(base_config) | set(member_config))
+            if _normalised(member_config.get(key)) != _normalised(base_config.get(key))
+        ]
+        if differing:
+            raise ValueError(f"member {name!r} has a different architecture than the base ({'; '.join(differing)})")
+        return
+    base_shapes, member_shapes = _parameter_shapes(base), _parameter_shapes(member)
+    if base_shapes != member_shapes:
+        first = sorted(set(base_shapes.items()) ^ set(member_shapes.items()))[0]
+        raise ValueError(f"member {name!r} has different parameters than the base (first difference: {first})")
+
+
+def _normalised(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _parameter_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name → shape, ignoring LoRA weights and peft's ``base_layer`` wrapping."""
+    return {
+        key.replace(".base_layer", ""): tuple(value.shape)
+        for key, value in module.state_dict().items()
+        if "lora_" not in key
+    }
+
+
+def declared_prediction_type(module: nn.Module) -> str | None:
+    """The prediction type a module declares in its config (``prediction_type``), if any."""
+    config = getattr(module, "config", None)
+    if isinstance(config, Mapping):
+        return config.get("prediction_type")
+    return getattr(module, "prediction_type", None)
+
+
+def _check_prediction_types(base: nn.Module, members: Mapping[str, nn.Module]) -> None:
+    declared = {"base": declared_prediction_type(base)}
+    declared.update({f"member {name!r}": declared_prediction_type(module) for name, module in members.items()})
+    known = {who: kind for who, kind in declared.items() if kind is not None}
+    if len(set(known.values())) > 1:
+        raise ValueError(
+            "members must share one prediction type: " + ", ".join(f"{who} predicts {kind}" for who, kind in known.items())
+        )
+
+
+__all__ = ["BASE", "BlendedDenoiser", "Evaluation", "prediction_of", "take_rows", "with_prediction"]

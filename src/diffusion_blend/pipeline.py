@@ -1,0 +1,283 @@
+"""Blend: Diffusion Blend inside any diffusers pipeline.
+
+The pipeline keeps doing everything it does (prompt encoding, CFG, scheduler, decoding, callbacks); for the
+duration of one call its denoiser (``unet`` or ``transformer``) is swapped for a
+:class:`~diffusion_blend.denoiser.BlendedDenoiser` that evaluates the base and basis models on the same input and
+returns the blended prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ActivationSnapshot, loaded_adapters
+from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type
+from .loading import (
+    LoraFile,
+    is_denoiser_folder,
+    module_path,
+    read_lora,
+    read_scheduler_prediction_type,
+    resolve_source,
+    scheduler_prediction_type,
+    text_encoder_keys,
+)
+
+DENOISER_NAMES = ("unet", "transformer")
+BasisSource = str | os.PathLike | nn.Module
+
+
+class Blend:
+    """A diffusers pipeline plus basis models, sampled with any blend of them.
+
+    Args:
+        pipe: any diffusers pipeline whose denoiser is ``pipe.unet`` or ``pipe.transformer``.
+        basis: name → basis model. A path is a LoRA (a diffusers or peft LoRA folder, a ``.safetensors`` file, or
+            the attention-processor ``pytorch_lora_weights.bin`` the method's checkpoints were published in),
+            loaded on the pipeline's denoiser under that name; or a full denoiser folder (``config.json``) or
+            pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids work when
+            online.
+        denoiser: the pipeline attribute holding the denoiser, when it is not ``unet`` or ``transformer``.
+
+    Outside :meth:`blend` the pipeline behaves exactly as before: the basis LoRAs are loaded but inactive, and the
+    activation of its own adapters is left as it was.
+    """
+
+    def __init__(self, pipe: Any, basis: Mapping[str, BasisSource], *, denoiser: str | None = None):
+        _check_basis_names(basis)
+        self.pipe = pipe
+        self.denoiser_name = denoiser or _find_denoiser_name(pipe)
+        self.base: nn.Module = getattr(pipe, self.denoiser_name)
+        self._check_no_collision(basis)
+        self.owned: dict[str, nn.Module] = {}  # full members this Blend loaded from paths
+        resolved = {name: self._resolve(name, source) for name, source in basis.items()}
+        loaded: list[str] = []
+        snapshot = ActivationSnapshot(self.base)
+        try:
+            members: dict[str, nn.Module | str] = {}
+            for name, source in resolved.items():
+                if isinstance(source, LoraFile):
+                    self._load_lora(name, source)
+                    loaded.append(name)
+                    members[name] = name
+                else:
+                    members[name] = source
+            snapshot.restore()  # the new adapters stay loaded, inactive and frozen
+            self.denoiser = BlendedDenoiser(self.base, members)
+        except Exception:
+            if loaded:
+                self.base.delete_adapters(loaded)
+            snapshot.restore()
+            raise
+        self.lora_names = loaded
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | os.PathLike,
+        basis: Mapping[str, BasisSource],
+        torch_dtype: torch.dtype | None = None,
+        *,
+        denoiser: str | None = None,
+        **kwargs: Any,
+    ) -> Blend:
+        """Load the base pipeline with diffusers' ``DiffusionPipeline.from_pretrained`` and attach the basis.
+
+        The basis paths are checked first, so a missing file is reported before a large model is loaded.
+        """
+        from diffusers import DiffusionPipeline
+
+        _check_basis_names(basis)
+        for name, source in basis.items():
+            if not isinstance(source, nn.Module):
+                resolve_source(name, source)
+        pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
+        return cls(pipe, basis, denoiser=denoiser)
+
+    @property
+    def names(self) -> list[str]:
+        """The basis names, in the order they were given."""
+        return list(self.denoiser.names)
+
+    def to(self, *args: Any, **kwargs: Any) -> Blend:
+        """Move the pipeline (and the full-module members loaded from paths) like ``pipe.to``."""
+        self.pipe.to(*args, **kwargs)
+        self._follow_base()
+        return self
+
+    def blend(
+        self,
+        *args: Any,
+        weights: Mapping[str, float],
+        kl_scale: float = 1.0,
+        mode: str = "mix",
+        member_generator: torch.Generator | None = None,
+        **pipeline_kwargs: Any,
+    ) -> Any:
+        """Call the pipeline with its denoiser replaced by the blend; returns the pipeline's own output.
+
+        Args:
+            weights: basis name → w_i (names left out count as 0).
+            kl_scale: λ; 1 is the basis models' own KL strength, 0 the base model.
+            mode: ``"mix"`` (DB-MPA / DB-KLA / joint) or ``"stochastic"`` (DB-MPA-LS: one member per sample
+                and step, drawn with probability w; weights on the simplex).
+            member_generator: generator for the stochastic draws; by default one seeded from the pipeline's
+                ``generator`` (so a fixed seed reproduces the images) and kept apart from its noise stream.
+            *args, **pipeline_kwargs: passed to the pipeline unchanged (prompt, guidance_scale, generator, ...).
+        """
+        if getattr(self.pipe, self.denoiser_name) is not self.base:
+            raise ValueError(
+                f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
+            )
+        self._follow_base()
+        if mode == "stochastic" and member_generator is None:
+            member_generator = _member_generator(pipeline_kwargs.get("generator"))
+        self.denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=member_generator)
+        with self._swapped(), self.denoiser.routing():
+            return self.pipe(*args, **pipeline_kwargs)
+
+    __call__ = blend
+
+    def unload(self) -> None:
+        """Remove the basis LoRAs from the pipeline and drop the loaded full members."""
+        if self.lora_names:
+            snapshot = ActivationSnapshot(self.base)
+            self.base.delete_adapters(self.lora_names)
+            snapshot.restore()
+        self.lora_names = []
+        self.owned.clear()
+
+    # -------------------------------------------------------------------------------------------------------- loading
+    def _check_no_collision(self, basis: Mapping[str, BasisSource]) -> None:
+        present = set(loaded_adapters(self.base))
+        for component in getattr(self.pipe, "components", {}).values():
+            present.update(getattr(component, "peft_config", {}) or {})
+        clashing = sorted(set(basis) & present)
+        if clashing:
+            raise ValueError(
+                f"basis name(s) {', '.join(map(repr, clashing))} collide with adapters already on the pipeline; "
+                "choose other names or delete those adapters first"
+            )
+
+    def _resolve(self, name: str, source: BasisSource) -> LoraFile | nn.Module:
+        """Read and check one basis source without touching the pipeline."""
+        if isinstance(source, nn.Module):
+            return source
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError(f"basis {name!r} must be a path, a hub id or an nn.Module, got {type(source).__name__}")
+        path = resolve_source(name, source)
+        if is_denoiser_folder(path):
+            return self._read_denoiser(name, path)
+        lora = read_lora(name, path)
+        lora.state_dict, lora.network_alphas = self._pipeline_format(name, lora)
+        self._check_lora_keys(name, lora)
+        return lora
+
+    def _read_denoiser(self, name: str, path: Path) -> nn.Module:
+        subfolder = self.denoiser_name if (path / "model_index.json").is_file() else None
+        base_kind = scheduler_prediction_type(dict(self.pipe.scheduler.config))
+        member_kind = read_scheduler_prediction_type(path) if subfolder else None
+        try:
+            module = type(self.base).from_pretrained(path, subfolder=subfolder, dtype=self.base.dtype)
+        except Exception as error:
+            raise ValueError(f"basis {name!r}: cannot load a {type(self.base).__name__} from {path} ({error})") from error
+        member_kind = member_kind or declared_prediction_type(module)
+        if base_kind and member_kind and base_kind != member_kind:
+            raise ValueError(
+                f"basis {name!r} predicts {member_kind} but the pipeline's scheduler expects {base_kind}"
+            )
+        self.owned[name] = module.to(self.base.device).eval().requires_grad_(False)
+        return self.owned[name]
+
+    def _pipeline_format(self, name: str, lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """Let the pipeline's own ``lora_state_dict`` convert formats it knows (kohya, A1111, ...)."""
+        converter = getattr(self.pipe, "lora_state_dict", None)
+        if converter is None:
+            return lora.state_dict, None
+        try:
+            result = converter(dict(lora.state_dict))
+        except Exception as error:
+            raise ValueError(f"basis {name!r}: {lora.path} is not a LoRA this pipeline can read ({error})") from error
+        if isinstance(result, tuple):
+            return result[0], result[1] if len(result) > 1 and isinstance(result[1], dict) else None
+        return result, None
+
+    def _check_lora_keys(self, name: str, lora: LoraFile) -> None:
+        if text_encoder_keys(lora.state_dict):
+            raise ValueError(
+                f"basis {name!r}: {lora.path} also adapts a text encoder ({text_encoder_keys(lora.state_dict)[0]}, "
+                "...); blending needs one prompt encoding for all members, so only denoiser LoRAs are supported"
+            )
+        prefix = f"{self.denoiser_name}."
+        keys = [key.removeprefix(prefix) for key in lora.state_dict]
+        modules = dict(self.base.named_modules())
+        targets = {module_path(key) for key in keys}
+        unmatched = sorted(str(t) for t in targets if t is None or t not in modules)
+        if not keys or len(unmatched) == len(targets):
+            raise ValueError(
+                f"basis {name!r}: the LoRA keys of {lora.path} match no module of the pipeline's "
+                f"{self.denoiser_name} (e.g. {keys[0] if keys else 'no keys at all'})"
+            )
+        if unmatched:
+            raise ValueError(
+                f"basis {name!r}: {len(unmatched)} module(s) of {lora.path} are not in the pipeline's "
+                f"{self.denoiser_name}: {', '.join(unmatched[:3])}{', ...' if len(unmatched) > 3 else ''}"
+            )
+
+    def _load_lora(self, name: str, lora: LoraFile) -> None:
+        prefix = self.denoiser_name
+        if not any(key.startswith(f"{prefix}.") for key in lora.state_dict):
+            prefix = None
+        self.base.load_lora_adapter(
+            lora.state_dict,
+            prefix=prefix,
+            adapter_name=name,
+            network_alphas=lora.network_alphas,
+            metadata=lora.metadata if not lora.network_alphas else None,
+            _pipeline=self.pipe,
+        )
+
+    # ------------------------------------------------------------------------------------------------------- calling
+    def _follow_base(self) -> None:
+        """Keep the full members this Blend loaded on the base's device and dtype (e.g. after ``pipe.to``)."""
+        for module in self.owned.values():
+            module.to(device=self.base.device, dtype=self.base.dtype)
+
+    @contextlib.contextmanager
+    def _swapped(self) -> Iterator[None]:
+        setattr(self.pipe, self.denoiser_name, self.denoiser)
+        try:
+            yield
+        finally:
+            setattr(self.pipe, self.denoiser_name, self.base)
+
+
+def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
+    if not isinstance(basis, Mapping) or not basis:
+        raise ValueError("the basis is empty: give at least one name → LoRA path, denoiser folder or module")
+    for name in basis:
+        check_member_name(name)
+
+
+def _find_denoiser_name(pipe: Any) -> str:
+    present = [name for name in DENOISER_NAMES if isinstance(getattr(pipe, name, None), nn.Module)]
+    if len(present) != 1:
+        raise ValueError(
+            f"cannot tell the denoiser of {type(pipe).__name__} (found {present or 'neither unet nor transformer'}); "
+            "pass denoiser='<attribute name>'"
+        )
+    return present[0]
+
+
+def _member_generator(pipeline_generator: Any) -> torch.Generator:
+    """A generator for the stochastic draws, seeded from the pipeline's generator but not consuming from it."""
+    first = pipeline_generator[0] if isinstance(pipeline_generator, (list, tuple)) else pipeline_generator
+    seed = first.initial_seed() if isinstance(first, torch.Generator) else int.from_bytes(os.urandom(8), "little")
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + 1) % 2**63)

@@ -1,0 +1,106 @@
+"""`diffusion-blend generate`: images + a JSON sidecar that reproduces them; bad input is one line, exit != 0,
+and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffusion_blend.cli import app
+
+runner = CliRunner()
+
+
+def _generate(base, basis, out, *extra):
+    args = ["generate", "--base", str(base), "--prompt", "a red cat", "--steps", "3", "--height", "16",
+            "--width", "16", "--device", "cpu", "--out", str(out)]
+    for name, path in basis.items():
+        args += ["--basis", f"{name}={path}"]
+    return runner.invoke(app, args + list(extra))
+
+
+def test_grid_and_sidecar(sd_pipeline_folder, sd_loras, tmp_path):
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "grid.png", "--weights", "ir=0.3,aes=0.7",
+                       "--num-images", "3", "--seed", "5", "--guidance", "4")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "grid.png").size == (2 * 16, 2 * 16)  # 3 images in a 2×2 grid
+    settings = json.loads((tmp_path / "grid.json").read_text())
+    assert settings["weights"] == {"ir": 0.3, "aes": 0.7}
+    assert settings["seed"] == 5 and settings["steps"] == 3 and settings["guidance"] == 4.0
+    assert settings["scheduler"]["class"] == "DDIMScheduler"
+    assert settings["outputs"] == ["grid.png"]
+
+
+def test_folder_output_is_reproducible(sd_pipeline_folder, sd_loras, tmp_path):
+    for run in ("first", "second"):
+        result = _generate(sd_pipeline_folder, sd_loras, tmp_path / run, "--weights", "ir=0.5,aes=0.5",
+                           "--mode", "stochastic", "--num-images", "2", "--scheduler", "euler")
+        assert result.exit_code == 0, result.output
+    for index in range(2):
+        first = np.asarray(Image.open(tmp_path / "first" / f"image-{index:03d}.png"))
+        second = np.asarray(Image.open(tmp_path / "second" / f"image-{index:03d}.png"))
+        assert np.array_equal(first, second)
+    assert json.loads((tmp_path / "first" / "settings.json").read_text())["scheduler"]["class"] == "EulerDiscreteScheduler"
+
+
+def test_cli_image_equals_the_python_api(sd_pipeline_folder, sd_loras, tmp_path):
+    import torch
+
+    from diffusion_blend import Blend
+
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "one.png", "--weights", "ir=1", "--kl-scale", "0.5",
+                       "--seed", "2", "--guidance", "3")
+    assert result.exit_code == 0, result.output
+    blend = Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras)
+    expected = blend.blend(weights={"ir": 1.0}, kl_scale=0.5, prompt="a red cat", num_inference_steps=3,
+                           guidance_scale=3.0, height=16, width=16, generator=torch.Generator().manual_seed(2)).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weights", "ir=0.5,style=0.5"], "unknown weight name"),
+        (["--weights", "ir=nan"], "finite"),
+        (["--weights", "ir=inf"], "finite"),
+        (["--weights", "ir0.5"], "is not NAME=NUMBER"),
+        (["--weights", "ir=1", "--kl-scale", "-1"], "kl_scale must be"),
+        (["--weights", "ir=0.6,aes=0.6", "--mode", "stochastic"], "sum to 1"),
+        (["--weights", "ir=1", "--mode", "average"], "--mode must be"),
+        (["--weights", "ir=1", "--dtype", "fp8"], "--dtype must be"),
+        (["--weights", "ir=1", "--scheduler", "nonsense"], "unknown scheduler"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, tmp_path, extra, message):
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "out.png", *extra)
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_basis_path_is_one_line(sd_pipeline_folder, tmp_path):
+    result = _generate(sd_pipeline_folder, {"ir": tmp_path / "nope"}, tmp_path / "out.png", "--weights", "ir=1")
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == [f"error: basis 'ir': {tmp_path / 'nope'} does not exist"]
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_corrupt_basis_is_one_line(sd_pipeline_folder, tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    result = _generate(sd_pipeline_folder, {"ir": tmp_path / "bad.safetensors"}, tmp_path / "out.png",
+                       "--weights", "ir=1")
+    assert result.exit_code != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "not a valid safetensors file" in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_missing_base_model_is_one_line(sd_loras, tmp_path):
+    result = _generate(tmp_path / "no-model", sd_loras, tmp_path / "out.png", "--weights", "ir=1")
+    assert result.exit_code != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+    assert not (tmp_path / "out.png").exists()

@@ -1,0 +1,187 @@
+"""Reading basis models: every accepted LoRA format, full denoisers, and a clear ValueError for each bad basis,
+raised before anything is loaded into the pipeline or denoised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from peft import get_peft_model, set_peft_model_state_dict
+
+import tiny
+from diffusion_blend import Blend
+from test_pipelines import call_kwargs, max_diff
+
+
+def _forward_calls(module):
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _attention_processor_checkpoint(lora_file, path, prefix=""):
+    """The published format (diffusers <= 0.20 LoRAAttnProcessor, torch.save'd), built from a current LoRA file.
+
+    Those processors had no alpha: the peft scaling alpha/r (here 4/2, exact in binary) is folded into `up`."""
+    config = json.loads(safetensors.safe_open(str(lora_file), "pt").metadata()["lora_adapter_metadata"])
+    scale = config["unet.lora_alpha"] / config["unet.r"]
+    old = {}
+    for key, value in safetensors.torch.load_file(str(lora_file)).items():
+        module, projection, side = _split(key.removeprefix("unet."))
+        name = "to_out_lora" if projection == "to_out.0" else f"{projection}_lora"
+        up = side == "lora_B"
+        old[f"{prefix}{module}.processor.{name}.{'up' if up else 'down'}.weight"] = value * scale if up else value
+    torch.save(old, path)
+    return path
+
+
+def _split(key):
+    module_and_projection, side, _ = key.rsplit(".", 2)
+    for projection in ("to_out.0", "to_q", "to_k", "to_v"):
+        if module_and_projection.endswith("." + projection):
+            return module_and_projection[: -len(projection) - 1], projection, side
+    raise AssertionError(key)
+
+
+# ---------------------------------------------------------------------------------------------------- formats
+@pytest.mark.parametrize("prefix", ["", "unet."])
+def test_attention_processor_checkpoint_equals_the_current_format(sd_loras, tmp_path, prefix):
+    old = _attention_processor_checkpoint(sd_loras["ir"], tmp_path / "pytorch_lora_weights.bin", prefix)
+    from_old = Blend(tiny.sd_pipeline(), {"ir": tmp_path}).blend(weights={"ir": 1.0}, **call_kwargs()).images
+    current = Blend(tiny.sd_pipeline(), {"ir": sd_loras["ir"]}).blend(weights={"ir": 1.0}, **call_kwargs()).images
+    assert old.is_file()
+    assert max_diff(from_old, current) <= 1e-5
+    assert max_diff(current, tiny.sd_pipeline()(**call_kwargs()).images) > 1e-2
+
+
+def test_peft_adapter_folder_equals_the_diffusers_file(sd_loras, tmp_path):
+    peft_model = get_peft_model(tiny.unet(0), tiny.lora_config())
+    state = safetensors.torch.load_file(str(sd_loras["ir"]))  # the same adapter, saved peft's way
+    set_peft_model_state_dict(peft_model, {"base_model.model." + k.removeprefix("unet."): v for k, v in state.items()})
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    from_peft = Blend(tiny.sd_pipeline(), {"ir": tmp_path / "peft"}).blend(weights={"ir": 1.0}, **call_kwargs())
+    from_file = Blend(tiny.sd_pipeline(), {"ir": sd_loras["ir"]}).blend(weights={"ir": 1.0}, **call_kwargs())
+    assert max_diff(from_peft.images, from_file.images) <= 1e-5
+
+
+def test_lora_folder_is_read_like_its_file(sd_loras):
+    by_folder = Blend(tiny.sd_pipeline(), {"ir": sd_loras["ir"].parent}).blend(weights={"ir": 1.0}, **call_kwargs())
+    by_file = Blend(tiny.sd_pipeline(), {"ir": sd_loras["ir"]}).blend(weights={"ir": 1.0}, **call_kwargs())
+    assert max_diff(by_folder.images, by_file.images) == 0.0
+
+
+def test_unload_removes_the_basis_adapters(sd_loras):
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, sd_loras)
+    blend.unload()
+    assert not getattr(pipe.unet, "peft_config", {})
+
+
+# ------------------------------------------------------------------------------------------------ bad bases
+def test_empty_basis_raises():
+    with pytest.raises(ValueError, match="basis is empty"):
+        Blend(tiny.sd_pipeline(), {})
+
+
+def test_missing_path_raises(tmp_path):
+    with pytest.raises(ValueError, match=r"basis 'ir': .*missing does not exist"):
+        Blend(tiny.sd_pipeline(), {"ir": tmp_path / "missing"})
+
+
+def test_unreachable_hub_id_raises():
+    with pytest.raises(ValueError, match="neither a local path nor a reachable hub repository"):
+        Blend(tiny.sd_pipeline(), {"ir": "nobody/no-such-lora"})
+
+
+def test_folder_without_weights_raises(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    with pytest.raises(ValueError, match="holds no LoRA weights"):
+        Blend(tiny.sd_pipeline(), {"ir": tmp_path})
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_safetensors_raises(sd_loras, tmp_path, damage):
+    corrupt = tmp_path / "lora.safetensors"
+    data = sd_loras["ir"].read_bytes()
+    corrupt.write_bytes(b"\x13\x37 not a safetensors file" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match="is not a valid safetensors file"):
+        Blend(tiny.sd_pipeline(), {"ir": corrupt})
+
+
+def test_lora_matching_no_module_raises(sd3_loras):
+    with pytest.raises(ValueError, match="match no module of the pipeline's unet"):
+        Blend(tiny.sd_pipeline(), {"ir": sd3_loras["ir"]})
+
+
+def test_lora_with_unknown_modules_raises(sd_loras, tmp_path):
+    state = safetensors.torch.load_file(str(sd_loras["ir"]))
+    state["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(2, 8)
+    state["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(8, 2)
+    safetensors.torch.save_file(state, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ValueError, match="not in the pipeline's unet: no_such_block.to_q"):
+        Blend(tiny.sd_pipeline(), {"ir": tmp_path / "lora.safetensors"})
+
+
+def test_text_encoder_lora_is_refused(sd_loras, tmp_path):
+    state = safetensors.torch.load_file(str(sd_loras["ir"]))
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 8)
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(8, 2)
+    safetensors.torch.save_file(state, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ValueError, match="also adapts a text encoder"):
+        Blend(tiny.sd_pipeline(), {"ir": tmp_path / "lora.safetensors"})
+
+
+def test_basis_name_colliding_with_a_pipeline_adapter_raises(sd_loras):
+    pipe = tiny.sd_pipeline()
+    pipe.load_lora_weights(str(sd_loras["ir"]), adapter_name="ir")
+    with pytest.raises(ValueError, match="'ir' collide with adapters already on the pipeline"):
+        Blend(pipe, {"ir": sd_loras["aes"]})
+
+
+def test_denoiser_folder_with_other_in_channels_raises(tmp_path):
+    tiny.unet(1, in_channels=8).save_pretrained(tmp_path / "ft")
+    with pytest.raises(ValueError, match="in_channels: 8 vs base 4"):
+        Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"})
+
+
+def test_pipeline_folder_with_other_prediction_type_raises(tmp_path):
+    pipe = tiny.sd_pipeline(denoiser_seed=7)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "ft")
+    with pytest.raises(ValueError, match="predicts v_prediction but the pipeline's scheduler expects epsilon"):
+        Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"})
+
+
+def test_failed_basis_leaves_the_pipeline_untouched(sd_loras, tmp_path):
+    tiny.unet(1, sample_size=16).save_pretrained(tmp_path / "wrong")
+    pipe = tiny.sd_pipeline()
+    with pytest.raises(ValueError, match="sample_size"):
+        Blend(pipe, {"ir": sd_loras["ir"], "wrong": tmp_path / "wrong"})
+    assert not getattr(pipe.unet, "peft_config", {})
+    assert max_diff(pipe(**call_kwargs()).images, tiny.sd_pipeline()(**call_kwargs()).images) == 0.0
+
+
+# ------------------------------------------------------------------------------- bad blends, before denoising
+@pytest.mark.parametrize(
+    "weights, kl_scale, mode, message",
+    [
+        ({"ir": 0.5, "style": 0.5}, 1.0, "mix", "unknown weight name"),
+        ({"ir": float("nan")}, 1.0, "mix", "finite"),
+        ({"ir": float("inf")}, 1.0, "mix", "finite"),
+        ({"ir": 1.0}, -0.5, "mix", "kl_scale must be"),
+        ({"ir": 0.7, "aes": 0.7}, 1.0, "stochastic", "sum to 1"),
+        ({"ir": 1.5, "aes": -0.5}, 1.0, "stochastic", "non-negative"),
+        ({"ir": 1.0}, 1.0, "average", "mode must be one of"),
+    ],
+)
+def test_bad_blend_raises_before_denoising(sd_loras, weights, kl_scale, mode, message):
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, sd_loras)
+    calls = _forward_calls(pipe.unet)
+    with pytest.raises(ValueError, match=message):
+        blend.blend(weights=weights, kl_scale=kl_scale, mode=mode, **call_kwargs())
+    assert calls == []
+    assert pipe.unet is blend.base

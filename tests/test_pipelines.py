@@ -1,0 +1,281 @@
+"""Blend inside real diffusers pipelines (tiny random SD, SDXL and SD3): it reproduces the plain pipeline, equals a
+hand-written reference loop, and leaves the pipeline as it found it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import references
+import tiny
+from diffusion_blend import Blend
+
+PROMPT = "a red cat"
+SIZE = 16
+SD_SCHEDULERS = [("ddim", 0.0), ("ddim", 1.0), ("dpm", 0.0), ("euler", 0.0)]
+GUIDANCE = [1.0, 5.0]  # without and with classifier-free guidance
+BLENDS = {  # name: (weights, kl_scale)
+    "mix": ({"ir": 0.3, "aes": 0.7}, 1.0),
+    "kl-0.5": ({"ir": 1.0}, 0.5),
+    "kl-2": ({"ir": 1.0}, 2.0),
+    "joint": ({"ir": 0.6, "aes": 0.2}, 1.4),
+}
+
+
+def call_kwargs(steps=4, guidance=5.0, seed=0, **extra):
+    return dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
+                output_type="np", generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def with_lora(pipe, lora_file, name="basis"):
+    """The plain diffusers way: load the LoRA into the pipeline and keep it active."""
+    pipe.load_lora_weights(str(lora_file), adapter_name=name)
+    return pipe
+
+
+def lora_denoiser(builder, lora_file, prefix="unet"):
+    """A separate denoiser with the LoRA loaded and active (plain peft), for the reference loops.
+
+    ``use_safetensors=True``: without it diffusers' model-level loader reads the file without its header and
+    silently drops the adapter's lora_alpha (diffusers 0.42)."""
+    model = builder(0)
+    model.load_lora_adapter(str(lora_file), prefix=prefix, adapter_name="basis", use_safetensors=True)
+    return model
+
+
+def max_diff(a, b):
+    return float(abs(a - b).max())
+
+
+# ------------------------------------------------------------------------------------------ one-hot and λ = 0
+@pytest.mark.parametrize("scheduler, eta", SD_SCHEDULERS)
+@pytest.mark.parametrize("guidance", GUIDANCE)
+def test_sd_one_hot_reproduces_the_pipeline_with_that_lora(sd_loras, scheduler, eta, guidance):
+    blend = Blend(tiny.sd_pipeline(scheduler), sd_loras)
+    out = blend.blend(weights={"aes": 1.0}, **call_kwargs(guidance=guidance, eta=eta)).images
+    plain = with_lora(tiny.sd_pipeline(scheduler), sd_loras["aes"])(**call_kwargs(guidance=guidance, eta=eta)).images
+    assert max_diff(out, plain) <= 1e-5
+    assert max_diff(plain, tiny.sd_pipeline(scheduler)(**call_kwargs(guidance=guidance, eta=eta)).images) > 1e-2
+
+
+@pytest.mark.parametrize("scheduler, eta", SD_SCHEDULERS)
+@pytest.mark.parametrize("guidance", GUIDANCE)
+def test_sd_kl_scale_zero_reproduces_the_base(sd_loras, scheduler, eta, guidance):
+    blend = Blend(tiny.sd_pipeline(scheduler), sd_loras)
+    out = blend.blend(weights={"ir": 0.5, "aes": 0.5}, kl_scale=0.0, **call_kwargs(guidance=guidance, eta=eta)).images
+    base = tiny.sd_pipeline(scheduler)(**call_kwargs(guidance=guidance, eta=eta)).images
+    assert max_diff(out, base) <= 1e-5
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE)
+def test_sdxl_one_hot_and_kl_zero(sdxl_loras, guidance):
+    blend = Blend(tiny.sdxl_pipeline(), sdxl_loras)
+    out = blend.blend(weights={"ir": 1.0}, **call_kwargs(guidance=guidance)).images
+    plain = with_lora(tiny.sdxl_pipeline(), sdxl_loras["ir"])(**call_kwargs(guidance=guidance)).images
+    assert max_diff(out, plain) <= 1e-5
+    out = blend.blend(weights={"ir": 1.0}, kl_scale=0.0, **call_kwargs(guidance=guidance)).images
+    assert max_diff(out, tiny.sdxl_pipeline()(**call_kwargs(guidance=guidance)).images) <= 1e-5
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE)
+def test_sd3_one_hot_and_kl_zero(sd3_loras, guidance):
+    blend = Blend(tiny.sd3_pipeline(), sd3_loras)
+    assert blend.denoiser_name == "transformer"
+    out = blend.blend(weights={"aes": 1.0}, **call_kwargs(guidance=guidance)).images
+    plain = with_lora(tiny.sd3_pipeline(), sd3_loras["aes"])(**call_kwargs(guidance=guidance)).images
+    assert max_diff(out, plain) <= 1e-5
+    out = blend.blend(weights={"aes": 1.0}, kl_scale=0.0, **call_kwargs(guidance=guidance)).images
+    assert max_diff(out, tiny.sd3_pipeline()(**call_kwargs(guidance=guidance)).images) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------- against reference loops
+@pytest.mark.parametrize("blend_name", BLENDS)
+@pytest.mark.parametrize("scheduler, eta", SD_SCHEDULERS)
+@pytest.mark.parametrize("guidance", GUIDANCE)
+def test_sd_blend_equals_reference_loop(sd_loras, blend_name, scheduler, eta, guidance):
+    weights, kl_scale = BLENDS[blend_name]
+    pipe = tiny.sd_pipeline(scheduler)
+    models = {"base": tiny.unet(0), **{n: lora_denoiser(tiny.unet, f) for n, f in sd_loras.items()}}
+    expected = references.stable_diffusion(
+        pipe, models, weights, kl_scale, prompt=PROMPT, steps=4, guidance=guidance, seed=0, eta=eta, size=SIZE
+    )
+    out = Blend(pipe, sd_loras).blend(weights=weights, kl_scale=kl_scale, **call_kwargs(guidance=guidance, eta=eta))
+    assert max_diff(out.images, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("blend_name", BLENDS)
+@pytest.mark.parametrize("guidance", GUIDANCE)
+def test_sd3_blend_equals_reference_loop(sd3_loras, blend_name, guidance):
+    weights, kl_scale = BLENDS[blend_name]
+    pipe = tiny.sd3_pipeline()
+    models = {
+        "base": tiny.sd3_transformer(0),
+        **{n: lora_denoiser(tiny.sd3_transformer, f, prefix="transformer") for n, f in sd3_loras.items()},
+    }
+    expected = references.stable_diffusion_3(
+        pipe, models, weights, kl_scale, prompt=PROMPT, steps=4, guidance=guidance, seed=0, size=SIZE
+    )
+    out = Blend(pipe, sd3_loras).blend(weights=weights, kl_scale=kl_scale, **call_kwargs(guidance=guidance))
+    assert max_diff(out.images, expected) <= 1e-5
+
+
+class ExpandedBlendUNet(torch.nn.Module):
+    """An independent stand-in UNet computing the expanded formula from separate plain models (for SDXL, whose
+    added conditioning a hand-written loop would have to re-derive)."""
+
+    def __init__(self, models, weights, kl_scale):
+        super().__init__()
+        self.models = torch.nn.ModuleDict(models)
+        self.weights, self.kl_scale = weights, kl_scale
+        self.config, self.add_embedding = models["base"].config, models["base"].add_embedding
+
+    dtype, device = torch.float32, torch.device("cpu")
+
+    def forward(self, *args, **kwargs):
+        kwargs["return_dict"] = False
+        predictions = {name: model(*args, **kwargs)[0] for name, model in self.models.items()}
+        return (references.expanded_blend(predictions, self.weights, self.kl_scale),)
+
+
+@pytest.mark.parametrize("blend_name", ["mix", "joint"])
+def test_sdxl_blend_equals_reference_denoiser(sdxl_loras, blend_name):
+    weights, kl_scale = BLENDS[blend_name]
+    models = {"base": tiny.sdxl_unet(0), **{n: lora_denoiser(tiny.sdxl_unet, f) for n, f in sdxl_loras.items()}}
+    reference_pipe = tiny.sdxl_pipeline()
+    reference_pipe.unet = ExpandedBlendUNet(models, weights, kl_scale)
+    expected = reference_pipe(**call_kwargs()).images
+    out = Blend(tiny.sdxl_pipeline(), sdxl_loras).blend(weights=weights, kl_scale=kl_scale, **call_kwargs()).images
+    assert max_diff(out, expected) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ LoRA vs full members
+@pytest.mark.parametrize("blend_name", ["mix", "kl-2", "joint"])
+def test_lora_members_equal_fused_full_members(sd_loras, blend_name):
+    weights, kl_scale = BLENDS[blend_name]
+    fused = {name: tiny.fused_copy(tiny.unet, path) for name, path in sd_loras.items()}
+    with_loras = Blend(tiny.sd_pipeline(), sd_loras).blend(weights=weights, kl_scale=kl_scale, **call_kwargs())
+    with_modules = Blend(tiny.sd_pipeline(), fused).blend(weights=weights, kl_scale=kl_scale, **call_kwargs())
+    assert max_diff(with_loras.images, with_modules.images) <= 1e-4
+
+
+def test_sd3_lora_members_equal_fused_full_members(sd3_loras):
+    fused = {name: tiny.fused_copy(tiny.sd3_transformer, p, prefix="transformer") for name, p in sd3_loras.items()}
+    kwargs = dict(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4)
+    with_loras = Blend(tiny.sd3_pipeline(), sd3_loras).blend(**kwargs, **call_kwargs())
+    with_modules = Blend(tiny.sd3_pipeline(), fused).blend(**kwargs, **call_kwargs())
+    assert max_diff(with_loras.images, with_modules.images) <= 1e-4
+
+
+def test_full_member_one_hot_equals_the_pipeline_with_that_unet():
+    member = tiny.unet(7)
+    out = Blend(tiny.sd_pipeline(), {"ft": member}).blend(weights={"ft": 1.0}, **call_kwargs()).images
+    plain = tiny.sd_pipeline()
+    plain.unet = tiny.unet(7)
+    assert max_diff(out, plain(**call_kwargs()).images) <= 1e-5
+
+
+def test_full_member_from_a_denoiser_folder(tmp_path):
+    tiny.unet(7).save_pretrained(tmp_path / "ft")
+    out = Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"}).blend(weights={"ft": 1.0}, **call_kwargs()).images
+    plain = tiny.sd_pipeline()
+    plain.unet = tiny.unet(7)
+    assert max_diff(out, plain(**call_kwargs()).images) <= 1e-5
+
+
+def test_full_member_from_a_pipeline_folder(tmp_path):
+    tiny.sd_pipeline(denoiser_seed=7).save_pretrained(tmp_path / "ft")
+    out = Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"}).blend(weights={"ft": 1.0}, **call_kwargs()).images
+    plain = tiny.sd_pipeline(denoiser_seed=7)
+    assert max_diff(out, plain(**call_kwargs()).images) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------- stochastic
+def test_stochastic_is_reproducible(sd_loras):
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    kwargs = dict(weights={"ir": 0.5, "aes": 0.5}, mode="stochastic", **{"num_images_per_prompt": 3})
+    first = blend.blend(**kwargs, **call_kwargs(seed=3)).images
+    second = blend.blend(**kwargs, **call_kwargs(seed=3)).images
+    assert max_diff(first, second) == 0.0
+
+
+def test_stochastic_with_identical_members_equals_the_mix(sd_loras):
+    twins = {"ir": sd_loras["ir"], "twin": sd_loras["ir"]}
+    blend = Blend(tiny.sd_pipeline("ddim"), twins)
+    stochastic = blend.blend(weights={"ir": 0.5, "twin": 0.5}, mode="stochastic", **call_kwargs(eta=1.0)).images
+    mixed = blend.blend(weights={"ir": 0.5, "twin": 0.5}, **call_kwargs(eta=1.0)).images
+    assert max_diff(stochastic, mixed) == 0.0
+
+
+def test_stochastic_one_hot_equals_the_mix(sd_loras):
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    stochastic = blend.blend(weights={"ir": 1.0}, mode="stochastic", kl_scale=0.7, **call_kwargs()).images
+    mixed = blend.blend(weights={"ir": 1.0}, kl_scale=0.7, **call_kwargs()).images
+    assert max_diff(stochastic, mixed) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------- pipeline hygiene
+def test_pipeline_is_unchanged_outside_blend_calls(sd_loras):
+    pipe = tiny.sd_pipeline()
+    before = pipe(**call_kwargs()).images
+    config_before = dict(pipe.config)
+    blend = Blend(pipe, sd_loras)
+    assert max_diff(pipe(**call_kwargs()).images, before) == 0.0
+    blend.blend(weights={"ir": 0.5, "aes": 0.5}, **call_kwargs())
+    assert pipe.unet is blend.base
+    assert dict(pipe.config) == config_before
+    assert max_diff(pipe(**call_kwargs()).images, before) == 0.0
+
+
+def test_users_adapter_activation_is_kept(sd_loras, tmp_path):
+    style = tiny.make_lora_file(tmp_path / "style", seed=40)
+    pipe = with_lora(tiny.sd_pipeline(), style, name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.5])
+    styled = pipe(**call_kwargs()).images
+    pipe.disable_lora()  # the blend is made on the plain base
+    blend = Blend(pipe, sd_loras)
+    blend.blend(weights={"ir": 1.0}, **call_kwargs())
+    pipe.enable_lora()
+    assert pipe.get_active_adapters() == ["style"]
+    assert max_diff(pipe(**call_kwargs()).images, styled) == 0.0
+
+
+def test_denoiser_is_restored_when_the_call_raises(sd_loras):
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, sd_loras)
+
+    def explode(*_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        blend.blend(weights={"ir": 1.0}, callback_on_step_end=explode, **call_kwargs())
+    assert pipe.unet is blend.base
+
+
+def test_weights_change_between_calls_without_reloading(sd_loras):
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    first = blend.blend(weights={"ir": 1.0}, **call_kwargs()).images
+    blend.blend(weights={"aes": 1.0}, **call_kwargs())
+    again = blend.blend(weights={"ir": 1.0}, **call_kwargs()).images
+    assert max_diff(first, again) == 0.0
+
+
+def test_prompt_embeds_and_callbacks_pass_through(sd_loras):
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, sd_loras)
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    steps = []
+    out = blend.blend(
+        weights={"ir": 0.3, "aes": 0.7}, prompt_embeds=embeds, negative_prompt_embeds=negative,
+        num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=lambda _p, step, _t, kw: steps.append(step) or kw,
+    )
+    assert out.images.shape == (1, 4, SIZE // 2, SIZE // 2)
+    assert steps == [0, 1, 2]
+
+
+def test_from_pretrained_loads_a_pipeline_folder(sd_pipeline_folder, sd_loras):
+    blend = Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras, torch_dtype=torch.float32)
+    out = blend.blend(weights={"aes": 1.0}, **call_kwargs()).images
+    plain = with_lora(tiny.sd_pipeline(), sd_loras["aes"])(**call_kwargs()).images
+    assert max_diff(out, plain) <= 1e-5

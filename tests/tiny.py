@@ -1,0 +1,232 @@
+"""Tiny random models of the real architectures, built in the test (no downloads), in the style of diffusers' tests.
+
+Every builder seeds torch itself, so two calls give identical weights: a test can build the same pipeline twice
+to compare a blend with the plain pipeline.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from peft import LoraConfig, get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TEXT_HIDDEN = 8
+MAX_TOKENS = 16
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single letters and digits (no merges): enough to encode any short prompt."""
+    symbols = list(string.ascii_lowercase + string.digits)
+    vocab = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols), ".", ".</w>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[], model_max_length=MAX_TOKENS)
+
+
+def _text_config(seed_offset: int = 0, projection_dim: int = TEXT_HIDDEN) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=16,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer()),
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=projection_dim,
+    )
+
+
+def text_encoder(seed: int = 1) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(_text_config()).eval()
+
+
+def text_encoder_with_projection(seed: int = 2) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_text_config()).eval()
+
+
+def vae(seed: int = 3, **overrides) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    config = dict(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    config.update(overrides)
+    return AutoencoderKL(**config).eval()
+
+
+def unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    """A two-block SD-style UNet (one cross-attention block) with 8×8 latents."""
+    torch.manual_seed(seed)
+    config = dict(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        norm_num_groups=2,
+        attention_head_dim=2,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 4 + TEXT_HIDDEN,
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        norm_num_groups=2,
+    ).eval()
+
+
+def sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        caption_projection_dim=8,
+        joint_attention_dim=2 * TEXT_HIDDEN,
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        out_channels=4,
+    ).eval()
+
+
+SCHEDULERS = {
+    "ddim": lambda: DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    ),
+    "dpm": lambda: DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    ),
+    "euler": lambda: EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    ),
+}
+
+
+def sd_pipeline(scheduler: str = "ddim", denoiser_seed: int = 0) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        unet=unet(denoiser_seed),
+        vae=vae(),
+        text_encoder=text_encoder(),
+        tokenizer=tokenizer(),
+        scheduler=SCHEDULERS[scheduler](),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_pipeline(scheduler: str = "euler") -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline(
+        unet=sdxl_unet(),
+        vae=vae(),
+        text_encoder=text_encoder(),
+        tokenizer=tokenizer(),
+        text_encoder_2=text_encoder_with_projection(),
+        tokenizer_2=tokenizer(),
+        scheduler=SCHEDULERS[scheduler](),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_pipeline() -> StableDiffusion3Pipeline:
+    """SD3 without its optional T5 encoder (diffusers pads the CLIP embeddings with zeros, as for the real model)."""
+    pipe = StableDiffusion3Pipeline(
+        transformer=sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5),
+        text_encoder=text_encoder_with_projection(1),
+        tokenizer=tokenizer(),
+        text_encoder_2=text_encoder_with_projection(2),
+        tokenizer_2=tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def lora_config(rank: int = 2, alpha: int = 4) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=False)
+
+
+def add_lora(denoiser: torch.nn.Module, name: str, seed: int, config: LoraConfig | None = None) -> None:
+    """A random LoRA adapter on ``denoiser`` (peft's non-zero init: its effect on the images is ~0.05-0.3)."""
+    torch.manual_seed(seed)
+    denoiser.add_adapter(config or lora_config(), adapter_name=name)
+
+
+def save_lora(pipe_class, denoiser: torch.nn.Module, name: str, folder: Path, prefix: str = "unet") -> Path:
+    """Save one adapter of ``denoiser`` as a current-format diffusers LoRA file (with its LoraConfig metadata)."""
+    state_dict = get_peft_model_state_dict(denoiser, adapter_name=name)
+    config = denoiser.peft_config[name].to_dict()
+    kwargs = {f"{prefix}_lora_layers": state_dict, f"{prefix}_lora_adapter_metadata": config}
+    if prefix == "transformer":
+        kwargs = {"transformer_lora_layers": state_dict, "transformer_lora_adapter_metadata": config}
+    pipe_class.save_lora_weights(folder, **kwargs)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def make_lora_file(folder: Path, seed: int, *, alpha: int = 4, builder=unet, pipe_class=StableDiffusionPipeline,
+                   prefix: str = "unet") -> Path:
+    """A LoRA file for the denoiser ``builder()`` builds, trained nowhere: random weights from ``seed``."""
+    model = builder()
+    add_lora(model, "lora", seed, lora_config(alpha=alpha))
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_lora(pipe_class, model, "lora", folder, prefix=prefix)
+
+
+def fused_copy(builder, lora_file: Path, seed_builder: int = 0, prefix: str = "unet") -> torch.nn.Module:
+    """A full denoiser equal to ``builder()`` with the LoRA file fused into its weights."""
+    model = builder(seed_builder)
+    model.load_lora_adapter(str(lora_file), prefix=prefix, adapter_name="fuse", use_safetensors=True)
+    model.fuse_lora(adapter_names=["fuse"])
+    model.unload_lora()
+    return model
