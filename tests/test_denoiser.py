@@ -1,6 +1,8 @@
 """BlendedDenoiser on its own: it stands in for the denoiser, evaluates only what the formula needs, and checks
 its members."""
 
+import inspect
+
 import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -34,6 +36,11 @@ def test_exposes_what_pipelines_read(full_members):
     assert denoiser.config is base.config
     assert denoiser.dtype == base.dtype and denoiser.device == base.device
     assert denoiser.conv_in is base.conv_in  # any other attribute comes from the base
+
+
+def test_forward_has_the_wrapped_signature(full_members):
+    denoiser = BlendedDenoiser(*full_members)
+    assert inspect.signature(denoiser.forward) == inspect.signature(full_members[0].forward)
 
 
 @pytest.mark.parametrize("return_dict", [True, False])

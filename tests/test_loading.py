@@ -116,22 +116,25 @@ def test_lora_matching_no_module_raises(sd3_loras):
         Blend(tiny.sd_pipeline(), {"ir": sd3_loras["ir"]})
 
 
+def _lora_with_extra_module(lora_file, folder, module):
+    """The LoRA file plus a rank-2 adapter on ``module`` (a key path inside the file's naming)."""
+    state = safetensors.torch.load_file(str(lora_file))
+    state[f"{module}.lora_A.weight"] = torch.zeros(2, 8)
+    state[f"{module}.lora_B.weight"] = torch.zeros(8, 2)
+    safetensors.torch.save_file(state, str(folder / "lora.safetensors"))
+    return folder / "lora.safetensors"
+
+
 def test_lora_with_unknown_modules_raises(sd_loras, tmp_path):
-    state = safetensors.torch.load_file(str(sd_loras["ir"]))
-    state["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(2, 8)
-    state["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(8, 2)
-    safetensors.torch.save_file(state, str(tmp_path / "lora.safetensors"))
+    lora = _lora_with_extra_module(sd_loras["ir"], tmp_path, "unet.no_such_block.to_q")
     with pytest.raises(ValueError, match="not in the pipeline's unet: no_such_block.to_q"):
-        Blend(tiny.sd_pipeline(), {"ir": tmp_path / "lora.safetensors"})
+        Blend(tiny.sd_pipeline(), {"ir": lora})
 
 
 def test_text_encoder_lora_is_refused(sd_loras, tmp_path):
-    state = safetensors.torch.load_file(str(sd_loras["ir"]))
-    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 8)
-    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(8, 2)
-    safetensors.torch.save_file(state, str(tmp_path / "lora.safetensors"))
+    lora = _lora_with_extra_module(sd_loras["ir"], tmp_path, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj")
     with pytest.raises(ValueError, match="also adapts a text encoder"):
-        Blend(tiny.sd_pipeline(), {"ir": tmp_path / "lora.safetensors"})
+        Blend(tiny.sd_pipeline(), {"ir": lora})
 
 
 def test_basis_name_colliding_with_a_pipeline_adapter_raises(sd_loras):

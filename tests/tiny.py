@@ -97,15 +97,9 @@ def unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
 
 
 def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    """The SDXL variant: linear projections, two text encoders' context, text+time added conditioning."""
+    return unet(
+        seed,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -113,8 +107,7 @@ def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 4 + TEXT_HIDDEN,
         cross_attention_dim=2 * TEXT_HIDDEN,
-        norm_num_groups=2,
-    ).eval()
+    )
 
 
 def sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -81,6 +82,7 @@ class BlendedDenoiser(nn.Module):
         self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
         self._latent_name = _first_parameter(base)
         self.settings: BlendSettings | None = None
+        self.forward = _with_signature_of(base.forward, self._blend)
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
     @property
@@ -130,6 +132,10 @@ class BlendedDenoiser(nn.Module):
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Called exactly like the base denoiser (each instance reports the base's signature); returns the blend."""
+        return self._blend(*args, **kwargs)
+
+    def _blend(self, *args: Any, **kwargs: Any) -> Any:
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
@@ -292,6 +298,15 @@ def _rows_by_member(drawn: list[int], names: list[str], device: torch.device) ->
     for row, member in enumerate(drawn):
         groups.setdefault(member, []).append(row)
     return [(names[member], torch.tensor(rows, device=device)) for member, rows in sorted(groups.items())]
+
+
+def _with_signature_of(original: Any, implementation: Any) -> Any:
+    """A function calling ``implementation`` that ``inspect.signature`` reports as ``original``'s."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return implementation(*args, **kwargs)
+
+    return functools.update_wrapper(forward, original)
 
 
 def _first_parameter(module: nn.Module) -> str:
