@@ -1,9 +1,9 @@
 """LoRA basis members that share one base module: which adapters it holds, and routing rows of a batch to them.
 
-A LoRA member is evaluated on the shared base by peft's mixed-adapter batches: every peft tuner layer accepts
-``adapter_names`` (one adapter per row, ``"__base__"`` for none). Diffusers' denoisers do not pass that argument
-through their ``forward``, so :class:`AdapterRouter` injects it with forward pre-hooks on the tuner layers. The
-adapters' activation (``set_adapter``) is never touched, so the pipeline outside a blend behaves as before.
+A LoRA member is evaluated on the shared base, and several members (and the base itself) in one call: each row of
+the batch is routed to one adapter by forward hooks on the LoRA layers (:class:`AdapterRouter`). Diffusers'
+denoisers have no per-row adapter argument in their ``forward``, hence the hooks. The adapters' activation
+(``set_adapter``) is left as the user set it, so the pipeline outside a blend behaves as before.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+from peft.tuners import lora
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -60,18 +61,31 @@ class ActivationSnapshot:
 
 
 class AdapterRouter:
-    """Sends each row of a batch through one LoRA adapter of ``module`` (or none) during a forward call.
+    """Sends each row of a batch through one LoRA adapter of ``module`` (or none) during forward calls.
 
-    Use ``with router:`` around one or many forward calls (it installs the hooks and checks the adapters' state),
-    and ``with router.route(names):`` around each call, where ``names`` is one adapter name for the whole batch or
-    a list with one name per row.
+    Use ``with router:`` around one or many forward calls (it installs forward hooks on the LoRA layers holding
+    the routed adapters and checks the adapters' state), and ``with router.route(names):`` around each call,
+    where ``names`` is one adapter name for the whole batch or one name per row.
+
+    The base layer runs once on all rows (no adapter is active); the hook then adds each adapter's update
+    ``lora_B(lora_A(dropout(x))) · scaling`` — peft's own vanilla-LoRA update, computed by the layer's own
+    modules — to that adapter's rows. Rows are grouped contiguously per adapter by the caller, so every group is a
+    slice (a view), never a gather: this is what keeps a stacked call at the cost of its FLOPs. (peft's
+    ``adapter_names`` mixed batches give the same numbers but build per-row index lists and gather/scatter
+    copies in every layer; on small models that overhead was larger than the calls it saves.)
     """
 
     def __init__(self, module: nn.Module, adapters: Sequence[str]):
         self.module = module
         self.adapters = set(adapters)
-        self.layers = [layer for layer in tuner_layers(module) if _layer_adapters(layer) & self.adapters]
-        self._routes: str | list[str] | None = None
+        # The layers are captured once: entering the router then costs no walk over the whole module.
+        self.all_layers = tuner_layers(module)
+        self.layers = [layer for layer in self.all_layers if _layer_adapters(layer) & self.adapters]
+        for layer in self.layers:
+            _check_routable(layer, self.adapters)
+        self._segments: list[tuple[str, int, int]] | None = None
+        self._stacked: dict[int, tuple] = {}  # layer → its adapters' stacked weights (rebuilt when they change)
+        self._masks: dict[tuple, torch.Tensor] = {}  # per route(): row × rank-block masks
         self._depth = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._snapshot: ActivationSnapshot | None = None
@@ -79,12 +93,12 @@ class AdapterRouter:
     def __enter__(self) -> AdapterRouter:
         if self._depth == 0:
             self._check_state()
-            disabled = [layer for layer in self.layers if layer.disable_adapters]
-            if disabled:  # e.g. after pipe.disable_lora(): routing needs the layers on, restored on exit
+            active = [layer for layer in self.layers if not layer.disable_adapters and layer.active_adapters]
+            if active:  # basis adapters left active (e.g. by peft's loader): off while routing, restored on exit
                 self._snapshot = ActivationSnapshot(self.module)
-                for layer in disabled:
-                    layer.enable_adapters(True)
-            self._handles = [layer.register_forward_pre_hook(self._inject, with_kwargs=True) for layer in self.layers]
+                for layer in active:
+                    layer.set_adapter([])
+            self._handles = [layer.register_forward_hook(self._add_updates, with_kwargs=True) for layer in self.layers]
         self._depth += 1
         return self
 
@@ -103,36 +117,92 @@ class AdapterRouter:
         """Route the forward calls made inside the block: one adapter (or ``NO_ADAPTER``) or one per row."""
         if self._depth == 0:
             raise RuntimeError("AdapterRouter.route() must be used inside `with router:`")
-        previous, self._routes = self._routes, names
+        previous, self._segments = self._segments, _segments(names)
+        self._masks = {}
         try:
             yield
         finally:
-            self._routes = previous
+            self._segments = previous
 
-    def _inject(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._routes is None:
+    def _add_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if self._segments is None:
             return None
-        rows = len(args[0]) if args else len(next(iter(kwargs.values())))
-        if isinstance(self._routes, str):
-            names = [self._routes] * rows
-        elif len(self._routes) == rows:
-            names = self._routes
-        else:
-            raise ValueError(
-                f"a per-row adapter routing of {len(self._routes)} rows met a layer input with {rows} rows; "
-                "this denoiser reshapes its batch, so its LoRA members cannot be mixed within one call"
-            )
-        return args, {**kwargs, "adapter_names": names}
+        x = args[0] if args else next(iter(kwargs.values()))
+        segments = [segment for segment in self._segments_for(len(x)) if segment[0] in layer.lora_A]
+        if not segments:
+            return None
+        if len(segments) > 1 and _stackable(layer, [adapter for adapter, _, _ in segments]):
+            # only the rows between the first and last adapted row: the base's rows get no (zero) update
+            start, stop = segments[0][1], segments[-1][2]
+            update = self._stacked_update(layer, x[start:stop], [(a, b - start, e - start) for a, b, e in segments])
+            if torch.is_grad_enabled():
+                return torch.cat([output[:start], output[start:stop] + update.to(output.dtype), output[stop:]])
+            output[start:stop] += update.to(output.dtype)
+            return output
+        if torch.is_grad_enabled():
+            output = output.clone()  # the in-place row updates below must not touch a tensor autograd saved
+        for adapter, start, stop in segments:
+            output[start:stop] += lora_update(layer, adapter, x[start:stop]).to(output.dtype)
+        return output
+
+    def _stacked_update(self, layer: nn.Module, x: torch.Tensor, segments: list[tuple[str, int, int]]) -> torch.Tensor:
+        """Every adapter's update in one low-rank product: ((x·A_catᵀ) ⊙ M)·(B·s)_catᵀ, M keeping for each row
+        only the rank block of its own adapter. Four operations per layer, as for one active adapter."""
+        adapters = tuple(dict.fromkeys(adapter for adapter, _, _ in segments))
+        stacked_a, stacked_b, blocks = self._stacked_weights(layer, adapters)
+        first = adapters[0]
+        low_rank = _apply(layer.lora_A[first], x.to(stacked_a.dtype), stacked_a)
+        mask = self._mask(segments, blocks, len(x), low_rank)
+        rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else low_rank.ndim - 1
+        shape = [1] * low_rank.ndim
+        shape[0], shape[rank_axis] = mask.shape
+        return _apply(layer.lora_B[first], low_rank * mask.view(shape), stacked_b)
+
+    def _stacked_weights(self, layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]) for a in adapters]
+        key = (adapters, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights))
+        cached = self._stacked.get(id(layer))
+        if cached is None or cached[0] != key:
+            ranks = [a.shape[0] for a, _, _ in weights]
+            starts = [sum(ranks[:i]) for i in range(len(ranks))]
+            blocks = {adapter: (start, start + rank) for adapter, start, rank in zip(adapters, starts, ranks)}
+            stacked_a = torch.cat([a for a, _, _ in weights]).detach()
+            stacked_b = torch.cat([b * s for _, b, s in weights], dim=1).detach()
+            cached = self._stacked[id(layer)] = (key, stacked_a, stacked_b, blocks)
+        return cached[1], cached[2], cached[3]
+
+    def _mask(self, segments: list, blocks: dict, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Rows × total rank, 1 where a row's adapter owns the rank block; shared by all layers of equal ranks."""
+        key = (tuple(segments), tuple(blocks.items()), rows, like.dtype, like.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros(rows, max(stop for _, stop in blocks.values()), dtype=like.dtype, device=like.device)
+            for adapter, start, stop in segments:
+                mask[start:stop, slice(*blocks[adapter])] = 1
+            self._masks[key] = mask
+        return mask
+
+    def _segments_for(self, rows: int) -> list[tuple[str, int, int]]:
+        segments = self._segments
+        if segments[-1][2] == rows:
+            return segments
+        if len(segments) == 1:  # one adapter for all rows: any layout of the rows inside the layer is fine
+            return [(segments[0][0], 0, rows)]
+        raise ValueError(
+            f"a per-row adapter routing of {segments[-1][2]} rows met a layer input with {rows} rows; "
+            "this denoiser reshapes its batch, so its LoRA members cannot be stacked in one call "
+            "(use batch_members=False)"
+        )
 
     def _check_state(self) -> None:
-        merged = [layer for layer in tuner_layers(self.module) if layer.merged]
+        merged = [layer for layer in self.all_layers if layer.merged]
         if merged:
             raise ValueError(
                 "the denoiser has fused (merged) LoRA adapters; blending LoRA members needs them unfused "
                 "(pipe.unfuse_lora()) or unloaded after fusing (pipe.fuse_lora(); pipe.unload_lora_weights())"
             )
         foreign = set()
-        for layer in tuner_layers(self.module):
+        for layer in self.all_layers:
             if not layer.disable_adapters:
                 foreign.update((set(layer.active_adapters) & _layer_adapters(layer)) - self.adapters)
         if foreign:
@@ -141,3 +211,60 @@ class AdapterRouter:
                 "members; a blend evaluates the base without them. Deactivate them (pipe.set_adapters([...]) or "
                 "pipe.disable_lora()) or fuse them into the base (pipe.fuse_lora(); pipe.unload_lora_weights())"
             )
+
+
+def _segments(names: str | list[str]) -> list[tuple[str, int, int]]:
+    """Run-length encoding of a routing: ``["a", "a", "b"]`` → ``[("a", 0, 2), ("b", 2, 3)]``; a single name is
+    one open segment that any number of rows fills."""
+    if isinstance(names, str):
+        return [(names, 0, -1)]
+    segments: list[tuple[str, int, int]] = []
+    for row, name in enumerate(names):
+        if segments and segments[-1][0] == name:
+            segments[-1] = (name, segments[-1][1], row + 1)
+        else:
+            segments.append((name, row, row + 1))
+    return segments
+
+
+def lora_update(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """peft's vanilla LoRA update of one adapter, computed by the layer's own modules."""
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    return lora_B(lora_A(layer.lora_dropout[adapter](x.to(lora_A.weight.dtype)))) * layer.scaling[adapter]
+
+
+def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``module``'s operation (linear or its convolution) with another weight and no bias."""
+    if isinstance(module, nn.Linear):
+        return nn.functional.linear(x, weight)
+    return module._conv_forward(x, weight, None)
+
+
+def _stackable(layer: nn.Module, adapters: list[str]) -> bool:
+    """Whether the adapters' updates can be one stacked product: no bias on B, no active dropout, and (for
+    convolutions) identical convolution settings."""
+    def inactive(dropout: nn.Module) -> bool:
+        return isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0
+
+    if any(getattr(layer, "lora_bias", {}).get(a) or not inactive(layer.lora_dropout[a]) for a in adapters):
+        return False
+    if isinstance(layer, lora.layer._ConvNd):
+        settings = {
+            tuple(getattr(layer.lora_A[a], k) for k in ("kernel_size", "stride", "padding", "dilation", "groups"))
+            for a in adapters
+        }
+        return len(settings) == 1
+    return True
+
+
+def _check_routable(layer: BaseTunerLayer, adapters: set[str]) -> None:
+    """Only vanilla LoRA on Linear/Conv layers is routed (its update is lora_B(lora_A(dropout(x))) · scaling)."""
+    held = _layer_adapters(layer) & adapters
+    if not isinstance(layer, (lora.Linear, lora.layer._ConvNd)):
+        raise ValueError(f"LoRA members on {type(layer).__name__} layers cannot be blended yet (only Linear/Conv)")
+    variants = sorted(a for a in held if a in getattr(layer, "lora_variant", {}))
+    if variants:
+        raise ValueError(
+            f"LoRA member(s) {', '.join(variants)} use a LoRA variant ({type(layer.lora_variant[variants[0]]).__name__},"
+            " e.g. DoRA) that cannot be blended yet; fuse it into a full denoiser copy instead"
+        )

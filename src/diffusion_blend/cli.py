@@ -294,5 +294,98 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# ---------------------------------------------------------------------------------------------------------- lab
+lab_app = typer.Typer(
+    help="The exact ground truth: a Gaussian-mixture base, quadratic rewards, closed-form targets.",
+    no_args_is_help=True,
+)
+app.add_typer(lab_app, name="lab")
+
+
+def _lab_scenario(scenario: Path | None, alpha: float | None, dim: int = 2):
+    from .lab import grid_scenario, load_scenario
+
+    loaded = load_scenario(scenario) if scenario is not None else grid_scenario(dim)
+    return loaded.with_alpha(alpha) if alpha is not None else loaded
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise CommandError(f"{what}: {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise CommandError(f"{what}: give at least one number")
+    return values
+
+
+@lab_app.command("run")
+def lab_run(
+    weights: Annotated[str, typer.Option(help="NAME=W,... over the scenario's rewards (r1, r2 by default).")],
+    scenario: Annotated[Path | None, typer.Option(help="A scenario YAML/JSON file (default: the built-in one).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="KL weight α of the fine-tuning (default: the scenario's).")] = None,
+    kl_scale: Annotated[float, typer.Option(help="λ: the target is fine-tuned with α/λ.")] = 1.0,
+    samples: Annotated[int, typer.Option(help="Samples per method.")] = 20_000,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 200,
+    eta: Annotated[float, typer.Option(help="DDIM η (0: deterministic, 1: DDPM-like).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    scheduler: Annotated[str, typer.Option(help="ddim, ddpm, euler or dpm.")] = "ddim",
+    prior: Annotated[str, typer.Option(help="x_T: exact (the target's law at T) or gaussian (N(0, I)).")] = "exact",
+    json_output: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Sample the oracle, the blends and the base, and measure them against the exact target."""
+    run_reporting_errors(_lab_run, **locals())
+
+
+def _lab_run(weights, scenario, alpha, kl_scale, samples, steps, eta, seed, scheduler, prior, json_output) -> None:
+    from .lab import run_lab
+    from .lab.report import run_table
+
+    chosen = _lab_scenario(scenario, alpha)
+    report = run_lab(chosen, parse_named_values(weights, "--weights"), kl_scale, samples=samples, steps=steps,
+                     eta=eta, seed=seed, scheduler=scheduler, prior=prior)
+    typer.echo(json.dumps(report) if json_output else run_table(report), nl=json_output)
+
+
+@lab_app.command("sweep")
+def lab_sweep(
+    out: Annotated[Path, typer.Option(help="Folder for sweep.csv, sweep.json and the plots.")],
+    scenario: Annotated[Path | None, typer.Option(help="A scenario file (default: the built-in 2-d one).")] = None,
+    alphas: Annotated[str, typer.Option(help="Comma-separated KL weights α.")] = "2,1,0.5,0.25",
+    kl_scales: Annotated[str, typer.Option(help="Comma-separated λ.")] = "0.5,1,2",
+    points: Annotated[int, typer.Option(help="Weight points along the simplex (two rewards).")] = 5,
+    three_rewards: Annotated[bool, typer.Option(help="Also run m = 3 rewards in d = 3.")] = True,
+    samples: Annotated[int, typer.Option(help="Samples per method and grid point.")] = 5000,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the lab over weights × α × λ; write a table (CSV, JSON) and plots (reward fronts, gap against α)."""
+    run_reporting_errors(_lab_sweep, **locals())
+
+
+def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples, steps, seed) -> None:
+    from rich.progress import Progress
+
+    from .lab.report import plot_fronts, plot_gap, rows_as_csv, rows_as_json, sweep, sweep_size
+
+    alpha_values, kl_values = _float_list(alphas, "--alphas"), _float_list(kl_scales, "--kl-scales")
+    if points < 2:
+        raise CommandError(f"--points must be >= 2, got {points}")
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out: {out} exists and is not a folder")
+    scenarios = [_lab_scenario(scenario, None)] + ([_lab_scenario(None, None, dim=3)] if three_rewards else [])
+    with Progress(transient=True) as progress:
+        task = progress.add_task("sweeping", total=sweep_size(scenarios, alpha_values, kl_values, points))
+        rows = sweep(scenarios, alpha_values, kl_values, points, samples=samples, steps=steps, seed=seed,
+                     progress=lambda: progress.advance(task))
+    written = [out / "sweep.csv", out / "sweep.json", out / "fronts.png", out / "gap_vs_alpha.png"]
+    write_atomically(written[0], lambda temp: temp.write_text(rows_as_csv(rows)))
+    write_atomically(written[1], lambda temp: temp.write_text(rows_as_json(rows)))
+    write_atomically(written[2], lambda temp: plot_fronts(rows, scenarios[0], alpha_values, temp))
+    write_atomically(written[3], lambda temp: plot_gap(rows, scenarios[0], temp))
+    for path in written:
+        typer.echo(str(path))
+
+
 if __name__ == "__main__":
     app()

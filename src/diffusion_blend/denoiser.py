@@ -56,12 +56,29 @@ class BlendedDenoiser(nn.Module):
         members: basis name → a full fine-tuned denoiser of the same architecture, or the name of a peft LoRA
             adapter already loaded on ``base``.
 
+        batch_members: evaluate the base and all LoRA members in one call on the shared base (their rows stacked
+            in the batch, each row routed to its adapter) instead of one call each: the same FLOPs in one call, so
+            a call's fixed cost is paid once (docs/performance.md). ``False``: one call per member.
+        max_batch_size: at most this many rows per denoiser call (chunks bound the memory of stacked calls).
+
     Call :meth:`set_blend` before the first forward call. The wrapper exposes the base's ``config``, ``dtype``,
     ``device`` and every other attribute, so a pipeline cannot tell it from the base.
     """
 
-    def __init__(self, base: nn.Module, members: Mapping[str, nn.Module | str]):
+    def __init__(
+        self,
+        base: nn.Module,
+        members: Mapping[str, nn.Module | str],
+        *,
+        batch_members: bool = True,
+        max_batch_size: int | None = None,
+    ):
         super().__init__()
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
+        self.batch_members = batch_members
+        self.max_batch_size = max_batch_size
         if not isinstance(members, Mapping) or not members:
             raise ValueError("a blend needs at least one basis member (members is empty)")
         for name in members:
@@ -157,72 +174,104 @@ class BlendedDenoiser(nn.Module):
 
     def _mix(self, args: tuple, kwargs: dict) -> Any:
         plan = self.plan_mix()
-        outputs = dict(zip((e.member for e in plan), self.evaluate(plan, args, kwargs)))
-        predictions = {name: prediction_of(output) for name, output in outputs.items()}
-        members = [name for name in predictions if name != BASE]
+        predictions, template = self.evaluate(plan, args, kwargs)
+        by_member = dict(zip((evaluation.member for evaluation in plan), predictions))
+        members = [name for name in by_member if name != BASE]
         blended = blend_predictions(
-            predictions.get(BASE),
-            [predictions[name] for name in members],
+            by_member.get(BASE),
+            [by_member[name] for name in members],
             [self.settings.weights[name] for name in members],
             self.settings.kl_scale,
         )
-        return with_prediction(next(iter(outputs.values())), blended)
+        return with_prediction(template, blended)
 
     def _stochastic(self, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         drawn = self.draw_members(latent)
         plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, latent.device)]
         if self.settings.kl_scale != 1:
             plan.insert(0, Evaluation(BASE))
-        outputs = self.evaluate(plan, args, kwargs)
-        members = [(evaluation.rows, prediction_of(out)) for evaluation, out in zip(plan, outputs) if evaluation.rows is not None]
-        prediction = members[0][1].new_empty((latent.shape[0], *members[0][1].shape[1:]))
-        for rows, member_prediction in members:
-            prediction[rows] = member_prediction
+        predictions, template = self.evaluate(plan, args, kwargs)
+        first = predictions[-1]
+        prediction = first.new_empty((latent.shape[0], *first.shape[1:]))
+        for evaluation, member_prediction in zip(plan, predictions):
+            if evaluation.rows is not None:
+                prediction[evaluation.rows] = member_prediction
         if plan[0].member == BASE:
-            base = prediction_of(outputs[0])
+            base = predictions[0]
             prediction = base + self.settings.kl_scale * (prediction - base)
-        return with_prediction(outputs[0], prediction)
+        return with_prediction(template, prediction)
 
-    def draw_members(self, latent: torch.Tensor) -> list[int]:
+    def draw_members(self, latent: torch.Tensor) -> torch.Tensor:
         """DB-MPA-LS: one member index per row, drawn with probability w per *sample*.
 
         Rows whose latent inputs are bitwise identical are one sample presented several times — classifier-free
         guidance's unconditional and conditional halves (and any guidance that repeats the latents) — so they
         share their draw.
         """
-        sample_of_row = _samples_of_rows(latent)
         generator = self.settings.generator
-        probabilities = torch.tensor(
-            [self.settings.weights[name] for name in self.names],
-            dtype=torch.float64,
-            device=generator.device if generator is not None else "cpu",
-        )
-        draws = torch.multinomial(probabilities, max(sample_of_row) + 1, replacement=True, generator=generator)
-        draws = draws.tolist()
-        return [draws[sample] for sample in sample_of_row]
+        device = generator.device if generator is not None else torch.device("cpu")
+        sample_of_row = _samples_of_rows(latent).to(device)
+        probabilities = torch.tensor([self.settings.weights[name] for name in self.names], dtype=torch.float64,
+                                     device=device)
+        draws = torch.multinomial(probabilities, int(sample_of_row.max()) + 1, replacement=True, generator=generator)
+        return draws[sample_of_row]
 
     # ----------------------------------------------------------------------------------------------------- execution
-    def evaluate(self, plan: list[Evaluation], args: tuple, kwargs: dict) -> list[Any]:
-        """Run every evaluation of the plan; returns the raw denoiser outputs in plan order."""
-        batch = len(args[0] if args else kwargs[self._latent_name])
-        outputs = []
-        for evaluation in plan:
-            call_args, call_kwargs = args, kwargs
-            if evaluation.rows is not None:
-                call_args = take_rows(args, evaluation.rows, batch)
-                call_kwargs = {
-                    key: value if key in UNBATCHED_ARGUMENTS else take_rows(value, evaluation.rows, batch)
-                    for key, value in kwargs.items()
-                }
-            outputs.append(self._call(evaluation.member, call_args, call_kwargs))
-        return outputs
+    def evaluate(self, plan: list[Evaluation], args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
+        """Run the plan in as few denoiser calls as the members allow.
 
-    def _call(self, member: str, args: tuple, kwargs: dict) -> Any:
-        if member in self.modules_by_name:
-            return self.modules_by_name[member](*args, **kwargs)
+        Returns the predictions in plan order, and one raw output of the denoiser as the template of the blended
+        output's type (fields beyond the prediction, if a denoiser had any, come from it unchanged).
+        """
+        batch = len(args[0] if args else kwargs[self._latent_name])
+        predictions: list[torch.Tensor] = [None] * len(plan)  # type: ignore[list-item]
+        template = None
+        for positions in self._calls(plan):
+            stacked, output = self._run_stacked([plan[p] for p in positions], args, kwargs, batch)
+            template = output if template is None else template
+            for position, prediction in zip(positions, stacked):
+                predictions[position] = prediction
+        return predictions, template
+
+    def _calls(self, plan: list[Evaluation]) -> list[list[int]]:
+        """Group plan positions into denoiser calls: each full member alone; the base and the LoRA members share
+        one module, so (with ``batch_members``) they go together."""
+        shared = [p for p, evaluation in enumerate(plan) if evaluation.member not in self.modules_by_name]
+        full = [[p] for p, evaluation in enumerate(plan) if evaluation.member in self.modules_by_name]
+        if not shared:
+            return full
+        return ([shared] if self.batch_members else [[p] for p in shared]) + full
+
+    def _run_stacked(
+        self, evaluations: list[Evaluation], args: tuple, kwargs: dict, batch: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``."""
+        device = (args[0] if args else kwargs[self._latent_name]).device
+        rows = [e.rows if e.rows is not None else torch.arange(batch, device=device) for e in evaluations]
+        routes = [self.adapter_of.get(e.member, NO_ADAPTER) for e, r in zip(evaluations, rows) for _ in range(len(r))]
+        index = torch.cat(rows)
+        module = self.modules_by_name[evaluations[0].member] if evaluations[0].member in self.modules_by_name else None
+        chunk = self.max_batch_size or len(index)
+        whole_batch = len(evaluations) == 1 and evaluations[0].rows is None and chunk >= batch
+        pieces, template = [], None
+        for start in range(0, len(index), chunk):
+            if whole_batch:
+                call_args, call_kwargs = args, kwargs
+            else:
+                call_args, call_kwargs = _take_call_rows(args, kwargs, index[start : start + chunk], batch)
+            output = self._call(module, routes[start : start + chunk], call_args, call_kwargs)
+            template = output if template is None else template
+            pieces.append(prediction_of(output))
+        stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return list(stacked.split([len(r) for r in rows])), template
+
+    def _call(self, module: nn.Module | None, routes: list[str], args: tuple, kwargs: dict) -> Any:
+        """One denoiser call: a full member, or the shared base with each row routed to its LoRA adapter."""
+        if module is not None:
+            return module(*args, **kwargs)
         if self.router is None:
             return self.base(*args, **kwargs)
-        with self.router.route(self.adapter_of.get(member, NO_ADAPTER)):
+        with self.router.route(routes[0] if len(set(routes)) == 1 else routes):
             return self.base(*args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------- validation
@@ -272,6 +321,11 @@ def with_prediction(template: Any, prediction: torch.Tensor) -> Any:
     raise TypeError(f"cannot rebuild a denoiser output of type {type(template).__name__}")
 
 
+def _take_call_rows(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict]:
+    kwargs = {key: value if key in UNBATCHED_ARGUMENTS else take_rows(value, rows, batch) for key, value in kwargs.items()}
+    return take_rows(args, rows, batch), kwargs
+
+
 def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     """``value`` restricted to some rows of the batch: tensors whose first size is the batch size are indexed,
     containers are walked, everything else (timesteps given as scalars, options) is passed unchanged."""
@@ -285,19 +339,21 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def _samples_of_rows(latent: torch.Tensor) -> list[int]:
+def _samples_of_rows(latent: torch.Tensor) -> torch.Tensor:
     """A sample index per row, numbered by first appearance; rows with identical latents get the same index."""
     _, inverse = torch.unique(latent.reshape(len(latent), -1), dim=0, return_inverse=True)
-    inverse = inverse.tolist()
-    first_seen: dict[int, int] = {}
-    return [first_seen.setdefault(group, len(first_seen)) for group in inverse]
+    rows = torch.arange(len(inverse), device=inverse.device)
+    first_row = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device)
+    first_row.scatter_reduce_(0, inverse, rows, reduce="amin")
+    rank = torch.empty_like(first_row)
+    rank[torch.argsort(first_row)] = torch.arange(len(first_row), device=inverse.device)
+    return rank[inverse]
 
 
-def _rows_by_member(drawn: list[int], names: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
-    groups: dict[int, list[int]] = {}
-    for row, member in enumerate(drawn):
-        groups.setdefault(member, []).append(row)
-    return [(names[member], torch.tensor(rows, device=device)) for member, rows in sorted(groups.items())]
+def _rows_by_member(drawn: torch.Tensor, names: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """(member name, its rows) for every member drawn at least once, in member order."""
+    drawn = drawn.to(device)
+    return [(names[member], (drawn == member).nonzero().squeeze(1)) for member in torch.unique(drawn).tolist()]
 
 
 def _with_signature_of(original: Any, implementation: Any) -> Any:

@@ -45,12 +45,22 @@ class Blend:
             pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids work when
             online.
         denoiser: the pipeline attribute holding the denoiser, when it is not ``unet`` or ``transformer``.
+        batch_members, max_batch_size: how members are evaluated (see :class:`BlendedDenoiser`): by default the
+            base and all LoRA members in one call on the shared base.
 
     Outside :meth:`blend` the pipeline behaves exactly as before: the basis LoRAs are loaded but inactive, and the
     activation of its own adapters is left as it was.
     """
 
-    def __init__(self, pipe: Any, basis: Mapping[str, BasisSource], *, denoiser: str | None = None):
+    def __init__(
+        self,
+        pipe: Any,
+        basis: Mapping[str, BasisSource],
+        *,
+        denoiser: str | None = None,
+        batch_members: bool = True,
+        max_batch_size: int | None = None,
+    ):
         _check_basis_names(basis)
         self.pipe = pipe
         self.denoiser_name = denoiser or _find_denoiser_name(pipe)
@@ -70,7 +80,9 @@ class Blend:
                 else:
                     members[name] = source
             snapshot.restore()  # the new adapters stay loaded, inactive and frozen
-            self.denoiser = BlendedDenoiser(self.base, members)
+            self.denoiser = BlendedDenoiser(
+                self.base, members, batch_members=batch_members, max_batch_size=max_batch_size
+            )
         except Exception:
             if loaded:
                 self.base.delete_adapters(loaded)
@@ -86,6 +98,8 @@ class Blend:
         torch_dtype: torch.dtype | None = None,
         *,
         denoiser: str | None = None,
+        batch_members: bool = True,
+        max_batch_size: int | None = None,
         **kwargs: Any,
     ) -> Blend:
         """Load the base pipeline with diffusers' ``DiffusionPipeline.from_pretrained`` and attach the basis.
@@ -99,7 +113,7 @@ class Blend:
             if not isinstance(source, nn.Module):
                 resolve_source(name, source)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
-        return cls(pipe, basis, denoiser=denoiser)
+        return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size)
 
     @property
     def names(self) -> list[str]:

@@ -1,0 +1,237 @@
+"""Blend speed and memory, as ratios measured side by side in one run (never a bare absolute time).
+
+    python benchmarks/blend_speed.py [--config tiny|mid|sd15] [--members M] [--batch B] [--steps S] [--json]
+
+Every timed quantity is the denoiser work of S denoising steps (default 1) with classifier-free guidance (2·B rows
+per step), on random-weight UNets of the named architecture (``sd15`` is the Stable Diffusion 1.5 UNet: same FLOPs
+as the real one) with rank-4 LoRA basis members on to_q/to_k/to_v/to_out, as the method's published checkpoints.
+Reported ratios:
+
+  (a) mpa_over_single     DB-MPA (λ = 1, Σw = 1, M members)      / one fine-tuned model (base + one active LoRA)
+  (b) ls_over_single      DB-MPA-LS (stochastic, M members)      / one fine-tuned model
+  (c) overhead            joint blend (λ ≠ 1: base + M members)  / the M + 1 plain calls it replaces
+      sequential_overhead the same blend with one call per member (batch_members=False)
+  (d) memory              base + M adapters / one model, in parameter bytes; on CUDA also the peak allocated
+                          bytes of a DB-MPA step (stacked, and chunked to the single model's rows)
+
+Each repeat times every variant once, in a rotating order, after warm-up; the ratios are medians over repeats of
+per-repeat ratios, so slow drifts of a shared machine cancel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+
+from diffusion_blend import BlendedDenoiser
+
+CONFIGS = {
+    # the tests' tiny UNet: a call's fixed cost dominates
+    "tiny": dict(
+        unet=dict(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, down_block_types=("DownBlock2D",
+                  "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                  norm_num_groups=2, attention_head_dim=2),
+        latent=8, context=(77, 8),
+    ),
+    # a mid-size UNet: FLOPs dominate on a CPU
+    "mid": dict(
+        unet=dict(block_out_channels=(64, 128), layers_per_block=1, sample_size=32, down_block_types=("CrossAttnDownBlock2D",
+                  "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+                  attention_head_dim=8),
+        latent=32, context=(77, 128),
+    ),
+    # Stable Diffusion 1.5's UNet (diffusers' defaults with its 768-wide text context), 512² images
+    "sd15": dict(unet=dict(cross_attention_dim=768, sample_size=64), latent=64, context=(77, 768)),
+}
+LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+
+
+def build(config: str, members: int, dtype: torch.dtype, device: str, latent: int | None):
+    """A random UNet of the named architecture with ``members`` LoRA adapters (loaded, inactive) and CFG inputs."""
+    torch.manual_seed(0)
+    spec = CONFIGS[config]
+    unet = UNet2DConditionModel(**spec["unet"]).eval()
+    names = [f"m{i}" for i in range(members)]
+    for name in names:
+        unet.add_adapter(LoraConfig(**LORA), adapter_name=name)
+    unet.set_adapter([])
+    unet.requires_grad_(False)
+    unet.to(device=device, dtype=dtype)
+    size = latent or spec["latent"]
+    return unet, names, size
+
+
+def inputs(unet, batch: int, size: int, context: tuple[int, int]):
+    """A classifier-free-guidance batch: [uncond; cond] share their latents."""
+    parameter = next(unet.parameters())
+    latents = torch.randn(batch, unet.config.in_channels, size, size, device=parameter.device, dtype=parameter.dtype)
+    hidden = torch.randn(2 * batch, *context, device=parameter.device, dtype=parameter.dtype)
+    return (torch.cat([latents, latents]), torch.tensor(500, device=parameter.device)), {"encoder_hidden_states": hidden}
+
+
+def blended_denoiser(unet, names, batch_members=True, **blend) -> BlendedDenoiser:
+    denoiser = BlendedDenoiser(unet, {name: name for name in names}, batch_members=batch_members)
+    denoiser.set_blend({name: 1.0 / len(names) for name in names}, **blend)
+    return denoiser
+
+
+def variants(unet, names, args, kwargs, steps: int = 1) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """Each timed quantity as (untimed setup, timed call) doing the denoiser work of ``steps`` denoising steps.
+
+    A plain call is the model alone with its adapter already active (switching adapters is not timed: the
+    baseline is as fast as separate models would be). Blended calls run inside one routing context, as in a
+    pipeline call (Blend installs the LoRA routing hooks once per image).
+    """
+    denoisers = {
+        "mpa": blended_denoiser(unet, names),
+        "ls": blended_denoiser(unet, names, mode="stochastic", generator=torch.Generator().manual_seed(0)),
+        "joint": blended_denoiser(unet, names, kl_scale=1.5),
+        "joint_sequential": blended_denoiser(unet, names, batch_members=False, kl_scale=1.5),
+    }
+    def plain_steps():
+        for _ in range(steps):
+            unet(*args, **kwargs)
+
+    def blended_steps(denoiser):
+        with denoiser.routing():
+            for _ in range(steps):
+                denoiser(*args, **kwargs)
+
+    functions = {}
+    for adapter in [None, *names]:
+        functions[f"plain:{adapter or 'base'}"] = (
+            lambda adapter=adapter: unet.set_adapter([adapter] if adapter else []), plain_steps
+        )
+    for key, denoiser in denoisers.items():
+        functions[key] = (lambda: unet.set_adapter([]), lambda denoiser=denoiser: blended_steps(denoiser))
+    return functions
+
+
+def time_variants(functions: dict, repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    order = list(functions)
+    with torch.no_grad():
+        for _ in range(warmup):
+            for setup, call in functions.values():
+                setup()
+                call()
+        for repeat in range(repeats):
+            for name in order[repeat % len(order):] + order[: repeat % len(order)]:
+                setup, call = functions[name]
+                setup()
+                sync()
+                start = time.perf_counter()
+                call()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def parameter_memory_ratio(unet, names) -> float:
+    """(d) on any device: parameter bytes of the base + M adapters over one fine-tuned model (base + 1 adapter)."""
+    total = sum(p.numel() * p.element_size() for p in unet.parameters())
+    adapters = sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if "lora_" in n)
+    return total / (total - adapters + adapters / len(names))
+
+
+def peak_memory_ratios(unet, names, args, kwargs) -> dict[str, float]:
+    """(d) on CUDA: peak allocated bytes of a DB-MPA step over a single-model step, stacked in one call and
+    chunked to the single model's rows (``max_batch_size``)."""
+    rows = len(args[0])
+    candidates = {
+        "peak_memory": blended_denoiser(unet, names),
+        "peak_memory_chunked": BlendedDenoiser(unet, {n: n for n in names}, max_batch_size=rows),
+    }
+    candidates["peak_memory_chunked"].set_blend({n: 1.0 / len(names) for n in names})
+
+    def peak(call) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    with torch.no_grad():
+        unet.set_adapter([names[0]])
+        single = peak(lambda: unet(*args, **kwargs))
+        unet.set_adapter([])
+        return {key: peak(lambda d=denoiser: d(*args, **kwargs)) / single for key, denoiser in candidates.items()}
+
+
+def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 20, warmup: int = 3,
+        dtype: str = "fp32", device: str = "cpu", latent: int | None = None, steps: int = 1) -> dict:
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    unet, names, size = build(config, members, torch_dtype, device, latent)
+    args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
+    functions = variants(unet, names, args, kwargs, steps)
+    times = time_variants(functions, repeats, warmup, device)
+    times["single"] = times[f"plain:{names[0]}"]
+    times["raw_calls"] = [sum(parts) for parts in zip(*(times[f"plain:{a}"] for a in ["base", *names]))]
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+    memory = {"memory": parameter_memory_ratio(unet, names)}
+    if device.startswith("cuda"):
+        memory.update(peak_memory_ratios(unet, names, args, kwargs))
+    return {
+        "config": config, "members": members, "batch": batch, "rows_per_call_cfg": 2 * batch, "latent": size,
+        "steps": steps,
+        "dtype": dtype, "device": device, "repeats": repeats, "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "mpa_over_single": ratio("mpa", "single"),
+        "ls_over_single": ratio("ls", "single"),
+        "overhead": ratio("joint", "raw_calls"),
+        "sequential_overhead": ratio("joint_sequential", "raw_calls"),
+        **memory,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--members", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="images per step (the denoiser sees 2× with CFG)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the config's)")
+    parser.add_argument("--steps", type=int, default=1, help="denoising steps per timed run (a sampling loop)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    options = parser.parse_args(argv)
+    result = run(options.config, options.members, options.batch, options.repeats, options.warmup, options.dtype,
+                 options.device, options.latent, options.steps)
+    if options.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{options.config}, M = {options.members}, batch {options.batch} (CFG), {options.dtype}, "
+                        f"{result['gpu'] or options.device}")
+    table.add_column("ratio")
+    table.add_column("value", justify="right")
+    for key, label in (("mpa_over_single", "(a) DB-MPA / single model"), ("ls_over_single", "(b) DB-MPA-LS / single"),
+                       ("overhead", "(c) blend / the M+1 calls it replaces"),
+                       ("sequential_overhead", "(c) the same, one call per member (batch_members=False)"),
+                       ("memory", "(d) parameter memory / single model"),
+                       ("peak_memory", "(d) peak memory / single model (CUDA)"),
+                       ("peak_memory_chunked", "(d) same, chunked to the single model's rows")):
+        if key in result:
+            table.add_row(label, f"{result[key]:.3f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

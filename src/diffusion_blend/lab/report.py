@@ -1,0 +1,171 @@
+"""Lab reports: a readable table of one run, and sweeps over weights × α × λ written as CSV, JSON and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from .experiment import blend_method_name, run_lab
+from .mixture import weighted_reward
+from .scenario import Scenario
+
+
+def run_table(report: dict) -> str:
+    """One lab run as a plain-text table: per method, each reward's mean (and its error against the exact value),
+    the distance to the exact target; then the noise floor and the Jensen gap."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rewards = list(report["exact"])
+    table = Table(title=f"{report['scenario']}: α = {report['alpha']:g}, λ = {report['kl_scale']:g}, weights "
+                        + ", ".join(f"{k}={v:g}" for k, v in report["weights"].items()))
+    table.add_column("method")
+    for reward in rewards:
+        table.add_column(f"E[{reward}]", justify="right")
+        table.add_column("error", justify="right")
+    table.add_column("SW₂ to exact target", justify="right")
+    table.add_row("exact target", *[cell for r in rewards for cell in (f"{report['exact'][r]:.4f}", "")],
+                  f"{report['distance_floor']:.4f} (floor)")
+    for method, values in report["methods"].items():
+        cells = [cell for r in rewards for cell in (f"{values[r]:.4f}", f"{values[r] - report['exact'][r]:+.4f}")]
+        table.add_row(method, *cells, f"{values['distance']:.4f}")
+    console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    console.print(table)
+    gap = report["jensen_gap"]
+    console.print(f"Jensen gap of {gap['method']} (mean ‖ε*_oracle − ε_blend‖² over {len(gap['per_step'])} steps): "
+                  f"{gap['mean_sq']:.3e}")
+    return console.file.getvalue()
+
+
+def simplex_points(names: list[str], points: int) -> list[dict[str, float]]:
+    """Weights on the simplex: a line of ``points`` for two rewards; corners, midpoints and centre beyond."""
+    if len(names) == 2:
+        return [{names[0]: 1 - i / (points - 1), names[1]: i / (points - 1)} for i in range(points)]
+    grid = [dict.fromkeys(names, 0.0) | {name: 1.0} for name in names]
+    grid += [dict.fromkeys(names, 0.0) | {a: 0.5, b: 0.5} for a, b in itertools.combinations(names, 2)]
+    grid.append(dict.fromkeys(names, 1 / len(names)))
+    return grid
+
+
+def sweep(
+    scenarios: Iterable[Scenario],
+    alphas: list[float],
+    kl_scales: list[float],
+    points: int = 5,
+    *,
+    samples: int = 5000,
+    steps: int = 100,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    progress: Callable[[], None] | None = None,
+) -> list[dict]:
+    """Run the lab over scenarios × α × λ × weights; one row per (run, method)."""
+    rows = []
+    for scenario in scenarios:
+        names = list(scenario.rewards)
+        for alpha, kl_scale, weights in itertools.product(alphas, kl_scales, simplex_points(names, points)):
+            report = run_lab(scenario.with_alpha(alpha), weights, kl_scale, samples=samples, steps=steps, seed=seed,
+                             scheduler=scheduler, methods=("oracle", "blend", "stochastic"))
+            for method, values in report["methods"].items():
+                rows.append({
+                    "scenario": scenario.name, "alpha": alpha, "kl_scale": kl_scale,
+                    **{f"w_{name}": weights[name] for name in names},
+                    "method": method,
+                    **{f"E_{name}": values[name] for name in names},
+                    **{f"exact_{name}": report["exact"][name] for name in names},
+                    "distance": values["distance"], "distance_floor": report["distance_floor"],
+                    "jensen_gap": report["jensen_gap"]["mean_sq"] if method == report["jensen_gap"]["method"] else "",
+                })
+            if progress is not None:
+                progress()
+    return rows
+
+
+def sweep_size(scenarios: Iterable[Scenario], alphas: list[float], kl_scales: list[float], points: int) -> int:
+    return sum(len(alphas) * len(kl_scales) * len(simplex_points(list(s.rewards), points)) for s in scenarios)
+
+
+def rows_as_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def rows_as_json(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=1) + "\n"
+
+
+def exact_front(scenario: Scenario, kl_scale: float, grid: int = 101) -> torch.Tensor:
+    """The oracle's exact reward front: (E[r1], E[r2]) of the tilted target along w = (1 − s, s)."""
+    first, second = list(scenario.rewards)[:2]
+    front = []
+    for s in torch.linspace(0, 1, grid).tolist():
+        target = scenario.base.tilted(
+            weighted_reward(scenario.rewards, {first: 1 - s, second: s}).scaled(kl_scale), scenario.alpha
+        )
+        front.append((target.expected(scenario.rewards[first]), target.expected(scenario.rewards[second])))
+    return torch.tensor(front)
+
+
+def plot_fronts(rows: list[dict], scenario: Scenario, alphas: list[float], path: Path) -> None:
+    """Reward space at λ = 1: the oracle's exact front against the blends' sampled points, one panel per α."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first, second = list(scenario.rewards)[:2]
+    figure, axes = plt.subplots(1, len(alphas), figsize=(4 * len(alphas), 4), squeeze=False)
+    for axis, alpha in zip(axes[0], alphas):
+        front = exact_front(scenario.with_alpha(alpha), 1.0)
+        axis.plot(front[:, 0], front[:, 1], color="black", label="oracle (exact)")
+        for method, marker in (("db-mpa", "o"), ("db-mpa-ls", "x")):
+            points = [r for r in rows if r["scenario"] == scenario.name and r["alpha"] == alpha
+                      and r["kl_scale"] == 1.0 and r["method"] == method]
+            axis.scatter([r[f"E_{first}"] for r in points], [r[f"E_{second}"] for r in points], marker=marker,
+                         label=method)
+        axis.set_title(f"α = {alpha:g}")
+        axis.set_xlabel(f"E[{first}]")
+        axis.set_ylabel(f"E[{second}]")
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_gap(rows: list[dict], scenario: Scenario, path: Path) -> None:
+    """The Jensen gap of the mix blend against α, at equal weights, one line per λ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(scenario.rewards)
+    equal = {f"w_{name}": 1 / len(names) for name in names}
+    figure, axis = plt.subplots(figsize=(5, 4))
+    for kl_scale in sorted({r["kl_scale"] for r in rows}):
+        points = sorted(
+            (r["alpha"], r["jensen_gap"]) for r in rows
+            if r["scenario"] == scenario.name and r["kl_scale"] == kl_scale and r["jensen_gap"] != ""
+            and all(abs(r[key] - value) < 1e-9 for key, value in equal.items())
+        )
+        if points:
+            axis.plot(*zip(*points), marker="o", label=f"λ = {kl_scale:g} ({blend_method_name(dict.fromkeys(names, 1 / len(names)), kl_scale)})")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("α (KL weight)")
+    axis.set_ylabel("Jensen gap: mean ‖ε*_oracle − ε_blend‖²")
+    axis.set_title(f"{scenario.name}, equal weights")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

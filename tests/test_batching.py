@@ -1,0 +1,171 @@
+"""Batched member evaluation: the base and all LoRA members in one call on the shared base, chunked on request,
+equal to one call per member (to float rounding of different batch sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from diffusion_blend import Blend, BlendedDenoiser
+from test_pipelines import call_kwargs, max_diff
+
+
+def _lora_base(names=("ir", "aes")):
+    base = tiny.unet(0)
+    for seed, name in enumerate(names, start=10):
+        tiny.add_lora(base, name, seed)
+    base.set_adapter([])  # loaded, inactive: as Blend leaves them
+    return base
+
+
+def _cfg_inputs(samples=2, seed=0):
+    """A CFG batch: [uncond; cond] halves share their latents."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(samples, 4, 8, 8, generator=generator)
+    context = torch.randn(2 * samples, 5, tiny.TEXT_HIDDEN, generator=generator)
+    return torch.cat([latents, latents]), torch.tensor(400), context
+
+
+def _calls(module):
+    rows = []
+    module.register_forward_pre_hook(lambda _m, args, kwargs: rows.append(len(args[0] if args else kwargs["sample"])),
+                                     with_kwargs=True)
+    return rows
+
+
+def _denoise(denoiser, weights, kl_scale=1.0, mode="mix", seed=0):
+    denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(seed))
+    sample, t, context = _cfg_inputs()
+    with torch.no_grad():
+        return denoiser(sample, t, encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("mode, weights, kl_scale", [
+    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+    ("mix", {"ir": 0.3, "aes": 0.7}, 1.0),
+    ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0),
+    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+])
+def test_batched_lora_members_equal_separate_calls(mode, weights, kl_scale):
+    base = _lora_base()
+    batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode)
+    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), weights, kl_scale, mode)
+    assert max_diff(batched, separate) <= 1e-5
+
+
+@pytest.mark.parametrize("mode, weights, kl_scale", [
+    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+])
+def test_batched_mixed_lora_and_full_members_equal_separate_calls(mode, weights, kl_scale):
+    base = _lora_base(("ir",))
+    members = {"ir": "ir", "aes": tiny.unet(3)}
+    batched = _denoise(BlendedDenoiser(base, members, batch_members=True), weights, kl_scale, mode)
+    separate = _denoise(BlendedDenoiser(base, members, batch_members=False), weights, kl_scale, mode)
+    assert max_diff(batched, separate) <= 1e-5
+
+
+def test_base_and_lora_members_take_one_call():
+    base = _lora_base()
+    rows = _calls(base)
+    _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+    assert rows == [3 * 4]  # base, ir and aes on the 4 CFG rows, stacked
+
+
+def test_stochastic_lora_members_take_one_call_of_the_batch_size():
+    base = _lora_base()
+    rows = _calls(base)
+    _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.5, "aes": 0.5}, mode="stochastic", seed=1)
+    assert rows == [4]
+
+
+def test_max_batch_size_chunks_the_stacked_call():
+    base = _lora_base()
+    rows = _calls(base)
+    chunked = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size=5), {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert rows == [5, 5, 2]
+    whole = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert max_diff(chunked, whole) <= 1e-5
+
+
+def test_bad_max_batch_size_raises():
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
+        BlendedDenoiser(tiny.unet(0), {"ir": tiny.unet(1)}, max_batch_size=0)
+
+
+@pytest.mark.parametrize("mode, weights", [("mix", {"ir": 0.3, "aes": 0.7}), ("stochastic", {"ir": 0.5, "aes": 0.5})])
+def test_pipeline_images_batched_equal_sequential(sd_loras, mode, weights):
+    kwargs = dict(weights=weights, kl_scale=1.3 if mode == "mix" else 1.0, mode=mode, num_images_per_prompt=2)
+    batched = Blend(tiny.sd_pipeline(), sd_loras, batch_members=True).blend(**kwargs, **call_kwargs())
+    separate = Blend(tiny.sd_pipeline(), sd_loras, batch_members=False).blend(**kwargs, **call_kwargs())
+    assert max_diff(batched.images, separate.images) <= 1e-5
+
+
+def test_bfloat16_stays_bfloat16():
+    base = _lora_base().to(torch.bfloat16)
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+    sample, t, context = _cfg_inputs()
+    with torch.no_grad():
+        out = denoiser(sample.bfloat16(), t, encoder_hidden_states=context.bfloat16()).sample
+    assert out.dtype == torch.bfloat16
+
+
+def _conv_and_linear_lora_base():
+    """Adapters of different ranks on attention projections and on the ResNet convolutions."""
+    from peft import LoraConfig
+
+    base = tiny.unet(0)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in"]
+    for seed, (name, rank) in enumerate((("ir", 2), ("aes", 3)), start=10):
+        torch.manual_seed(seed)
+        base.add_adapter(LoraConfig(r=rank, lora_alpha=4, target_modules=targets, init_lora_weights=False), name)
+    base.set_adapter([])
+    return base
+
+
+@pytest.mark.parametrize("mode, weights, kl_scale", [
+    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+])
+def test_stacked_conv_and_linear_updates_equal_separate_calls(mode, weights, kl_scale):
+    base = _conv_and_linear_lora_base()
+    batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode,
+                       seed=2)
+    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), weights, kl_scale,
+                        mode, seed=2)
+    assert max_diff(batched, separate) <= 1e-5
+
+
+def test_routed_member_equals_plain_peft_with_conv_targets():
+    base = _conv_and_linear_lora_base()
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    routed = _denoise(denoiser, {"aes": 1.0})
+    base.set_adapter("aes")
+    sample, t, context = _cfg_inputs()
+    with torch.no_grad():
+        plain = base(sample, t, encoder_hidden_states=context).sample
+    assert torch.equal(routed, plain)
+
+
+def test_gradients_flow_through_a_stacked_blend():
+    base = _lora_base()
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+    sample, t, context = _cfg_inputs()
+    sample.requires_grad_(True)
+    out = denoiser(sample, t, encoder_hidden_states=context).sample
+    out.square().mean().backward()
+    assert sample.grad is not None and torch.isfinite(sample.grad).all()
+    with torch.no_grad():
+        assert max_diff(out.detach(), denoiser(sample, t, encoder_hidden_states=context).sample) <= 1e-6
+
+
+def test_dora_members_are_refused():
+    from peft import LoraConfig
+
+    base = tiny.unet(0)
+    base.add_adapter(LoraConfig(r=2, target_modules=tiny.LORA_TARGETS, use_dora=True), "ir")
+    with pytest.raises(ValueError, match="LoRA variant .*DoRA"):
+        BlendedDenoiser(base, {"ir": "ir"})
