@@ -158,6 +158,7 @@ def test_lab_sweep_writes_table_and_plots(tmp_path):
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert {row["scenario"] for row in rows} == {"grid-2d", "grid-3d"}
     assert (tmp_path / "sweep" / "sweep.csv").read_text().startswith("scenario,alpha,kl_scale")
+    assert "| grid-2d | 0.5 | 1 | db-mpa |" in (tmp_path / "sweep" / "summary.md").read_text()
     for plot in ("fronts.png", "gap_vs_alpha.png"):
         assert (tmp_path / "sweep" / plot).read_bytes()[:4] == b"\x89PNG"
 

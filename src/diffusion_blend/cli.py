@@ -104,6 +104,9 @@ def write_atomically(path: Path, write: Any) -> None:
     os.close(handle)
     try:
         write(Path(temp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private to its writer
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -359,14 +362,15 @@ def lab_sweep(
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 100,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Run the lab over weights × α × λ; write a table (CSV, JSON) and plots (reward fronts, gap against α)."""
+    """Run the lab over weights × α × λ; write a table (CSV, JSON, Markdown summary) and plots (reward fronts, gap
+    against α)."""
     run_reporting_errors(_lab_sweep, **locals())
 
 
 def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples, steps, seed) -> None:
     from rich.progress import Progress
 
-    from .lab.report import plot_fronts, plot_gap, rows_as_csv, rows_as_json, sweep, sweep_size
+    from .lab.report import plot_fronts, plot_gap, rows_as_csv, rows_as_json, rows_as_markdown, sweep, sweep_size
 
     alpha_values, kl_values = _float_list(alphas, "--alphas"), _float_list(kl_scales, "--kl-scales")
     if points < 2:
@@ -378,12 +382,15 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
         task = progress.add_task("sweeping", total=sweep_size(scenarios, alpha_values, kl_values, points))
         rows = sweep(scenarios, alpha_values, kl_values, points, samples=samples, steps=steps, seed=seed,
                      progress=lambda: progress.advance(task))
-    written = [out / "sweep.csv", out / "sweep.json", out / "fronts.png", out / "gap_vs_alpha.png"]
-    write_atomically(written[0], lambda temp: temp.write_text(rows_as_csv(rows)))
-    write_atomically(written[1], lambda temp: temp.write_text(rows_as_json(rows)))
-    write_atomically(written[2], lambda temp: plot_fronts(rows, scenarios[0], alpha_values, temp))
-    write_atomically(written[3], lambda temp: plot_gap(rows, scenarios[0], temp))
-    for path in written:
+    writers = {
+        out / "sweep.csv": lambda temp: temp.write_text(rows_as_csv(rows)),
+        out / "sweep.json": lambda temp: temp.write_text(rows_as_json(rows)),
+        out / "summary.md": lambda temp: temp.write_text(rows_as_markdown(rows)),
+        out / "fronts.png": lambda temp: plot_fronts(rows, scenarios[0], alpha_values, temp),
+        out / "gap_vs_alpha.png": lambda temp: plot_gap(rows, scenarios[0], temp),
+    }
+    for path, write in writers.items():
+        write_atomically(path, write)
         typer.echo(str(path))
 
 

@@ -248,9 +248,11 @@ class BlendedDenoiser(nn.Module):
         """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``."""
         device = (args[0] if args else kwargs[self._latent_name]).device
         rows = [e.rows if e.rows is not None else torch.arange(batch, device=device) for e in evaluations]
-        routes = [self.adapter_of.get(e.member, NO_ADAPTER) for e, r in zip(evaluations, rows) for _ in range(len(r))]
         index = torch.cat(rows)
         module = self.modules_by_name[evaluations[0].member] if evaluations[0].member in self.modules_by_name else None
+        routes = [] if module is not None else [  # the adapter of every stacked row, for the shared base
+            self.adapter_of.get(e.member, NO_ADAPTER) for e, r in zip(evaluations, rows) for _ in range(len(r))
+        ]
         chunk = self.max_batch_size or len(index)
         whole_batch = len(evaluations) == 1 and evaluations[0].rows is None and chunk >= batch
         pieces, template = [], None

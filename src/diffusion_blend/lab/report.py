@@ -16,6 +16,10 @@ from .mixture import weighted_reward
 from .scenario import Scenario
 
 
+#: A Jensen gap below this is numerical noise: the blend is exact there.
+EXACT_GAP = 1e-20
+
+
 def run_table(report: dict) -> str:
     """One lab run as a plain-text table: per method, each reward's mean (and its error against the exact value),
     the distance to the exact target; then the noise floor and the Jensen gap."""
@@ -104,6 +108,22 @@ def rows_as_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=1) + "\n"
 
 
+def rows_as_markdown(rows: list[dict]) -> str:
+    """The equal-weight rows as a Markdown table: per scenario, α and λ, each method's reward errors against the
+    exact target, its distance to it (and the sampling-noise floor), and the blend's Jensen gap."""
+    lines = ["| scenario | α | λ | method | mean reward error | SW₂ to target (floor) | Jensen gap |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        names = [key[2:] for key in row if key.startswith("w_")]
+        if any(abs(row[f"w_{name}"] - 1 / len(names)) > 1e-9 for name in names):
+            continue
+        errors = ", ".join(f"{row[f'E_{n}'] - row[f'exact_{n}']:+.3f}" for n in names)
+        gap = f"{row['jensen_gap']:.2e}" if row["jensen_gap"] != "" else ""
+        lines.append(f"| {row['scenario']} | {row['alpha']:g} | {row['kl_scale']:g} | {row['method']} | {errors} | "
+                     f"{row['distance']:.3f} ({row['distance_floor']:.3f}) | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
 def exact_front(scenario: Scenario, kl_scale: float, grid: int = 101) -> torch.Tensor:
     """The oracle's exact reward front: (E[r1], E[r2]) of the tilted target along w = (1 − s, s)."""
     first, second = list(scenario.rewards)[:2]
@@ -151,17 +171,28 @@ def plot_gap(rows: list[dict], scenario: Scenario, path: Path) -> None:
 
     names = list(scenario.rewards)
     equal = {f"w_{name}": 1 / len(names) for name in names}
-    figure, axis = plt.subplots(figsize=(5, 4))
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    exact_lines = []
     for kl_scale in sorted({r["kl_scale"] for r in rows}):
         points = sorted(
             (r["alpha"], r["jensen_gap"]) for r in rows
             if r["scenario"] == scenario.name and r["kl_scale"] == kl_scale and r["jensen_gap"] != ""
             and all(abs(r[key] - value) < 1e-9 for key, value in equal.items())
         )
-        if points:
-            axis.plot(*zip(*points), marker="o", label=f"λ = {kl_scale:g} ({blend_method_name(dict.fromkeys(names, 1 / len(names)), kl_scale)})")
+        label = f"λ = {kl_scale:g} ({blend_method_name(dict.fromkeys(names, 1 / len(names)), kl_scale)})"
+        if points and max(gap for _, gap in points) < EXACT_GAP:
+            exact_lines.append((points, label))  # at numerical noise: drawn at the bottom, not on a 1e-30 scale
+        elif points:
+            axis.plot(*zip(*points), marker="o", label=label)
     axis.set_xscale("log")
     axis.set_yscale("log")
+    alphas = sorted({r["alpha"] for r in rows if r["scenario"] == scenario.name})
+    axis.set_xticks(alphas, [f"{a:g}" for a in alphas])
+    axis.minorticks_off()
+    bottom = axis.get_ylim()[0]
+    for points, label in exact_lines:
+        axis.plot([a for a, _ in points], [bottom] * len(points), marker="v", linestyle="--",
+                  label=f"{label}: exact (gap < {EXACT_GAP:g})")
     axis.set_xlabel("α (KL weight)")
     axis.set_ylabel("Jensen gap: mean ‖ε*_oracle − ε_blend‖²")
     axis.set_title(f"{scenario.name}, equal weights")
