@@ -169,3 +169,19 @@ def test_dora_members_are_refused():
     base.add_adapter(LoraConfig(r=2, target_modules=tiny.LORA_TARGETS, use_dora=True), "ir")
     with pytest.raises(ValueError, match="LoRA variant .*DoRA"):
         BlendedDenoiser(base, {"ir": "ir"})
+
+
+def test_lora_weight_gradients_through_stacked_and_separate_calls_agree():
+    grads = []
+    for batch_members in (True, False):
+        base = _lora_base()
+        base.requires_grad_(False)
+        for key, parameter in base.named_parameters():
+            parameter.requires_grad_("lora_" in key)
+        denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=batch_members)
+        denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+        sample, t, context = _cfg_inputs()
+        denoiser(sample, t, encoder_hidden_states=context).sample.square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in base.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])

@@ -182,3 +182,24 @@ def test_user_adapter_left_active_raises():
     denoiser.set_blend({"ir": 1.0})
     with pytest.raises(ValueError, match="'style' are active on the denoiser"):
         denoiser(*_inputs()[:2], encoder_hidden_states=_inputs()[2])
+
+
+def test_a_deep_copy_blends_on_its_own(full_members):
+    import copy
+
+    denoiser = BlendedDenoiser(*full_members)
+    denoiser.set_blend({"ir": 1.0})
+    twin = copy.deepcopy(denoiser)
+    twin.set_blend({"ir": 1.0}, kl_scale=0.0)
+    sample, t, context = _inputs()
+    with torch.no_grad():
+        assert torch.equal(twin(sample, t, encoder_hidden_states=context).sample,
+                           full_members[0](sample, t, encoder_hidden_states=context).sample)
+        assert torch.equal(denoiser(sample, t, encoder_hidden_states=context).sample,
+                           full_members[1]["ir"](sample, t, encoder_hidden_states=context).sample)
+
+
+def test_private_attributes_are_not_taken_from_the_base(full_members):
+    base, members = full_members
+    base._hf_hook = object()
+    assert not hasattr(BlendedDenoiser(base, members), "_hf_hook")

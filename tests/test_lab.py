@@ -199,3 +199,37 @@ def test_euler_sampler_also_reaches_the_target():
 def test_ddim_steps_must_divide_the_training_steps():
     with pytest.raises(ValueError, match="steps must divide 1000"):
         run_lab(default_scenario(), {"r1": 1.0}, samples=100, steps=400 - 1)
+
+
+def test_negative_weights_on_quadratic_rewards_tilt_when_the_total_is_normalisable():
+    rewards = {"r1": _quadratic_reward(), "r2": QuadraticReward(torch.tensor([0.0, 1.0]), 0.1 * torch.eye(2))}
+    scenario = Scenario(default_scenario().base, rewards)
+    report = run_lab(scenario, {"r1": 1.5, "r2": -0.5}, samples=500, steps=20, methods=("oracle", "blend"))
+    assert set(report["methods"]) == {"oracle", "db-mpa"}  # λ = 1, Σw = 1: DB-MPA, with a negative weight
+
+
+def test_a_tilt_that_is_not_normalisable_raises():
+    reward = QuadraticReward(torch.zeros(2), -20 * torch.eye(2))
+    with pytest.raises(ValueError, match="not normalisable"):
+        default_scenario().base.tilted(reward, 1.0)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"base": {"means": [[0, 0]]}, "rewards": [{"b": [1, 0]}]}', "malformed"),
+        ('{"base": {"means": [0, 0]}, "rewards": {"r": {"b": [1, 0]}}}', "list of points"),
+        ('{"base": {"means": [[0, 0]]}, "rewards": {"r": {"b": [1, 0]}}, "schedule": {"train_steps": 0}}',
+         "train_steps"),
+    ],
+)
+def test_malformed_scenarios_raise_value_errors(tmp_path, text, message):
+    (tmp_path / "s.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_scenario(tmp_path / "s.json")
+
+
+def test_lab_sweep_checks_every_value_before_running(tmp_path):
+    result = runner.invoke(app, ["lab", "sweep", "--out", str(tmp_path / "sweep"), "--kl-scales", "1,nan"])
+    assert result.exit_code != 0 and "kl_scale must be" in result.stderr
+    assert not (tmp_path / "sweep").exists()

@@ -188,3 +188,11 @@ def test_bad_blend_raises_before_denoising(sd_loras, weights, kl_scale, mode, me
         blend.blend(weights=weights, kl_scale=kl_scale, mode=mode, **call_kwargs())
     assert calls == []
     assert pipe.unet is blend.base
+
+
+def test_lora_for_another_model_size_raises(tmp_path):
+    wider = tiny.make_lora_file(tmp_path / "wide", seed=3, builder=lambda seed=0: tiny.unet(seed, block_out_channels=(4, 16)))
+    pipe = tiny.sd_pipeline()
+    with pytest.raises(ValueError, match="does not fit the pipeline's unet"):
+        Blend(pipe, {"ir": wider})
+    assert not getattr(pipe.unet, "peft_config", {})

@@ -279,3 +279,39 @@ def test_from_pretrained_loads_a_pipeline_folder(sd_pipeline_folder, sd_loras):
     out = blend.blend(weights={"aes": 1.0}, **call_kwargs()).images
     plain = with_lora(tiny.sd_pipeline(), sd_loras["aes"])(**call_kwargs()).images
     assert max_diff(out, plain) <= 1e-5
+
+
+def test_blend_after_unload_raises(sd_loras):
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    blend.unload()
+    with pytest.raises(ValueError, match="was unloaded"):
+        blend.blend(weights={"ir": 1.0}, **call_kwargs())
+
+
+def test_blend_after_the_pipeline_unloaded_the_loras_raises(sd_loras):
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, sd_loras)
+    pipe.unload_lora_weights()
+    with pytest.raises(ValueError, match="no longer loaded"):
+        blend.blend(weights={"ir": 1.0}, **call_kwargs())
+
+
+def test_model_cpu_offload_gives_the_same_images(sd_loras):
+    expected = Blend(tiny.sd_pipeline(), sd_loras).blend(weights={"ir": 0.3, "aes": 0.7}, **call_kwargs()).images
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, sd_loras)
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks' logic runs on a CPU too
+    for _ in range(2):
+        out = blend.blend(weights={"ir": 0.3, "aes": 0.7}, **call_kwargs()).images
+        assert max_diff(out, expected) <= 1e-6
+    assert pipe.unet is blend.base and "_hf_hook" in pipe.unet.__dict__
+    assert "_hf_hook" not in blend.denoiser.__dict__
+    assert max_diff(pipe(**call_kwargs()).images, tiny.sd_pipeline()(**call_kwargs()).images) <= 1e-6
+
+
+def test_model_cpu_offload_with_full_members_raises():
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, {"ft": tiny.unet(7)})
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="offload with full-module members"):
+        blend.blend(weights={"ft": 1.0}, **call_kwargs())

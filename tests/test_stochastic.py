@@ -57,11 +57,42 @@ def test_cfg_halves_of_a_sample_share_a_member():
     denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
     latents = torch.randn(3, 2)
     pairs = []
-    for _ in range(50):
-        drawn = _drawn(denoiser(torch.cat([latents, latents]), 0))  # [uncond; cond] as pipelines batch CFG
+    for step in range(50):
+        drawn = _drawn(denoiser(torch.cat([latents, latents]), step))  # [uncond; cond] as pipelines batch CFG
         assert drawn[:3] == drawn[3:]
         pairs.append(drawn[:3])
-    assert len({tuple(p) for p in pairs}) > 1  # the samples themselves still draw independently
+    assert len({tuple(p) for p in pairs}) > 1  # the samples themselves still draw anew at every step
+
+
+def test_cfg_halves_in_two_calls_share_a_member():
+    """Pipelines that run the unconditional and conditional passes as two calls at the same timestep."""
+    base, members = _members()
+    denoiser = BlendedDenoiser(base, members)
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    for step in range(40):
+        latents = torch.randn(4, 2)
+        assert _drawn(denoiser(latents, step)) == _drawn(denoiser(latents.clone(), step))
+
+
+def test_a_new_step_draws_again():
+    base, members = _members()
+    denoiser = BlendedDenoiser(base, members)
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(16, 2)
+    first = _drawn(denoiser(latents, 10))
+    assert _drawn(denoiser(latents, 10)) == first
+    assert _drawn(denoiser(latents, 9)) != first
+
+
+def test_stochastic_with_kl_scale_zero_evaluates_only_the_base():
+    base, members = _members()
+    calls = []
+    for module in members.values():
+        module.register_forward_hook(lambda *_: calls.append(1))
+    denoiser = BlendedDenoiser(base, members)
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, kl_scale=0.0, mode="stochastic")
+    out = denoiser(torch.randn(4, 2), 3)
+    assert calls == [] and torch.equal(out, torch.zeros_like(out))
 
 
 def test_kl_scale_applies_to_the_drawn_member():

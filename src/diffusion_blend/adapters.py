@@ -78,20 +78,31 @@ class AdapterRouter:
     def __init__(self, module: nn.Module, adapters: Sequence[str]):
         self.module = module
         self.adapters = set(adapters)
-        # The layers are captured once: entering the router then costs no walk over the whole module.
-        self.all_layers = tuner_layers(module)
-        self.layers = [layer for layer in self.all_layers if _layer_adapters(layer) & self.adapters]
-        for layer in self.layers:
-            _check_routable(layer, self.adapters)
+        self._capture_layers()
         self._segments: list[tuple[str, int, int]] | None = None
-        self._stacked: dict[int, tuple] = {}  # layer → its adapters' stacked weights (rebuilt when they change)
+        self._stacked: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights (rebuilt when they change)
         self._masks: dict[tuple, torch.Tensor] = {}  # per route(): row × rank-block masks
         self._depth = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._snapshot: ActivationSnapshot | None = None
 
+    def _capture_layers(self) -> None:
+        """Find the LoRA layers now in the module (adapters may have been loaded or unloaded since), and check
+        that every routed adapter is still there and routable."""
+        self.all_layers = tuner_layers(self.module)
+        self.layers = [layer for layer in self.all_layers if _layer_adapters(layer) & self.adapters]
+        missing = self.adapters - set().union(*(_layer_adapters(layer) for layer in self.layers))
+        if missing:
+            raise ValueError(
+                f"LoRA adapter(s) {', '.join(sorted(map(repr, missing)))} are no longer loaded on the denoiser "
+                "(unloaded or deleted since the blend was made)"
+            )
+        for layer in self.layers:
+            _check_routable(layer, self.adapters)
+
     def __enter__(self) -> AdapterRouter:
         if self._depth == 0:
+            self._capture_layers()  # once per pipeline call (Blend) or per forward call (standalone)
             self._check_state()
             active = [layer for layer in self.layers if not layer.disable_adapters and layer.active_adapters]
             if active:  # basis adapters left active (e.g. by peft's loader): off while routing, restored on exit
@@ -159,17 +170,22 @@ class AdapterRouter:
         return _apply(layer.lora_B[first], low_rank * mask.view(shape), stacked_b)
 
     def _stacked_weights(self, layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """A_cat (Σr × in), (B·s)_cat (out × Σr) and each adapter's rank block. Cached per layer and adapter set
+        while the weights are unchanged; built afresh, with their autograd graph, when gradients must reach them."""
         weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]) for a in adapters]
-        key = (adapters, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights))
-        cached = self._stacked.get(id(layer))
-        if cached is None or cached[0] != key:
-            ranks = [a.shape[0] for a, _, _ in weights]
-            starts = [sum(ranks[:i]) for i in range(len(ranks))]
-            blocks = {adapter: (start, start + rank) for adapter, start, rank in zip(adapters, starts, ranks)}
-            stacked_a = torch.cat([a for a, _, _ in weights]).detach()
-            stacked_b = torch.cat([b * s for _, b, s in weights], dim=1).detach()
-            cached = self._stacked[id(layer)] = (key, stacked_a, stacked_b, blocks)
-        return cached[1], cached[2], cached[3]
+        ranks = [a.shape[0] for a, _, _ in weights]
+        starts = [sum(ranks[:i]) for i in range(len(ranks))]
+        blocks = {adapter: (start, start + rank) for adapter, start, rank in zip(adapters, starts, ranks)}
+        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
+            return torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], dim=1), blocks
+        version = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
+        cached = self._stacked.get((id(layer), adapters))
+        if cached is None or cached[0] != version:
+            with torch.no_grad():
+                stacked_a = torch.cat([a for a, _, _ in weights])
+                stacked_b = torch.cat([b * s for _, b, s in weights], dim=1)
+            cached = self._stacked[(id(layer), adapters)] = (version, stacked_a, stacked_b)
+        return cached[1], cached[2], blocks
 
     def _mask(self, segments: list, blocks: dict, rows: int, like: torch.Tensor) -> torch.Tensor:
         """Rows × total rank, 1 where a row's adapter owns the rank block; shared by all layers of equal ranks."""

@@ -372,7 +372,13 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
 
     from .lab.report import plot_fronts, plot_gap, rows_as_csv, rows_as_json, rows_as_markdown, sweep, sweep_size
 
+    from .blend import validate_kl_scale
+
     alpha_values, kl_values = _float_list(alphas, "--alphas"), _float_list(kl_scales, "--kl-scales")
+    kl_values = [validate_kl_scale(value) for value in kl_values]
+    bad_alphas = [value for value in alpha_values if not (math.isfinite(value) and value > 0)]
+    if bad_alphas:
+        raise CommandError(f"--alphas must be finite numbers > 0, got {bad_alphas[0]}")
     if points < 2:
         raise CommandError(f"--points must be >= 2, got {points}")
     if out.exists() and not out.is_dir():

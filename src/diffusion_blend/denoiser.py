@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -97,9 +96,10 @@ class BlendedDenoiser(nn.Module):
             _check_same_architecture(name, base, module)
         _check_prediction_types(base, self.modules_by_name)
         self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
-        self._latent_name = _first_parameter(base)
+        self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
         self.settings: BlendSettings | None = None
-        self.forward = _with_signature_of(base.forward, self._blend)
+        self._draws: _DrawCache | None = None
+        self.forward = SignedForward(self, inspect.signature(base.forward))
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
     @property
@@ -115,11 +115,14 @@ class BlendedDenoiser(nn.Module):
         return _placement(self.base)[0]
 
     def __getattr__(self, name: str) -> Any:
+        """Public attributes the wrapper lacks come from the base (``add_embedding``, ``encoder_hid_proj``, ...).
+        Private ones do not: hooks that libraries keep on a module (accelerate's ``_hf_hook``) belong to that
+        module, and must not look installed on the wrapper."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             base = self.__dict__["_modules"].get("base")
-            if base is None:
+            if base is None or name.startswith("_"):
                 raise
             return getattr(base, name)
 
@@ -138,8 +141,9 @@ class BlendedDenoiser(nn.Module):
                 simplex.
             kl_scale: λ ≥ 0, the KL-strength multiplier (DB-KLA): λ > 1 regularises less, λ < 1 stays nearer the base.
             mode: ``"mix"`` evaluates every member with non-zero weight and combines them; ``"stochastic"``
-                (DB-MPA-LS) lets each sample draw one member I with probability w_I at every call and returns
-                ``base + λ (member_I − base)``: the same expectation at the cost of one member.
+                (DB-MPA-LS) lets each sample draw one member I with probability w_I at every denoising step and
+                returns ``base + λ (member_I − base)``: the same expectation at the cost of one member (plus the
+                base where λ ∉ {0, 1}).
             generator: the random generator of the stochastic draws (reproducible for a fixed seed).
         """
         if mode not in MODES:
@@ -147,6 +151,7 @@ class BlendedDenoiser(nn.Module):
         checked = validate_weights(weights, self.names, simplex=mode == "stochastic")
         self._check_placement()
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
+        self._draws = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Called exactly like the base denoiser (each instance reports the base's signature); returns the blend."""
@@ -156,9 +161,9 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
-        with self.router if self.router is not None else contextlib.nullcontext():
+        with self.routing():
             if self.settings.mode == "mix":
-                return self._mix(args, kwargs)
+                return self._mix(latent, args, kwargs)
             return self._stochastic(latent, args, kwargs)
 
     def routing(self) -> contextlib.AbstractContextManager:
@@ -172,9 +177,9 @@ class BlendedDenoiser(nn.Module):
         needs_base = base_coefficient(weights.values(), kl_scale) != 0
         return ([Evaluation(BASE)] if needs_base else []) + members
 
-    def _mix(self, args: tuple, kwargs: dict) -> Any:
+    def _mix(self, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         plan = self.plan_mix()
-        predictions, template = self.evaluate(plan, args, kwargs)
+        predictions, template = self.evaluate(plan, latent, args, kwargs)
         by_member = dict(zip((evaluation.member for evaluation in plan), predictions))
         members = [name for name in by_member if name != BASE]
         blended = blend_predictions(
@@ -186,48 +191,60 @@ class BlendedDenoiser(nn.Module):
         return with_prediction(template, blended)
 
     def _stochastic(self, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        drawn = self.draw_members(latent)
+        kl_scale = self.settings.kl_scale
+        if kl_scale == 0:  # the blend is the base, whichever member is drawn
+            predictions, template = self.evaluate([Evaluation(BASE)], latent, args, kwargs)
+            return with_prediction(template, predictions[0])
+        drawn = self.draw_members(latent, self._timestep_key(args, kwargs))
         plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, latent.device)]
-        if self.settings.kl_scale != 1:
+        if kl_scale != 1:
             plan.insert(0, Evaluation(BASE))
-        predictions, template = self.evaluate(plan, args, kwargs)
+        predictions, template = self.evaluate(plan, latent, args, kwargs)
         first = predictions[-1]
-        prediction = first.new_empty((latent.shape[0], *first.shape[1:]))
+        drawn_prediction = first.new_empty((latent.shape[0], *first.shape[1:]))
         for evaluation, member_prediction in zip(plan, predictions):
             if evaluation.rows is not None:
-                prediction[evaluation.rows] = member_prediction
-        if plan[0].member == BASE:
-            base = predictions[0]
-            prediction = base + self.settings.kl_scale * (prediction - base)
-        return with_prediction(template, prediction)
+                drawn_prediction[evaluation.rows] = member_prediction
+        base = predictions[0] if plan[0].member == BASE else None
+        return with_prediction(template, blend_predictions(base, [drawn_prediction], [1.0], kl_scale))
 
-    def draw_members(self, latent: torch.Tensor) -> torch.Tensor:
-        """DB-MPA-LS: one member index per row, drawn with probability w per *sample*.
+    def draw_members(self, latent: torch.Tensor, timestep_key: float | None = None) -> torch.Tensor:
+        """DB-MPA-LS: one member index per row, drawn with probability w per *sample and denoising step*.
 
-        Rows whose latent inputs are bitwise identical are one sample presented several times — classifier-free
-        guidance's unconditional and conditional halves (and any guidance that repeats the latents) — so they
-        share their draw.
+        A sample is recognised by its latent input: rows with bitwise identical latents at the same timestep are
+        one sample presented several times, and share their draw — within a call (classifier-free guidance's
+        unconditional and conditional halves batched together) and across consecutive calls at the same timestep
+        (pipelines that run the two halves as two calls). Inputs that differ per branch (InstructPix2Pix's
+        image-conditioning channels) and the several evaluations of one step by Heun-type solvers draw separately.
         """
+        if self._draws is None or self._draws.timestep != timestep_key or timestep_key is None:
+            self._draws = _DrawCache(timestep_key)
+        return self._draws.draw(latent, self._probabilities(), self.settings.generator)
+
+    def _probabilities(self) -> torch.Tensor:
         generator = self.settings.generator
         device = generator.device if generator is not None else torch.device("cpu")
-        sample_of_row = _samples_of_rows(latent).to(device)
-        probabilities = torch.tensor([self.settings.weights[name] for name in self.names], dtype=torch.float64,
-                                     device=device)
-        draws = torch.multinomial(probabilities, int(sample_of_row.max()) + 1, replacement=True, generator=generator)
-        return draws[sample_of_row]
+        return torch.tensor([self.settings.weights[name] for name in self.names], dtype=torch.float64, device=device)
+
+    def _timestep_key(self, args: tuple, kwargs: dict) -> float | None:
+        timestep = args[1] if len(args) > 1 else kwargs.get(self._timestep_name) if self._timestep_name else None
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+            return float(timestep.reshape(-1)[0])
+        return float(timestep) if isinstance(timestep, (int, float)) else None
 
     # ----------------------------------------------------------------------------------------------------- execution
-    def evaluate(self, plan: list[Evaluation], args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
+    def evaluate(
+        self, plan: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict
+    ) -> tuple[list[torch.Tensor], Any]:
         """Run the plan in as few denoiser calls as the members allow.
 
         Returns the predictions in plan order, and one raw output of the denoiser as the template of the blended
         output's type (fields beyond the prediction, if a denoiser had any, come from it unchanged).
         """
-        batch = len(args[0] if args else kwargs[self._latent_name])
         predictions: list[torch.Tensor] = [None] * len(plan)  # type: ignore[list-item]
         template = None
         for positions in self._calls(plan):
-            stacked, output = self._run_stacked([plan[p] for p in positions], args, kwargs, batch)
+            stacked, output = self._run_stacked([plan[p] for p in positions], latent, args, kwargs)
             template = output if template is None else template
             for position, prediction in zip(positions, stacked):
                 predictions[position] = prediction
@@ -243,11 +260,11 @@ class BlendedDenoiser(nn.Module):
         return ([shared] if self.batch_members else [[p] for p in shared]) + full
 
     def _run_stacked(
-        self, evaluations: list[Evaluation], args: tuple, kwargs: dict, batch: int
+        self, evaluations: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict
     ) -> tuple[list[torch.Tensor], Any]:
         """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``."""
-        device = (args[0] if args else kwargs[self._latent_name]).device
-        rows = [e.rows if e.rows is not None else torch.arange(batch, device=device) for e in evaluations]
+        batch = len(latent)
+        rows = [e.rows if e.rows is not None else torch.arange(batch, device=latent.device) for e in evaluations]
         index = torch.cat(rows)
         module = self.modules_by_name[evaluations[0].member] if evaluations[0].member in self.modules_by_name else None
         routes = [] if module is not None else [  # the adapter of every stacked row, for the shared base
@@ -341,6 +358,29 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
+class _DrawCache:
+    """The stochastic mode's draws at one timestep: every distinct latent row seen so far and its member."""
+
+    def __init__(self, timestep: float | None):
+        self.timestep = timestep
+        self.rows: torch.Tensor | None = None  # (S, D) distinct flattened latents
+        self.members: torch.Tensor | None = None  # (S,) their drawn members
+
+    def draw(self, latent: torch.Tensor, probabilities: torch.Tensor, generator) -> torch.Tensor:
+        flat = latent.detach().reshape(len(latent), -1)
+        known = 0 if self.rows is None else len(self.rows)
+        combined = flat if self.rows is None else torch.cat([self.rows, flat.to(self.rows.device)])
+        sample = _samples_of_rows(combined)  # numbered by first appearance: known samples come first
+        count = int(sample.max()) + 1
+        fresh = torch.multinomial(probabilities, count - known, replacement=True, generator=generator) if count > known else None
+        members = self.members if fresh is None else fresh if self.members is None else torch.cat([self.members, fresh])
+        first_rows = torch.full((count,), len(combined), device=sample.device).scatter_reduce_(
+            0, sample, torch.arange(len(combined), device=sample.device), reduce="amin"
+        )
+        self.rows, self.members = combined[first_rows], members
+        return members[sample[known:].to(members.device)]
+
+
 def _samples_of_rows(latent: torch.Tensor) -> torch.Tensor:
     """A sample index per row, numbered by first appearance; rows with identical latents get the same index."""
     _, inverse = torch.unique(latent.reshape(len(latent), -1), dim=0, return_inverse=True)
@@ -358,20 +398,27 @@ def _rows_by_member(drawn: torch.Tensor, names: list[str], device: torch.device)
     return [(names[member], (drawn == member).nonzero().squeeze(1)) for member in torch.unique(drawn).tolist()]
 
 
-def _with_signature_of(original: Any, implementation: Any) -> Any:
-    """A function calling ``implementation`` that ``inspect.signature`` reports as ``original``'s."""
+class SignedForward:
+    """The wrapper's ``forward``: calls the blend, and reports the wrapped denoiser's signature to ``inspect``.
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return implementation(*args, **kwargs)
+    An object rather than a closure, so that copies of the wrapper (``copy.deepcopy``) call their own blend."""
 
-    return functools.update_wrapper(forward, original)
+    def __init__(self, owner: BlendedDenoiser, signature: inspect.Signature):
+        self.owner = owner
+        self.__signature__ = signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.owner._blend(*args, **kwargs)
 
 
-def _first_parameter(module: nn.Module) -> str:
+def _sample_and_timestep_parameters(module: nn.Module) -> tuple[str, str | None]:
+    """The names of the denoiser's first (noisy sample) and second (timestep) parameters."""
     parameters = list(inspect.signature(module.forward).parameters.values())
     if not parameters or parameters[0].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
         raise ValueError(f"cannot tell which argument of {type(module).__name__}.forward is the noisy sample")
-    return parameters[0].name
+    timestep = parameters[1].name if len(parameters) > 1 and parameters[1].kind not in (
+        inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) else None
+    return parameters[0].name, timestep
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:

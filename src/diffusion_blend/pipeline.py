@@ -9,6 +9,7 @@ returns the blended prediction.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -146,27 +147,36 @@ class Blend:
                 ``generator`` (so a fixed seed reproduces the images) and kept apart from its noise stream.
             *args, **pipeline_kwargs: passed to the pipeline unchanged (prompt, guidance_scale, generator, ...).
         """
+        if self.denoiser is None:
+            raise ValueError("this Blend was unloaded; make a new one")
         if getattr(self.pipe, self.denoiser_name) is not self.base:
             raise ValueError(
                 f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
+            )
+        offloaded = bool(getattr(self.pipe, "_all_hooks", None))
+        if offloaded and self.denoiser.modules_by_name:
+            raise ValueError(
+                "model CPU offload with full-module members is not supported yet: use LoRA members, or call "
+                "pipe.to(device) instead of enable_model_cpu_offload()"
             )
         self._follow_base()
         if mode == "stochastic" and member_generator is None:
             member_generator = _member_generator(pipeline_kwargs.get("generator"))
         self.denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=member_generator)
-        with self._swapped(), self.denoiser.routing():
+        with self._swapped(offloaded), self.denoiser.routing():
             return self.pipe(*args, **pipeline_kwargs)
 
     __call__ = blend
 
     def unload(self) -> None:
-        """Remove the basis LoRAs from the pipeline and drop the loaded full members."""
+        """Remove the basis LoRAs from the pipeline and drop the loaded full members; the Blend is done after."""
         if self.lora_names:
             snapshot = ActivationSnapshot(self.base)
             self.base.delete_adapters(self.lora_names)
             snapshot.restore()
         self.lora_names = []
         self.owned.clear()
+        self.denoiser = None
 
     # -------------------------------------------------------------------------------------------------------- loading
     def _check_no_collision(self, basis: Mapping[str, BasisSource]) -> None:
@@ -249,14 +259,24 @@ class Blend:
         prefix = self.denoiser_name
         if not any(key.startswith(f"{prefix}.") for key in lora.state_dict):
             prefix = None
-        self.base.load_lora_adapter(
-            lora.state_dict,
-            prefix=prefix,
-            adapter_name=name,
-            network_alphas=lora.network_alphas,
-            metadata=lora.metadata if not lora.network_alphas else None,
-            _pipeline=self.pipe,
-        )
+        try:
+            # diffusers' "missing keys" warning matches adapter names as substrings of other adapters' keys (a
+            # LoRA named "b" reports every "…_blocks…" key of the others); the keys were checked above instead.
+            with _quiet_logger("diffusers.utils.peft_utils"):
+                self.base.load_lora_adapter(
+                    lora.state_dict,
+                    prefix=prefix,
+                    adapter_name=name,
+                    network_alphas=lora.network_alphas,
+                    metadata=lora.metadata if not lora.network_alphas else None,
+                    _pipeline=self.pipe,
+                )
+        except (RuntimeError, ValueError, TypeError) as error:  # e.g. a LoRA made for another model size
+            detail = str(error).strip().splitlines()
+            raise ValueError(
+                f"basis {name!r}: {lora.path} does not fit the pipeline's {self.denoiser_name} "
+                f"({detail[-1] if detail else type(error).__name__})"
+            ) from error
 
     # ------------------------------------------------------------------------------------------------------- calling
     def _follow_base(self) -> None:
@@ -265,12 +285,33 @@ class Blend:
             module.to(device=self.base.device, dtype=self.base.dtype)
 
     @contextlib.contextmanager
-    def _swapped(self) -> Iterator[None]:
+    def _swapped(self, offloaded: bool = False) -> Iterator[None]:
+        """The pipeline's denoiser is the blend for the duration of the block, the base again after it.
+
+        With model CPU offload the pipeline re-installs its offload hooks at the end of every call, on whatever
+        its components then are, the wrapper included; they are taken off the wrapper and put back on the base.
+        (The base's own hook moves it to the GPU for every member evaluation meanwhile.)"""
         setattr(self.pipe, self.denoiser_name, self.denoiser)
         try:
             yield
         finally:
             setattr(self.pipe, self.denoiser_name, self.base)
+            if offloaded:
+                from accelerate.hooks import remove_hook_from_module
+
+                remove_hook_from_module(self.denoiser)
+                self.pipe.enable_model_cpu_offload(device=getattr(self.pipe, "_offload_device", None))
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from ..blend import SIMPLEX_TOLERANCE, validate_kl_scale, validate_weights
+from ..blend import base_coefficient, validate_kl_scale, validate_weights
 from ..denoiser import BlendedDenoiser
 from .exact import ExactDenoiser
 from .mixture import DTYPE, weighted_reward
@@ -103,8 +103,9 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 128,
 
 
 def blend_method_name(weights: dict[str, float], kl_scale: float) -> str:
-    """DB-MPA for λ = 1 and Σw = 1, DB-KLA for a single reward with λ ≠ 1, the joint blend otherwise."""
-    if kl_scale == 1 and math.isclose(math.fsum(weights.values()), 1.0, abs_tol=SIMPLEX_TOLERANCE):
+    """DB-MPA where λ = 1 and the base drops out of the formula (Σw = 1), DB-KLA for a single reward, the joint
+    blend otherwise."""
+    if kl_scale == 1 and base_coefficient(weights.values(), kl_scale) == 0:
         return "db-mpa"
     if sum(1 for weight in weights.values() if weight != 0) == 1:
         return "db-kla"
@@ -112,8 +113,12 @@ def blend_method_name(weights: dict[str, float], kl_scale: float) -> str:
 
 
 def on_simplex(weights: dict[str, float]) -> bool:
-    return all(w >= 0 for w in weights.values()) and math.isclose(math.fsum(weights.values()), 1.0,
-                                                                   abs_tol=SIMPLEX_TOLERANCE)
+    """Whether the stochastic mode accepts these weights."""
+    try:
+        validate_weights(weights, weights, simplex=True)
+    except ValueError:
+        return False
+    return True
 
 
 def run_lab(

@@ -20,7 +20,8 @@ DTYPE = torch.float64
 
 @dataclass(frozen=True)
 class QuadraticReward:
-    """r(x) = bᵀx − ½ xᵀAx with A symmetric positive semi-definite (so every tilt stays normalisable)."""
+    """r(x) = bᵀx − ½ xᵀAx with A symmetric. A basis reward needs A ⪰ 0 (scenarios check it); a mix Σ w_i r_i may
+    have any A for which the tilt stays normalisable (:meth:`GaussianMixture.tilted` checks that)."""
 
     b: torch.Tensor  # (d,)
     A: torch.Tensor  # (d, d)
@@ -37,8 +38,11 @@ class QuadraticReward:
             raise ValueError(f"reward: A has shape {tuple(self.A.shape)}, expected {(len(self.b), len(self.b))}")
         if not torch.allclose(self.A, self.A.T):
             raise ValueError("reward: A must be symmetric")
-        if torch.linalg.eigvalsh(self.A).min() < -1e-12:
-            raise ValueError("reward: A must be positive semi-definite (else exp(r/α) is not normalisable)")
+
+    @property
+    def concave(self) -> bool:
+        """A ⪰ 0: exp(r/α) tilts every Gaussian into a Gaussian."""
+        return bool(torch.linalg.eigvalsh(self.A).min() >= -1e-12)
 
     @property
     def dim(self) -> int:
@@ -61,13 +65,10 @@ class QuadraticReward:
 
 
 def weighted_reward(rewards: dict[str, QuadraticReward], weights: dict[str, float]) -> QuadraticReward:
-    """Σ w_i r_i (a quadratic reward again)."""
-    dim = next(iter(rewards.values())).dim
-    total = QuadraticReward(torch.zeros(dim), torch.zeros(dim, dim))
-    for name, weight in weights.items():
-        if weight != 0:
-            total = total + rewards[name].scaled(weight)
-    return total
+    """Σ w_i r_i (a quadratic reward again; negative weights allowed)."""
+    b = sum(rewards[name].b * weight for name, weight in weights.items())
+    A = sum(rewards[name].A * weight for name, weight in weights.items())
+    return QuadraticReward(b, A)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class GaussianMixture:
             raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
         precisions = torch.linalg.inv(self.covs)
         new_precisions = precisions + reward.A / alpha
+        if torch.linalg.eigvalsh(new_precisions).min() <= 0:
+            raise ValueError(f"p·exp(r/α) is not normalisable: Σ_k⁻¹ + A/α is not positive definite (α = {alpha:g})")
         covs = torch.linalg.inv(new_precisions)
         covs = 0.5 * (covs + covs.transpose(-1, -2))
         shifts = (precisions @ self.means[..., None])[..., 0] + reward.b / alpha  # Σ⁻¹μ + b/α

@@ -33,6 +33,12 @@ class Schedule:
     beta_end: float = 0.02
     train_steps: int = 1000
 
+    def __post_init__(self):
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"schedule: need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if not isinstance(self.train_steps, int) or self.train_steps < 2:
+            raise ValueError(f"schedule: train_steps must be an integer >= 2, got {self.train_steps!r}")
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -48,6 +54,9 @@ class Scenario:
         for reward_name, reward in self.rewards.items():
             if reward.dim != self.base.dim:
                 raise ValueError(f"scenario: reward {reward_name!r} is {reward.dim}-dimensional, the base {self.base.dim}")
+            if not reward.concave:
+                raise ValueError(f"scenario: reward {reward_name!r} needs A positive semi-definite "
+                                 "(else exp(r/α) is not normalisable)")
         if not self.alpha > 0:
             raise ValueError(f"scenario: alpha must be > 0, got {self.alpha}")
 
@@ -109,12 +118,16 @@ def scenario_from_dict(data: dict, name: str = "custom") -> Scenario:
         return Scenario(base, rewards, float(data.get("alpha", 1.0)), schedule, str(data.get("name", name)))
     except KeyError as error:
         raise ValueError(f"scenario: missing {error.args[0]!r}") from None
-    except (TypeError, RuntimeError) as error:
-        raise ValueError(f"scenario: {error}") from None
+    except ValueError as error:
+        raise ValueError(str(error) if str(error).startswith("scenario") else f"scenario: {error}") from None
+    except (TypeError, RuntimeError, AttributeError, IndexError) as error:
+        raise ValueError(f"scenario: malformed ({error})") from None
 
 
 def _base_from_dict(spec: dict) -> GaussianMixture:
     means = torch.tensor(spec["means"], dtype=DTYPE)
+    if means.ndim != 2:
+        raise ValueError(f"scenario: base means must be a list of points (K × d), got shape {tuple(means.shape)}")
     count, dim = means.shape
     weights = torch.tensor(spec.get("weights", [1 / count] * count), dtype=DTYPE)
     if "covariances" in spec:
