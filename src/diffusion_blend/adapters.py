@@ -9,7 +9,7 @@ denoisers have no per-row adapter argument in their ``forward``, hence the hooks
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from peft.tuners import lora
@@ -86,9 +86,16 @@ class AdapterRouter:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._snapshot: ActivationSnapshot | None = None
 
+    def _adapter_inventory(self) -> frozenset | None:
+        """The adapter names the module declares (diffusers and peft keep ``peft_config``): a cheap sign that
+        adapters were loaded, deleted or unloaded since the layers were captured. None: unknown, walk again."""
+        config = getattr(self.module, "peft_config", None)
+        return frozenset(config) if isinstance(config, Mapping) else None
+
     def _capture_layers(self) -> None:
         """Find the LoRA layers now in the module (adapters may have been loaded or unloaded since), and check
         that every routed adapter is still there and routable."""
+        self._inventory = self._adapter_inventory()
         self.all_layers = tuner_layers(self.module)
         self.layers = [layer for layer in self.all_layers if _layer_adapters(layer) & self.adapters]
         missing = self.adapters - set().union(*(_layer_adapters(layer) for layer in self.layers))
@@ -102,7 +109,9 @@ class AdapterRouter:
 
     def __enter__(self) -> AdapterRouter:
         if self._depth == 0:
-            self._capture_layers()  # once per pipeline call (Blend) or per forward call (standalone)
+            inventory = self._adapter_inventory()
+            if inventory is None or inventory != self._inventory:
+                self._capture_layers()
             self._check_state()
             active = [layer for layer in self.layers if not layer.disable_adapters and layer.active_adapters]
             if active:  # basis adapters left active (e.g. by peft's loader): off while routing, restored on exit
