@@ -1,0 +1,188 @@
+"""Rewards: the preferences a basis model is fine-tuned for, behind one interface.
+
+    reward = get_reward("pickscore", path_or_id=None, device="cuda")
+    scores = reward(images, prompts)          # images [B, 3, H, W] in [0, 1] → Tensor[B]
+    mix = parse_reward("imagereward=0.5,aesthetic=0.5")
+    mine = parse_reward("my_package.rewards:sharpness")   # a user function f(images, prompts) -> Tensor[B]
+
+VILA (the method's aesthetic reward) was released for JAX/TensorFlow only and has no PyTorch weights; it is not
+faked here. The closest substitute is the LAION aesthetic predictor v2 (``aesthetic``, alias ``aes``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .base import FunctionReward, Reward, RewardWeightsError, WeightedReward, env_variable
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    """A registry entry: how to load the reward and what to tell users about it."""
+
+    load: Callable[..., Reward]
+    measures: str
+    weights: str
+    differentiable: bool
+    licence: str
+
+
+def _clip(kind: str) -> Callable[..., Reward]:
+    def load(path_or_id=None):
+        from . import clip
+
+        return getattr(clip, kind).load(path_or_id)
+
+    return load
+
+
+def _hps(version: str) -> Callable[..., Reward]:
+    def load(path_or_id=None):
+        from .clip import HPSv2
+
+        return HPSv2.load(path_or_id, version=version)
+
+    return load
+
+
+def _image_reward(path_or_id=None):
+    from .image_reward import ImageReward
+
+    return ImageReward.load(path_or_id)
+
+
+def _jpeg(path_or_id=None):
+    from .jpeg import JpegCompressibility
+
+    return JpegCompressibility.load(path_or_id)
+
+
+REGISTRY: dict[str, RewardInfo] = {
+    "imagereward": RewardInfo(_image_reward, "text-image alignment and quality (human preferences, BLIP)",
+                              "THUDM/ImageReward (ImageReward.pt, med_config.json) + bert-base-uncased tokenizer",
+                              True, "Apache-2.0"),
+    "pickscore": RewardInfo(_clip("PickScore"), "human preference (Pick-a-Pic), CLIP-H",
+                            "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor",
+                            True, "MIT"),
+    "hpsv2": RewardInfo(_hps("hpsv2"), "human preference (HPD v2), open_clip ViT-H-14",
+                        "xswu/HPSv2 (HPS_v2_compressed.pt) + CLIP-H tokenizer", True, "Apache-2.0"),
+    "hpsv2.1": RewardInfo(_hps("hpsv2.1"), "human preference (HPD v2, v2.1 weights), open_clip ViT-H-14",
+                          "xswu/HPSv2 (HPS_v2.1_compressed.pt) + CLIP-H tokenizer", True, "Apache-2.0"),
+    "aesthetic": RewardInfo(_clip("LaionAesthetic"), "aesthetics (LAION predictor v2 on CLIP ViT-L/14)",
+                            "sac+logos+ava1-l14-linearMSE.pth + openai/clip-vit-large-patch14", True,
+                            "Apache-2.0 (head), MIT (CLIP)"),
+    "clipscore": RewardInfo(_clip("ClipScore"), "text-image alignment, 2.5·max(cos, 0)",
+                            "any CLIP checkpoint (default openai/clip-vit-large-patch14)", True, "MIT (OpenAI CLIP)"),
+    "jpeg": RewardInfo(_jpeg, "compressibility: −JPEG size in kB at quality 95", "none", False, "—"),
+}
+ALIASES = {"ir": "imagereward", "aes": "aesthetic", "laion-aesthetic": "aesthetic", "pick": "pickscore",
+           "hps": "hpsv2.1", "compressibility": "jpeg"}
+LAB_PREFIX = "lab:"
+
+
+def list_rewards() -> dict[str, RewardInfo]:
+    """Every registered reward (the lab's rewards load as ``lab:<name>``; user functions as ``module:function``)."""
+    return dict(REGISTRY)
+
+
+def get_reward(name: str, path_or_id=None, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> Reward:
+    """Load a reward by name (or alias), from ``path_or_id`` (a local folder/file or hub id) or its default source.
+
+    ``lab:<reward>`` loads a lab scenario's quadratic reward (``path_or_id``: a scenario file); ``module:function``
+    wraps a user function. Unknown names and missing weights raise ``ValueError`` with a one-line explanation.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    if name.startswith(LAB_PREFIX):
+        from .quadratic import LabReward
+
+        reward = LabReward.load(name[len(LAB_PREFIX):], path_or_id)
+    elif ":" in name:
+        reward = load_user_reward(name)
+    else:
+        key = ALIASES.get(name.lower(), name.lower())
+        if key not in REGISTRY:
+            known = ", ".join([*REGISTRY, *ALIASES])
+            raise ValueError(f"unknown reward {name!r}; known: {known}, lab:<name>, or module:function")
+        reward = REGISTRY[key].load(path_or_id)
+    if device is not None or dtype is not None:
+        reward = reward.to(device=device, dtype=dtype)
+    return reward
+
+
+def load_user_reward(path: str) -> Reward:
+    """``package.module:function`` (or a Reward subclass / instance) as a reward."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"user reward {path!r} must look like module:function")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except ImportError as error:
+        raise ValueError(f"user reward {path!r}: cannot import {module_name} ({error})") from error
+    except AttributeError:
+        raise ValueError(f"user reward {path!r}: {module_name} has no {attribute!r}") from None
+    if isinstance(target, Reward):
+        return target
+    if isinstance(target, type) and issubclass(target, Reward):
+        return target()
+    if not callable(target):
+        raise ValueError(f"user reward {path!r} is not callable")
+    return FunctionReward(target, path)
+
+
+def parse_weighted(spec: str) -> dict[str, float]:
+    """``"ir=0.5,aes=0.5"`` → ``{"ir": 0.5, "aes": 0.5}``; a bare name means weight 1."""
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            raise ValueError(f"reward spec {spec!r} has an empty item")
+        name, sep, value = item.rpartition("=") if "=" in item else (item, "", "1")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"reward spec {spec!r}: {value.strip()!r} (for {name!r}) is not a number") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"reward spec {spec!r}: the weight of {name!r} must be finite")
+        if name in weights:
+            raise ValueError(f"reward spec {spec!r}: {name!r} is given twice")
+        weights[name] = weight
+    return weights
+
+
+def parse_reward(spec: str, paths: dict[str, str] | None = None, device=None, dtype=None) -> Reward:
+    """A reward from a spec: ``"pickscore"``, ``"ir=0.5,aes=0.5"`` (a weighted sum) or ``"module:function"``.
+
+    ``paths`` maps reward names to their ``path_or_id``.
+    """
+    paths = paths or {}
+    weights = parse_weighted(spec)
+    if len(weights) == 1 and next(iter(weights.values())) == 1 and "=" not in spec:
+        name = next(iter(weights))
+        return get_reward(name, paths.get(name), device=device, dtype=dtype)
+    rewards = {name: get_reward(name, paths.get(name), device=device, dtype=dtype) for name in weights}
+    return WeightedReward(rewards, weights)
+
+
+__all__ = [
+    "ALIASES",
+    "REGISTRY",
+    "FunctionReward",
+    "Reward",
+    "RewardInfo",
+    "RewardWeightsError",
+    "WeightedReward",
+    "env_variable",
+    "get_reward",
+    "list_rewards",
+    "load_user_reward",
+    "parse_reward",
+    "parse_weighted",
+]
