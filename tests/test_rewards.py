@@ -71,12 +71,16 @@ def test_pickscore_is_logit_scale_times_cosine(clip_folder):
     assert torch.allclose(reward(images, PROMPTS), expected, atol=1e-5)
 
 
-def test_clipscore_is_two_and_a_half_times_the_clipped_cosine(clip_folder):
-    reward = get_reward("clipscore", clip_folder)
+def test_clipscore_is_two_and_a_half_times_the_clipped_cosine_of_the_prefixed_prompt(tmp_path):
+    reward = get_reward("clipscore", tiny_rewards.save_clip_folder(tmp_path, flip_image_projection=True))
     images = _images(seed=1)
-    image, text = _clip_embeddings(tiny_rewards.clip_model(tiny_rewards.clip_tokenizer()), tiny_rewards.clip_tokenizer(),
-                                   images, PROMPTS)
-    assert torch.allclose(reward(images, PROMPTS), 2.5 * _cos(image, text).clamp(min=0), atol=1e-5)
+    model = tiny_rewards.clip_model(tiny_rewards.clip_tokenizer())
+    with torch.no_grad():
+        model.visual_projection.weight.neg_()
+    image, text = _clip_embeddings(model, tiny_rewards.clip_tokenizer(), images, [f"A photo depicts {p}" for p in PROMPTS])
+    expected = 2.5 * _cos(image, text).clamp(min=0)
+    assert (expected > 0).all()  # the clamp does not hide the comparison
+    assert torch.allclose(reward(images, PROMPTS), expected, atol=1e-5)
 
 
 def test_laion_aesthetic_is_the_head_on_the_normalised_embedding(tmp_path):
@@ -196,7 +200,6 @@ def test_unknown_reward_raises():
 
 
 def test_offline_error_names_the_files_and_where_to_put_them(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("DIFFUSION_BLEND_PICKSCORE", raising=False)
     with pytest.raises(RewardWeightsError) as caught:
         get_reward("pickscore")
@@ -299,7 +302,6 @@ def test_score_command_json(tmp_path, clip_folder):
 
 
 def test_score_command_offline_error_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("DIFFUSION_BLEND_IMAGEREWARD", raising=False)
     image = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(image)
@@ -307,3 +309,115 @@ def test_score_command_offline_error_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "DIFFUSION_BLEND_IMAGEREWARD" in lines[0]
+
+
+# ------------------------------------------------------------------------------ review-driven behaviour
+def test_train_mode_is_ignored(tmp_path):
+    folder, _ = tiny_rewards.save_image_reward_folder(tmp_path / "ir")
+    reward = get_reward("ir", folder)
+    images = _images(seed=12)
+    before = reward(images, PROMPTS)
+    holder = torch.nn.ModuleList([reward]).train()  # e.g. a trainer switching everything to train mode
+    assert not reward.training and not any(module.training for module in holder[0].modules())
+    assert torch.equal(reward(images, PROMPTS), before)
+
+
+def test_half_precision_rewards_score_float_images(clip_folder):
+    images = _images(seed=13)
+    full = get_reward("pickscore", clip_folder)(images, PROMPTS)
+    half = get_reward("pickscore", clip_folder, dtype=torch.bfloat16)(images, PROMPTS)
+    assert torch.allclose(half.float(), full, rtol=0.05, atol=0.05)
+
+
+def test_hpsv2_letterboxes_non_square_images_like_open_clip(tmp_path):
+    folder, model = tiny_rewards.save_hps_folder(tmp_path / "hps")
+    reward = get_reward("hpsv2.1", folder)
+    images = _images(count=2, size=32, seed=14)[..., :, :16]  # 32 high, 16 wide: pad 8 black columns each side
+    padded = torch.nn.functional.pad(images, (8, 8, 0, 0), value=0.0)
+    image, text = _clip_embeddings(model, tiny_rewards.clip_tokenizer(eos_last=True), padded, PROMPTS[:2])
+    assert torch.allclose(reward(images, PROMPTS[:2]), _cos(image, text), atol=1e-5)
+
+
+def test_a_missing_local_path_raises_instead_of_downloading(tmp_path):
+    with pytest.raises(RewardWeightsError, match="does not exist"):
+        get_reward("imagereward", tmp_path / "typo")
+
+
+def test_a_hub_id_is_tried_as_a_hub_repository():
+    with pytest.raises(RewardWeightsError, match="someone/my-image-reward"):
+        get_reward("imagereward", "someone/my-image-reward")
+
+
+def test_aesthetic_head_alone_takes_clip_from_the_hub(tmp_path):
+    torch.save({f"layers.{k}": v for k, v in tiny_rewards.aesthetic_head().state_dict().items()},
+               tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    with pytest.raises(RewardWeightsError, match="openai/clip-vit-large-patch14"):
+        get_reward("aesthetic", tmp_path)
+
+
+def test_non_finite_images_raise(every_reward):
+    images = _images()
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        every_reward["jpeg"](images, PROMPTS)
+
+
+# ---------------------------------------------------------------------- independent references (no transformers)
+def _perturb_norms(state, seed=0):
+    """Random layer-norm parameters, so a wrong epsilon or a swapped norm shows in the scores."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + 0.3 * torch.randn(v.shape, generator=generator) if "norm" in k.lower() or "ln_" in k else v
+            for k, v in state.items()}
+
+
+def test_image_reward_matches_a_functional_blip_reference(tmp_path):
+    import reference_rewards
+
+    folder, (_, _, _, tokenizer) = tiny_rewards.save_image_reward_folder(tmp_path / "ir")
+    state = _perturb_norms(torch.load(folder / "ImageReward.pt"))
+    torch.save(state, folder / "ImageReward.pt")
+    images = _images(seed=15)
+    tokens = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference_rewards.blip_image_reward(state, tokens.input_ids, tokens.attention_mask,
+                                                       _normalized(images), vision_heads=2, text_heads=2)
+    assert torch.allclose(get_reward("ir", folder)(images, PROMPTS), expected, atol=1e-5)
+
+
+def test_hpsv2_matches_an_open_clip_style_reference(tmp_path):
+    import reference_rewards
+
+    tokenizer = tiny_rewards.clip_tokenizer(eos_last=True)
+    torch.manual_seed(16)
+    reference = reference_rewards.OpenClipReference(len(tokenizer)).eval()
+    reference.load_state_dict(_perturb_norms(reference.state_dict()))
+    folder = tmp_path / "hps"
+    folder.mkdir()
+    checkpoint = {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}  # DDP-saved keys
+    torch.save(checkpoint, folder / "HPS_v2_compressed.pt")
+    (folder / "open_clip_config.json").write_text(json.dumps({"vision_heads": 3, "text_heads": 2}))
+    tokenizer.save_pretrained(folder)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    images = _images(seed=17)
+    ids = torch.zeros(3, 16, dtype=torch.long)  # open_clip's tokenisation: zero padding to the context length
+    for row, prompt in enumerate(PROMPTS):
+        tokens = tokenizer(prompt).input_ids
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    with torch.no_grad():
+        expected = reference.score(_normalized(images), ids)
+    assert torch.allclose(get_reward("hpsv2", folder)(images, PROMPTS), expected, atol=1e-5)
+
+
+def test_score_command_takes_a_path_per_reward_of_a_sum(tmp_path, clip_folder):
+    image = tmp_path / "x.png"
+    Image.fromarray((_images(count=1, size=32, seed=18)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(image)
+    result = runner.invoke(app, ["score", "--reward", "pickscore=1,jpeg=0.1", "--weights-path",
+                                 f"pickscore={clip_folder}", "--batch-size", "1", "--json", "--prompt", "a cat",
+                                 str(image), str(image)])
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(result.stdout)
+    assert first["score"] == second["score"]
+    bad = runner.invoke(app, ["score", "--reward", "pickscore=1,jpeg=0.1", "--weights-path", str(clip_folder),
+                              "--prompt", "a cat", str(image)])
+    assert bad.exit_code != 0 and "NAME=PATH" in bad.stderr

@@ -53,10 +53,17 @@ def clip_model(tokenizer: CLIPTokenizer, seed: int = 0, legacy_eos: bool = False
     return CLIPModel(config).eval()
 
 
-def save_clip_folder(folder: Path, seed: int = 0) -> Path:
-    """A transformers CLIP folder (model, tokenizer, preprocessor config), as PickScore / CLIPScore ship."""
+def save_clip_folder(folder: Path, seed: int = 0, flip_image_projection: bool = False) -> Path:
+    """A transformers CLIP folder (model, tokenizer, preprocessor config), as PickScore / CLIPScore ship.
+
+    ``flip_image_projection`` negates the image projection: the tiny random model's cosines are all negative,
+    which CLIPScore's max(cos, 0) would turn into zeros."""
     tokenizer = clip_tokenizer()
-    clip_model(tokenizer, seed).save_pretrained(folder)
+    model = clip_model(tokenizer, seed)
+    if flip_image_projection:
+        with torch.no_grad():
+            model.visual_projection.weight.neg_()
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"size": {"shortest_edge": IMAGE}, "crop_size": {"height": IMAGE, "width": IMAGE}, "image_mean": MEAN,

@@ -427,7 +427,9 @@ def score(
     images: Annotated[list[Path], typer.Argument(help="Image files to score.")],
     reward: Annotated[str, typer.Option(help="A reward name, a weighted sum (ir=0.5,aes=0.5) or module:function.")],
     prompt: Annotated[str, typer.Option(help="The prompt the images were made for.")],
-    weights_path: Annotated[str | None, typer.Option(help="Folder (or hub id) of the reward's weights.")] = None,
+    weights_path: Annotated[list[str] | None, typer.Option(
+        help="A reward's weights (folder, file or hub id): PATH for a single reward, NAME=PATH in a sum; repeat.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored per batch.")] = 16,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list of {image, score}.")] = False,
 ) -> None:
@@ -435,7 +437,21 @@ def score(
     run_reporting_errors(_score, **locals())
 
 
-def _score(images, reward, prompt, weights_path, device, json_output) -> None:
+def parse_weights_paths(items: list[str] | None, names: list[str]) -> dict[str, str]:
+    """``--weights-path`` values → reward name → path: ``NAME=PATH``, or a bare ``PATH`` when there is one reward."""
+    paths: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if sep and name in names:
+            paths[name] = path
+        elif len(names) == 1:
+            paths[names[0]] = item
+        else:
+            raise CommandError(f"--weights-path: {item!r} must be NAME=PATH with NAME one of {', '.join(names)}")
+    return paths
+
+
+def _score(images, reward, prompt, weights_path, batch_size, device, json_output) -> None:
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -452,12 +468,15 @@ def _score(images, reward, prompt, weights_path, device, json_output) -> None:
             raise CommandError(f"{path}: not a readable image ({error})") from error
     if len({p.shape for p in pixels}) > 1:
         raise CommandError("images must share one size to be scored as a batch")
+    if batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {batch_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    names = list(parse_weighted(reward))
-    model = parse_reward(reward, paths={name: weights_path for name in names} if weights_path else None,
-                         device=device)
-    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(255).to(device)
-    scores = model(batch, [prompt] * len(pixels)).tolist()
+    paths = parse_weights_paths(weights_path, list(parse_weighted(reward)))
+    model = parse_reward(reward, paths=paths, device=device)
+    scores = []
+    for start in range(0, len(pixels), batch_size):
+        chunk = torch.from_numpy(np.stack(pixels[start : start + batch_size])).permute(0, 3, 1, 2)
+        scores += model(chunk.float().div(255).to(device), [prompt] * len(chunk)).tolist()
     if json_output:
         typer.echo(json.dumps([{"image": str(path), "score": value} for path, value in zip(images, scores)]))
         return

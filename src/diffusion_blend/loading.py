@@ -30,7 +30,8 @@ PEFT_PREFIX = "base_model.model."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry holding the LoraConfig
 TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te3_")
 _OLD_PROCESSOR_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<side>down|up)\.weight$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: A Hugging Face hub repository id ("owner/name").
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -49,7 +50,7 @@ def resolve_source(name: str, source: str | os.PathLike) -> Path:
     if path.exists():
         return path
     text = str(source)
-    if _HUB_ID.match(text) and not text.startswith("."):
+    if HUB_ID.match(text) and not text.startswith("."):
         try:
             from huggingface_hub import snapshot_download
 

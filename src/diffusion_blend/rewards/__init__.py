@@ -76,8 +76,8 @@ REGISTRY: dict[str, RewardInfo] = {
     "aesthetic": RewardInfo(_clip("LaionAesthetic"), "aesthetics (LAION predictor v2 on CLIP ViT-L/14)",
                             "sac+logos+ava1-l14-linearMSE.pth + openai/clip-vit-large-patch14", True,
                             "Apache-2.0 (head), MIT (CLIP)"),
-    "clipscore": RewardInfo(_clip("ClipScore"), "text-image alignment, 2.5·max(cos, 0)",
-                            "any CLIP checkpoint (default openai/clip-vit-large-patch14)", True, "MIT (OpenAI CLIP)"),
+    "clipscore": RewardInfo(_clip("ClipScore"), "text-image alignment, 2.5·max(cos, 0) (Hessel et al.)",
+                            "any CLIP checkpoint (default openai/clip-vit-base-patch32)", True, "MIT (OpenAI CLIP)"),
     "jpeg": RewardInfo(_jpeg, "compressibility: −JPEG size in kB at quality 95", "none", False, "—"),
 }
 ALIASES = {"ir": "imagereward", "aes": "aesthetic", "laion-aesthetic": "aesthetic", "pick": "pickscore",

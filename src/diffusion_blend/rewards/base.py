@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..loading import HUB_ID
+
 #: Where rewards look for their weights when no path is given: ``$DIFFUSION_BLEND_<NAME>`` (one folder per reward).
 ENV_PREFIX = "DIFFUSION_BLEND_"
 #: Pixel values may overshoot [0, 1] by this much (decoders' rounding) before an image counts as out of range.
@@ -26,16 +28,23 @@ class RewardWeightsError(ValueError):
 
 
 class Reward(nn.Module):
-    """Base class: subclasses implement :meth:`score` on validated inputs already on the reward's device."""
+    """Base class: subclasses implement :meth:`score` on validated inputs moved to the reward's device.
+
+    A reward is always in evaluation mode: ``.train()`` (e.g. from a module that holds it) would switch its
+    dropouts on and make its scores random, so it is ignored.
+    """
 
     name: str = "reward"
     differentiable: bool = False
+
+    def train(self, mode: bool = True) -> Reward:
+        return super().train(False)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         images, prompts = self.check_inputs(images, prompts)
         track = self.differentiable and torch.is_grad_enabled() and images.requires_grad
         with torch.enable_grad() if track else torch.no_grad():
-            return self.score(images, prompts)
+            return self.score(images.to(self.device), prompts)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -46,7 +55,9 @@ class Reward(nn.Module):
             raise ValueError(f"{self.name}: images must be a tensor [B, 3, H, W], got {shape}")
         if not images.is_floating_point():
             raise ValueError(f"{self.name}: images must be floats in [0, 1], got {images.dtype}")
-        low, high = float(images.min()), float(images.max())
+        if not torch.isfinite(images.detach()).all():
+            raise ValueError(f"{self.name}: images contain NaN or infinite values")
+        low, high = (float(v) for v in images.detach().aminmax())
         if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
             raise ValueError(f"{self.name}: images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]")
         if isinstance(prompts, str):
@@ -147,12 +158,18 @@ def load_exactly(model: nn.Module, state: dict[str, torch.Tensor], reward: str) 
 
 
 # ------------------------------------------------------------------------------------------------- weights
-def weights_folder(reward: str, path_or_id: str | os.PathLike | None) -> Path | None:
-    """The local folder (or file) holding a reward's weights: ``path_or_id`` when it exists locally, else
-    ``$DIFFUSION_BLEND_<REWARD>``; None when neither is given (then the hub is tried)."""
+def weights_source(reward: str, path_or_id: str | os.PathLike | None) -> Path | str | None:
+    """Where a reward's weights are: a local ``Path`` (``path_or_id``, else ``$DIFFUSION_BLEND_<REWARD>``), a hub
+    repository id (a ``path_or_id`` shaped ``owner/name`` that is not a local path), or None (the default source).
+    A local-looking path that does not exist raises: a typo must not fall back to downloading the default."""
     if path_or_id is not None:
         path = Path(path_or_id).expanduser()
-        return path if path.exists() else None
+        if path.exists():
+            return path
+        text = str(path_or_id)
+        if HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+            return text
+        raise RewardWeightsError(f"{reward}: {text} does not exist")
     variable = env_variable(reward)
     if os.environ.get(variable):
         path = Path(os.environ[variable]).expanduser()
@@ -188,14 +205,32 @@ def load_or_explain(reward: str, files: str, source: str, load: Callable):
 # ------------------------------------------------------------------------------------------------- images
 def resize_and_crop(images: torch.Tensor, shortest_edge: int, crop: tuple[int, int]) -> torch.Tensor:
     """CLIP-style preprocessing in torch (differentiable): bicubic resize of the shorter side to
-    ``shortest_edge`` (antialiased, like PIL's), then a centre crop to ``crop`` (height, width)."""
+    ``shortest_edge`` (antialiased, like PIL's; the longer side truncated like transformers'), then a centre crop
+    to ``crop`` (height, width). Computed in float32 whatever the input dtype."""
     height, width = images.shape[-2:]
     scale = shortest_edge / min(height, width)
-    size = (max(crop[0], round(height * scale)), max(crop[1], round(width * scale)))
-    if size != (height, width):
-        images = nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+    size = (max(crop[0], int(height * scale)), max(crop[1], int(width * scale)))
+    images = _resized(images, size)
     top, left = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
     return images[..., top : top + crop[0], left : left + crop[1]]
+
+
+def letterbox(images: torch.Tensor, size: int) -> torch.Tensor:
+    """open_clip's ``ResizeMaxSize`` (HPSv2's evaluation transform), differentiable: the longer side resized to
+    ``size``, then black (0) padding to a square, split evenly with the extra pixel at the bottom/right."""
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new = (round(height * scale), round(width * scale))
+    images = _resized(images, new)
+    pad_h, pad_w = size - new[0], size - new[1]
+    return nn.functional.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+
+
+def _resized(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    images = images.float()  # half-precision bicubic resizing is missing on CPUs and imprecise elsewhere
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -221,6 +256,7 @@ __all__ = [
     "load_or_explain",
     "missing_weights",
     "normalize",
+    "letterbox",
     "resize_and_crop",
-    "weights_folder",
+    "weights_source",
 ]

@@ -23,13 +23,15 @@ from .base import (
     missing_weights,
     normalize,
     resize_and_crop,
-    weights_folder,
+    letterbox,
+    weights_source,
 )
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LAION_VIT_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_VIT_L = "openai/clip-vit-large-patch14"
+OPENAI_VIT_B32 = "openai/clip-vit-base-patch32"
 
 
 def read_preprocessing(source: str | os.PathLike) -> dict:
@@ -52,6 +54,7 @@ def read_preprocessing(source: str | os.PathLike) -> dict:
         "crop": tuple(int(c) for c in crop),
         "mean": tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
         "std": tuple(config.get("image_std", OPENAI_CLIP_STD)),
+        "letterbox": False,
     }
 
 
@@ -80,9 +83,13 @@ class ClipTower(nn.Module):
         return load_or_explain(reward, files, "the Hugging Face hub", load)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → the model's normalised input (resized in float32, then cast to the model's dtype)."""
         settings = self.preprocessing
-        pixels = resize_and_crop(images.to(self.model.dtype), settings["shortest_edge"], settings["crop"])
-        return normalize(pixels, settings["mean"], settings["std"])
+        if settings["letterbox"]:
+            pixels = letterbox(images, settings["crop"][0])
+        else:
+            pixels = resize_and_crop(images, settings["shortest_edge"], settings["crop"])
+        return normalize(pixels, settings["mean"], settings["std"]).to(self.model.dtype)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings of images in [0, 1]."""
@@ -96,10 +103,12 @@ class ClipTower(nn.Module):
 
 
 class ClipScore(Reward):
-    """CLIPScore (Hessel et al., 2021): w · max(cos(E_image, E_text), 0) with w = 2.5, any CLIP checkpoint."""
+    """CLIPScore (Hessel et al., 2021): w · max(cos(E_image, E_text), 0) with w = 2.5 and the paper's text prefix
+    "A photo depicts "; the paper's ViT-B/32 by default, any CLIP checkpoint by ``path_or_id``."""
 
     name = "clipscore"
     differentiable = True
+    prefix = "A photo depicts "
 
     def __init__(self, tower: ClipTower, weight: float = 2.5):
         super().__init__()
@@ -107,11 +116,11 @@ class ClipScore(Reward):
 
     @classmethod
     def load(cls, path_or_id=None) -> ClipScore:
-        source = weights_folder(cls.name, path_or_id) or path_or_id or OPENAI_VIT_L
-        return cls(ClipTower.load(cls.name, source))
+        return cls(ClipTower.load(cls.name, weights_source(cls.name, path_or_id) or OPENAI_VIT_B32))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        similarity = cosine(self.tower.image_features(images), self.tower.text_features(prompts))
+        texts = [self.prefix + prompt for prompt in prompts]
+        similarity = cosine(self.tower.image_features(images), self.tower.text_features(texts))
         return self.weight * similarity.clamp(min=0)
 
 
@@ -128,10 +137,12 @@ class PickScore(Reward):
 
     @classmethod
     def load(cls, path_or_id=None) -> PickScore:
-        folder = weights_folder(cls.name, path_or_id)
-        if folder is not None:  # one folder holding the model, its tokenizer and preprocessor config
-            return cls(ClipTower.load(cls.name, folder))
-        return cls(ClipTower.load(cls.name, path_or_id or cls.model_id, cls.processor_id))
+        """``path_or_id``: a folder holding the model, its tokenizer and preprocessor config, or a hub model id
+        (the tokenizer and preprocessing then come from the CLIP-H processor, as upstream does)."""
+        source = weights_source(cls.name, path_or_id)
+        if isinstance(source, Path):
+            return cls(ClipTower.load(cls.name, source))
+        return cls(ClipTower.load(cls.name, source or cls.model_id, cls.processor_id))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         similarity = cosine(self.tower.image_features(images), self.tower.text_features(prompts))
@@ -153,20 +164,24 @@ class LaionAesthetic(Reward):
 
     @classmethod
     def load(cls, path_or_id=None) -> LaionAesthetic:
-        """``path_or_id``: a folder with the head file and a CLIP model (in the folder itself or in ``clip/``)."""
-        folder = weights_folder(cls.name, path_or_id)
+        """``path_or_id``: the head file, or a folder with it and optionally a CLIP model (in the folder itself or in
+        ``clip/``; ViT-L/14 from the hub otherwise), or a hub repository holding the head file."""
+        source = weights_source(cls.name, path_or_id)
         files = f"{cls.head_file} (github.com/christophschuhmann/improved-aesthetic-predictor) and {OPENAI_VIT_L}"
-        if folder is not None:
-            head_path = folder / cls.head_file if folder.is_dir() else folder
-            clip_source = folder / "clip" if (folder / "clip").is_dir() else folder
+        clip_source = OPENAI_VIT_L
+        if isinstance(source, Path):
+            head_path = source / cls.head_file if source.is_dir() else source
             if not head_path.is_file():
-                raise missing_weights(cls.name, files, f"the folder {folder}")
+                raise missing_weights(cls.name, files, f"the folder {source}")
+            for candidate in (source / "clip", source):
+                if (candidate / "config.json").is_file():
+                    clip_source = candidate
+                    break
         else:
             from huggingface_hub import hf_hub_download
 
-            head_path = load_or_explain(cls.name, files, cls.head_repo,
-                                        lambda: Path(hf_hub_download(cls.head_repo, cls.head_file)))
-            clip_source = OPENAI_VIT_L
+            repo = source or cls.head_repo
+            head_path = load_or_explain(cls.name, files, repo, lambda: Path(hf_hub_download(repo, cls.head_file)))
         state = torch.load(head_path, map_location="cpu", weights_only=True)
         return cls(ClipTower.load(cls.name, clip_source), ScoreHead.from_state_dict(state))
 
@@ -251,8 +266,8 @@ def _residual_block(state: dict, source: str, target: str) -> dict[str, torch.Te
 
 class HPSv2(Reward):
     """Human Preference Score v2 / v2.1 (Wu et al., 2023): cos(E_image, E_text) of open_clip's ViT-H-14 fine-tuned
-    on HPD v2. The released open_clip checkpoint is converted once, at load, into a transformers CLIPModel (the same
-    network), so open_clip is not needed."""
+    on HPD v2, with images letterboxed as its evaluation transform does. The released open_clip checkpoint is
+    converted once, at load, into a transformers CLIPModel (the same network), so open_clip is not needed."""
 
     differentiable = True
     checkpoints = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}
@@ -269,18 +284,19 @@ class HPSv2(Reward):
         checkpoint overrides the ViT-H-14 head counts."""
         checkpoint_name = cls.checkpoints[version]
         files = f"{checkpoint_name} ({cls.repo}) and the tokenizer of {LAION_VIT_H}"
-        folder = weights_folder(version, path_or_id)
-        if folder is None:
+        source = weights_source(version, path_or_id)
+        tokenizer_source = LAION_VIT_H
+        if isinstance(source, Path):
+            checkpoint = source / checkpoint_name if source.is_dir() else source
+            if source.is_dir() and (source / "vocab.json").is_file():
+                tokenizer_source = source
+            if not checkpoint.is_file():
+                raise missing_weights(version, files, f"the folder {source}")
+        else:
             from huggingface_hub import hf_hub_download
 
-            checkpoint = load_or_explain(version, files, "the Hugging Face hub",
-                                         lambda: Path(hf_hub_download(cls.repo, checkpoint_name)))
-            tokenizer_source = LAION_VIT_H
-        else:
-            checkpoint = folder / checkpoint_name if folder.is_dir() else folder
-            tokenizer_source = folder if (folder.is_dir() and (folder / "vocab.json").is_file()) else LAION_VIT_H
-            if not checkpoint.is_file():
-                raise missing_weights(version, files, f"the folder {folder}")
+            repo = source or cls.repo
+            checkpoint = load_or_explain(version, files, repo, lambda: Path(hf_hub_download(repo, checkpoint_name)))
         heads = VIT_H_14
         if (checkpoint.parent / "open_clip_config.json").is_file():
             heads = {**heads, **json.loads((checkpoint.parent / "open_clip_config.json").read_text())}
@@ -292,8 +308,9 @@ class HPSv2(Reward):
         load_exactly(model, converted, version)
         tokenizer = load_or_explain(version, files, "the Hugging Face hub",
                                     lambda: CLIPTokenizer.from_pretrained(tokenizer_source))
-        preprocessing = {"shortest_edge": config.vision_config.image_size,
-                         "crop": (config.vision_config.image_size,) * 2, "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD}
+        size = config.vision_config.image_size  # upstream evaluates with open_clip's ResizeMaxSize: letterboxed
+        preprocessing = {"shortest_edge": size, "crop": (size, size), "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD,
+                         "letterbox": True}
         return cls(ClipTower(model, tokenizer, preprocessing), name=version)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .base import (
     missing_weights,
     normalize,
     resize_and_crop,
-    weights_folder,
+    weights_source,
 )
 from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -106,13 +106,14 @@ class ImageReward(Reward):
         """``path_or_id``: a folder with ImageReward.pt, med_config.json and BERT's vocab.txt (the tokenizer then
         comes from the folder; otherwise from the hub's bert-base-uncased)."""
         needed = f"{', '.join(cls.files)} ({cls.repo}) and the {cls.tokenizer_id} tokenizer"
-        folder = weights_folder(cls.name, path_or_id)
+        source = weights_source(cls.name, path_or_id)
+        folder = source if isinstance(source, Path) else None
         if folder is None:
             from huggingface_hub import hf_hub_download
 
-            folder = load_or_explain(cls.name, needed, "the Hugging Face hub",
-                                     lambda: Path(hf_hub_download(cls.repo, cls.files[0])).parent)
-            load_or_explain(cls.name, needed, "the Hugging Face hub", lambda: hf_hub_download(cls.repo, cls.files[1]))
+            repo = source or cls.repo
+            folder = load_or_explain(cls.name, needed, repo, lambda: Path(hf_hub_download(repo, cls.files[0])).parent)
+            load_or_explain(cls.name, needed, repo, lambda: hf_hub_download(repo, cls.files[1]))
         if not all((folder / name).is_file() for name in cls.files):
             raise missing_weights(cls.name, needed, f"the folder {folder}")
         tokenizer_source = folder if (folder / "vocab.txt").is_file() else cls.tokenizer_id
@@ -130,9 +131,8 @@ class ImageReward(Reward):
         return cls(vision, text, ScoreHead.from_state_dict(state, prefix="mlp.layers."), tokenizer)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        dtype = self.vision.dtype
-        pixels = normalize(resize_and_crop(images.to(dtype), self.image_size, (self.image_size,) * 2),
-                           OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        pixels = normalize(resize_and_crop(images, self.image_size, (self.image_size,) * 2),
+                           OPENAI_CLIP_MEAN, OPENAI_CLIP_STD).to(self.vision.dtype)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
                                 return_tensors="pt").to(image_embeds.device)
