@@ -13,6 +13,8 @@ Reported ratios:
       sequential_overhead the same blend with one call per member (batch_members=False)
   (d) memory              base + M adapters / one model, in parameter bytes; on CUDA also the peak allocated
                           bytes of a DB-MPA step (stacked, and chunked to the single model's rows)
+  --full                  also full-module members: the joint blend one call per member, and vmapped over their
+                          stacked weights, each over the M + 1 separate model calls
 
 Each repeat times every variant once, in a rotating order, after warm-up; the ratios are medians over repeats of
 per-repeat ratios, so slow drifts of a shared machine cancel.
@@ -167,8 +169,32 @@ def peak_memory_ratios(unet, names, args, kwargs) -> dict[str, float]:
         return {key: peak(lambda d=denoiser: d(*args, **kwargs)) / single for key, denoiser in candidates.items()}
 
 
+def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, repeats: int, warmup: int,
+                       steps: int) -> dict[str, float]:
+    """Full-module members (separate UNets): the joint blend called member by member, and vmapped over stacked
+    weights (``vmap_full_members``), each over the M + 1 separate model calls it replaces."""
+    models = []
+    for seed in range(members + 1):
+        torch.manual_seed(seed)
+        models.append(UNet2DConditionModel(**CONFIGS[config]["unet"]).eval().requires_grad_(False).to(device, dtype))
+    names = [f"m{i}" for i in range(members)]
+    weights = {name: 1.0 / members for name in names}
+    functions = {}
+    for index, model in enumerate(models):
+        functions[f"model:{index}"] = (lambda: None, lambda model=model: [model(*args, **kwargs) for _ in range(steps)])
+    for key, vmap in (("full_sequential", False), ("full_vmap", True)):
+        denoiser = BlendedDenoiser(models[0], dict(zip(names, models[1:])), vmap_full_members=vmap)
+        denoiser.set_blend(weights, kl_scale=1.5)
+        functions[key] = (lambda: None, lambda denoiser=denoiser: [denoiser(*args, **kwargs) for _ in range(steps)])
+    times = time_variants(functions, repeats, warmup, device)
+    raw = [sum(parts) for parts in zip(*(times[f"model:{i}"] for i in range(members + 1)))]
+    return {f"{key}_overhead": statistics.median(a / b for a, b in zip(times[key], raw))
+            for key in ("full_sequential", "full_vmap")}
+
+
 def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 20, warmup: int = 3,
-        dtype: str = "fp32", device: str = "cpu", latent: int | None = None, steps: int = 1) -> dict:
+        dtype: str = "fp32", device: str = "cpu", latent: int | None = None, steps: int = 1,
+        full: bool = False) -> dict:
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     unet, names, size = build(config, members, torch_dtype, device, latent)
     args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
@@ -183,6 +209,8 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     memory = {"memory": parameter_memory_ratio(unet, names)}
     if device.startswith("cuda"):
         memory.update(peak_memory_ratios(unet, names, args, kwargs))
+    if full:
+        memory.update(full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps))
     return {
         "config": config, "members": members, "batch": batch, "rows_per_call_cfg": 2 * batch, "latent": size,
         "steps": steps,
@@ -207,10 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the config's)")
     parser.add_argument("--steps", type=int, default=1, help="denoising steps per timed run (a sampling loop)")
+    parser.add_argument("--full", action="store_true", help="also time full-module members (sequential and vmapped)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args(argv)
     result = run(options.config, options.members, options.batch, options.repeats, options.warmup, options.dtype,
-                 options.device, options.latent, options.steps)
+                 options.device, options.latent, options.steps, options.full)
     if options.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
@@ -227,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
                        ("sequential_overhead", "(c) the same, one call per member (batch_members=False)"),
                        ("memory", "(d) parameter memory / single model"),
                        ("peak_memory", "(d) peak memory / single model (CUDA)"),
-                       ("peak_memory_chunked", "(d) same, chunked to the single model's rows")):
+                       ("peak_memory_chunked", "(d) same, chunked to the single model's rows"),
+                       ("full_sequential_overhead", "(c) full members, one call each / the M+1 model calls"),
+                       ("full_vmap_overhead", "(c) full members vmapped over stacked weights / the M+1 calls")):
         if key in result:
             table.add_row(label, f"{result[key]:.3f}")
     Console().print(table)

@@ -25,8 +25,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
   > "$out/versions.txt"
 for members in 2 4; do
   for batch in 1 4; do
+    full=()
+    [ "$members" = 2 ] && [ "$batch" = 1 ] && full=(--full)  # full-module members: sequential vs vmapped
     "$python" "$here/blend_speed.py" --config sd15 --members "$members" --batch "$batch" --steps 50 \
-      --dtype fp16 --device cuda --repeats 3 --warmup 1 --json > "$out/sd15_m${members}_b${batch}.json"
+      --dtype fp16 --device cuda --repeats 3 --warmup 1 ${full[@]+"${full[@]}"} --json > "$out/sd15_m${members}_b${batch}.json"
     cat "$out/sd15_m${members}_b${batch}.json"
   done
 done

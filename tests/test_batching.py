@@ -185,3 +185,31 @@ def test_lora_weight_gradients_through_stacked_and_separate_calls_agree():
         grads.append({k: p.grad.clone() for k, p in base.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_vmapped_full_members_equal_separate_calls(return_dict):
+    members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+    outputs = []
+    for vmap in (True, False):
+        denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=vmap)
+        denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+        sample, t, context = _cfg_inputs()
+        with torch.no_grad():
+            outputs.append(denoiser(sample, t, encoder_hidden_states=context, return_dict=return_dict))
+    assert type(outputs[0]) is type(outputs[1])
+    assert max_diff(outputs[0][0], outputs[1][0]) <= 1e-5
+
+
+def test_vmapped_members_follow_weight_changes():
+    member = tiny.unet(1)
+    denoiser = BlendedDenoiser(tiny.unet(0), {"ir": member, "aes": tiny.unet(2)}, vmap_full_members=True)
+    denoiser.set_blend({"ir": 0.5, "aes": 0.5})
+    sample, t, context = _cfg_inputs()
+    with torch.no_grad():
+        before = denoiser(sample, t, encoder_hidden_states=context).sample
+        member.conv_in.weight.mul_(2.0)
+        after = denoiser(sample, t, encoder_hidden_states=context).sample
+        direct = 0.5 * member(sample, t, encoder_hidden_states=context).sample + 0.5 * denoiser.modules_by_name["aes"](
+            sample, t, encoder_hidden_states=context).sample
+    assert max_diff(before, after) > 1e-3 and max_diff(after, direct) <= 1e-5

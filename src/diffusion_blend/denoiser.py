@@ -59,6 +59,9 @@ class BlendedDenoiser(nn.Module):
             in the batch, each row routed to its adapter) instead of one call each: the same FLOPs in one call, so
             a call's fixed cost is paid once (docs/performance.md). ``False``: one call per member.
         max_batch_size: at most this many rows per denoiser call (chunks bound the memory of stacked calls).
+        vmap_full_members: evaluate the full-module members needed on all rows in one ``torch.vmap`` call over
+            their stacked weights (``torch.func.stack_module_state``) instead of one call each. It keeps a stacked
+            copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes.
 
     Call :meth:`set_blend` before the first forward call. The wrapper exposes the base's ``config``, ``dtype``,
     ``device`` and every other attribute, so a pipeline cannot tell it from the base.
@@ -71,8 +74,10 @@ class BlendedDenoiser(nn.Module):
         *,
         batch_members: bool = True,
         max_batch_size: int | None = None,
+        vmap_full_members: bool = False,
     ):
         super().__init__()
+        self.vmap_full_members = vmap_full_members
         if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
                                            or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
@@ -99,6 +104,7 @@ class BlendedDenoiser(nn.Module):
         self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
+        self._vmap_cache: tuple | None = None
         self.forward = SignedForward(self, inspect.signature(base.forward))
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
@@ -243,7 +249,16 @@ class BlendedDenoiser(nn.Module):
         """
         predictions: list[torch.Tensor] = [None] * len(plan)  # type: ignore[list-item]
         template = None
-        for positions in self._calls(plan):
+        calls = self._calls(plan)
+        vmapped = [c[0] for c in calls if self.vmap_full_members and plan[c[0]].member in self.modules_by_name
+                   and plan[c[0]].rows is None]
+        if len(vmapped) > 1:
+            outputs = self._vmapped([plan[p].member for p in vmapped], args, kwargs)
+            template = outputs[0]
+            for position, output in zip(vmapped, outputs):
+                predictions[position] = prediction_of(output)
+            calls = [c for c in calls if c[0] not in vmapped]
+        for positions in calls:
             stacked, output = self._run_stacked([plan[p] for p in positions], latent, args, kwargs)
             template = output if template is None else template
             for position, prediction in zip(positions, stacked):
@@ -283,6 +298,28 @@ class BlendedDenoiser(nn.Module):
             pieces.append(prediction_of(output))
         stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         return list(stacked.split([len(r) for r in rows])), template
+
+    def _vmapped(self, names: list[str], args: tuple, kwargs: dict) -> list[Any]:
+        """Full members on the same inputs in one vmapped call over their stacked weights."""
+        modules = [self.modules_by_name[name] for name in names]
+        key = tuple((name, *((p.data_ptr(), p._version) for p in module.parameters())) for name, module in zip(names, modules))
+        if self._vmap_cache is None or self._vmap_cache[0] != key:
+            import copy
+
+            from torch.func import stack_module_state
+
+            with torch.no_grad():
+                params, buffers = stack_module_state(modules)
+            template = copy.deepcopy(modules[0]).to("meta")
+            self._vmap_cache = (key, params, buffers, template)
+        _, params, buffers, template = self._vmap_cache
+
+        def call(member_params, member_buffers):
+            return torch.func.functional_call(template, (member_params, member_buffers), args, kwargs)
+
+        outputs = torch.vmap(call)(params, buffers)  # the denoiser's output type, every field stacked over members
+        stacked = prediction_of(outputs)
+        return [with_prediction(outputs, stacked[i]) for i in range(len(names))]
 
     def _call(self, module: nn.Module | None, routes: list[str], args: tuple, kwargs: dict) -> Any:
         """One denoiser call: a full member, or the shared base with each row routed to its LoRA adapter."""

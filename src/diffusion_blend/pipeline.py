@@ -46,8 +46,8 @@ class Blend:
             pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids work when
             online.
         denoiser: the pipeline attribute holding the denoiser, when it is not ``unet`` or ``transformer``.
-        batch_members, max_batch_size: how members are evaluated (see :class:`BlendedDenoiser`): by default the
-            base and all LoRA members in one call on the shared base.
+        batch_members, max_batch_size, vmap_full_members: how members are evaluated (see
+            :class:`BlendedDenoiser`): by default the base and all LoRA members in one call on the shared base.
 
     Outside :meth:`blend` the pipeline behaves exactly as before: the basis LoRAs are loaded but inactive, and the
     activation of its own adapters is left as it was.
@@ -61,6 +61,7 @@ class Blend:
         denoiser: str | None = None,
         batch_members: bool = True,
         max_batch_size: int | None = None,
+        vmap_full_members: bool = False,
     ):
         _check_basis_names(basis)
         self.pipe = pipe
@@ -81,9 +82,8 @@ class Blend:
                 else:
                     members[name] = source
             snapshot.restore()  # the new adapters stay loaded, inactive and frozen
-            self.denoiser = BlendedDenoiser(
-                self.base, members, batch_members=batch_members, max_batch_size=max_batch_size
-            )
+            self.denoiser = BlendedDenoiser(self.base, members, batch_members=batch_members,
+                                            max_batch_size=max_batch_size, vmap_full_members=vmap_full_members)
         except Exception:
             if loaded:
                 self.base.delete_adapters(loaded)
@@ -101,6 +101,7 @@ class Blend:
         denoiser: str | None = None,
         batch_members: bool = True,
         max_batch_size: int | None = None,
+        vmap_full_members: bool = False,
         **kwargs: Any,
     ) -> Blend:
         """Load the base pipeline with diffusers' ``DiffusionPipeline.from_pretrained`` and attach the basis.
@@ -114,7 +115,8 @@ class Blend:
             if not isinstance(source, nn.Module):
                 resolve_source(name, source)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
-        return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size)
+        return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size,
+                   vmap_full_members=vmap_full_members)
 
     @property
     def names(self) -> list[str]:
