@@ -13,6 +13,7 @@ weight is), the executor decides how many denoiser calls that takes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.func import functional_call, stack_module_state
 
 from .adapters import NO_ADAPTER, AdapterRouter, loaded_adapters
 from .blend import base_coefficient, blend_predictions, validate_kl_scale, validate_weights
@@ -54,7 +56,6 @@ class BlendedDenoiser(nn.Module):
         base: the pretrained denoiser module (e.g. a ``UNet2DConditionModel`` or ``SD3Transformer2DModel``).
         members: basis name → a full fine-tuned denoiser of the same architecture, or the name of a peft LoRA
             adapter already loaded on ``base``.
-
         batch_members: evaluate the base and all LoRA members in one call on the shared base (their rows stacked
             in the batch, each row routed to its adapter) instead of one call each: the same FLOPs in one call, so
             a call's fixed cost is paid once (docs/performance.md). ``False``: one call per member.
@@ -304,10 +305,6 @@ class BlendedDenoiser(nn.Module):
         modules = [self.modules_by_name[name] for name in names]
         key = tuple((name, *((p.data_ptr(), p._version) for p in module.parameters())) for name, module in zip(names, modules))
         if self._vmap_cache is None or self._vmap_cache[0] != key:
-            import copy
-
-            from torch.func import stack_module_state
-
             with torch.no_grad():
                 params, buffers = stack_module_state(modules)
             template = copy.deepcopy(modules[0]).to("meta")
@@ -315,7 +312,7 @@ class BlendedDenoiser(nn.Module):
         _, params, buffers, template = self._vmap_cache
 
         def call(member_params, member_buffers):
-            return torch.func.functional_call(template, (member_params, member_buffers), args, kwargs)
+            return functional_call(template, (member_params, member_buffers), args, kwargs)
 
         outputs = torch.vmap(call)(params, buffers)  # the denoiser's output type, every field stacked over members
         stacked = prediction_of(outputs)
