@@ -182,19 +182,18 @@ class AdapterRouter:
         """A_cat (Σr × in), (B·s)_cat (out × Σr) and each adapter's rank block. Cached per layer and adapter set
         while the weights are unchanged; built afresh, with their autograd graph, when gradients must reach them."""
         weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]) for a in adapters]
-        ranks = [a.shape[0] for a, _, _ in weights]
-        starts = [sum(ranks[:i]) for i in range(len(ranks))]
-        blocks = {adapter: (start, start + rank) for adapter, start, rank in zip(adapters, starts, ranks)}
         if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
-            return torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], dim=1), blocks
+            return (torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], dim=1),
+                    _rank_blocks(adapters, weights))
         version = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
         cached = self._stacked.get((id(layer), adapters))
         if cached is None or cached[0] != version:
             with torch.no_grad():
                 stacked_a = torch.cat([a for a, _, _ in weights])
                 stacked_b = torch.cat([b * s for _, b, s in weights], dim=1)
-            cached = self._stacked[(id(layer), adapters)] = (version, stacked_a, stacked_b)
-        return cached[1], cached[2], blocks
+            blocks = _rank_blocks(adapters, weights)
+            cached = self._stacked[(id(layer), adapters)] = (version, stacked_a, stacked_b, blocks)
+        return cached[1], cached[2], cached[3]
 
     def _mask(self, segments: list, blocks: dict, rows: int, like: torch.Tensor) -> torch.Tensor:
         """Rows × total rank, 1 where a row's adapter owns the rank block; shared by all layers of equal ranks."""
@@ -250,6 +249,15 @@ def _segments(names: str | list[str]) -> list[tuple[str, int, int]]:
         else:
             segments.append((name, row, row + 1))
     return segments
+
+
+def _rank_blocks(adapters: tuple[str, ...], weights: list[tuple]) -> dict[str, tuple[int, int]]:
+    """Each adapter's block of rows in the stacked A (its rank's share of Σr)."""
+    blocks, start = {}, 0
+    for adapter, (a, _, _) in zip(adapters, weights):
+        blocks[adapter] = (start, start + a.shape[0])
+        start += a.shape[0]
+    return blocks
 
 
 def lora_update(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
