@@ -56,23 +56,6 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
-def parse_named_values(text: str, what: str) -> dict[str, float]:
-    """``"a=0.3,b=0.7"`` → ``{"a": 0.3, "b": 0.7}``; raise on malformed items and repeated names."""
-    values: dict[str, float] = {}
-    for item in (part.strip() for part in text.split(",")):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise CommandError(f"{what}: {item!r} is not NAME=NUMBER")
-        if name in values:
-            raise CommandError(f"{what}: {name!r} is given twice")
-        try:
-            values[name] = float(value)
-        except ValueError:
-            raise CommandError(f"{what}: {value.strip()!r} (for {name!r}) is not a number") from None
-    return values
-
-
 def parse_basis(items: list[str]) -> dict[str, str]:
     """``["a=path/to/lora", ...]`` → ``{"a": "path/to/lora"}``."""
     basis: dict[str, str] = {}
@@ -193,7 +176,7 @@ def _generate(
     import torch
 
     from . import __version__
-    from .blend import validate_kl_scale, validate_weights
+    from .blend import parse_named_numbers, validate_kl_scale, validate_weights
     from .pipeline import Blend
 
     quiet_libraries()
@@ -201,7 +184,7 @@ def _generate(
     if mode not in ("mix", "stochastic"):
         raise CommandError(f"--mode must be mix or stochastic, got {mode!r}")
     basis_paths = parse_basis(basis)
-    blend_weights = validate_weights(parse_named_values(weights, "--weights"), basis_paths, simplex=mode == "stochastic")
+    blend_weights = validate_weights(parse_named_numbers(weights, "--weights"), basis_paths, simplex=mode == "stochastic")
     kl_scale = validate_kl_scale(kl_scale)
     if dtype not in DTYPES:
         raise CommandError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -341,11 +324,12 @@ def lab_run(
 
 
 def _lab_run(weights, scenario, alpha, kl_scale, samples, steps, eta, seed, scheduler, prior, json_output) -> None:
+    from .blend import parse_named_numbers
     from .lab import run_lab
     from .lab.report import run_table
 
     chosen = _lab_scenario(scenario, alpha)
-    report = run_lab(chosen, parse_named_values(weights, "--weights"), kl_scale, samples=samples, steps=steps,
+    report = run_lab(chosen, parse_named_numbers(weights, "--weights"), kl_scale, samples=samples, steps=steps,
                      eta=eta, seed=seed, scheduler=scheduler, prior=prior)
     typer.echo(json.dumps(report) if json_output else run_table(report), nl=json_output)
 

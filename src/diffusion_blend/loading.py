@@ -30,8 +30,12 @@ PEFT_PREFIX = "base_model.model."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry holding the LoraConfig
 TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te3_")
 _OLD_PROCESSOR_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<side>down|up)\.weight$")
-#: A Hugging Face hub repository id ("owner/name").
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether a string that is not a local path reads as a Hugging Face hub repository id ("owner/name")."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -50,7 +54,7 @@ def resolve_source(name: str, source: str | os.PathLike) -> Path:
     if path.exists():
         return path
     text = str(source)
-    if HUB_ID.match(text) and not text.startswith("."):
+    if is_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
 

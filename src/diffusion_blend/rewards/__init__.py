@@ -12,12 +12,12 @@ faked here. The closest substitute is the LAION aesthetic predictor v2 (``aesthe
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..blend import parse_named_numbers
 from .base import FunctionReward, Reward, RewardWeightsError, WeightedReward, env_variable
 
 
@@ -139,22 +139,7 @@ def load_user_reward(path: str) -> Reward:
 
 def parse_weighted(spec: str) -> dict[str, float]:
     """``"ir=0.5,aes=0.5"`` → ``{"ir": 0.5, "aes": 0.5}``; a bare name means weight 1."""
-    weights: dict[str, float] = {}
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            raise ValueError(f"reward spec {spec!r} has an empty item")
-        name, sep, value = item.rpartition("=") if "=" in item else (item, "", "1")
-        name = name.strip()
-        try:
-            weight = float(value)
-        except ValueError:
-            raise ValueError(f"reward spec {spec!r}: {value.strip()!r} (for {name!r}) is not a number") from None
-        if not math.isfinite(weight):
-            raise ValueError(f"reward spec {spec!r}: the weight of {name!r} must be finite")
-        if name in weights:
-            raise ValueError(f"reward spec {spec!r}: {name!r} is given twice")
-        weights[name] = weight
-    return weights
+    return parse_named_numbers(spec, f"reward spec {spec!r}", bare=1.0)
 
 
 def parse_reward(spec: str, paths: dict[str, str] | None = None, device=None, dtype=None) -> Reward:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import HUB_ID
+from ..loading import is_hub_id
 
 #: Where rewards look for their weights when no path is given: ``$DIFFUSION_BLEND_<NAME>`` (one folder per reward).
 ENV_PREFIX = "DIFFUSION_BLEND_"
@@ -167,7 +167,7 @@ def weights_source(reward: str, path_or_id: str | os.PathLike | None) -> Path | 
         if path.exists():
             return path
         text = str(path_or_id)
-        if HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        if is_hub_id(text):
             return text
         raise RewardWeightsError(f"{reward}: {text} does not exist")
     variable = env_variable(reward)
