@@ -15,6 +15,9 @@ Reported ratios:
                           bytes of a DB-MPA step (stacked, and chunked to the single model's rows)
   --full                  also full-module members: the joint blend one call per member, and vmapped over their
                           stacked weights, each over the M + 1 separate model calls
+  --compile [MODE]        also everything above under torch.compile (static shapes; MODE: default,
+                          reduce-overhead, max-autotune), in a second rotation: compiled_* ratios over compiled plain
+                          calls, and compile_speedup = eager single model / compiled single model
 
 Each repeat times every variant once, in a rotating order, after warm-up; the ratios are medians over repeats of
 per-repeat ratios, so slow drifts of a shared machine cancel.
@@ -79,28 +82,34 @@ def inputs(unet, batch: int, size: int, context: tuple[int, int]):
     return (torch.cat([latents, latents]), torch.tensor(500, device=parameter.device)), {"encoder_hidden_states": hidden}
 
 
-def blended_denoiser(unet, names, batch_members=True, **blend) -> BlendedDenoiser:
-    denoiser = BlendedDenoiser(unet, {name: name for name in names}, batch_members=batch_members)
+def blended_denoiser(unet, names, batch_members=True, compile=False, **blend) -> BlendedDenoiser:
+    denoiser = BlendedDenoiser(unet, {name: name for name in names}, batch_members=batch_members, compile=compile)
     denoiser.set_blend({name: 1.0 / len(names) for name in names}, **blend)
     return denoiser
 
 
-def variants(unet, names, args, kwargs, steps: int = 1) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+def variants(unet, names, args, kwargs, steps: int = 1,
+             compile: dict | None = None) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """Each timed quantity as (untimed setup, timed call) doing the denoiser work of ``steps`` denoising steps.
 
     A plain call is the model alone with its adapter already active (switching adapters is not timed: the
     baseline is as fast as separate models would be). Blended calls run inside one routing context, as in a
-    pipeline call (Blend installs the LoRA routing hooks once per image).
+    pipeline call (Blend installs the LoRA routing hooks once per image). With ``compile`` (torch.compile
+    options) the plain calls and the blends are compiled alike.
     """
+    options = compile if compile is not None else False
     denoisers = {
-        "mpa": blended_denoiser(unet, names),
-        "ls": blended_denoiser(unet, names, mode="stochastic", generator=torch.Generator().manual_seed(0)),
-        "joint": blended_denoiser(unet, names, kl_scale=1.5),
-        "joint_sequential": blended_denoiser(unet, names, batch_members=False, kl_scale=1.5),
+        "mpa": blended_denoiser(unet, names, compile=options),
+        "ls": blended_denoiser(unet, names, compile=options, mode="stochastic", generator=torch.Generator().manual_seed(0)),
+        "joint": blended_denoiser(unet, names, compile=options, kl_scale=1.5),
     }
+    if compile is None:
+        denoisers["joint_sequential"] = blended_denoiser(unet, names, batch_members=False, kl_scale=1.5)
+    plain = torch.compile(unet, **compile) if compile is not None else unet
+
     def plain_steps():
         for _ in range(steps):
-            unet(*args, **kwargs)
+            plain(*args, **kwargs)
 
     def blended_steps(denoiser):
         with denoiser.routing():
@@ -192,9 +201,39 @@ def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, r
             for key in ("full_sequential", "full_vmap")}
 
 
+def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup: int, device: str,
+                    mode: str, backend: str = "inductor") -> dict[str, float]:
+    """The same quantities with every call compiled (static shapes), timed side by side in their own rotation with
+    the eager single model (for the compile speedup)."""
+    options = {"dynamic": False, "backend": backend} | ({} if mode == "default" else {"mode": mode})
+    functions = variants(unet, names, args, kwargs, steps, compile=options)
+    functions = {f"compiled_{key}": value for key, value in functions.items()}
+
+    def eager_single():
+        for _ in range(steps):
+            unet(*args, **kwargs)
+
+    functions["eager_single"] = (lambda: unet.set_adapter([names[0]]), eager_single)
+    times = time_variants(functions, repeats, warmup, device)
+    times["compiled_single"] = times[f"compiled_plain:{names[0]}"]
+    times["compiled_raw_calls"] = [sum(parts) for parts in zip(*(times[f"compiled_plain:{a}"] for a in ["base", *names]))]
+    unet.set_adapter([])
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+    return {
+        "compile_mode": mode,
+        "compiled_mpa_over_single": ratio("compiled_mpa", "compiled_single"),
+        "compiled_ls_over_single": ratio("compiled_ls", "compiled_single"),
+        "compiled_overhead": ratio("compiled_joint", "compiled_raw_calls"),
+        "compile_speedup": ratio("eager_single", "compiled_single"),
+    }
+
+
 def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 20, warmup: int = 3,
         dtype: str = "fp32", device: str = "cpu", latent: int | None = None, steps: int = 1,
-        full: bool = False) -> dict:
+        full: bool = False, compile: str | None = None, compile_backend: str = "inductor") -> dict:
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     unet, names, size = build(config, members, torch_dtype, device, latent)
     args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
@@ -211,6 +250,9 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
         memory.update(peak_memory_ratios(unet, names, args, kwargs))
     if full:
         memory.update(full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps))
+    if compile:
+        memory.update(compiled_ratios(unet, names, args, kwargs, steps, repeats, warmup, device, compile,
+                                      compile_backend))
     return {
         "config": config, "members": members, "batch": batch, "rows_per_call_cfg": 2 * batch, "latent": size,
         "steps": steps,
@@ -236,10 +278,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the config's)")
     parser.add_argument("--steps", type=int, default=1, help="denoising steps per timed run (a sampling loop)")
     parser.add_argument("--full", action="store_true", help="also time full-module members (sequential and vmapped)")
+    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="also time everything compiled with torch.compile (this mode)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args(argv)
     result = run(options.config, options.members, options.batch, options.repeats, options.warmup, options.dtype,
-                 options.device, options.latent, options.steps, options.full)
+                 options.device, options.latent, options.steps, options.full, options.compile, options.compile_backend)
     if options.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
@@ -258,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
                        ("peak_memory", "(d) peak memory / single model (CUDA)"),
                        ("peak_memory_chunked", "(d) same, chunked to the single model's rows"),
                        ("full_sequential_overhead", "(c) full members, one call each / the M+1 model calls"),
-                       ("full_vmap_overhead", "(c) full members vmapped over stacked weights / the M+1 calls")):
+                       ("full_vmap_overhead", "(c) full members vmapped over stacked weights / the M+1 calls"),
+                       ("compiled_mpa_over_single", "(a) compiled: DB-MPA / single model"),
+                       ("compiled_ls_over_single", "(b) compiled: DB-MPA-LS / single model"),
+                       ("compiled_overhead", "(c) compiled: blend / the M+1 calls it replaces"),
+                       ("compile_speedup", "eager single model / compiled single model")):
         if key in result:
             table.add_row(label, f"{result[key]:.3f}")
     Console().print(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 from diffusion_blend import Blend, BlendedDenoiser
@@ -213,3 +214,40 @@ def test_vmapped_members_follow_weight_changes():
         direct = 0.5 * member(sample, t, encoder_hidden_states=context).sample + 0.5 * denoiser.modules_by_name["aes"](
             sample, t, encoder_hidden_states=context).sample
     assert max_diff(before, after) > 1e-3 and max_diff(after, direct) <= 1e-5
+
+
+# The operations whose result a host must wait for when tensors live on a GPU (item(), nonzero, unique, ...).
+HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
+              "is_nonzero", "equal", "repeat_interleave", "_assert_async"}
+
+
+class HostReads(TorchDispatchMode):
+    """Records every host-reading operation run inside the block (on any device: on a CPU it costs nothing, on a
+    GPU each one makes the host wait for the GPU to finish all queued work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, kl_scale", [("mix", 1.5), ("mix", 1.0), ("stochastic", 1.0), ("stochastic", 0.5)])
+def test_a_blended_step_makes_no_host_read_beyond_the_denoisers_own(mode, kl_scale):
+    """Nothing the blend adds (planning, routing, stochastic draws) waits for a GPU: a blended step reads back to
+    the host exactly what one plain call of the denoiser reads."""
+    base = _lora_base()
+    sample, _, context = _cfg_inputs()
+    with torch.no_grad(), HostReads() as plain:
+        base(sample, torch.tensor(400), encoder_hidden_states=context)
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    denoiser.set_blend({"ir": 0.4, "aes": 0.6}, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), denoiser.routing():
+        denoiser(sample, torch.tensor(500), encoder_hidden_states=context)
+        with HostReads() as blended:
+            denoiser(sample, torch.tensor(400), encoder_hidden_states=context)  # a new step
+            denoiser(sample.clone(), torch.tensor(400), encoder_hidden_states=context)  # the same step again
+    assert blended.ops == plain.ops * 2

@@ -26,6 +26,13 @@ def test_benchmark_json_cli(capsys):
     assert result["members"] == 3 and set(RATIOS) <= set(result)
 
 
+@pytest.mark.slow
+def test_benchmark_reports_the_compiled_ratios():
+    result = blend_speed.run("tiny", members=2, repeats=1, warmup=0, compile="default", compile_backend="eager")
+    assert all(result[key] > 0 for key in ("compiled_mpa_over_single", "compiled_ls_over_single",
+                                            "compiled_overhead", "compile_speedup"))
+
+
 @pytest.mark.benchmark
 def test_tiny_stacked_step_costs_at_most_half_the_separate_calls():
     """Base + two LoRA members with λ ≠ 1, where a call's fixed cost dominates."""

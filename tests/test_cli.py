@@ -61,6 +61,17 @@ def test_cli_image_equals_the_python_api(sd_pipeline_folder, sd_loras, tmp_path)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(expected))
 
 
+@pytest.mark.slow
+def test_generate_compiled_gives_the_eager_image(sd_pipeline_folder, sd_loras, tmp_path):
+    args = ("--weights", "ir=0.4,aes=0.6", "--kl-scale", "1.5", "--seed", "3")
+    assert _generate(sd_pipeline_folder, sd_loras, tmp_path / "eager.png", *args).exit_code == 0
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "compiled.png", *args, "--compile", "default")
+    assert result.exit_code == 0, result.output
+    eager, compiled = (np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int) for name in ("eager", "compiled"))
+    assert np.abs(eager - compiled).max() <= 1  # float rounding of fused kernels may move a pixel by one level
+    assert json.loads((tmp_path / "compiled.json").read_text())["compile"] == "default"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -73,6 +84,7 @@ def test_cli_image_equals_the_python_api(sd_pipeline_folder, sd_loras, tmp_path)
         (["--weights", "ir=1", "--mode", "average"], "--mode must be"),
         (["--weights", "ir=1", "--dtype", "fp8"], "--dtype must be"),
         (["--weights", "ir=1", "--scheduler", "nonsense"], "unknown scheduler"),
+        (["--weights", "ir=1", "--compile", "fastest"], "--compile must be"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, tmp_path, extra, message):

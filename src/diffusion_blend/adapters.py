@@ -73,11 +73,26 @@ class AdapterRouter:
     slice (a view), never a gather: this is what keeps a stacked call at the cost of its FLOPs. (peft's
     ``adapter_names`` mixed batches give the same numbers but build per-row index lists and gather/scatter
     copies in every layer; on small models that overhead was larger than the calls it saves.)
+
+    A routing can also be a tensor: a (rows × adapters) 0/1 mask, :attr:`row_mask`, that every layer's hook
+    multiplies into one stacked low-rank product over all rows. The stochastic mode builds it from its draws on the
+    GPU without reading them back (row slices would need their sizes on the host), and compiled calls use it
+    always (``dense=True``): the hook code is then the same at every call, only the mask's values change, so one
+    graph serves any routing. Dense hooks stay installed from the first ``with router:`` until :meth:`release`
+    (they do nothing while :attr:`row_mask` is None), so graphs compiled with hook guards stay valid from one
+    pipeline call to the next.
     """
 
-    def __init__(self, module: nn.Module, adapters: Sequence[str]):
+    def __init__(self, module: nn.Module, adapters: Sequence[str], *, dense: bool = False):
         self.module = module
+        self.order = list(dict.fromkeys(adapters))  # the adapters' columns in a dense row mask
         self.adapters = set(adapters)
+        self.dense = dense
+        self.row_mask: torch.Tensor | None = None
+        self._dense_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._suspended: list[tuple[nn.Module, object]] = []
+        self._last_mask: tuple[tuple, torch.Tensor] | None = None
+        self._member_columns: tuple[tuple, torch.Tensor] | None = None
         self._capture_layers()
         self._segments: list[tuple[str, int, int]] | None = None
         self._stacked: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights (rebuilt when they change)
@@ -111,6 +126,7 @@ class AdapterRouter:
         if self._depth == 0:
             inventory = self._adapter_inventory()
             if inventory is None or inventory != self._inventory:
+                self.release()
                 self._capture_layers()
             self._check_state()
             active = [layer for layer in self.layers if not layer.disable_adapters and layer.active_adapters]
@@ -118,7 +134,13 @@ class AdapterRouter:
                 self._snapshot = ActivationSnapshot(self.module)
                 for layer in active:
                     layer.set_adapter([])
-            self._handles = [layer.register_forward_hook(self._add_updates, with_kwargs=True) for layer in self.layers]
+            self._suspend_compiled_regions()
+            if not self.dense:
+                self._handles = [layer.register_forward_hook(self._add_updates, with_kwargs=True) for layer in self.layers]
+            elif not self._dense_handles:
+                self._dense_handles = [
+                    layer.register_forward_hook(self._add_dense_updates, with_kwargs=True) for layer in self.layers
+                ]
         self._depth += 1
         return self
 
@@ -128,23 +150,112 @@ class AdapterRouter:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
+            self.row_mask = None
+            for module, compiled in self._suspended:
+                module._compiled_call_impl = compiled
+            self._suspended = []
             if self._snapshot is not None:
                 self._snapshot.restore()
                 self._snapshot = None
 
+    def release(self) -> None:
+        """Remove the dense hooks (a no-op for per-call hooks, which leave with the ``with`` block)."""
+        for handle in self._dense_handles:
+            handle.remove()
+        self._dense_handles = []
+
+    def _suspend_compiled_regions(self) -> None:
+        """Run the user's in-place compiled regions (``module.compile()``, diffusers' ``compile_repeated_blocks``)
+        that contain routed layers uncompiled while routing: TorchDynamo does not guard on module hooks by
+        default, so a graph compiled before the routing hooks existed would silently ignore them."""
+        routed = {id(layer) for layer in self.layers}
+        for module in self.module.modules():
+            compiled = getattr(module, "_compiled_call_impl", None)
+            if compiled is not None and any(id(inner) in routed for inner in module.modules()):
+                self._suspended.append((module, compiled))
+                module._compiled_call_impl = None
+
     @contextlib.contextmanager
-    def route(self, names: str | list[str]) -> Iterator[None]:
-        """Route the forward calls made inside the block: one adapter (or ``NO_ADAPTER``) or one per row."""
+    def route(self, names: str | list[str] | torch.Tensor) -> Iterator[None]:
+        """Route the forward calls made inside the block: one adapter (or ``NO_ADAPTER``), one per row, or a
+        rows × adapters mask (:meth:`member_mask`, :meth:`dense_mask`)."""
         if self._depth == 0:
             raise RuntimeError("AdapterRouter.route() must be used inside `with router:`")
-        previous, self._segments = self._segments, _segments(names)
+        previous = self._segments, self.row_mask
+        if isinstance(names, torch.Tensor):
+            self._segments, self.row_mask = None, names
+        else:
+            self._segments, self.row_mask = _segments(names), None
         self._masks = {}
         try:
             yield
         finally:
-            self._segments = previous
+            self._segments, self.row_mask = previous
+
+    def member_mask(self, adapters: list[str], drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The mask routing row i through ``adapters[drawn[i]]``, built on ``drawn``'s device (no host read)."""
+        key = (tuple(adapters), drawn.device)
+        if self._member_columns is None or self._member_columns[0] != key:
+            columns = torch.tensor([self.order.index(adapter) for adapter in adapters])
+            self._member_columns = (key, columns.to(drawn.device, non_blocking=True))
+        columns = self._member_columns[1][drawn]
+        every = torch.arange(len(self.order), device=drawn.device)
+        return (columns.unsqueeze(1) == every).to(like.dtype)
+
+    def dense_mask(self, names: str | list[str], rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The dense routing of ``rows`` rows (one name for all, or one per row): rows × adapters, 1 where a row
+        goes through that adapter; in ``like``'s dtype and device. The last mask is reused (a mix blend routes
+        every step alike)."""
+        key = (names if isinstance(names, str) else tuple(names), rows, like.dtype, like.device)
+        if self._last_mask is not None and self._last_mask[0] == key:
+            return self._last_mask[1]
+        per_row = [names] * rows if isinstance(names, str) else names
+        columns = {adapter: column for column, adapter in enumerate(self.order)}
+        mask = torch.zeros(rows, len(self.order))
+        for row, name in enumerate(per_row):
+            if name != NO_ADAPTER:
+                mask[row, columns[name]] = 1
+        mask = mask.to(dtype=like.dtype).to(like.device, non_blocking=True)
+        self._last_mask = (key, mask)
+        return mask
+
+    def _add_dense_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        """Mask routing (see the class): the same tensor operations whatever the rows' adapters are."""
+        row_mask = self.row_mask
+        if row_mask is None:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] != row_mask.shape[0]:
+            raise ValueError(
+                f"a routing of {row_mask.shape[0]} rows met a layer input with {x.shape[0]} rows; this denoiser "
+                "reshapes its batch, so its LoRA members cannot be routed per row (use batch_members=False, "
+                "compile=False)"
+            )
+        held = [adapter for adapter in self.order if adapter in layer.lora_A]
+        rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else output.ndim - 1
+        if not _stackable(layer, held):
+            updates = [(self.order.index(a), lora_update(layer, a, x)) for a in held]
+            update = sum(_broadcast(row_mask[:, column].to(u.dtype), output.ndim) * u for column, u in updates)
+            return output + update.to(output.dtype)
+        first = held[0]
+        if torch.compiler.is_compiling():  # traced into the graph: the compiler folds or fuses it
+            stacked_a = torch.cat([layer.lora_A[a].weight for a in held])
+            stacked_b = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in held], dim=1)
+        else:
+            stacked_a, stacked_b, _ = self._stacked_weights(layer, tuple(held))
+        rank_mask = torch.cat(
+            [row_mask[:, self.order.index(a)].unsqueeze(1).expand(-1, layer.lora_A[a].weight.shape[0]) for a in held],
+            dim=1,
+        )
+        low_rank = _apply(layer.lora_A[first], x.to(stacked_a.dtype), stacked_a)
+        shape = [1] * low_rank.ndim
+        shape[0], shape[rank_axis] = rank_mask.shape
+        update = _apply(layer.lora_B[first], low_rank * rank_mask.to(low_rank.dtype).view(shape), stacked_b)
+        return output + update.to(output.dtype)
 
     def _add_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if self.row_mask is not None:
+            return self._add_dense_updates(layer, args, kwargs, output)
         if self._segments is None:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
@@ -264,6 +375,13 @@ def lora_update(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor
     """peft's vanilla LoRA update of one adapter, computed by the layer's own modules."""
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     return lora_B(lora_A(layer.lora_dropout[adapter](x.to(lora_A.weight.dtype)))) * layer.scaling[adapter]
+
+
+def _broadcast(per_row: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-row factor shaped to multiply a layer output (rows on axis 0)."""
+    shape = [1] * ndim
+    shape[0] = per_row.shape[0]
+    return per_row.view(shape)
 
 
 def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

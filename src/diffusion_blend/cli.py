@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 #: Short names for the usual diffusers schedulers; any diffusers scheduler class name works too.
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -151,6 +152,8 @@ def generate(
     scheduler: Annotated[str | None, typer.Option(help=f"Scheduler: {', '.join(SCHEDULERS)} or a class name.")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
+    compile: Annotated[str | None, typer.Option(
+        help=f"torch.compile the denoiser calls, in this mode: {', '.join(COMPILE_MODES)} (first image slower).")] = None,
 ) -> None:
     """Generate images from a blend of basis models."""
     run_reporting_errors(_generate, **locals())
@@ -171,7 +174,7 @@ def run_reporting_errors(command: Any, **kwargs: Any) -> None:
 
 def _generate(
     base, basis, weights, prompt, out, kl_scale, mode, negative_prompt, steps, guidance, seed, num_images,
-    height, width, scheduler, dtype, device,
+    height, width, scheduler, dtype, device, compile,
 ) -> None:
     import torch
 
@@ -191,11 +194,13 @@ def _generate(
     for option, value in (("--num-images", num_images), ("--steps", steps), ("--height", height), ("--width", width)):
         if value is not None and value < 1:
             raise CommandError(f"{option} must be >= 1, got {value}")
+    compile_setting = compile_option(compile)
     _check_out(out)
     scheduler_cls = scheduler_class(scheduler) if scheduler else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    blend = Blend.from_pretrained(base, basis=basis_paths, torch_dtype=getattr(torch, DTYPES[dtype]))
+    blend = Blend.from_pretrained(base, basis=basis_paths, torch_dtype=getattr(torch, DTYPES[dtype]),
+                                  compile=compile_setting)
     pipe = blend.pipe
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
@@ -234,10 +239,20 @@ def _generate(
         "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "dtype": dtype,
         "device": str(device),
+        "compile": compile,
         "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
     for path in save_images(images, out, _jsonable(settings)):
         typer.echo(str(path))
+
+
+def compile_option(mode: str | None) -> bool | dict:
+    """``--compile MODE`` as Blend's ``compile`` argument (no option: eager calls)."""
+    if mode is None:
+        return False
+    if mode not in COMPILE_MODES:
+        raise CommandError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return True if mode == "default" else {"mode": mode}
 
 
 def quiet_libraries() -> None:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
+import itertools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
+from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
@@ -63,6 +66,11 @@ class BlendedDenoiser(nn.Module):
         vmap_full_members: evaluate the full-module members needed on all rows in one ``torch.vmap`` call over
             their stacked weights (``torch.func.stack_module_state``) instead of one call each. It keeps a stacked
             copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes.
+        compile: ``torch.compile`` the denoiser calls of the blend: ``True`` (torch's defaults), a dict of
+            ``torch.compile`` options (``{"mode": "max-autotune", "fullgraph": True}``), ``False``, or ``None`` (the
+            default: compile when the base or a member was given compiled). LoRA rows are then routed by a mask
+            tensor, so one graph serves every routing (mix, stochastic draws, any λ); modules given compiled
+            (``torch.compile(unet)``) are unwrapped and called through the blend's own compiled calls.
 
     Call :meth:`set_blend` before the first forward call. The wrapper exposes the base's ``config``, ``dtype``,
     ``device`` and every other attribute, so a pipeline cannot tell it from the base.
@@ -76,18 +84,25 @@ class BlendedDenoiser(nn.Module):
         batch_members: bool = True,
         max_batch_size: int | None = None,
         vmap_full_members: bool = False,
+        compile: bool | Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        self.vmap_full_members = vmap_full_members
-        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-                                           or max_batch_size < 1):
-            raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
-        self.batch_members = batch_members
-        self.max_batch_size = max_batch_size
         if not isinstance(members, Mapping) or not members:
             raise ValueError("a blend needs at least one basis member (members is empty)")
         for name in members:
             check_member_name(name)
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
+        given_compiled = any(was_compiled(module) for module in (base, *members.values()))
+        self.compile_options = compile_options(compile, given_compiled)
+        if self.compile_options is not None and vmap_full_members:
+            raise ValueError("vmap_full_members and compile cannot be combined yet; choose one")
+        self.vmap_full_members = vmap_full_members
+        self.batch_members = batch_members
+        self.max_batch_size = max_batch_size
+        base = unwrap_module(base)
+        members = {name: unwrap_module(member) for name, member in members.items()}
         self.base = base
         self.modules_by_name = nn.ModuleDict(
             {name: member for name, member in members.items() if isinstance(member, nn.Module)}
@@ -101,7 +116,9 @@ class BlendedDenoiser(nn.Module):
         for name, module in self.modules_by_name.items():
             _check_same_architecture(name, base, module)
         _check_prediction_types(base, self.modules_by_name)
-        self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
+        self.router = (AdapterRouter(base, list(self.adapter_of.values()), dense=self.compile_options is not None)
+                       if self.adapter_of else None)
+        self._compiled: dict[str, Any] = {}
         self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
@@ -202,7 +219,9 @@ class BlendedDenoiser(nn.Module):
         if kl_scale == 0:  # the blend is the base, whichever member is drawn
             predictions, template = self.evaluate([Evaluation(BASE)], latent, args, kwargs)
             return with_prediction(template, predictions[0])
-        drawn = self.draw_members(latent, self._timestep_key(args, kwargs))
+        drawn = self.draw_members(latent, self._timestep(args, kwargs))
+        if self.router is not None and not self.modules_by_name and self.batch_members:
+            return self._stochastic_routed(drawn, latent, args, kwargs)
         plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, latent.device)]
         if kl_scale != 1:
             plan.insert(0, Evaluation(BASE))
@@ -215,29 +234,41 @@ class BlendedDenoiser(nn.Module):
         base = predictions[0] if plan[0].member == BASE else None
         return with_prediction(template, blend_predictions(base, [drawn_prediction], [1.0], kl_scale))
 
-    def draw_members(self, latent: torch.Tensor, timestep_key: float | None = None) -> torch.Tensor:
-        """DB-MPA-LS: one member index per row, drawn with probability w per *sample and denoising step*.
+    def _stochastic_routed(self, drawn: torch.Tensor, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """LoRA members only: every row goes through its drawn adapter in one call on the shared base (after the
+        base's own rows where λ ≠ 1), routed by a mask built on the latents' device from the draws. Nothing is read
+        back to the host, so a GPU is never made to wait (row lists per member would need that)."""
+        mask = self.router.member_mask([self.adapter_of[name] for name in self.names], drawn, like=latent)
+        plan = [Evaluation(self.names[0])]  # its rows are routed by the mask: each to its drawn adapter
+        if self.settings.kl_scale != 1:
+            plan.insert(0, Evaluation(BASE))
+            mask = torch.cat([torch.zeros_like(mask), mask])
+        predictions, template = self._run_stacked(plan, latent, args, kwargs, mask=mask)
+        base = predictions[0] if len(predictions) == 2 else None
+        blended = blend_predictions(base, [predictions[-1]], [1.0], self.settings.kl_scale)
+        return with_prediction(template, blended)
 
-        A sample is recognised by its latent input: rows with bitwise identical latents at the same timestep are
-        one sample presented several times, and share their draw — within a call (classifier-free guidance's
-        unconditional and conditional halves batched together) and across consecutive calls at the same timestep
+    def draw_members(self, latent: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """DB-MPA-LS: one member index per row, drawn with probability w per *sample and denoising step*, as a
+        tensor on the latents' device.
+
+        A sample is recognised by its latent input: rows with bitwise identical latents are one sample presented
+        several times and share their draw — within a call (classifier-free guidance's unconditional and
+        conditional halves batched together) and with the previous call when it was at the same timestep
         (pipelines that run the two halves as two calls). Inputs that differ per branch (InstructPix2Pix's
         image-conditioning channels) and the several evaluations of one step by Heun-type solvers draw separately.
         """
-        if self._draws is None or self._draws.timestep != timestep_key or timestep_key is None:
-            self._draws = _DrawCache(timestep_key)
-        return self._draws.draw(latent, self._probabilities(), self.settings.generator)
+        if self._draws is None:
+            self._draws = _DrawCache()
+        return self._draws.draw(latent, timestep, self._probabilities(), self.settings.generator)
 
     def _probabilities(self) -> torch.Tensor:
         generator = self.settings.generator
         device = generator.device if generator is not None else torch.device("cpu")
         return torch.tensor([self.settings.weights[name] for name in self.names], dtype=torch.float64, device=device)
 
-    def _timestep_key(self, args: tuple, kwargs: dict) -> float | None:
-        timestep = args[1] if len(args) > 1 else kwargs.get(self._timestep_name) if self._timestep_name else None
-        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
-            return float(timestep.reshape(-1)[0])
-        return float(timestep) if isinstance(timestep, (int, float)) else None
+    def _timestep(self, args: tuple, kwargs: dict) -> Any:
+        return args[1] if len(args) > 1 else kwargs.get(self._timestep_name) if self._timestep_name else None
 
     # ----------------------------------------------------------------------------------------------------- execution
     def evaluate(
@@ -276,14 +307,16 @@ class BlendedDenoiser(nn.Module):
         return ([shared] if self.batch_members else [[p] for p in shared]) + full
 
     def _run_stacked(
-        self, evaluations: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict
+        self, evaluations: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict,
+        mask: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], Any]:
-        """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``."""
+        """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``.
+        ``mask`` (stacked rows × adapters) routes the rows on the shared base instead of the evaluations' names."""
         batch = len(latent)
         rows = [e.rows if e.rows is not None else torch.arange(batch, device=latent.device) for e in evaluations]
         index = torch.cat(rows)
         module = self.modules_by_name[evaluations[0].member] if evaluations[0].member in self.modules_by_name else None
-        routes = [] if module is not None else [  # the adapter of every stacked row, for the shared base
+        routes = mask if mask is not None or module is not None else [  # every stacked row's adapter
             self.adapter_of.get(e.member, NO_ADAPTER) for e, r in zip(evaluations, rows) for _ in range(len(r))
         ]
         chunk = self.max_batch_size or len(index)
@@ -294,7 +327,8 @@ class BlendedDenoiser(nn.Module):
                 call_args, call_kwargs = args, kwargs
             else:
                 call_args, call_kwargs = _take_call_rows(args, kwargs, index[start : start + chunk], batch)
-            output = self._call(module, routes[start : start + chunk], call_args, call_kwargs)
+            chunk_routes = None if routes is None else routes[start : start + chunk]
+            output = self._call(module, chunk_routes, call_args, call_kwargs)
             template = output if template is None else template
             pieces.append(prediction_of(output))
         stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
@@ -318,14 +352,48 @@ class BlendedDenoiser(nn.Module):
         stacked = prediction_of(outputs)
         return [with_prediction(outputs, stacked[i]) for i in range(len(names))]
 
-    def _call(self, module: nn.Module | None, routes: list[str], args: tuple, kwargs: dict) -> Any:
-        """One denoiser call: a full member, or the shared base with each row routed to its LoRA adapter."""
+    def _call(self, module: nn.Module | None, routes: list[str] | torch.Tensor | None, args: tuple, kwargs: dict) -> Any:
+        """One denoiser call: a full member, or the shared base with each row routed to its LoRA adapter (by
+        name, or by a rows × adapters mask)."""
+        if isinstance(routes, list):
+            routes = routes[0] if len(set(routes)) == 1 else routes
+        if self.compile_options is not None:
+            return self._compiled_call(module, routes, args, kwargs)
         if module is not None:
             return module(*args, **kwargs)
         if self.router is None:
             return self.base(*args, **kwargs)
-        with self.router.route(routes[0] if len(set(routes)) == 1 else routes):
+        with self.router.route(routes):
             return self.base(*args, **kwargs)
+
+    def _compiled_call(self, module: nn.Module | None, routes: str | list[str] | torch.Tensor | None, args: tuple,
+                       kwargs: dict) -> Any:
+        """The same call through ``torch.compile``: LoRA routing enters the graph as a mask tensor.
+
+        Hooks are guarded here (TorchDynamo skips hook guards by default), so a graph traced before adapters
+        were loaded or removed is never reused after."""
+        graphed = _may_use_cuda_graphs(self.compile_options)
+        if graphed:  # each call is a step of its own: its outputs are cloned before the next call replays a graph
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            if module is not None or self.router is None:
+                output = self._compiled_function("module", call_module)(module or self.base, args, kwargs)
+            else:
+                latent = args[0] if args else kwargs[self._latent_name]
+                mask = routes if isinstance(routes, torch.Tensor) else self.router.dense_mask(routes, len(latent), like=latent)
+                output = self._compiled_function("routed", call_routed)(self.router, mask, self.base, args, kwargs)
+        return with_prediction(output, prediction_of(output).clone()) if graphed else output
+
+    def _compiled_function(self, kind: str, function: Any) -> Any:
+        if kind not in self._compiled:
+            self._compiled[kind] = torch.compile(function, **self.compile_options)
+        return self._compiled[kind]
+
+    def release(self) -> None:
+        """Take the blend's hooks off the base (compiled LoRA routing keeps them between calls); call it when
+        the blend is no longer used (``Blend.unload`` does)."""
+        if self.router is not None:
+            self.router.release()
 
     # ---------------------------------------------------------------------------------------------------- validation
     def _check_adapters_loaded(self) -> None:
@@ -346,6 +414,48 @@ class BlendedDenoiser(nn.Module):
                     f"member {name!r} is on {member_device} in {member_dtype}, the base on {device} in {dtype}; "
                     "move it with .to(...) first"
                 )
+
+
+# ---------------------------------------------------------------------------------------------------- compilation
+def call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """A plain denoiser call (compiled by :meth:`BlendedDenoiser._compiled_call`)."""
+    return module(*args, **kwargs)
+
+
+def call_routed(router: AdapterRouter, mask: torch.Tensor, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """A call of the shared base with its rows routed by ``mask``: setting the router's mask inside the traced
+    function makes it an input of the graph, so new routings reuse the graph."""
+    router.row_mask = mask
+    output = module(*args, **kwargs)
+    router.row_mask = None
+    return output
+
+
+def was_compiled(module: object) -> bool:
+    """Whether a module was given compiled: wrapped by ``torch.compile(module)`` or compiled in place
+    (``module.compile()``)."""
+    return is_compiled_module(module) or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _may_use_cuda_graphs(options: Mapping[str, Any]) -> bool:
+    """Whether torch.compile may replay CUDA graphs, whose outputs the next replay overwrites."""
+    extra = options.get("options") or {}
+    return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(extra.get("triton.cudagraphs"))
+
+
+def compile_options(compile: bool | Mapping[str, Any] | None, given_compiled: bool) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments for the blend's calls, or None for eager calls."""
+    if compile is None:
+        return {} if given_compiled else None
+    if isinstance(compile, bool):
+        return {} if compile else None
+    if not isinstance(compile, Mapping):
+        raise ValueError(f"compile must be True, False, None or a dict of torch.compile options, got {compile!r}")
+    accepted = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(compile) - accepted)
+    if unknown:
+        raise ValueError(f"unknown torch.compile option(s) {', '.join(unknown)} (accepted: {', '.join(sorted(accepted))})")
+    return dict(compile)
 
 
 # ------------------------------------------------------------------------------------------------- denoiser outputs
@@ -393,37 +503,66 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 class _DrawCache:
-    """The stochastic mode's draws at one timestep: every distinct latent row seen so far and its member."""
+    """The stochastic mode's draws, made on the latents' device without reading anything back to the host: a row
+    takes the draw of the first identical row of its call or, when the previous call was at the same timestep,
+    of its identical row there. Rows are compared by a 64-bit hash of their bits (sorting, not pairwise
+    comparisons: the lab draws for tens of thousands of rows at once)."""
 
-    def __init__(self, timestep: float | None):
-        self.timestep = timestep
-        self.rows: torch.Tensor | None = None  # (S, D) distinct flattened latents
-        self.members: torch.Tensor | None = None  # (S,) their drawn members
+    def __init__(self):
+        self.previous: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (sorted row hashes, draws, timestep)
 
-    def draw(self, latent: torch.Tensor, probabilities: torch.Tensor, generator) -> torch.Tensor:
-        flat = latent.detach().reshape(len(latent), -1)
-        known = 0 if self.rows is None else len(self.rows)
-        combined = flat if self.rows is None else torch.cat([self.rows, flat.to(self.rows.device)])
-        sample = _samples_of_rows(combined)  # numbered by first appearance: known samples come first
-        count = int(sample.max()) + 1
-        fresh = torch.multinomial(probabilities, count - known, replacement=True, generator=generator) if count > known else None
-        members = self.members if fresh is None else fresh if self.members is None else torch.cat([self.members, fresh])
-        first_rows = torch.full((count,), len(combined), device=sample.device).scatter_reduce_(
-            0, sample, torch.arange(len(combined), device=sample.device), reduce="amin"
-        )
-        self.rows, self.members = combined[first_rows], members
-        return members[sample[known:].to(members.device)]
+    def draw(self, latent: torch.Tensor, timestep: Any, probabilities: torch.Tensor, generator) -> torch.Tensor:
+        hashes = _row_hashes(latent.detach().reshape(len(latent), -1))
+        fresh = torch.multinomial(probabilities, len(hashes), replacement=True, generator=generator)
+        draws = fresh.to(hashes.device, non_blocking=True)[_first_equal(hashes)]
+        timestep = _comparable_timestep(timestep, hashes.device)
+        if self.previous is not None and timestep is not None:
+            known, known_draws, known_timestep = self.previous
+            same_step = known_timestep is not None and known_timestep == timestep
+            if same_step is not False:
+                position = torch.searchsorted(known, hashes).clamp(max=len(known) - 1)
+                draws = torch.where((known[position] == hashes) & same_step, known_draws[position], draws)
+        order = torch.argsort(hashes)
+        self.previous = (hashes[order], draws[order], timestep)
+        return draws
 
 
-def _samples_of_rows(latent: torch.Tensor) -> torch.Tensor:
-    """A sample index per row, numbered by first appearance; rows with identical latents get the same index."""
-    _, inverse = torch.unique(latent.reshape(len(latent), -1), dim=0, return_inverse=True)
-    rows = torch.arange(len(inverse), device=inverse.device)
-    first_row = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device)
-    first_row.scatter_reduce_(0, inverse, rows, reduce="amin")
-    rank = torch.empty_like(first_row)
-    rank[torch.argsort(first_row)] = torch.arange(len(first_row), device=inverse.device)
-    return rank[inverse]
+def _row_hashes(rows: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash of each row's bits: Σ a_j·bits_j with fixed random odd a_j (wrapping int64 arithmetic), so
+    distinct rows collide with probability about 2⁻⁶⁴."""
+    width = rows.element_size()
+    integer = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[width]
+    bits = rows.contiguous().view(integer).to(torch.int64)
+    return (bits * _hash_multipliers(rows.shape[1], rows.device)).sum(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_multipliers(length: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0x5DEECE66D)
+    multipliers = torch.randint(-(2**62), 2**62, (length,), generator=generator, dtype=torch.int64) * 2 + 1
+    return multipliers.to(device)
+
+
+def _first_equal(keys: torch.Tensor) -> torch.Tensor:
+    """For each position, the first position holding the same key (by a stable sort; no host read)."""
+    order = torch.argsort(keys, stable=True)
+    ordered = keys[order]
+    positions = torch.arange(len(keys), device=keys.device)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    group_start = torch.cummax(torch.where(starts, positions, 0), 0).values
+    first = torch.empty_like(order)
+    first[order] = order[group_start]
+    return first
+
+
+def _comparable_timestep(timestep: Any, device: torch.device) -> Any:
+    """The timestep as a Python number or a 0-d tensor on ``device`` (compared there, without a host read)."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0:
+            return None
+        return timestep.detach().reshape(-1)[0].to(device, non_blocking=True).clone()
+    return float(timestep) if isinstance(timestep, (int, float)) else None
 
 
 def _rows_by_member(drawn: torch.Tensor, names: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
@@ -457,7 +596,7 @@ def _sample_and_timestep_parameters(module: nn.Module) -> tuple[str, str | None]
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of a module, read from its first floating-point parameter or buffer."""
-    for tensor in (*module.parameters(), *module.buffers()):
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.get_default_dtype()

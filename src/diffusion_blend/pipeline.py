@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .adapters import ActivationSnapshot, loaded_adapters
@@ -46,8 +47,9 @@ class Blend:
             pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids work when
             online.
         denoiser: the pipeline attribute holding the denoiser, when it is not ``unet`` or ``transformer``.
-        batch_members, max_batch_size, vmap_full_members: how members are evaluated (see
-            :class:`BlendedDenoiser`): by default the base and all LoRA members in one call on the shared base.
+        batch_members, max_batch_size, vmap_full_members, compile: how members are evaluated (see
+            :class:`BlendedDenoiser`): by default the base and all LoRA members in one call on the shared base,
+            compiled with ``torch.compile`` when the pipeline's denoiser was (``pipe.unet = torch.compile(...)``).
 
     Outside :meth:`blend` the pipeline behaves exactly as before: the basis LoRAs are loaded but inactive, and the
     activation of its own adapters is left as it was.
@@ -62,11 +64,13 @@ class Blend:
         batch_members: bool = True,
         max_batch_size: int | None = None,
         vmap_full_members: bool = False,
+        compile: bool | Mapping[str, Any] | None = None,
     ):
         _check_basis_names(basis)
         self.pipe = pipe
         self.denoiser_name = denoiser or _find_denoiser_name(pipe)
-        self.base: nn.Module = getattr(pipe, self.denoiser_name)
+        self.held: nn.Module = getattr(pipe, self.denoiser_name)  # what the pipeline holds (maybe a compiled wrapper)
+        self.base: nn.Module = unwrap_module(self.held)
         self._check_no_collision(basis)
         self.owned: dict[str, nn.Module] = {}  # full members this Blend loaded from paths
         resolved = {name: self._resolve(name, source) for name, source in basis.items()}
@@ -82,8 +86,9 @@ class Blend:
                 else:
                     members[name] = source
             snapshot.restore()  # the new adapters stay loaded, inactive and frozen
-            self.denoiser = BlendedDenoiser(self.base, members, batch_members=batch_members,
-                                            max_batch_size=max_batch_size, vmap_full_members=vmap_full_members)
+            self.denoiser = BlendedDenoiser(self.held, members, batch_members=batch_members,
+                                            max_batch_size=max_batch_size, vmap_full_members=vmap_full_members,
+                                            compile=compile)
         except Exception:
             if loaded:
                 self.base.delete_adapters(loaded)
@@ -102,6 +107,7 @@ class Blend:
         batch_members: bool = True,
         max_batch_size: int | None = None,
         vmap_full_members: bool = False,
+        compile: bool | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> Blend:
         """Load the base pipeline with diffusers' ``DiffusionPipeline.from_pretrained`` and attach the basis.
@@ -116,7 +122,7 @@ class Blend:
                 resolve_source(name, source)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
         return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size,
-                   vmap_full_members=vmap_full_members)
+                   vmap_full_members=vmap_full_members, compile=compile)
 
     @property
     def names(self) -> list[str]:
@@ -151,7 +157,7 @@ class Blend:
         """
         if self.denoiser is None:
             raise ValueError("this Blend was unloaded; make a new one")
-        if getattr(self.pipe, self.denoiser_name) is not self.base:
+        if getattr(self.pipe, self.denoiser_name) is not self.held:
             raise ValueError(
                 f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
             )
@@ -172,6 +178,8 @@ class Blend:
 
     def unload(self) -> None:
         """Remove the basis LoRAs from the pipeline and drop the loaded full members; the Blend is done after."""
+        if self.denoiser is not None:
+            self.denoiser.release()
         if self.lora_names:
             snapshot = ActivationSnapshot(self.base)
             self.base.delete_adapters(self.lora_names)
@@ -297,7 +305,7 @@ class Blend:
         try:
             yield
         finally:
-            setattr(self.pipe, self.denoiser_name, self.base)
+            setattr(self.pipe, self.denoiser_name, self.held)
             if offloaded:
                 from accelerate.hooks import remove_hook_from_module
 
