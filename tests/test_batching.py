@@ -223,16 +223,48 @@ HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "uniqu
 
 class HostReads(TorchDispatchMode):
     """Records every host-reading operation run inside the block (on any device: on a CPU it costs nothing, on a
-    GPU each one makes the host wait for the GPU to finish all queued work)."""
+    GPU each one makes the host wait for the GPU to finish all queued work): the operations above, indexing with a
+    boolean mask (a hidden nonzero) and ``Tensor.tolist`` (which reads memory without dispatching)."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
+        self._tolist = torch.Tensor.tolist
+
+    def __enter__(self):
+        original, ops = self._tolist, self.ops
+
+        def recorded_tolist(tensor):
+            ops.append("tolist")
+            return original(tensor)
+
+        torch.Tensor.tolist = recorded_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc_info)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in HOST_READS:
-            self.ops.append(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        if name in HOST_READS or (name.startswith("index") and _has_boolean_index(args)):
+            self.ops.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def _has_boolean_index(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
+def test_host_reads_are_recorded():
+    x = torch.randn(6)
+    with HostReads() as reads:
+        float(x.sum())
+        x.tolist()
+        x[x > 0]
+        x.nonzero()
+    assert reads.ops == ["_local_scalar_dense", "tolist", "index", "nonzero"]
 
 
 @pytest.mark.parametrize("mode, kl_scale", [("mix", 1.5), ("mix", 1.0), ("stochastic", 1.0), ("stochastic", 0.5)])

@@ -99,12 +99,15 @@ def test_a_compiled_pipeline_denoiser_is_unwrapped_and_given_back(sd_loras):
     assert max_diff(images, expected) <= 1e-5
 
 
-@pytest.mark.parametrize("how", ["wrapped", "in place"])
+@pytest.mark.parametrize("how", ["wrapped", "in place", "by regions"])
 def test_a_denoiser_given_compiled_is_blended_compiled_by_default(how):
     base = _lora_base()
     given = torch.compile(base) if how == "wrapped" else base
     if how == "in place":
         base.compile()
+    if how == "by regions":  # as diffusers' compile_repeated_blocks does
+        for block in base.down_blocks:
+            block.compile()
     assert BlendedDenoiser(given, MEMBERS).compile_options == {}
     assert BlendedDenoiser(_lora_base(), MEMBERS).compile_options is None
 
@@ -144,14 +147,21 @@ def test_the_base_outside_a_compiled_blend_is_the_plain_base():
     assert torch.equal(after, plain)
 
 
-def test_release_takes_the_hooks_off_the_base():
+def test_a_compiled_blend_leaves_no_hooks_on_the_base():
     base = _lora_base()
     hooks_before = sum(len(m._forward_hooks) for m in base.modules())
-    denoiser = BlendedDenoiser(base, MEMBERS, compile=CAPTURE)
-    _steps(denoiser, {"ir": 0.5, "aes": 0.5}, timesteps=(400,))
-    assert sum(len(m._forward_hooks) for m in base.modules()) > hooks_before
-    denoiser.release()
+    _steps(BlendedDenoiser(base, MEMBERS, compile=CAPTURE), {"ir": 0.5, "aes": 0.5}, timesteps=(400,))
     assert sum(len(m._forward_hooks) for m in base.modules()) == hooks_before
+
+
+def test_compiled_blends_made_one_after_another_share_their_graph():
+    """Each pipeline call installs the routing hooks anew: the graph is reused, not retraced per call or blend."""
+    base = _lora_base()
+    _steps(BlendedDenoiser(base, MEMBERS, compile=CAPTURE), {"ir": 0.5, "aes": 0.5}, 1.5, timesteps=(400,))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for weights in ({"ir": 0.2, "aes": 0.3}, {"ir": 0.7, "aes": 0.1}):  # the same plan: base and both members
+            _steps(BlendedDenoiser(base, MEMBERS, compile=CAPTURE), weights, 1.5, timesteps=(400,))
+    assert _graphs() == 1
 
 
 def test_hooks_added_after_a_compiled_blend_are_honoured():

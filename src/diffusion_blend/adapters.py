@@ -76,20 +76,17 @@ class AdapterRouter:
 
     A routing can also be a tensor: a (rows × adapters) 0/1 mask, :attr:`row_mask`, that every layer's hook
     multiplies into one stacked low-rank product over all rows. The stochastic mode builds it from its draws on the
-    GPU without reading them back (row slices would need their sizes on the host), and compiled calls use it
-    always (``dense=True``): the hook code is then the same at every call, only the mask's values change, so one
-    graph serves any routing. Dense hooks stay installed from the first ``with router:`` until :meth:`release`
-    (they do nothing while :attr:`row_mask` is None), so graphs compiled with hook guards stay valid from one
-    pipeline call to the next.
+    GPU without reading them back (row slices would need their sizes on the host), and compiled calls always use
+    it: the hook code is then the same at every call and only the mask's values change, so a graph is reused for
+    any routing of the same number of rows.
     """
 
-    def __init__(self, module: nn.Module, adapters: Sequence[str], *, dense: bool = False):
+    def __init__(self, module: nn.Module, adapters: Sequence[str]):
         self.module = module
-        self.order = list(dict.fromkeys(adapters))  # the adapters' columns in a dense row mask
+        self.order = list(dict.fromkeys(adapters))  # the adapters' columns in a row mask
         self.adapters = set(adapters)
-        self.dense = dense
         self.row_mask: torch.Tensor | None = None
-        self._dense_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._rank_masks: tuple[torch.Tensor | None, dict] = (None, {})  # the row mask they expand, and them
         self._suspended: list[tuple[nn.Module, object]] = []
         self._last_mask: tuple[tuple, torch.Tensor] | None = None
         self._member_columns: tuple[tuple, torch.Tensor] | None = None
@@ -126,7 +123,6 @@ class AdapterRouter:
         if self._depth == 0:
             inventory = self._adapter_inventory()
             if inventory is None or inventory != self._inventory:
-                self.release()
                 self._capture_layers()
             self._check_state()
             active = [layer for layer in self.layers if not layer.disable_adapters and layer.active_adapters]
@@ -135,12 +131,7 @@ class AdapterRouter:
                 for layer in active:
                     layer.set_adapter([])
             self._suspend_compiled_regions()
-            if not self.dense:
-                self._handles = [layer.register_forward_hook(self._add_updates, with_kwargs=True) for layer in self.layers]
-            elif not self._dense_handles:
-                self._dense_handles = [
-                    layer.register_forward_hook(self._add_dense_updates, with_kwargs=True) for layer in self.layers
-                ]
+            self._handles = [layer.register_forward_hook(self._add_updates, with_kwargs=True) for layer in self.layers]
         self._depth += 1
         return self
 
@@ -151,18 +142,13 @@ class AdapterRouter:
                 handle.remove()
             self._handles = []
             self.row_mask = None
+            self._rank_masks = (None, {})
             for module, compiled in self._suspended:
                 module._compiled_call_impl = compiled
             self._suspended = []
             if self._snapshot is not None:
                 self._snapshot.restore()
                 self._snapshot = None
-
-    def release(self) -> None:
-        """Remove the dense hooks (a no-op for per-call hooks, which leave with the ``with`` block)."""
-        for handle in self._dense_handles:
-            handle.remove()
-        self._dense_handles = []
 
     def _suspend_compiled_regions(self) -> None:
         """Run the user's in-place compiled regions (``module.compile()``, diffusers' ``compile_repeated_blocks``)
@@ -241,12 +227,15 @@ class AdapterRouter:
         if torch.compiler.is_compiling():  # traced into the graph: the compiler folds or fuses it
             stacked_a = torch.cat([layer.lora_A[a].weight for a in held])
             stacked_b = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in held], dim=1)
+            rank_mask = _rank_mask(row_mask, [(self.order.index(a), layer.lora_A[a].weight.shape[0]) for a in held])
         else:
-            stacked_a, stacked_b, _ = self._stacked_weights(layer, tuple(held))
-        rank_mask = torch.cat(
-            [row_mask[:, self.order.index(a)].unsqueeze(1).expand(-1, layer.lora_A[a].weight.shape[0]) for a in held],
-            dim=1,
-        )
+            stacked_a, stacked_b, blocks = self._stacked_weights(layer, tuple(held))
+            layout = tuple((self.order.index(a), stop - start) for a, (start, stop) in blocks.items())
+            if self._rank_masks[0] is not row_mask:  # a new routing (holding the mask keeps its identity unique)
+                self._rank_masks = (row_mask, {})
+            rank_mask = self._rank_masks[1].get(layout)
+            if rank_mask is None:  # shared by every layer of the same ranks during this routing
+                rank_mask = self._rank_masks[1][layout] = _rank_mask(row_mask, layout)
         low_rank = _apply(layer.lora_A[first], x.to(stacked_a.dtype), stacked_a)
         shape = [1] * low_rank.ndim
         shape[0], shape[rank_axis] = rank_mask.shape
@@ -375,6 +364,12 @@ def lora_update(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor
     """peft's vanilla LoRA update of one adapter, computed by the layer's own modules."""
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     return lora_B(lora_A(layer.lora_dropout[adapter](x.to(lora_A.weight.dtype)))) * layer.scaling[adapter]
+
+
+def _rank_mask(row_mask: torch.Tensor, layout: list | tuple) -> torch.Tensor:
+    """rows × Σr: each adapter's column of the row mask repeated over its rank block; ``layout`` lists
+    (column, rank) per adapter in stacking order."""
+    return torch.cat([row_mask[:, column].unsqueeze(1).expand(-1, rank) for column, rank in layout], dim=1)
 
 
 def _broadcast(per_row: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -68,9 +68,11 @@ class BlendedDenoiser(nn.Module):
             copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes.
         compile: ``torch.compile`` the denoiser calls of the blend: ``True`` (torch's defaults), a dict of
             ``torch.compile`` options (``{"mode": "max-autotune", "fullgraph": True}``), ``False``, or ``None`` (the
-            default: compile when the base or a member was given compiled). LoRA rows are then routed by a mask
-            tensor, so one graph serves every routing (mix, stochastic draws, any λ); modules given compiled
-            (``torch.compile(unet)``) are unwrapped and called through the blend's own compiled calls.
+            default: compile when the base or a member was given compiled, whole or by regions, with torch's
+            default options). LoRA rows are then routed by a mask tensor, so a graph is reused for every weight
+            mix, λ and stochastic draw that stacks as many rows (the plan sets the rows: the base drops out when
+            λΣw = 1, members of weight 0 are skipped); modules given compiled (``torch.compile(unet)``) are
+            unwrapped and called through the blend's own compiled calls.
 
     Call :meth:`set_blend` before the first forward call. The wrapper exposes the base's ``config``, ``dtype``,
     ``device`` and every other attribute, so a pipeline cannot tell it from the base.
@@ -116,12 +118,12 @@ class BlendedDenoiser(nn.Module):
         for name, module in self.modules_by_name.items():
             _check_same_architecture(name, base, module)
         _check_prediction_types(base, self.modules_by_name)
-        self.router = (AdapterRouter(base, list(self.adapter_of.values()), dense=self.compile_options is not None)
-                       if self.adapter_of else None)
+        self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
         self._compiled: dict[str, Any] = {}
         self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
+        self._draw_probabilities: torch.Tensor | None = None
         self._vmap_cache: tuple | None = None
         self.forward = SignedForward(self, inspect.signature(base.forward))
 
@@ -176,6 +178,7 @@ class BlendedDenoiser(nn.Module):
         self._check_placement()
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
         self._draws = None
+        self._draw_probabilities = self._probabilities() if mode == "stochastic" else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Called exactly like the base denoiser (each instance reports the base's signature); returns the blend."""
@@ -258,11 +261,14 @@ class BlendedDenoiser(nn.Module):
         (pipelines that run the two halves as two calls). Inputs that differ per branch (InstructPix2Pix's
         image-conditioning channels) and the several evaluations of one step by Heun-type solvers draw separately.
         """
+        if self._draw_probabilities is None:
+            raise RuntimeError("draw_members needs set_blend(..., mode='stochastic') first")
         if self._draws is None:
             self._draws = _DrawCache()
-        return self._draws.draw(latent, timestep, self._probabilities(), self.settings.generator)
+        return self._draws.draw(latent, timestep, self._draw_probabilities, self.settings.generator)
 
     def _probabilities(self) -> torch.Tensor:
+        """w as a tensor on the generator's device, made once per :meth:`set_blend` (on a GPU, making it waits)."""
         generator = self.settings.generator
         device = generator.device if generator is not None else torch.device("cpu")
         return torch.tensor([self.settings.weights[name] for name in self.names], dtype=torch.float64, device=device)
@@ -389,12 +395,6 @@ class BlendedDenoiser(nn.Module):
             self._compiled[kind] = torch.compile(function, **self.compile_options)
         return self._compiled[kind]
 
-    def release(self) -> None:
-        """Take the blend's hooks off the base (compiled LoRA routing keeps them between calls); call it when
-        the blend is no longer used (``Blend.unload`` does)."""
-        if self.router is not None:
-            self.router.release()
-
     # ---------------------------------------------------------------------------------------------------- validation
     def _check_adapters_loaded(self) -> None:
         if not self.adapter_of:
@@ -426,15 +426,19 @@ def call_routed(router: AdapterRouter, mask: torch.Tensor, module: nn.Module, ar
     """A call of the shared base with its rows routed by ``mask``: setting the router's mask inside the traced
     function makes it an input of the graph, so new routings reuse the graph."""
     router.row_mask = mask
-    output = module(*args, **kwargs)
-    router.row_mask = None
-    return output
+    try:
+        return module(*args, **kwargs)
+    finally:
+        router.row_mask = None
 
 
 def was_compiled(module: object) -> bool:
-    """Whether a module was given compiled: wrapped by ``torch.compile(module)`` or compiled in place
-    (``module.compile()``)."""
-    return is_compiled_module(module) or getattr(module, "_compiled_call_impl", None) is not None
+    """Whether a module was given compiled: wrapped by ``torch.compile(module)``, or compiled in place, whole or by
+    regions (``module.compile()``, diffusers' ``compile_repeated_blocks``)."""
+    if is_compiled_module(module):
+        return True
+    inner = module.modules() if isinstance(module, nn.Module) else ()
+    return any(getattr(part, "_compiled_call_impl", None) is not None for part in inner)
 
 
 def _may_use_cuda_graphs(options: Mapping[str, Any]) -> bool:
@@ -505,8 +509,8 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 class _DrawCache:
     """The stochastic mode's draws, made on the latents' device without reading anything back to the host: a row
     takes the draw of the first identical row of its call or, when the previous call was at the same timestep,
-    of its identical row there. Rows are compared by a 64-bit hash of their bits (sorting, not pairwise
-    comparisons: the lab draws for tens of thousands of rows at once)."""
+    of its identical row there. Rows are compared by a 64-bit hash of their bits, by sorting rather than pairwise
+    comparisons (the lab draws for tens of thousands of rows at once)."""
 
     def __init__(self):
         self.previous: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (sorted row hashes, draws, timestep)
@@ -528,11 +532,13 @@ class _DrawCache:
 
 
 def _row_hashes(rows: torch.Tensor) -> torch.Tensor:
-    """A 64-bit hash of each row's bits: Σ a_j·bits_j with fixed random odd a_j (wrapping int64 arithmetic), so
-    distinct rows collide with probability about 2⁻⁶⁴."""
-    width = rows.element_size()
-    integer = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[width]
+    """A 64-bit hash of each row's bits: every element's bits are scrambled (xor-shift-multiply, so structured
+    differences such as a flipped sign bit do not cancel), then summed with fixed random odd weights in wrapping
+    int64 arithmetic. Distinct rows collide with a probability of the order of 2⁻⁶⁰."""
+    integer = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[rows.element_size()]
     bits = rows.contiguous().view(integer).to(torch.int64)
+    bits = (bits ^ (bits >> 29)) * -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+    bits = bits ^ (bits >> 32)
     return (bits * _hash_multipliers(rows.shape[1], rows.device)).sum(1)
 
 

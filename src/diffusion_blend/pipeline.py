@@ -178,8 +178,6 @@ class Blend:
 
     def unload(self) -> None:
         """Remove the basis LoRAs from the pipeline and drop the loaded full members; the Blend is done after."""
-        if self.denoiser is not None:
-            self.denoiser.release()
         if self.lora_names:
             snapshot = ActivationSnapshot(self.base)
             self.base.delete_adapters(self.lora_names)
