@@ -26,6 +26,7 @@ per-repeat ratios, so slow drifts of a shared machine cancel.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -147,6 +148,16 @@ def time_variants(functions: dict, repeats: int, warmup: int, device: str) -> di
     return times
 
 
+def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """The median over repeats of the per-repeat ratio of two timed quantities (slow drifts cancel)."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def summed(times: dict[str, list[float]], keys: list[str]) -> list[float]:
+    """Per repeat, the total time of several timed quantities (the separate calls a blend replaces)."""
+    return [sum(parts) for parts in zip(*(times[key] for key in keys))]
+
+
 def parameter_memory_ratio(unet, names) -> float:
     """(d) on any device: parameter bytes of the base + M adapters over one fine-tuned model (base + 1 adapter)."""
     total = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -196,9 +207,8 @@ def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, r
         denoiser.set_blend(weights, kl_scale=1.5)
         functions[key] = (lambda: None, lambda denoiser=denoiser: [denoiser(*args, **kwargs) for _ in range(steps)])
     times = time_variants(functions, repeats, warmup, device)
-    raw = [sum(parts) for parts in zip(*(times[f"model:{i}"] for i in range(members + 1)))]
-    return {f"{key}_overhead": statistics.median(a / b for a, b in zip(times[key], raw))
-            for key in ("full_sequential", "full_vmap")}
+    times["raw_calls"] = summed(times, [f"model:{i}" for i in range(members + 1)])
+    return {f"{key}_overhead": median_ratio(times, key, "raw_calls") for key in ("full_sequential", "full_vmap")}
 
 
 def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup: int, device: str,
@@ -216,12 +226,9 @@ def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup:
     functions["eager_single"] = (lambda: unet.set_adapter([names[0]]), eager_single)
     times = time_variants(functions, repeats, warmup, device)
     times["compiled_single"] = times[f"compiled_plain:{names[0]}"]
-    times["compiled_raw_calls"] = [sum(parts) for parts in zip(*(times[f"compiled_plain:{a}"] for a in ["base", *names]))]
+    times["compiled_raw_calls"] = summed(times, [f"compiled_plain:{a}" for a in ["base", *names]])
     unet.set_adapter([])
-
-    def ratio(numerator: str, denominator: str) -> float:
-        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
-
+    ratio = functools.partial(median_ratio, times)
     return {
         "compile_mode": mode,
         "compiled_mpa_over_single": ratio("compiled_mpa", "compiled_single"),
@@ -240,11 +247,8 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     functions = variants(unet, names, args, kwargs, steps)
     times = time_variants(functions, repeats, warmup, device)
     times["single"] = times[f"plain:{names[0]}"]
-    times["raw_calls"] = [sum(parts) for parts in zip(*(times[f"plain:{a}"] for a in ["base", *names]))]
-
-    def ratio(numerator: str, denominator: str) -> float:
-        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
-
+    times["raw_calls"] = summed(times, [f"plain:{a}" for a in ["base", *names]])
+    ratio = functools.partial(median_ratio, times)
     memory = {"memory": parameter_memory_ratio(unet, names)}
     if device.startswith("cuda"):
         memory.update(peak_memory_ratios(unet, names, args, kwargs))

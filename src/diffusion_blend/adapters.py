@@ -184,9 +184,7 @@ class AdapterRouter:
         if self._member_columns is None or self._member_columns[0] != key:
             columns = torch.tensor([self.order.index(adapter) for adapter in adapters])
             self._member_columns = (key, columns.to(drawn.device, non_blocking=True))
-        columns = self._member_columns[1][drawn]
-        every = torch.arange(len(self.order), device=drawn.device)
-        return (columns.unsqueeze(1) == every).to(like.dtype)
+        return self._one_hot(self._member_columns[1][drawn], like.dtype)
 
     def dense_mask(self, names: str | list[str], rows: int, like: torch.Tensor) -> torch.Tensor:
         """The dense routing of ``rows`` rows (one name for all, or one per row): rows × adapters, 1 where a row
@@ -196,20 +194,19 @@ class AdapterRouter:
         if self._last_mask is not None and self._last_mask[0] == key:
             return self._last_mask[1]
         per_row = [names] * rows if isinstance(names, str) else names
-        columns = {adapter: column for column, adapter in enumerate(self.order)}
-        mask = torch.zeros(rows, len(self.order))
-        for row, name in enumerate(per_row):
-            if name != NO_ADAPTER:
-                mask[row, columns[name]] = 1
-        mask = mask.to(dtype=like.dtype).to(like.device, non_blocking=True)
+        columns = torch.tensor([-1 if name == NO_ADAPTER else self.order.index(name) for name in per_row])
+        mask = self._one_hot(columns.to(like.device, non_blocking=True), like.dtype)
         self._last_mask = (key, mask)
         return mask
+
+    def _one_hot(self, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """rows × adapters: 1 in each row's column (none for -1, the base), made where ``columns`` lives."""
+        every = torch.arange(len(self.order), device=columns.device)
+        return (columns.unsqueeze(1) == every).to(dtype)
 
     def _add_dense_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         """Mask routing (see the class): the same tensor operations whatever the rows' adapters are."""
         row_mask = self.row_mask
-        if row_mask is None:
-            return None
         x = args[0] if args else next(iter(kwargs.values()))
         if x.shape[0] != row_mask.shape[0]:
             raise ValueError(
