@@ -18,9 +18,12 @@ Reported ratios:
   --compile [MODE]        also everything above under torch.compile (static shapes; MODE: default,
                           reduce-overhead, max-autotune), in a second rotation: compiled_* ratios over compiled plain
                           calls, and compile_speedup = eager single model / compiled single model
+  --no-sequential         skip the joint blend with one call per member (sequential_overhead)
+  --summarize FILE        only print the runs saved in a JSON-lines file (gpu_check.sh's results.jsonl) as a table
 
-Each repeat times every variant once, in a rotating order, after warm-up; the ratios are medians over repeats of
-per-repeat ratios, so slow drifts of a shared machine cancel.
+Each repeat times every variant once, in a rotating order, after warm-up (runs of two steps: kernels chosen,
+memory allocated, graphs compiled or recorded); the ratios are medians over repeats of per-repeat ratios, so slow
+drifts of a shared machine cancel.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -57,6 +61,24 @@ CONFIGS = {
     # Stable Diffusion 1.5's UNet (diffusers' defaults with its 768-wide text context), 512² images
     "sd15": dict(unet=dict(cross_attention_dim=768, sample_size=64), latent=64, context=(77, 768)),
 }
+#: steps per warm-up run: the second call of a CUDA-graph-compiled function is the one that records its graph
+WARMUP_STEPS = 2
+#: every ratio a run may report, with what it is
+RATIOS = {
+    "mpa_over_single": "(a) DB-MPA / single model",
+    "ls_over_single": "(b) DB-MPA-LS / single model",
+    "overhead": "(c) blend / the M+1 calls it replaces",
+    "sequential_overhead": "(c) the same, one call per member",
+    "memory": "(d) parameter memory / single model",
+    "peak_memory": "(d) peak memory / single model (CUDA)",
+    "peak_memory_chunked": "(d) the same, chunked to the single's rows",
+    "full_sequential_overhead": "(c) full members one by one / M+1 calls",
+    "full_vmap_overhead": "(c) full members vmapped / M+1 calls",
+    "compiled_mpa_over_single": "(a) compiled",
+    "compiled_ls_over_single": "(b) compiled",
+    "compiled_overhead": "(c) compiled",
+    "compile_speedup": "eager single / compiled single",
+}
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 
 
@@ -64,7 +86,7 @@ def build(config: str, members: int, dtype: torch.dtype, device: str, latent: in
     """A random UNet of the named architecture with ``members`` LoRA adapters (loaded, inactive) and CFG inputs."""
     torch.manual_seed(0)
     spec = CONFIGS[config]
-    unet = UNet2DConditionModel(**spec["unet"]).eval()
+    unet = random_unet(config, device)
     names = [f"m{i}" for i in range(members)]
     for name in names:
         unet.add_adapter(LoraConfig(**LORA), adapter_name=name)
@@ -73,6 +95,13 @@ def build(config: str, members: int, dtype: torch.dtype, device: str, latent: in
     unet.to(device=device, dtype=dtype)
     size = latent or spec["latent"]
     return unet, names, size
+
+
+def random_unet(config: str, device: str) -> UNet2DConditionModel:
+    """A random-weight UNet of the named architecture, initialised on ``device`` (an SD1.5 UNet takes seconds to
+    initialise on a CPU, a fraction of that on a GPU)."""
+    with torch.device(device):
+        return UNet2DConditionModel(**CONFIGS[config]["unet"]).eval().requires_grad_(False)
 
 
 def inputs(unet, batch: int, size: int, context: tuple[int, int]):
@@ -89,14 +118,16 @@ def blended_denoiser(unet, names, batch_members=True, compile=False, **blend) ->
     return denoiser
 
 
-def variants(unet, names, args, kwargs, steps: int = 1,
-             compile: dict | None = None) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
-    """Each timed quantity as (untimed setup, timed call) doing the denoiser work of ``steps`` denoising steps.
+def variants(unet, names, args, kwargs, compile: dict | None = None,
+             sequential: bool = True) -> dict[str, tuple[Callable[[], object], Callable[[int], object]]]:
+    """Each timed quantity as (untimed setup, timed call) doing the denoiser work of the given number of denoising
+    steps.
 
     A plain call is the model alone with its adapter already active (switching adapters is not timed: the
     baseline is as fast as separate models would be). Blended calls run inside one routing context, as in a
     pipeline call (Blend installs the LoRA routing hooks once per image). With ``compile`` (torch.compile
-    options) the plain calls and the blends are compiled alike.
+    options) the plain calls and the blends are compiled alike; ``sequential`` adds the joint blend called one
+    member at a time (eager only).
     """
     options = compile if compile is not None else False
     denoisers = {
@@ -104,15 +135,15 @@ def variants(unet, names, args, kwargs, steps: int = 1,
         "ls": blended_denoiser(unet, names, compile=options, mode="stochastic", generator=torch.Generator().manual_seed(0)),
         "joint": blended_denoiser(unet, names, compile=options, kl_scale=1.5),
     }
-    if compile is None:
+    if compile is None and sequential:
         denoisers["joint_sequential"] = blended_denoiser(unet, names, batch_members=False, kl_scale=1.5)
     plain = torch.compile(unet, **compile) if compile is not None else unet
 
-    def plain_steps():
+    def plain_steps(steps: int):
         for _ in range(steps):
             plain(*args, **kwargs)
 
-    def blended_steps(denoiser):
+    def blended_steps(denoiser, steps: int):
         with denoiser.routing():
             for _ in range(steps):
                 denoiser(*args, **kwargs)
@@ -123,11 +154,12 @@ def variants(unet, names, args, kwargs, steps: int = 1,
             lambda adapter=adapter: unet.set_adapter([adapter] if adapter else []), plain_steps
         )
     for key, denoiser in denoisers.items():
-        functions[key] = (lambda: unet.set_adapter([]), lambda denoiser=denoiser: blended_steps(denoiser))
+        functions[key] = (lambda: unet.set_adapter([]), functools.partial(blended_steps, denoiser))
     return functions
 
 
-def time_variants(functions: dict, repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+def time_variants(functions: dict, repeats: int, warmup: int, device: str, steps: int) -> dict[str, list[float]]:
+    """Per variant, the times of ``repeats`` runs of ``steps`` steps, after ``warmup`` runs of two steps each."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in functions}
     order = list(functions)
@@ -135,14 +167,14 @@ def time_variants(functions: dict, repeats: int, warmup: int, device: str) -> di
         for _ in range(warmup):
             for setup, call in functions.values():
                 setup()
-                call()
+                call(WARMUP_STEPS)
         for repeat in range(repeats):
             for name in order[repeat % len(order):] + order[: repeat % len(order)]:
                 setup, call = functions[name]
                 setup()
                 sync()
                 start = time.perf_counter()
-                call()
+                call(steps)
                 sync()
                 times[name].append(time.perf_counter() - start)
     return times
@@ -196,17 +228,21 @@ def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, r
     models = []
     for seed in range(members + 1):
         torch.manual_seed(seed)
-        models.append(UNet2DConditionModel(**CONFIGS[config]["unet"]).eval().requires_grad_(False).to(device, dtype))
+        models.append(random_unet(config, device).to(dtype))
     names = [f"m{i}" for i in range(members)]
     weights = {name: 1.0 / members for name in names}
-    functions = {}
-    for index, model in enumerate(models):
-        functions[f"model:{index}"] = (lambda: None, lambda model=model: [model(*args, **kwargs) for _ in range(steps)])
+
+    def model_steps(model, steps: int):
+        for _ in range(steps):
+            model(*args, **kwargs)
+
+    functions = {f"model:{index}": (lambda: None, functools.partial(model_steps, model))
+                 for index, model in enumerate(models)}
     for key, vmap in (("full_sequential", False), ("full_vmap", True)):
         denoiser = BlendedDenoiser(models[0], dict(zip(names, models[1:])), vmap_full_members=vmap)
         denoiser.set_blend(weights, kl_scale=1.5)
-        functions[key] = (lambda: None, lambda denoiser=denoiser: [denoiser(*args, **kwargs) for _ in range(steps)])
-    times = time_variants(functions, repeats, warmup, device)
+        functions[key] = (lambda: None, functools.partial(model_steps, denoiser))
+    times = time_variants(functions, repeats, warmup, device, steps)
     times["raw_calls"] = summed(times, [f"model:{i}" for i in range(members + 1)])
     return {f"{key}_overhead": median_ratio(times, key, "raw_calls") for key in ("full_sequential", "full_vmap")}
 
@@ -216,15 +252,15 @@ def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup:
     """The same quantities with every call compiled (static shapes), timed side by side in their own rotation with
     the eager single model (for the compile speedup)."""
     options = {"dynamic": False, "backend": backend} | ({} if mode == "default" else {"mode": mode})
-    functions = variants(unet, names, args, kwargs, steps, compile=options)
+    functions = variants(unet, names, args, kwargs, compile=options)
     functions = {f"compiled_{key}": value for key, value in functions.items()}
 
-    def eager_single():
+    def eager_single(steps: int):
         for _ in range(steps):
             unet(*args, **kwargs)
 
     functions["eager_single"] = (lambda: unet.set_adapter([names[0]]), eager_single)
-    times = time_variants(functions, repeats, warmup, device)
+    times = time_variants(functions, repeats, warmup, device, steps)
     times["compiled_single"] = times[f"compiled_plain:{names[0]}"]
     times["compiled_raw_calls"] = summed(times, [f"compiled_plain:{a}" for a in ["base", *names]])
     unet.set_adapter([])
@@ -240,12 +276,13 @@ def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup:
 
 def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 20, warmup: int = 3,
         dtype: str = "fp32", device: str = "cpu", latent: int | None = None, steps: int = 1,
-        full: bool = False, compile: str | None = None, compile_backend: str = "inductor") -> dict:
+        full: bool = False, compile: str | None = None, compile_backend: str = "inductor",
+        sequential: bool = True) -> dict:
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     unet, names, size = build(config, members, torch_dtype, device, latent)
     args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
-    functions = variants(unet, names, args, kwargs, steps)
-    times = time_variants(functions, repeats, warmup, device)
+    functions = variants(unet, names, args, kwargs, sequential=sequential)
+    times = time_variants(functions, repeats, warmup, device, steps)
     times["single"] = times[f"plain:{names[0]}"]
     times["raw_calls"] = summed(times, [f"plain:{a}" for a in ["base", *names]])
     ratio = functools.partial(median_ratio, times)
@@ -265,7 +302,7 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
         "mpa_over_single": ratio("mpa", "single"),
         "ls_over_single": ratio("ls", "single"),
         "overhead": ratio("joint", "raw_calls"),
-        "sequential_overhead": ratio("joint_sequential", "raw_calls"),
+        **({"sequential_overhead": ratio("joint_sequential", "raw_calls")} if sequential else {}),
         **memory,
     }
 
@@ -285,36 +322,52 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="also time everything compiled with torch.compile (this mode)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the joint blend with one call per member (default: yes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the runs saved in this file")
     options = parser.parse_args(argv)
+    if options.summarize:
+        summarize(options.summarize)
+        return
     result = run(options.config, options.members, options.batch, options.repeats, options.warmup, options.dtype,
-                 options.device, options.latent, options.steps, options.full, options.compile, options.compile_backend)
+                 options.device, options.latent, options.steps, options.full, options.compile, options.compile_backend,
+                 options.sequential)
     if options.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
         return
+    title = f"{options.config}, {options.dtype}, {result['gpu'] or options.device}"
+    print_ratios([result], title)
+
+
+def print_ratios(runs: list[dict], title: str) -> None:
+    """A table of the ratios of benchmark runs (one column per run), and any host-synchronisation counts."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{options.config}, M = {options.members}, batch {options.batch} (CFG), {options.dtype}, "
-                        f"{result['gpu'] or options.device}")
+    timed = [run for run in runs if "mpa_over_single" in run]
+    table = Table(title=title)
     table.add_column("ratio")
-    table.add_column("value", justify="right")
-    for key, label in (("mpa_over_single", "(a) DB-MPA / single model"), ("ls_over_single", "(b) DB-MPA-LS / single"),
-                       ("overhead", "(c) blend / the M+1 calls it replaces"),
-                       ("sequential_overhead", "(c) the same, one call per member (batch_members=False)"),
-                       ("memory", "(d) parameter memory / single model"),
-                       ("peak_memory", "(d) peak memory / single model (CUDA)"),
-                       ("peak_memory_chunked", "(d) same, chunked to the single model's rows"),
-                       ("full_sequential_overhead", "(c) full members, one call each / the M+1 model calls"),
-                       ("full_vmap_overhead", "(c) full members vmapped over stacked weights / the M+1 calls"),
-                       ("compiled_mpa_over_single", "(a) compiled: DB-MPA / single model"),
-                       ("compiled_ls_over_single", "(b) compiled: DB-MPA-LS / single model"),
-                       ("compiled_overhead", "(c) compiled: blend / the M+1 calls it replaces"),
-                       ("compile_speedup", "eager single model / compiled single model")):
-        if key in result:
-            table.add_row(label, f"{result[key]:.3f}")
-    Console().print(table)
+    for run in timed:
+        table.add_column(f"M={run['members']}, batch {run['batch']}", justify="right")
+    for key, label in RATIOS.items():
+        if any(key in run for run in timed):
+            table.add_row(label, *(f"{run[key]:.3f}" if key in run else "-" for run in timed))
+    console = Console(width=160)
+    console.print(table)
+    for run in runs:
+        if "plain_call" in run:
+            console.print("host synchronisations:", {k: v for k, v in run.items() if k not in ("config", "gpu")})
+
+
+def summarize(path: str) -> None:
+    """Print the runs of a JSON-lines file of results (``gpu_check.sh``'s results.jsonl) as one table."""
+    runs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    timed = [run for run in runs if "mpa_over_single" in run]
+    first = timed[0] if timed else {}
+    print_ratios(runs, f"{first.get('config')}, {first.get('dtype')}, {first.get('gpu') or first.get('device')}, "
+                       f"{first.get('steps')} steps per timed run")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,24 @@ def test_tiny_stacked_step_costs_at_most_half_the_separate_calls():
 @pytest.mark.benchmark
 def test_mid_size_blend_has_no_overhead_beyond_the_member_calls():
     assert blend_speed.run("mid", members=2, repeats=10)["overhead"] <= 1.03
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_end_to_end_on_a_cpu(tmp_path):
+    """The GPU check is run rarely, on borrowed time: its shell script must work the first time. Here it runs whole
+    on the CPU with the tiny model (the host-synchronisation count needs CUDA and is left out)."""
+    import json
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    environment = os.environ | {"PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_CONFIG": "tiny",
+                                "GPU_CHECK_STEPS": "1", "GPU_CHECK_REPEATS": "1", "GPU_CHECK_DTYPE": "fp32"}
+    out = tmp_path / "out"
+    subprocess.run(["bash", str(script), str(out), str(tmp_path / "no-wheels")], env=environment, check=True,
+                   capture_output=True, timeout=600)
+    runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(run["members"], run["batch"]) for run in runs] == [(2, 1), (4, 1), (2, 4), (4, 4)]
+    assert "full_vmap_overhead" in runs[0] and "sequential_overhead" not in runs[3]
+    assert "device cpu" in (out / "environment.txt").read_text()
+    assert "tiny, fp32, cpu, 1 steps per timed run" in (out / "log.txt").read_text()  # the closing summary table
