@@ -216,6 +216,55 @@ def test_vmapped_members_follow_weight_changes():
     assert max_diff(before, after) > 1e-3 and max_diff(after, direct) <= 1e-5
 
 
+
+BLENDS = [({"ir": 0.3, "aes": 0.5}, 1.5, "mix"), ({"ir": 1.0}, 1.0, "mix"), ({"ir": 0.4, "aes": 0.6}, 0.5, "stochastic")]
+
+
+def test_changing_blends_inside_one_routing_context_equals_fresh_contexts():
+    """A routing context (one pipeline call) keeps each layer's share of every routing it met: going back and forth
+    between blends inside one must give what each blend gives on its own."""
+    base = _lora_base()
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    with denoiser.routing():
+        inside = [_denoise(denoiser, *blend) for blend in BLENDS + BLENDS[::-1]]
+    alone = [_denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), *blend) for blend in BLENDS + BLENDS[::-1]]
+    assert all(torch.equal(a, b) for a, b in zip(inside, alone))
+
+
+def test_lora_members_follow_weight_changes_between_calls():
+    base = _lora_base()
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    before = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+    with torch.no_grad():
+        for layer in denoiser.router.layers:
+            layer.lora_B["aes"].weight.mul_(3.0)
+    after = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False),
+                        {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert max_diff(before, after) > 1e-3 and max_diff(after, separate) <= 1e-5
+
+
+def test_lora_weights_trained_inside_a_routing_context_are_read_anew():
+    """Weights are read once per routing context, unless gradients reach them there: a training step inside one
+    (forward with gradients, optimiser step) is seen by the next evaluation without gradients."""
+    base = _lora_base()
+    lora_weights = [p for key, p in base.named_parameters() if "lora_" in key]
+    base.requires_grad_(False)
+    for parameter in lora_weights:
+        parameter.requires_grad_(True)
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    optimiser = torch.optim.SGD(lora_weights, lr=10.0)
+    sample, t, context = _cfg_inputs()
+    with denoiser.routing():
+        before = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+        denoiser(sample, t, encoder_hidden_states=context).sample.square().mean().backward()
+        optimiser.step()
+        after = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False),
+                        {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert max_diff(before, after) > 1e-4 and max_diff(after, separate) <= 1e-5
+
+
 # The operations whose result a host must wait for when tensors live on a GPU (item(), nonzero, unique, ...).
 HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
               "is_nonzero", "equal", "repeat_interleave", "_assert_async"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from peft.tuners import lora
@@ -18,6 +19,8 @@ from torch import nn
 
 #: peft's routing name for "no adapter" in a mixed-adapter batch.
 NO_ADAPTER = "__base__"
+#: routings whose per-layer plans a routing context keeps (a blend uses a few; stochastic draws make new ones)
+MAX_PLANNED_ROUTINGS = 16
 
 
 def tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
@@ -79,6 +82,11 @@ class AdapterRouter:
     GPU without reading them back (row slices would need their sizes on the host), and compiled calls always use
     it: the hook code is then the same at every call and only the mask's values change, so a graph is reused for
     any routing of the same number of rows.
+
+    What a layer needs — which routed adapters it holds, their stacked weights, its rows' masks — is worked out at
+    its first call inside a routing context (the outermost ``with router:``, one pipeline call) and kept there, so a
+    denoising step costs each layer a dictionary lookup and four tensor operations (on a GPU the Python per layer is
+    what a small batch waits for). Adapter weights changed without gradients are seen from the next context on.
     """
 
     def __init__(self, module: nn.Module, adapters: Sequence[str]):
@@ -91,9 +99,15 @@ class AdapterRouter:
         self._last_mask: tuple[tuple, torch.Tensor] | None = None
         self._member_columns: tuple[tuple, torch.Tensor] | None = None
         self._capture_layers()
-        self._segments: list[tuple[str, int, int]] | None = None
+        self._segments: tuple[tuple[str, int, int], ...] | None = None
         self._stacked: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights (rebuilt when they change)
-        self._masks: dict[tuple, torch.Tensor] = {}  # per route(): row × rank-block masks
+        # Worked out once per routing context (the outermost `with router:`, e.g. one pipeline call), so that the
+        # hot path of a layer is a dictionary lookup and its four tensor operations:
+        self._layer_routings: dict[int, _LayerRouting] = {}  # layer → the routed adapters it holds
+        self._read_weights: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights, read in this context
+        self._masks: dict[tuple, torch.Tensor] = {}  # row × rank-block masks, shared by layers of equal ranks
+        self._plans_by_routing: dict[tuple, dict] = {}  # segments → {(layer, rows) → the layer's share of them}
+        self._plans: dict[tuple, tuple | None] = {}  # those of the current routing
         self._depth = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._snapshot: ActivationSnapshot | None = None
@@ -118,6 +132,7 @@ class AdapterRouter:
             )
         for layer in self.layers:
             _check_routable(layer, self.adapters)
+        self._enclosing = _enclosing_modules(self.module, self.layers)
 
     def __enter__(self) -> AdapterRouter:
         if self._depth == 0:
@@ -131,6 +146,7 @@ class AdapterRouter:
                 for layer in active:
                     layer.set_adapter([])
             self._suspend_compiled_regions()
+            self._forget_context()
             self._handles = [layer.register_forward_hook(self._add_updates, with_kwargs=True) for layer in self.layers]
         self._depth += 1
         return self
@@ -142,7 +158,7 @@ class AdapterRouter:
                 handle.remove()
             self._handles = []
             self.row_mask = None
-            self._rank_masks = (None, {})
+            self._forget_context()
             for module, compiled in self._suspended:
                 module._compiled_call_impl = compiled
             self._suspended = []
@@ -150,14 +166,18 @@ class AdapterRouter:
                 self._snapshot.restore()
                 self._snapshot = None
 
+    def _forget_context(self) -> None:
+        """Drop what was worked out during a routing context: the next one reads the layers and weights anew."""
+        self._layer_routings, self._read_weights, self._masks, self._plans_by_routing = {}, {}, {}, {}
+        self._rank_masks = (None, {})
+
     def _suspend_compiled_regions(self) -> None:
         """Run the user's in-place compiled regions (``module.compile()``, diffusers' ``compile_repeated_blocks``)
         that contain routed layers uncompiled while routing: TorchDynamo does not guard on module hooks by
         default, so a graph compiled before the routing hooks existed would silently ignore them."""
-        routed = {id(layer) for layer in self.layers}
-        for module in self.module.modules():
+        for module in self._enclosing:
             compiled = getattr(module, "_compiled_call_impl", None)
-            if compiled is not None and any(id(inner) in routed for inner in module.modules()):
+            if compiled is not None:
                 self._suspended.append((module, compiled))
                 module._compiled_call_impl = None
 
@@ -167,16 +187,19 @@ class AdapterRouter:
         rows × adapters mask (:meth:`member_mask`, :meth:`dense_mask`)."""
         if self._depth == 0:
             raise RuntimeError("AdapterRouter.route() must be used inside `with router:`")
-        previous = self._segments, self.row_mask
+        previous = self._segments, self.row_mask, self._plans
         if isinstance(names, torch.Tensor):
             self._segments, self.row_mask = None, names
         else:
             self._segments, self.row_mask = _segments(names), None
-        self._masks = {}
+            if len(self._plans_by_routing) >= MAX_PLANNED_ROUTINGS:  # routings that change every call (draws)
+                self._plans_by_routing = {}
+            # the layers' plans for this routing, kept for the context: a mix blend routes every step alike
+            self._plans = self._plans_by_routing.setdefault(self._segments, {})
         try:
             yield
         finally:
-            self._segments, self.row_mask = previous
+            self._segments, self.row_mask, self._plans = previous
 
     def member_mask(self, adapters: list[str], drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The mask routing row i through ``adapters[drawn[i]]``, built on ``drawn``'s device (no host read)."""
@@ -204,82 +227,111 @@ class AdapterRouter:
         every = torch.arange(len(self.order), device=columns.device)
         return (columns.unsqueeze(1) == every).to(dtype)
 
-    def _add_dense_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    def _add_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        """The forward hook of every routed LoRA layer: adds the updates of the adapters its rows are routed to."""
+        if self.row_mask is None and self._segments is None:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        routing = self._routing_of(layer)
+        if self.row_mask is not None:
+            return self._add_masked_updates(layer, routing, x, output)
+        return self._add_segment_updates(layer, routing, x, output)
+
+    def _routing_of(self, layer: nn.Module) -> _LayerRouting:
+        """The routed adapters ``layer`` holds and how it applies them (once per routing context)."""
+        if torch.compiler.is_compiling():  # traced: worked out at trace time, the graph holds only tensor work
+            return _layer_routing(layer, self.order)
+        routing = self._layer_routings.get(id(layer))
+        if routing is None:
+            routing = self._layer_routings[id(layer)] = _layer_routing(layer, self.order)
+        return routing
+
+    def _add_masked_updates(self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor,
+                            output: torch.Tensor) -> torch.Tensor:
         """Mask routing (see the class): the same tensor operations whatever the rows' adapters are."""
         row_mask = self.row_mask
-        x = args[0] if args else next(iter(kwargs.values()))
         if x.shape[0] != row_mask.shape[0]:
             raise ValueError(
                 f"a routing of {row_mask.shape[0]} rows met a layer input with {x.shape[0]} rows; this denoiser "
                 "reshapes its batch, so its LoRA members cannot be routed per row (use batch_members=False, "
                 "compile=False)"
             )
-        held = [adapter for adapter in self.order if adapter in layer.lora_A]
-        rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else output.ndim - 1
-        if not _stackable(layer, held):
-            updates = [(self.order.index(a), lora_update(layer, a, x)) for a in held]
+        if not routing.stackable:
+            updates = [(column, lora_update(layer, a, x)) for a, (column, _) in zip(routing.adapters, routing.layout)]
             update = sum(_broadcast(row_mask[:, column].to(u.dtype), output.ndim) * u for column, u in updates)
             return output + update.to(output.dtype)
-        first = held[0]
         if torch.compiler.is_compiling():  # traced into the graph: the compiler folds or fuses it
-            stacked_a = torch.cat([layer.lora_A[a].weight for a in held])
-            stacked_b = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in held], dim=1)
-            rank_mask = _rank_mask(row_mask, [(self.order.index(a), layer.lora_A[a].weight.shape[0]) for a in held])
+            stacked_a = torch.cat([layer.lora_A[a].weight for a in routing.adapters])
+            stacked_b = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in routing.adapters], dim=1)
+            rank_mask = _rank_mask(row_mask, routing.layout)
         else:
-            stacked_a, stacked_b, blocks = self._stacked_weights(layer, tuple(held))
-            layout = tuple((self.order.index(a), stop - start) for a, (start, stop) in blocks.items())
+            stacked_a, stacked_b, _ = self._stacked_weights(layer, routing.adapters)
             if self._rank_masks[0] is not row_mask:  # a new routing (holding the mask keeps its identity unique)
                 self._rank_masks = (row_mask, {})
-            rank_mask = self._rank_masks[1].get(layout)
+            rank_mask = self._rank_masks[1].get(routing.layout)
             if rank_mask is None:  # shared by every layer of the same ranks during this routing
-                rank_mask = self._rank_masks[1][layout] = _rank_mask(row_mask, layout)
-        low_rank = _apply(layer.lora_A[first], x.to(stacked_a.dtype), stacked_a)
-        shape = [1] * low_rank.ndim
-        shape[0], shape[rank_axis] = rank_mask.shape
-        update = _apply(layer.lora_B[first], low_rank * rank_mask.to(low_rank.dtype).view(shape), stacked_b)
+                rank_mask = self._rank_masks[1][routing.layout] = _rank_mask(row_mask, routing.layout)
+        low_rank = _apply(routing.first_a, x.to(stacked_a.dtype), stacked_a)
+        update = _apply(routing.first_b, low_rank * _on_rank_axis(rank_mask.to(low_rank.dtype), routing, low_rank),
+                        stacked_b)
         return output + update.to(output.dtype)
 
-    def _add_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        if self.row_mask is not None:
-            return self._add_dense_updates(layer, args, kwargs, output)
-        if self._segments is None:
+    def _add_segment_updates(self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor,
+                             output: torch.Tensor) -> torch.Tensor | None:
+        """Row-segment routing: each adapter's update added to its own slice of rows."""
+        key = (id(layer), len(x))
+        if key not in self._plans:
+            self._plans[key] = self._plan_segments(layer, routing, len(x))
+        plan = self._plans[key]
+        if plan is None:
             return None
-        x = args[0] if args else next(iter(kwargs.values()))
-        segments = [segment for segment in self._segments_for(len(x)) if segment[0] in layer.lora_A]
-        if not segments:
-            return None
-        if len(segments) > 1 and _stackable(layer, [adapter for adapter, _, _ in segments]):
-            # only the rows between the first and last adapted row: the base's rows get no (zero) update
-            start, stop = segments[0][1], segments[-1][2]
-            update = self._stacked_update(layer, x[start:stop], [(a, b - start, e - start) for a, b, e in segments])
+        segments, start, stop, mask, adapters = plan
+        if mask is not None:  # one stacked product over the rows from the first to the last adapted row
+            update = self._stacked_update(layer, routing, x[start:stop], adapters, mask)
             if torch.is_grad_enabled():
                 return torch.cat([output[:start], output[start:stop] + update.to(output.dtype), output[stop:]])
-            output[start:stop] += update.to(output.dtype)
+            output[start:stop].add_(update.to(output.dtype))
             return output
         if torch.is_grad_enabled():
             output = output.clone()  # the in-place row updates below must not touch a tensor autograd saved
-        for adapter, start, stop in segments:
-            output[start:stop] += lora_update(layer, adapter, x[start:stop]).to(output.dtype)
+        for adapter, first, last in segments:
+            output[first:last] += lora_update(layer, adapter, x[first:last]).to(output.dtype)
         return output
 
-    def _stacked_update(self, layer: nn.Module, x: torch.Tensor, segments: list[tuple[str, int, int]]) -> torch.Tensor:
+    def _plan_segments(self, layer: nn.Module, routing: _LayerRouting, rows: int) -> tuple | None:
+        """A layer's share of the current routing: its segments (shifted to start at the first adapted row when
+        they are stacked), that row range, and the rows × rank mask of the stacked product (None: one update per
+        segment), and the adapters in stacking order. None when none of its rows is routed to an adapter it holds."""
+        segments = [segment for segment in self._segments_for(rows) if segment[0] in routing.adapters]
+        if not segments:
+            return None
+        adapters = tuple(dict.fromkeys(adapter for adapter, _, _ in segments))
+        if len(segments) == 1 or not routing.stackable:
+            return segments, 0, rows, None, adapters
+        start, stop = segments[0][1], segments[-1][2]
+        shifted = [(adapter, first - start, last - start) for adapter, first, last in segments]
+        stacked_a, _, blocks = self._stacked_weights(layer, adapters)
+        return shifted, start, stop, self._mask(shifted, blocks, stop - start, stacked_a), adapters
+
+    def _stacked_update(self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, adapters: tuple[str, ...],
+                        mask: torch.Tensor) -> torch.Tensor:
         """Every adapter's update in one low-rank product: ((x·A_catᵀ) ⊙ M)·(B·s)_catᵀ, M keeping for each row
         only the rank block of its own adapter. Four operations per layer, as for one active adapter."""
-        adapters = tuple(dict.fromkeys(adapter for adapter, _, _ in segments))
-        stacked_a, stacked_b, blocks = self._stacked_weights(layer, adapters)
-        first = adapters[0]
-        low_rank = _apply(layer.lora_A[first], x.to(stacked_a.dtype), stacked_a)
-        mask = self._mask(segments, blocks, len(x), low_rank)
-        rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else low_rank.ndim - 1
-        shape = [1] * low_rank.ndim
-        shape[0], shape[rank_axis] = mask.shape
-        return _apply(layer.lora_B[first], low_rank * mask.view(shape), stacked_b)
+        stacked_a, stacked_b, _ = self._stacked_weights(layer, adapters)
+        low_rank = _apply(routing.first_a, x.to(stacked_a.dtype), stacked_a)
+        return _apply(routing.first_b, low_rank * _on_rank_axis(mask, routing, low_rank), stacked_b)
 
     def _stacked_weights(self, layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """A_cat (Σr × in), (B·s)_cat (out × Σr) and each adapter's rank block. Cached per layer and adapter set
-        while the weights are unchanged; built afresh, with their autograd graph, when gradients must reach them."""
+        while the weights are unchanged; built afresh, with their autograd graph, when gradients must reach them.
+        Without gradients the weights are read once per routing context: change them between pipeline calls, not
+        inside one."""
+        grad = torch.is_grad_enabled()
+        if not grad and (read := self._read_weights.get((id(layer), adapters))) is not None:
+            return read
         weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]) for a in adapters]
-        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
+        if grad and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
+            self._read_weights = {}  # trained inside this context: read them anew after every such call
             return (torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], dim=1),
                     _rank_blocks(adapters, weights))
         version = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
@@ -290,25 +342,26 @@ class AdapterRouter:
                 stacked_b = torch.cat([b * s for _, b, s in weights], dim=1)
             blocks = _rank_blocks(adapters, weights)
             cached = self._stacked[(id(layer), adapters)] = (version, stacked_a, stacked_b, blocks)
-        return cached[1], cached[2], cached[3]
+        self._read_weights[(id(layer), adapters)] = cached[1:]
+        return cached[1:]
 
     def _mask(self, segments: list, blocks: dict, rows: int, like: torch.Tensor) -> torch.Tensor:
         """Rows × total rank, 1 where a row's adapter owns the rank block; shared by all layers of equal ranks."""
         key = (tuple(segments), tuple(blocks.items()), rows, like.dtype, like.device)
         mask = self._masks.get(key)
-        if mask is None:
+        if mask is None:  # kept for the routing context: a mix blend routes every step alike
             mask = torch.zeros(rows, max(stop for _, stop in blocks.values()), dtype=like.dtype, device=like.device)
             for adapter, start, stop in segments:
                 mask[start:stop, slice(*blocks[adapter])] = 1
             self._masks[key] = mask
         return mask
 
-    def _segments_for(self, rows: int) -> list[tuple[str, int, int]]:
+    def _segments_for(self, rows: int) -> tuple[tuple[str, int, int], ...]:
         segments = self._segments
         if segments[-1][2] == rows:
             return segments
         if len(segments) == 1:  # one adapter for all rows: any layout of the rows inside the layer is fine
-            return [(segments[0][0], 0, rows)]
+            return ((segments[0][0], 0, rows),)
         raise ValueError(
             f"a per-row adapter routing of {segments[-1][2]} rows met a layer input with {rows} rows; "
             "this denoiser reshapes its batch, so its LoRA members cannot be stacked in one call "
@@ -334,18 +387,57 @@ class AdapterRouter:
             )
 
 
-def _segments(names: str | list[str]) -> list[tuple[str, int, int]]:
-    """Run-length encoding of a routing: ``["a", "a", "b"]`` → ``[("a", 0, 2), ("b", 2, 3)]``; a single name is
+def _segments(names: str | list[str]) -> tuple[tuple[str, int, int], ...]:
+    """Run-length encoding of a routing: ``["a", "a", "b"]`` → ``(("a", 0, 2), ("b", 2, 3))``; a single name is
     one open segment that any number of rows fills."""
     if isinstance(names, str):
-        return [(names, 0, -1)]
+        return ((names, 0, -1),)
     segments: list[tuple[str, int, int]] = []
     for row, name in enumerate(names):
         if segments and segments[-1][0] == name:
             segments[-1] = (name, segments[-1][1], row + 1)
         else:
             segments.append((name, row, row + 1))
-    return segments
+    return tuple(segments)
+
+
+def _enclosing_modules(module: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """``module`` and every submodule containing one of ``layers`` (the layers included): the regions whose
+    in-place compilation would hide routing hooks. Found once, by the layers' dotted names, so that entering a
+    routing looks at these few modules instead of walking the whole denoiser (thousands of modules)."""
+    wanted = {id(layer) for layer in layers}
+    paths = {""}
+    for name, submodule in module.named_modules():
+        if id(submodule) in wanted:
+            parts = name.split(".")
+            paths.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
+    return [module.get_submodule(path) for path in sorted(paths)]
+
+
+class _LayerRouting(NamedTuple):
+    """What a LoRA layer needs to add its routed adapters' updates."""
+
+    adapters: tuple[str, ...]  # the routed adapters it holds, in the router's order
+    layout: tuple[tuple[int, int], ...]  # (row-mask column, rank) of each, in the same order
+    stackable: bool  # whether their updates can be one stacked product
+    first_a: nn.Module  # the first adapter's A and B: their operation (linear or convolution) applies stacked weights
+    first_b: nn.Module
+    rank_axis: int | None  # where the rank lies in the low-rank activations (None: the last axis)
+
+
+def _layer_routing(layer: nn.Module, order: list[str]) -> _LayerRouting:
+    adapters = tuple(adapter for adapter in order if adapter in layer.lora_A)
+    layout = tuple((order.index(adapter), layer.lora_A[adapter].weight.shape[0]) for adapter in adapters)
+    rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else None
+    return _LayerRouting(adapters, layout, _stackable(layer, list(adapters)), layer.lora_A[adapters[0]],
+                         layer.lora_B[adapters[0]], rank_axis)
+
+
+def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, low_rank: torch.Tensor) -> torch.Tensor:
+    """A rows × rank mask shaped to multiply the low-rank activations (rows first, rank on its axis)."""
+    shape = [1] * low_rank.ndim
+    shape[0], shape[low_rank.ndim - 1 if routing.rank_axis is None else routing.rank_axis] = mask.shape
+    return mask.view(shape)
 
 
 def _rank_blocks(adapters: tuple[str, ...], weights: list[tuple]) -> dict[str, tuple[int, int]]:
