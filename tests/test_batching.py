@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 from diffusion_blend import Blend, BlendedDenoiser
+from diffusion_blend.adapters import ROUTED_FORWARD_ATTRIBUTE
 from test_pipelines import call_kwargs, max_diff
 
 
@@ -264,6 +265,26 @@ def test_lora_weights_trained_inside_a_routing_context_are_read_anew():
                         {"ir": 0.3, "aes": 0.5}, 1.5)
     assert max_diff(before, after) > 1e-4 and max_diff(after, separate) <= 1e-5
 
+
+
+def test_a_lora_layers_own_forward_still_runs_while_routed_and_is_given_back():
+    """Libraries wrap a module's forward (accelerate's hooks): routing keeps the wrapper in the call, exactly."""
+    base = _lora_base()
+    layer = next(layer for layer in BlendedDenoiser(base, {"ir": "ir"}).router.layers)
+    calls = []
+
+    def wrapped(*args, _inner=layer.forward, **kwargs):
+        calls.append(1)
+        return _inner(*args, **kwargs)
+
+    layer.forward = wrapped
+    keys = sorted(layer.__dict__) + [ROUTED_FORWARD_ATTRIBUTE]  # made once per layer, kept for compiled graphs
+    batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert len(calls) == 1  # one stacked call
+    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False),
+                        {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert max_diff(batched, separate) <= 1e-5
+    assert layer.forward is wrapped and sorted(layer.__dict__) == sorted(keys)
 
 # The operations whose result a host must wait for when tensors live on a GPU (item(), nonzero, unique, ...).
 HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",

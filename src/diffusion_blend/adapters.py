@@ -1,16 +1,18 @@
 """LoRA basis members that share one base module: which adapters it holds, and routing rows of a batch to them.
 
 A LoRA member is evaluated on the shared base, and several members (and the base itself) in one call: each row of
-the batch is routed to one adapter by forward hooks on the LoRA layers (:class:`AdapterRouter`). Diffusers'
-denoisers have no per-row adapter argument in their ``forward``, hence the hooks. The adapters' activation
-(``set_adapter``) is left as the user set it, so the pipeline outside a blend behaves as before.
+the batch is routed to one adapter by the LoRA layers themselves, whose ``forward`` is replaced while routing (as
+accelerate's hooks replace a module's forward) (:class:`AdapterRouter`). Diffusers' denoisers have no per-row
+adapter argument in their ``forward``, hence the replacement. The adapters' activation (``set_adapter``) is left as
+the user set it, so the pipeline outside a blend behaves as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from peft.tuners import lora
@@ -19,6 +21,10 @@ from torch import nn
 
 #: peft's routing name for "no adapter" in a mixed-adapter batch.
 NO_ADAPTER = "__base__"
+#: where a LoRA layer holds, while routed, (the router routing it, its own forward if it had one), and its
+#: routed forward
+ROUTER_ATTRIBUTE = "_diffusion_blend_router"
+ROUTED_FORWARD_ATTRIBUTE = "_diffusion_blend_forward"
 #: routings whose per-layer plans a routing context keeps (a blend uses a few; stochastic draws make new ones)
 MAX_PLANNED_ROUTINGS = 16
 
@@ -66,21 +72,22 @@ class ActivationSnapshot:
 class AdapterRouter:
     """Sends each row of a batch through one LoRA adapter of ``module`` (or none) during forward calls.
 
-    Use ``with router:`` around one or many forward calls (it installs forward hooks on the LoRA layers holding
-    the routed adapters and checks the adapters' state), and ``with router.route(names):`` around each call,
-    where ``names`` is one adapter name for the whole batch or one name per row.
+    Use ``with router:`` around one or many forward calls (it checks the adapters' state and replaces the forward
+    of the LoRA layers holding the routed adapters, restoring it on exit), and ``with router.route(names):``
+    around each call, where ``names`` is one adapter name for the whole batch or one name per row.
 
-    The base layer runs once on all rows (no adapter is active); the hook then adds each adapter's update
+    The base layer runs once on all rows (what peft's forward computes with no adapter active, without its per-call
+    bookkeeping); the routed forward then adds each adapter's update
     ``lora_B(lora_A(dropout(x))) · scaling`` — peft's own vanilla-LoRA update, computed by the layer's own
     modules — to that adapter's rows. Rows are grouped contiguously per adapter by the caller, so every group is a
     slice (a view), never a gather: this is what keeps a stacked call at the cost of its FLOPs. (peft's
     ``adapter_names`` mixed batches give the same numbers but build per-row index lists and gather/scatter
     copies in every layer; on small models that overhead was larger than the calls it saves.)
 
-    A routing can also be a tensor: a (rows × adapters) 0/1 mask, :attr:`row_mask`, that every layer's hook
+    A routing can also be a tensor: a (rows × adapters) 0/1 mask, :attr:`row_mask`, that every layer
     multiplies into one stacked low-rank product over all rows. The stochastic mode builds it from its draws on the
     GPU without reading them back (row slices would need their sizes on the host), and compiled calls always use
-    it: the hook code is then the same at every call and only the mask's values change, so a graph is reused for
+    it: the layers' code is then the same at every call and only the mask's values change, so a graph is reused for
     any routing of the same number of rows.
 
     What a layer needs — which routed adapters it holds, their stacked weights, its rows' masks — is worked out at
@@ -109,7 +116,7 @@ class AdapterRouter:
         self._plans_by_routing: dict[tuple, dict] = {}  # segments → {(layer, rows) → the layer's share of them}
         self._plans: dict[tuple, tuple | None] = {}  # those of the current routing
         self._depth = 0
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._replaced: list[tuple[nn.Module, object]] = []  # (layer, the forward of its own it had, if any)
         self._snapshot: ActivationSnapshot | None = None
 
     def _adapter_inventory(self) -> frozenset | None:
@@ -147,16 +154,23 @@ class AdapterRouter:
                     layer.set_adapter([])
             self._suspend_compiled_regions()
             self._forget_context()
-            self._handles = [layer.register_forward_hook(self._add_updates, with_kwargs=True) for layer in self.layers]
+            self._replaced = [(layer, layer.__dict__.get("forward")) for layer in self.layers]
+            for layer, own_forward in self._replaced:
+                layer.__dict__[ROUTER_ATTRIBUTE] = (self, own_forward)
+                layer.forward = _routed_forward_of(layer)
         self._depth += 1
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._depth -= 1
         if self._depth == 0:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
+            for layer, own_forward in self._replaced:
+                del layer.__dict__[ROUTER_ATTRIBUTE]
+                if own_forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = own_forward
+            self._replaced = []
             self.row_mask = None
             self._forget_context()
             for module, compiled in self._suspended:
@@ -173,8 +187,8 @@ class AdapterRouter:
 
     def _suspend_compiled_regions(self) -> None:
         """Run the user's in-place compiled regions (``module.compile()``, diffusers' ``compile_repeated_blocks``)
-        that contain routed layers uncompiled while routing: TorchDynamo does not guard on module hooks by
-        default, so a graph compiled before the routing hooks existed would silently ignore them."""
+        that contain routed layers uncompiled while routing: their graphs were traced without the routing, and
+        retracing them with it would bake each routing's Python state into a graph of the user's options."""
         for module in self._enclosing:
             compiled = getattr(module, "_compiled_call_impl", None)
             if compiled is not None:
@@ -228,7 +242,7 @@ class AdapterRouter:
         return (columns.unsqueeze(1) == every).to(dtype)
 
     def _add_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        """The forward hook of every routed LoRA layer: adds the updates of the adapters its rows are routed to."""
+        """The updates of the adapters a layer's rows are routed to, added to its base output (None: none)."""
         if self.row_mask is None and self._segments is None:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
@@ -401,9 +415,28 @@ def _segments(names: str | list[str]) -> tuple[tuple[str, int, int], ...]:
     return tuple(segments)
 
 
+def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A routed LoRA layer's forward while routing: its base layer on all rows — what peft's forward computes with
+    no adapter active, without its per-call bookkeeping — plus the updates of the rows' adapters. A forward of the
+    layer's own (an accelerate hook's) still runs, with no adapter active: it gives the base output its way."""
+    router, own_forward = layer.__dict__[ROUTER_ATTRIBUTE]
+    output = layer.base_layer(*args, **kwargs) if own_forward is None else own_forward(*args, **kwargs)
+    updated = router._add_updates(layer, args, kwargs, output)
+    return output if updated is None else updated
+
+
+def _routed_forward_of(layer: nn.Module) -> functools.partial:
+    """The layer's routed forward, made once per layer: a compiled call guards the forward's identity, so every
+    routing context and every router must install the same object for a graph to be reused."""
+    forward = layer.__dict__.get(ROUTED_FORWARD_ATTRIBUTE)
+    if forward is None:
+        forward = layer.__dict__[ROUTED_FORWARD_ATTRIBUTE] = functools.partial(_routed_forward, layer)
+    return forward
+
+
 def _enclosing_modules(module: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
     """``module`` and every submodule containing one of ``layers`` (the layers included): the regions whose
-    in-place compilation would hide routing hooks. Found once, by the layers' dotted names, so that entering a
+    in-place compilation would hide the routing. Found once, by the layers' dotted names, so that entering a
     routing looks at these few modules instead of walking the whole denoiser (thousands of modules)."""
     wanted = {id(layer) for layer in layers}
     paths = {""}

@@ -194,7 +194,8 @@ class BlendedDenoiser(nn.Module):
             return self._stochastic(latent, args, kwargs)
 
     def routing(self) -> contextlib.AbstractContextManager:
-        """Keep the LoRA routing hooks installed across many forward calls (e.g. a whole pipeline call)."""
+        """Keep the LoRA routing installed across many forward calls (e.g. a whole pipeline call): what each layer
+        needs is then worked out once (see :class:`~diffusion_blend.adapters.AdapterRouter`)."""
         return self.router if self.router is not None else contextlib.nullcontext()
 
     def plan_mix(self) -> list[Evaluation]:
@@ -376,8 +377,8 @@ class BlendedDenoiser(nn.Module):
                        kwargs: dict) -> Any:
         """The same call through ``torch.compile``: LoRA routing enters the graph as a mask tensor.
 
-        Hooks are guarded here (TorchDynamo skips hook guards by default), so a graph traced before adapters
-        were loaded or removed is never reused after."""
+        Module hooks are guarded here (TorchDynamo skips hook guards by default), so a graph traced before a hook
+        was added or removed (the user's, an offloading library's) is never reused after."""
         graphed = _may_use_cuda_graphs(self.compile_options)
         if graphed:  # each call is a step of its own: its outputs are cloned before the next call replays a graph
             torch.compiler.cudagraph_mark_step_begin()
