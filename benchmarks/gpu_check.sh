@@ -13,8 +13,8 @@
 # comparison at M = 2, batch 1, and counts the host synchronisations of blended steps (host_sync_check.py).
 # It writes three files into OUT_DIR, each as soon as it has something: environment.txt (GPU, versions),
 # results.jsonl (one JSON object per benchmark run) and log.txt (everything printed, with each run's duration), so
-# a run stopped early still leaves what it measured. About 6 minutes on an H100. GPU_CHECK_COMPILE=1 adds the
-# torch.compile comparison (M = 2, batch 1, 10 steps; a few more minutes of compilation).
+# a run stopped early still leaves what it measured. About 4-6 minutes on an H100 (estimated, not yet measured).
+# GPU_CHECK_COMPILE=1 adds the torch.compile comparison (M = 2, batch 1, 10 steps; minutes of compilation).
 #
 # GPU_CHECK_DEVICE, GPU_CHECK_CONFIG, GPU_CHECK_STEPS, GPU_CHECK_REPEATS and GPU_CHECK_DTYPE (defaults cuda, sd15,
 # 50, 3, fp16) exist so that the tests can run the whole script on a CPU with a tiny model.
@@ -51,7 +51,8 @@ print("device", torch.cuda.get_device_name() if sys.argv[1].startswith("cuda") e
 EOF
 cat "$out/environment.txt"
 if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >> "$out/environment.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv \
+    >> "$out/environment.txt" || echo "(nvidia-smi failed)" >> "$out/environment.txt"
 fi
 
 started=$SECONDS

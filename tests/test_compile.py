@@ -193,9 +193,15 @@ def test_compile_options_are_checked():
     assert compile_options(False, given_compiled=True) is None
 
 
-def test_compile_and_vmapped_full_members_are_refused_together():
-    with pytest.raises(ValueError, match="vmap_full_members and compile"):
-        BlendedDenoiser(tiny.unet(0), {"a": tiny.unet(1), "b": tiny.unet(2)}, vmap_full_members=True, compile=True)
+def test_compiled_vmapped_full_members_equal_eager_ones_in_one_graph():
+    members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+    weights = {"ir": 0.3, "aes": 0.5}
+    eager = _steps(BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True), weights, 1.5)
+    compiled = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, compile=CAPTURE)
+    first = _steps(compiled, weights, 1.5, timesteps=(900,))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rest = _steps(compiled, weights, 1.5, timesteps=(500, 100))
+    assert all(max_diff(c, e) <= 1e-5 for c, e in zip(first + rest, eager))
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ class BlendedDenoiser(nn.Module):
             default options). LoRA rows are then routed by a mask tensor, so a graph is reused for every weight
             mix, λ and stochastic draw that stacks as many rows (the plan sets the rows: the base drops out when
             λΣw = 1, members of weight 0 are skipped); modules given compiled (``torch.compile(unet)``) are
-            unwrapped and called through the blend's own compiled calls.
+            unwrapped and called through the blend's own compiled calls. Combines with ``vmap_full_members``.
 
     Call :meth:`set_blend` before the first forward call. The wrapper exposes the base's ``config``, ``dtype``,
     ``device`` and every other attribute, so a pipeline cannot tell it from the base.
@@ -98,8 +98,6 @@ class BlendedDenoiser(nn.Module):
             raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
         given_compiled = any(was_compiled(module) for module in (base, *members.values()))
         self.compile_options = compile_options(compile, given_compiled)
-        if self.compile_options is not None and vmap_full_members:
-            raise ValueError("vmap_full_members and compile cannot be combined yet; choose one")
         self.vmap_full_members = vmap_full_members
         self.batch_members = batch_members
         self.max_batch_size = max_batch_size
@@ -119,7 +117,7 @@ class BlendedDenoiser(nn.Module):
             _check_same_architecture(name, base, module)
         _check_prediction_types(base, self.modules_by_name)
         self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
-        self._compiled: dict[str, Any] = {}
+        self._compiled_functions: dict[str, Any] = {}
         self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
@@ -351,12 +349,11 @@ class BlendedDenoiser(nn.Module):
             template = copy.deepcopy(modules[0]).to("meta")
             self._vmap_cache = (key, params, buffers, template)
         _, params, buffers, template = self._vmap_cache
-
-        def call(member_params, member_buffers):
-            return functional_call(template, (member_params, member_buffers), args, kwargs)
-
-        outputs = torch.vmap(call)(params, buffers)  # the denoiser's output type, every field stacked over members
-        stacked = prediction_of(outputs)
+        if self.compile_options is None:
+            outputs = call_vmapped(template, params, buffers, args, kwargs)
+        else:
+            outputs = self._compiled("vmapped", call_vmapped, template, params, buffers, args, kwargs)
+        stacked = prediction_of(outputs)  # every field of the output is stacked over members
         return [with_prediction(outputs, stacked[i]) for i in range(len(names))]
 
     def _call(self, module: nn.Module | None, routes: list[str] | torch.Tensor | None, args: tuple, kwargs: dict) -> Any:
@@ -379,22 +376,22 @@ class BlendedDenoiser(nn.Module):
 
         Module hooks are guarded here (TorchDynamo skips hook guards by default), so a graph traced before a hook
         was added or removed (the user's, an offloading library's) is never reused after."""
+        if module is not None or self.router is None:
+            return self._compiled("module", call_module, module or self.base, args, kwargs)
+        latent = args[0] if args else kwargs[self._latent_name]
+        mask = routes if isinstance(routes, torch.Tensor) else self.router.dense_mask(routes, len(latent), like=latent)
+        return self._compiled("routed", call_routed, self.router, mask, self.base, args, kwargs)
+
+    def _compiled(self, kind: str, function: Any, *inputs: Any) -> Any:
+        """``function(*inputs)`` compiled with the blend's options (one compiled function per kind of call)."""
+        if kind not in self._compiled_functions:
+            self._compiled_functions[kind] = torch.compile(function, **self.compile_options)
         graphed = _may_use_cuda_graphs(self.compile_options)
         if graphed:  # each call is a step of its own: its outputs are cloned before the next call replays a graph
             torch.compiler.cudagraph_mark_step_begin()
         with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-            if module is not None or self.router is None:
-                output = self._compiled_function("module", call_module)(module or self.base, args, kwargs)
-            else:
-                latent = args[0] if args else kwargs[self._latent_name]
-                mask = routes if isinstance(routes, torch.Tensor) else self.router.dense_mask(routes, len(latent), like=latent)
-                output = self._compiled_function("routed", call_routed)(self.router, mask, self.base, args, kwargs)
+            output = self._compiled_functions[kind](*inputs)
         return with_prediction(output, prediction_of(output).clone()) if graphed else output
-
-    def _compiled_function(self, kind: str, function: Any) -> Any:
-        if kind not in self._compiled:
-            self._compiled[kind] = torch.compile(function, **self.compile_options)
-        return self._compiled[kind]
 
     # ---------------------------------------------------------------------------------------------------- validation
     def _check_adapters_loaded(self) -> None:
@@ -421,6 +418,15 @@ class BlendedDenoiser(nn.Module):
 def call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """A plain denoiser call (compiled by :meth:`BlendedDenoiser._compiled_call`)."""
     return module(*args, **kwargs)
+
+
+def call_vmapped(template: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
+    """Full members on the same inputs in one ``torch.vmap`` call of ``template`` (a weightless copy of their
+    architecture) over their stacked weights: the denoiser's output type, every field stacked over members."""
+    def call(member_params, member_buffers):
+        return functional_call(template, (member_params, member_buffers), args, kwargs)
+
+    return torch.vmap(call)(params, buffers)
 
 
 def call_routed(router: AdapterRouter, mask: torch.Tensor, module: nn.Module, args: tuple, kwargs: dict) -> Any:
