@@ -18,6 +18,8 @@ Reported ratios:
   --compile [MODE]        also everything above under torch.compile (static shapes; MODE: default,
                           reduce-overhead, max-autotune), in a second rotation: compiled_* ratios over compiled plain
                           calls, and compile_speedup = eager single model / compiled single model
+  host_share_*            on CUDA: the time the host took to issue a variant's calls over its whole time (near 1:
+                          the GPU waited for Python, so per-call host work shows in the ratios)
   --no-sequential         skip the joint blend with one call per member (sequential_overhead)
   --summarize FILE        only print the runs saved in a JSON-lines file (gpu_check.sh's results.jsonl) as a table
 
@@ -78,6 +80,9 @@ RATIOS = {
     "compiled_ls_over_single": "(b) compiled",
     "compiled_overhead": "(c) compiled",
     "compile_speedup": "eager single / compiled single",
+    "host_share_single": "issue time / time: single (1 = host-bound)",
+    "host_share_mpa": "issue time / time: DB-MPA",
+    "host_share_ls": "issue time / time: DB-MPA-LS",
 }
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 
@@ -159,9 +164,11 @@ def variants(unet, names, args, kwargs, compile: dict | None = None,
 
 
 def time_variants(functions: dict, repeats: int, warmup: int, device: str, steps: int) -> dict[str, list[float]]:
-    """Per variant, the times of ``repeats`` runs of ``steps`` steps, after ``warmup`` runs of two steps each."""
+    """Per variant, the times of ``repeats`` runs of ``steps`` steps, after ``warmup`` runs of two steps each; under
+    ``host:<variant>`` the time the host took to issue them (on a GPU: when it is the whole time, the GPU waited
+    for Python)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in functions}
+    times: dict[str, list[float]] = {key: [] for name in functions for key in (name, f"host:{name}")}
     order = list(functions)
     with torch.no_grad():
         for _ in range(warmup):
@@ -175,8 +182,10 @@ def time_variants(functions: dict, repeats: int, warmup: int, device: str, steps
                 sync()
                 start = time.perf_counter()
                 call(steps)
+                issued = time.perf_counter()
                 sync()
                 times[name].append(time.perf_counter() - start)
+                times[f"host:{name}"].append(issued - start)
     return times
 
 
@@ -289,6 +298,8 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     memory = {"memory": parameter_memory_ratio(unet, names)}
     if device.startswith("cuda"):
         memory.update(peak_memory_ratios(unet, names, args, kwargs))
+        memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant)
+                       for key, variant in (("single", f"plain:{names[0]}"), ("mpa", "mpa"), ("ls", "ls"))})
     if full:
         memory.update(full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps))
     if compile:
