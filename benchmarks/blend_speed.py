@@ -130,7 +130,7 @@ def variants(unet, names, args, kwargs, compile: dict | None = None,
 
     A plain call is the model alone with its adapter already active (switching adapters is not timed: the
     baseline is as fast as separate models would be). Blended calls run inside one routing context, as in a
-    pipeline call (Blend installs the LoRA routing hooks once per image). With ``compile`` (torch.compile
+    pipeline call (Blend installs the LoRA routing once per image). With ``compile`` (torch.compile
     options) the plain calls and the blends are compiled alike; ``sequential`` adds the joint blend called one
     member at a time (eager only).
     """

@@ -286,6 +286,67 @@ def test_a_lora_layers_own_forward_still_runs_while_routed_and_is_given_back():
     assert max_diff(batched, separate) <= 1e-5
     assert layer.forward is wrapped and sorted(layer.__dict__) == sorted(keys)
 
+
+def test_blends_on_one_base_can_be_routed_nested():
+    """Two blends of one pipeline in a loop of one's own: each routing context inside the other."""
+    base = _lora_base()
+    first, second = (BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}) for _ in range(2))
+    alone = [_denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5), _denoise(second, {"ir": 0.6, "aes": 0.4}, 1.0)]
+    with first.routing(), second.routing():
+        nested = [_denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5), _denoise(second, {"ir": 0.6, "aes": 0.4}, 1.0)]
+        with first.routing():  # re-entered: still one routing context
+            nested.append(_denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5))
+    assert all(torch.equal(a, b) for a, b in zip(nested, alone + alone[:1]))
+    assert all("forward" not in layer.__dict__ for layer in first.router.layers)
+
+
+def _dropout_base():
+    from peft import LoraConfig
+
+    base = tiny.unet(0)
+    for seed, name in enumerate(("ir", "aes"), start=10):
+        tiny.add_lora(base, name, seed, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=tiny.LORA_TARGETS,
+                                                   init_lora_weights=False))
+    base.set_adapter([])
+    return base
+
+
+def test_lora_dropout_follows_train_and_eval_mode_inside_one_routing_context():
+    """The stacked product holds only without active dropout: a training-mode call after an evaluation in the same
+    routing context still applies each adapter's dropout, as in a fresh context."""
+    base = _dropout_base()
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+
+    def training_call():
+        base.train()
+        torch.manual_seed(7)
+        try:
+            return _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+        finally:
+            base.eval()
+
+    fresh = training_call()
+    with denoiser.routing():
+        evaluated = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+        after_evaluation = training_call()
+    assert max_diff(fresh, evaluated) > 1e-3 and torch.equal(after_evaluation, fresh)
+
+
+def test_a_copy_of_the_base_made_while_routed_behaves_as_the_base():
+    import copy
+
+    base = _lora_base()
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    with denoiser.routing():
+        copied = copy.deepcopy(base)
+    sample, t, context = _cfg_inputs()
+    outputs = []
+    for module in (base, copied):
+        module.set_adapter(["ir"])
+        with torch.no_grad():
+            outputs.append(module(sample, t, encoder_hidden_states=context).sample)
+    assert torch.equal(*outputs)
+
 # The operations whose result a host must wait for when tensors live on a GPU (item(), nonzero, unique, ...).
 HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
               "is_nonzero", "equal", "repeat_interleave", "_assert_async"}

@@ -21,8 +21,8 @@ from torch import nn
 
 #: peft's routing name for "no adapter" in a mixed-adapter batch.
 NO_ADAPTER = "__base__"
-#: where a LoRA layer holds, while routed, (the router routing it, its own forward if it had one), and its
-#: routed forward
+#: where a LoRA layer holds, while routed, its routers and own forward (:class:`_LayerRouters`), and its routed
+#: forward
 ROUTER_ATTRIBUTE = "_diffusion_blend_router"
 ROUTED_FORWARD_ATTRIBUTE = "_diffusion_blend_forward"
 #: routings whose per-layer plans a routing context keeps (a blend uses a few; stochastic draws make new ones)
@@ -116,7 +116,6 @@ class AdapterRouter:
         self._plans_by_routing: dict[tuple, dict] = {}  # segments → {(layer, rows) → the layer's share of them}
         self._plans: dict[tuple, tuple | None] = {}  # those of the current routing
         self._depth = 0
-        self._replaced: list[tuple[nn.Module, object]] = []  # (layer, the forward of its own it had, if any)
         self._snapshot: ActivationSnapshot | None = None
 
     def _adapter_inventory(self) -> frozenset | None:
@@ -154,23 +153,16 @@ class AdapterRouter:
                     layer.set_adapter([])
             self._suspend_compiled_regions()
             self._forget_context()
-            self._replaced = [(layer, layer.__dict__.get("forward")) for layer in self.layers]
-            for layer, own_forward in self._replaced:
-                layer.__dict__[ROUTER_ATTRIBUTE] = (self, own_forward)
-                layer.forward = _routed_forward_of(layer)
+            for layer in self.layers:
+                _install_router(layer, self)
         self._depth += 1
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._depth -= 1
         if self._depth == 0:
-            for layer, own_forward in self._replaced:
-                del layer.__dict__[ROUTER_ATTRIBUTE]
-                if own_forward is None:
-                    del layer.forward
-                else:
-                    layer.forward = own_forward
-            self._replaced = []
+            for layer in self.layers:
+                _remove_router(layer, self)
             self.row_mask = None
             self._forget_context()
             for module, compiled in self._suspended:
@@ -207,7 +199,7 @@ class AdapterRouter:
         else:
             self._segments, self.row_mask = _segments(names), None
             if len(self._plans_by_routing) >= MAX_PLANNED_ROUTINGS:  # routings that change every call (draws)
-                self._plans_by_routing = {}
+                self._plans_by_routing, self._masks = {}, {}
             # the layers' plans for this routing, kept for the context: a mix blend routes every step alike
             self._plans = self._plans_by_routing.setdefault(self._segments, {})
         try:
@@ -270,7 +262,7 @@ class AdapterRouter:
                 "reshapes its batch, so its LoRA members cannot be routed per row (use batch_members=False, "
                 "compile=False)"
             )
-        if not routing.stackable:
+        if not _stacks(routing):
             updates = [(column, lora_update(layer, a, x)) for a, (column, _) in zip(routing.adapters, routing.layout)]
             update = sum(_broadcast(row_mask[:, column].to(u.dtype), output.ndim) * u for column, u in updates)
             return output + update.to(output.dtype)
@@ -300,7 +292,7 @@ class AdapterRouter:
         if plan is None:
             return None
         segments, start, stop, mask, adapters = plan
-        if mask is not None:  # one stacked product over the rows from the first to the last adapted row
+        if mask is not None and _stacks(routing):  # one product over the rows from the first to the last adapted
             update = self._stacked_update(layer, routing, x[start:stop], adapters, mask)
             if torch.is_grad_enabled():
                 return torch.cat([output[:start], output[start:stop] + update.to(output.dtype), output[stop:]])
@@ -308,8 +300,9 @@ class AdapterRouter:
             return output
         if torch.is_grad_enabled():
             output = output.clone()  # the in-place row updates below must not touch a tensor autograd saved
-        for adapter, first, last in segments:
-            output[first:last] += lora_update(layer, adapter, x[first:last]).to(output.dtype)
+        for adapter, first, last in segments:  # (relative to the plan's first row)
+            rows = slice(start + first, start + last)
+            output[rows] += lora_update(layer, adapter, x[rows]).to(output.dtype)
         return output
 
     def _plan_segments(self, layer: nn.Module, routing: _LayerRouting, rows: int) -> tuple | None:
@@ -324,8 +317,8 @@ class AdapterRouter:
             return segments, 0, rows, None, adapters
         start, stop = segments[0][1], segments[-1][2]
         shifted = [(adapter, first - start, last - start) for adapter, first, last in segments]
-        stacked_a, _, blocks = self._stacked_weights(layer, adapters)
-        return shifted, start, stop, self._mask(shifted, blocks, stop - start, stacked_a), adapters
+        blocks = _rank_blocks(adapters, [layer.lora_A[adapter].weight.shape[0] for adapter in adapters])
+        return shifted, start, stop, self._mask(shifted, blocks, stop - start, layer.lora_A[adapters[0]].weight), adapters
 
     def _stacked_update(self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, adapters: tuple[str, ...],
                         mask: torch.Tensor) -> torch.Tensor:
@@ -347,14 +340,14 @@ class AdapterRouter:
         if grad and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
             self._read_weights = {}  # trained inside this context: read them anew after every such call
             return (torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], dim=1),
-                    _rank_blocks(adapters, weights))
+                    _rank_blocks(adapters, [a.shape[0] for a, _, _ in weights]))
         version = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
         cached = self._stacked.get((id(layer), adapters))
         if cached is None or cached[0] != version:
             with torch.no_grad():
                 stacked_a = torch.cat([a for a, _, _ in weights])
                 stacked_b = torch.cat([b * s for _, b, s in weights], dim=1)
-            blocks = _rank_blocks(adapters, weights)
+            blocks = _rank_blocks(adapters, [a.shape[0] for a, _, _ in weights])
             cached = self._stacked[(id(layer), adapters)] = (version, stacked_a, stacked_b, blocks)
         self._read_weights[(id(layer), adapters)] = cached[1:]
         return cached[1:]
@@ -415,19 +408,60 @@ def _segments(names: str | list[str]) -> tuple[tuple[str, int, int], ...]:
     return tuple(segments)
 
 
+class _LayerRouters:
+    """What a routed LoRA layer holds while routed: the forward of its own it had (an accelerate hook's, say; None:
+    its class's) and the routers routing it — several when blends on one base are nested. A copy or pickle of the
+    layer made meanwhile gets none of the routers: the copy then runs its own forward as if never routed."""
+
+    def __init__(self, own_forward: Any = None, routers: list | None = None):
+        self.own_forward = own_forward
+        self.routers = routers if routers is not None else []
+
+    def __reduce__(self):
+        return _LayerRouters, (self.own_forward,)
+
+
+def _install_router(layer: nn.Module, router: AdapterRouter) -> None:
+    routed = layer.__dict__.get(ROUTER_ATTRIBUTE)
+    if routed is None:
+        routed = layer.__dict__[ROUTER_ATTRIBUTE] = _LayerRouters(layer.__dict__.get("forward"))
+        layer.forward = _routed_forward_of(layer)
+    routed.routers.append(router)
+
+
+def _remove_router(layer: nn.Module, router: AdapterRouter) -> None:
+    """Undo :func:`_install_router`; the last router out gives the layer its own forward back."""
+    routed = layer.__dict__.get(ROUTER_ATTRIBUTE)
+    if routed is None or router not in routed.routers:
+        return
+    routed.routers.remove(router)
+    if not routed.routers:
+        del layer.__dict__[ROUTER_ATTRIBUTE]
+        if routed.own_forward is None:
+            layer.__dict__.pop("forward", None)
+        else:
+            layer.forward = routed.own_forward
+
+
 def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """A routed LoRA layer's forward while routing: its base layer on all rows — what peft's forward computes with
-    no adapter active, without its per-call bookkeeping — plus the updates of the rows' adapters. A forward of the
-    layer's own (an accelerate hook's) still runs, with no adapter active: it gives the base output its way."""
-    router, own_forward = layer.__dict__[ROUTER_ATTRIBUTE]
-    output = layer.base_layer(*args, **kwargs) if own_forward is None else own_forward(*args, **kwargs)
-    updated = router._add_updates(layer, args, kwargs, output)
-    return output if updated is None else updated
+    """A routed LoRA layer's forward while routed: its base layer on all rows — what peft's forward computes with
+    no adapter active, without its per-call bookkeeping — plus the updates of the rows' adapters, from every router
+    routing it (only one has a routing set at a time). A forward of the layer's own still runs, with no adapter
+    active: it gives the base output its way."""
+    routed = layer.__dict__[ROUTER_ATTRIBUTE]
+    if not routed.routers:  # a copy made while routed: behave as the layer itself
+        return (routed.own_forward or functools.partial(type(layer).forward, layer))(*args, **kwargs)
+    output = layer.base_layer(*args, **kwargs) if routed.own_forward is None else routed.own_forward(*args, **kwargs)
+    for router in routed.routers:
+        updated = router._add_updates(layer, args, kwargs, output)
+        output = output if updated is None else updated
+    return output
 
 
 def _routed_forward_of(layer: nn.Module) -> functools.partial:
-    """The layer's routed forward, made once per layer: a compiled call guards the forward's identity, so every
-    routing context and every router must install the same object for a graph to be reused."""
+    """The layer's routed forward, made once per layer and kept on it: a compiled call guards the forward's
+    identity, so every routing context and every router must install the same object for a graph to be reused.
+    (Like accelerate's hooks, it makes a reference cycle: a deleted base is freed by the garbage collector.)"""
     forward = layer.__dict__.get(ROUTED_FORWARD_ATTRIBUTE)
     if forward is None:
         forward = layer.__dict__[ROUTED_FORWARD_ATTRIBUTE] = functools.partial(_routed_forward, layer)
@@ -452,7 +486,8 @@ class _LayerRouting(NamedTuple):
 
     adapters: tuple[str, ...]  # the routed adapters it holds, in the router's order
     layout: tuple[tuple[int, int], ...]  # (row-mask column, rank) of each, in the same order
-    stackable: bool  # whether their updates can be one stacked product
+    stackable: bool  # whether their updates can be one stacked product (dropout aside)
+    dropouts: tuple[nn.Module, ...]  # their dropouts of p > 0: the product needs them inactive (eval mode)
     first_a: nn.Module  # the first adapter's A and B: their operation (linear or convolution) applies stacked weights
     first_b: nn.Module
     rank_axis: int | None  # where the rank lies in the low-rank activations (None: the last axis)
@@ -462,8 +497,15 @@ def _layer_routing(layer: nn.Module, order: list[str]) -> _LayerRouting:
     adapters = tuple(adapter for adapter in order if adapter in layer.lora_A)
     layout = tuple((order.index(adapter), layer.lora_A[adapter].weight.shape[0]) for adapter in adapters)
     rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else None
-    return _LayerRouting(adapters, layout, _stackable(layer, list(adapters)), layer.lora_A[adapters[0]],
+    candidates = (layer.lora_dropout[adapter] for adapter in adapters)
+    dropouts = tuple(dropout for dropout in candidates if not isinstance(dropout, nn.Identity) and dropout.p > 0)
+    return _LayerRouting(adapters, layout, _stackable(layer, list(adapters)), dropouts, layer.lora_A[adapters[0]],
                          layer.lora_B[adapters[0]], rank_axis)
+
+
+def _stacks(routing: _LayerRouting) -> bool:
+    """Whether the layer's updates are one stacked product now (train/eval mode may change between calls)."""
+    return routing.stackable and not any(dropout.training for dropout in routing.dropouts)
 
 
 def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, low_rank: torch.Tensor) -> torch.Tensor:
@@ -473,12 +515,12 @@ def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, low_rank: torch.Te
     return mask.view(shape)
 
 
-def _rank_blocks(adapters: tuple[str, ...], weights: list[tuple]) -> dict[str, tuple[int, int]]:
+def _rank_blocks(adapters: tuple[str, ...], ranks: list[int]) -> dict[str, tuple[int, int]]:
     """Each adapter's block of rows in the stacked A (its rank's share of Σr)."""
     blocks, start = {}, 0
-    for adapter, (a, _, _) in zip(adapters, weights):
-        blocks[adapter] = (start, start + a.shape[0])
-        start += a.shape[0]
+    for adapter, rank in zip(adapters, ranks):
+        blocks[adapter] = (start, start + rank)
+        start += rank
     return blocks
 
 
@@ -509,12 +551,9 @@ def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 def _stackable(layer: nn.Module, adapters: list[str]) -> bool:
-    """Whether the adapters' updates can be one stacked product: no bias on B, no active dropout, and (for
-    convolutions) identical convolution settings."""
-    def inactive(dropout: nn.Module) -> bool:
-        return isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0
-
-    if any(getattr(layer, "lora_bias", {}).get(a) or not inactive(layer.lora_dropout[a]) for a in adapters):
+    """Whether the adapters' updates can be one stacked product: no bias on B and (for convolutions) identical
+    convolution settings. (Their dropouts must be inactive too, which can change from call to call: :func:`_stacks`.)"""
+    if any(getattr(layer, "lora_bias", {}).get(a) for a in adapters):
         return False
     if isinstance(layer, lora.layer._ConvNd):
         settings = {

@@ -346,6 +346,9 @@ class BlendedDenoiser(nn.Module):
         if self._vmap_cache is None or self._vmap_cache[0] != key:
             with torch.no_grad():
                 params, buffers = stack_module_state(modules)
+            if self.compile_options is not None:  # weights, not inputs: CUDA graphs must not copy them every replay
+                for tensor in (*params.values(), *buffers.values()):
+                    torch._dynamo.mark_static_address(tensor)
             template = copy.deepcopy(modules[0]).to("meta")
             self._vmap_cache = (key, params, buffers, template)
         _, params, buffers, template = self._vmap_cache
