@@ -30,6 +30,9 @@ repeats=${GPU_CHECK_REPEATS:-3}
 dtype=${GPU_CHECK_DTYPE:-fp16}
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
+log_writer=$!
+# on exit (early ones too) let tee write the last lines before the caller collects OUT_DIR
+trap 'exec >&- 2>&-; wait "$log_writer" 2>/dev/null || true' EXIT
 
 site=$(mktemp -d)
 wheel_files=("$wheels"/*.whl)
