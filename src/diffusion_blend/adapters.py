@@ -267,11 +267,10 @@ class AdapterRouter:
             update = sum(_broadcast(row_mask[:, column].to(u.dtype), output.ndim) * u for column, u in updates)
             return output + update.to(output.dtype)
         if torch.compiler.is_compiling():  # traced into the graph: the compiler folds or fuses it
-            stacked_a = torch.cat([layer.lora_A[a].weight for a in routing.adapters])
-            stacked_b = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in routing.adapters], dim=1)
+            stacked_a, stacked_b = _stack(layer, routing.adapters)
             rank_mask = _rank_mask(row_mask, routing.layout)
         else:
-            stacked_a, stacked_b, _ = self._stacked_weights(layer, routing.adapters)
+            stacked_a, stacked_b = self._stacked_weights(layer, routing.adapters)
             if self._rank_masks[0] is not row_mask:  # a new routing (holding the mask keeps its identity unique)
                 self._rank_masks = (row_mask, {})
             rank_mask = self._rank_masks[1].get(routing.layout)
@@ -324,31 +323,26 @@ class AdapterRouter:
                         mask: torch.Tensor) -> torch.Tensor:
         """Every adapter's update in one low-rank product: ((x·A_catᵀ) ⊙ M)·(B·s)_catᵀ, M keeping for each row
         only the rank block of its own adapter. Four operations per layer, as for one active adapter."""
-        stacked_a, stacked_b, _ = self._stacked_weights(layer, adapters)
+        stacked_a, stacked_b = self._stacked_weights(layer, adapters)
         low_rank = _apply(routing.first_a, x.to(stacked_a.dtype), stacked_a)
         return _apply(routing.first_b, low_rank * _on_rank_axis(mask, routing, low_rank), stacked_b)
 
-    def _stacked_weights(self, layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """A_cat (Σr × in), (B·s)_cat (out × Σr) and each adapter's rank block. Cached per layer and adapter set
-        while the weights are unchanged; built afresh, with their autograd graph, when gradients must reach them.
-        Without gradients the weights are read once per routing context: change them between pipeline calls, not
-        inside one."""
+    def _stacked_weights(self, layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' stacked weights (:func:`_stack`), cached per layer and adapter set while the weights are
+        unchanged; built afresh, with their autograd graph, when gradients must reach them. Without gradients the
+        weights are read once per routing context: change them between pipeline calls, not inside one."""
         grad = torch.is_grad_enabled()
         if not grad and (read := self._read_weights.get((id(layer), adapters))) is not None:
             return read
         weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]) for a in adapters]
         if grad and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
             self._read_weights = {}  # trained inside this context: read them anew after every such call
-            return (torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], dim=1),
-                    _rank_blocks(adapters, [a.shape[0] for a, _, _ in weights]))
+            return _stack(layer, adapters)
         version = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
         cached = self._stacked.get((id(layer), adapters))
         if cached is None or cached[0] != version:
             with torch.no_grad():
-                stacked_a = torch.cat([a for a, _, _ in weights])
-                stacked_b = torch.cat([b * s for _, b, s in weights], dim=1)
-            blocks = _rank_blocks(adapters, [a.shape[0] for a, _, _ in weights])
-            cached = self._stacked[(id(layer), adapters)] = (version, stacked_a, stacked_b, blocks)
+                cached = self._stacked[(id(layer), adapters)] = (version, *_stack(layer, adapters))
         self._read_weights[(id(layer), adapters)] = cached[1:]
         return cached[1:]
 
@@ -513,6 +507,12 @@ def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, low_rank: torch.Te
     shape = [1] * low_rank.ndim
     shape[0], shape[low_rank.ndim - 1 if routing.rank_axis is None else routing.rank_axis] = mask.shape
     return mask.view(shape)
+
+
+def _stack(layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_cat (Σr × in) and (B·s)_cat (out × Σr): the adapters' factors stacked along the rank."""
+    return (torch.cat([layer.lora_A[a].weight for a in adapters]),
+            torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], dim=1))
 
 
 def _rank_blocks(adapters: tuple[str, ...], ranks: list[int]) -> dict[str, tuple[int, int]]:
