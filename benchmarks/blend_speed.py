@@ -20,6 +20,8 @@ Reported ratios:
                           calls, and compile_speedup = eager single model / compiled single model
   host_share_*            on CUDA: the time the host took to issue a variant's calls over its whole time (near 1:
                           the GPU waited for Python, so per-call host work shows in the ratios)
+  launches_*              operations launched per denoising step (views excluded; a kernel each on a GPU) over the
+                          single model's: what (a) and (b) tend to when the host is the bottleneck (any device)
   --no-sequential         skip the joint blend with one call per member (sequential_overhead)
   --summarize FILE        only print the runs saved in a JSON-lines file (gpu_check.sh's results.jsonl) as a table
 
@@ -42,6 +44,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion_blend import BlendedDenoiser
 
@@ -83,7 +86,11 @@ RATIOS = {
     "host_share_single": "issue time / time: single (1 = host-bound)",
     "host_share_mpa": "issue time / time: DB-MPA",
     "host_share_ls": "issue time / time: DB-MPA-LS",
+    "launches_mpa_over_single": "(a) operations launched per step",
+    "launches_ls_over_single": "(b) operations launched per step",
 }
+#: dispatched operations that compute nothing (a view or other metadata change, no kernel)
+METADATA_ONLY = {"detach", "lift_fresh", "_unsafe_view", "_reshape_alias"}
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 
 
@@ -187,6 +194,33 @@ def time_variants(functions: dict, repeats: int, warmup: int, device: str, steps
                 times[name].append(time.perf_counter() - start)
                 times[f"host:{name}"].append(issued - start)
     return times
+
+
+class Launches(TorchDispatchMode):
+    """Counts the operations dispatched inside the block that compute something: a kernel launch each on a GPU, the
+    same count on every device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in METADATA_ONLY:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def launches_per_step(setup: Callable[[], object], call: Callable[[int], object]) -> int:
+    """Operations one more denoising step launches (a run of three steps minus a run of two: what is done once per
+    run, such as a routing context's masks, cancels), after a run that fills the caches kept across runs."""
+    counts = []
+    with torch.no_grad():
+        for steps in (1, 2, 3):
+            setup()
+            with Launches() as launches:
+                call(steps)
+            counts.append(launches.count)
+    return counts[2] - counts[1]
 
 
 def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
@@ -296,6 +330,9 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     times["raw_calls"] = summed(times, [f"plain:{a}" for a in ["base", *names]])
     ratio = functools.partial(median_ratio, times)
     memory = {"memory": parameter_memory_ratio(unet, names)}
+    launches = {key: launches_per_step(*functions[variant]) for key, variant in
+                (("single", f"plain:{names[0]}"), ("mpa", "mpa"), ("ls", "ls"))}
+    memory.update({f"launches_{key}_over_single": launches[key] / launches["single"] for key in ("mpa", "ls")})
     if device.startswith("cuda"):
         memory.update(peak_memory_ratios(unet, names, args, kwargs))
         memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant)

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-
-import blend_speed  # noqa: E402
+import blend_speed
 
 RATIOS = ("mpa_over_single", "ls_over_single", "overhead", "sequential_overhead", "memory")
 

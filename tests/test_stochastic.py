@@ -23,6 +23,14 @@ def _members():
     return Constant(0.0), {"a": Constant(1.0), "b": Constant(2.0), "c": Constant(3.0)}
 
 
+def _even_coin() -> BlendedDenoiser:
+    """Constant members "a" and "b" drawn with probability ½ each."""
+    base, members = _members()
+    denoiser = BlendedDenoiser(base, members)
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    return denoiser
+
+
 def _drawn(out):
     return out.flatten(1)[:, 0].round().long().tolist()
 
@@ -52,9 +60,7 @@ def test_member_frequencies_match_the_weights():
 
 
 def test_cfg_halves_of_a_sample_share_a_member():
-    base, members = _members()
-    denoiser = BlendedDenoiser(base, members)
-    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    denoiser = _even_coin()
     latents = torch.randn(3, 2)
     pairs = []
     for step in range(50):
@@ -64,24 +70,37 @@ def test_cfg_halves_of_a_sample_share_a_member():
     assert len({tuple(p) for p in pairs}) > 1  # the samples themselves still draw anew at every step
 
 
-def test_cfg_halves_in_two_calls_share_a_member():
+#: timesteps as pipelines pass them: Python numbers (compared on the host) or tensors (compared on the device)
+TIMESTEP_KINDS = [int, torch.tensor]
+
+
+@pytest.mark.parametrize("timestep", TIMESTEP_KINDS)
+def test_cfg_halves_in_two_calls_share_a_member(timestep):
     """Pipelines that run the unconditional and conditional passes as two calls at the same timestep."""
-    base, members = _members()
-    denoiser = BlendedDenoiser(base, members)
-    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    denoiser = _even_coin()
     for step in range(40):
         latents = torch.randn(4, 2)
-        assert _drawn(denoiser(latents, step)) == _drawn(denoiser(latents.clone(), step))
+        assert _drawn(denoiser(latents, timestep(step))) == _drawn(denoiser(latents.clone(), timestep(step)))
 
 
-def test_a_new_step_draws_again():
-    base, members = _members()
-    denoiser = BlendedDenoiser(base, members)
-    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("timestep", TIMESTEP_KINDS)
+def test_a_new_step_draws_again(timestep):
+    denoiser = _even_coin()
     latents = torch.randn(16, 2)
-    first = _drawn(denoiser(latents, 10))
-    assert _drawn(denoiser(latents, 10)) == first
-    assert _drawn(denoiser(latents, 9)) != first
+    first = _drawn(denoiser(latents, timestep(10)))
+    assert _drawn(denoiser(latents, timestep(10))) == first
+    assert _drawn(denoiser(latents, timestep(9))) != first
+
+
+@pytest.mark.parametrize("timestep", TIMESTEP_KINDS)
+def test_identical_rows_share_the_new_draw_of_a_new_step(timestep):
+    """Rows met at the previous step too draw afresh at a new one, identical rows of the call together."""
+    denoiser = _even_coin()
+    latents = torch.randn(16, 2)
+    first = _drawn(denoiser(torch.cat([latents, latents]), timestep(10)))
+    again = _drawn(denoiser(torch.cat([latents, latents]), timestep(9)))
+    assert first[:16] == first[16:] and again[:16] == again[16:]
+    assert again[:16] != first[:16]
 
 
 def test_stochastic_with_kl_scale_zero_evaluates_only_the_base():

@@ -104,7 +104,7 @@ class AdapterRouter:
         self._rank_masks: tuple[torch.Tensor | None, dict] = (None, {})  # the row mask they expand, and them
         self._suspended: list[tuple[nn.Module, object]] = []
         self._last_mask: tuple[tuple, torch.Tensor] | None = None
-        self._member_columns: tuple[tuple, torch.Tensor] | None = None
+        self._member_rows: tuple[tuple, torch.Tensor] | None = None
         self._capture_layers()
         self._segments: tuple[tuple[str, int, int], ...] | None = None
         self._stacked: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights (rebuilt when they change)
@@ -209,11 +209,11 @@ class AdapterRouter:
 
     def member_mask(self, adapters: list[str], drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The mask routing row i through ``adapters[drawn[i]]``, built on ``drawn``'s device (no host read)."""
-        key = (tuple(adapters), drawn.device)
-        if self._member_columns is None or self._member_columns[0] != key:
+        key = (tuple(adapters), drawn.device, like.dtype)
+        if self._member_rows is None or self._member_rows[0] != key:  # each member's row of the mask, made once
             columns = torch.tensor([self.order.index(adapter) for adapter in adapters])
-            self._member_columns = (key, columns.to(drawn.device, non_blocking=True))
-        return self._one_hot(self._member_columns[1][drawn], like.dtype)
+            self._member_rows = (key, self._one_hot(columns.to(drawn.device, non_blocking=True), like.dtype))
+        return self._member_rows[1][drawn]
 
     def dense_mask(self, names: str | list[str], rows: int, like: torch.Tensor) -> torch.Tensor:
         """The dense routing of ``rows`` rows (one name for all, or one per row): rows × adapters, 1 where a row
@@ -301,7 +301,7 @@ class AdapterRouter:
             output = output.clone()  # the in-place row updates below must not touch a tensor autograd saved
         for adapter, first, last in segments:  # (relative to the plan's first row)
             rows = slice(start + first, start + last)
-            output[rows] += lora_update(layer, adapter, x[rows]).to(output.dtype)
+            output[rows].add_(lora_update(layer, adapter, x[rows]).to(output.dtype))  # (`+=` would copy back)
         return output
 
     def _plan_segments(self, layer: nn.Module, routing: _LayerRouting, rows: int) -> tuple | None:
@@ -480,7 +480,7 @@ class _LayerRouting(NamedTuple):
 
     adapters: tuple[str, ...]  # the routed adapters it holds, in the router's order
     layout: tuple[tuple[int, int], ...]  # (row-mask column, rank) of each, in the same order
-    stackable: bool  # whether their updates can be one stacked product (dropout aside)
+    stackable: bool  # whether their updates can be one stacked product (dropout aside): weights readable, same form
     dropouts: tuple[nn.Module, ...]  # their dropouts of p > 0: the product needs them inactive (eval mode)
     first_a: nn.Module  # the first adapter's A and B: their operation (linear or convolution) applies stacked weights
     first_b: nn.Module
@@ -493,8 +493,19 @@ def _layer_routing(layer: nn.Module, order: list[str]) -> _LayerRouting:
     rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else None
     candidates = (layer.lora_dropout[adapter] for adapter in adapters)
     dropouts = tuple(dropout for dropout in candidates if not isinstance(dropout, nn.Identity) and dropout.p > 0)
-    return _LayerRouting(adapters, layout, _stackable(layer, list(adapters)), dropouts, layer.lora_A[adapters[0]],
-                         layer.lora_B[adapters[0]], rank_axis)
+    stackable = _stackable(layer, list(adapters)) and not any(
+        _weights_placed_on_call(factor[adapter]) for factor in (layer.lora_A, layer.lora_B) for adapter in adapters
+    )
+    return _LayerRouting(adapters, layout, stackable, dropouts, layer.lora_A[adapters[0]], layer.lora_B[adapters[0]],
+                         rank_axis)
+
+
+def _weights_placed_on_call(module: nn.Module) -> bool:
+    """Whether a hook may put the module's weights in place only when it is called (accelerate's sequential CPU
+    offload parks them on the meta device between calls; diffusers' leaf-level group offloading moves them): such
+    weights cannot be read for a stacked product, the module must be called."""
+    return "forward" in module.__dict__ or bool(module._forward_pre_hooks) or any(
+        hasattr(module, attribute) for attribute in ("_hf_hook", "_diffusers_hook"))
 
 
 def _stacks(routing: _LayerRouting) -> bool:

@@ -122,9 +122,12 @@ def blend_predictions(
 
 
 def _weighted_sum(terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    total = terms[0][0] * terms[0][1]
-    for tensor, weight in terms[1:]:
-        total = total + tensor * weight
+    """Σ weight · tensor, with no multiplication by a weight of 1 (DB-MPA-LS's drawn member: x · 1 = x exactly,
+    and on a GPU every operation saved is a kernel launch saved)."""
+    scaled = [tensor if weight == 1 else tensor * weight for tensor, weight in terms]
+    total = scaled[0]
+    for tensor in scaled[1:]:
+        total = total + tensor
     return total
 
 

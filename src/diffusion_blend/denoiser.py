@@ -318,16 +318,17 @@ class BlendedDenoiser(nn.Module):
         """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``.
         ``mask`` (stacked rows × adapters) routes the rows on the shared base instead of the evaluations' names."""
         batch = len(latent)
-        rows = [e.rows if e.rows is not None else torch.arange(batch, device=latent.device) for e in evaluations]
-        index = torch.cat(rows)
+        sizes = [batch if e.rows is None else len(e.rows) for e in evaluations]
         module = self.modules_by_name[evaluations[0].member] if evaluations[0].member in self.modules_by_name else None
         routes = mask if mask is not None or module is not None else [  # every stacked row's adapter
-            self.adapter_of.get(e.member, NO_ADAPTER) for e, r in zip(evaluations, rows) for _ in range(len(r))
+            self.adapter_of.get(e.member, NO_ADAPTER) for e, size in zip(evaluations, sizes) for _ in range(size)
         ]
-        chunk = self.max_batch_size or len(index)
+        chunk = self.max_batch_size or sum(sizes)
         whole_batch = len(evaluations) == 1 and evaluations[0].rows is None and chunk >= batch
+        if not whole_batch:  # the batch rows each stacked row takes (none to gather for one evaluation of all rows)
+            index = _stacked_rows(evaluations, batch, latent.device)
         pieces, template = [], None
-        for start in range(0, len(index), chunk):
+        for start in range(0, sum(sizes), chunk):
             if whole_batch:
                 call_args, call_kwargs = args, kwargs
             else:
@@ -337,7 +338,7 @@ class BlendedDenoiser(nn.Module):
             template = output if template is None else template
             pieces.append(prediction_of(output))
         stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        return list(stacked.split([len(r) for r in rows])), template
+        return list(stacked.split(sizes)), template
 
     def _vmapped(self, names: list[str], args: tuple, kwargs: dict) -> list[Any]:
         """Full members on the same inputs in one vmapped call over their stacked weights."""
@@ -410,6 +411,14 @@ class BlendedDenoiser(nn.Module):
         device, dtype = _placement(self.base)
         for name, module in self.modules_by_name.items():
             member_device, member_dtype = _placement(module)
+            offloaded = [which for which, at in ((f"member {name!r}", member_device), ("the base", device))
+                         if at.type == "meta"]
+            if offloaded:
+                raise ValueError(
+                    f"{offloaded[0]} is offloaded (its weights wait on the meta device, as enable_sequential_cpu_offload"
+                    " leaves them); full-module members need the base and every member in memory on one device. "
+                    "Sequential offload works with LoRA members"
+                )
             if (member_device, member_dtype) != (device, dtype):
                 raise ValueError(
                     f"member {name!r} is on {member_device} in {member_dtype}, the base on {device} in {dtype}; "
@@ -498,6 +507,18 @@ def with_prediction(template: Any, prediction: torch.Tensor) -> Any:
     raise TypeError(f"cannot rebuild a denoiser output of type {type(template).__name__}")
 
 
+def _stacked_rows(evaluations: list[Evaluation], batch: int, device: torch.device) -> torch.Tensor:
+    """The batch row of every stacked row, evaluations one after another."""
+    if all(evaluation.rows is None for evaluation in evaluations):  # a mix blend: the same every step
+        return _repeated_batch_rows(len(evaluations), batch, device)
+    return torch.cat([e.rows if e.rows is not None else torch.arange(batch, device=device) for e in evaluations])
+
+
+@functools.lru_cache(maxsize=64)
+def _repeated_batch_rows(repeats: int, batch: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch, device=device).repeat(repeats)
+
+
 def _take_call_rows(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict]:
     kwargs = {key: value if key in UNBATCHED_ARGUMENTS else take_rows(value, rows, batch) for key, value in kwargs.items()}
     return take_rows(args, rows, batch), kwargs
@@ -519,25 +540,32 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 class _DrawCache:
     """The stochastic mode's draws, made on the latents' device without reading anything back to the host: a row
     takes the draw of the first identical row of its call or, when the previous call was at the same timestep,
-    of its identical row there. Rows are compared by a 64-bit hash of their bits, by sorting rather than pairwise
-    comparisons (the lab draws for tens of thousands of rows at once)."""
+    of its identical row there. Rows are compared by a 64-bit hash of their bits, in one sort of the previous
+    call's rows and this call's (the lab draws for tens of thousands of rows at once; a sampling step has a few
+    rows, and every operation here is a kernel launch on a GPU)."""
 
     def __init__(self):
-        self.previous: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (sorted row hashes, draws, timestep)
+        self.previous: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (row hashes, draws, timestep)
 
     def draw(self, latent: torch.Tensor, timestep: Any, probabilities: torch.Tensor, generator) -> torch.Tensor:
         hashes = _row_hashes(latent.detach().reshape(len(latent), -1))
-        fresh = torch.multinomial(probabilities, len(hashes), replacement=True, generator=generator)
-        draws = fresh.to(hashes.device, non_blocking=True)[_first_equal(hashes)]
         timestep = _comparable_timestep(timestep, hashes.device)
-        if self.previous is not None and timestep is not None:
-            known, known_draws, known_timestep = self.previous
-            same_step = known_timestep is not None and known_timestep == timestep
-            if same_step is not False:
-                position = torch.searchsorted(known, hashes).clamp(max=len(known) - 1)
-                draws = torch.where((known[position] == hashes) & same_step, known_draws[position], draws)
-        order = torch.argsort(hashes)
-        self.previous = (hashes[order], draws[order], timestep)
+        known = self.previous if timestep is not None else None
+        same_step = known is not None and known[2] is not None and known[2] == timestep  # (a tensor on a GPU)
+        known = known if same_step is not False else None
+        undecided = known is not None and same_step is not True  # a timestep compared on the device
+        fresh = torch.multinomial(probabilities, len(hashes) + (len(known[0]) if undecided else 0), replacement=True,
+                                  generator=generator).to(hashes.device, non_blocking=True)
+        keys, candidates = hashes, fresh
+        if known is not None:  # the previous rows first: an identical one then comes before this call's rows
+            keys = torch.cat([known[0], hashes])
+            # at another step the previous rows' draws give way to fresh ones
+            previous = torch.where(same_step, known[1], fresh[len(hashes):]) if undecided else known[1]
+            candidates = torch.cat([previous, fresh[: len(hashes)]])
+        order = torch.argsort(keys, stable=True)
+        first = order[torch.searchsorted(keys[order], hashes)]  # the first row of each row's key (stable sort)
+        draws = candidates[first]
+        self.previous = (hashes, draws, timestep)
         return draws
 
 
@@ -557,19 +585,6 @@ def _hash_multipliers(length: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0x5DEECE66D)
     multipliers = torch.randint(-(2**62), 2**62, (length,), generator=generator, dtype=torch.int64) * 2 + 1
     return multipliers.to(device)
-
-
-def _first_equal(keys: torch.Tensor) -> torch.Tensor:
-    """For each position, the first position holding the same key (by a stable sort; no host read)."""
-    order = torch.argsort(keys, stable=True)
-    ordered = keys[order]
-    positions = torch.arange(len(keys), device=keys.device)
-    starts = torch.ones_like(ordered, dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    group_start = torch.cummax(torch.where(starts, positions, 0), 0).values
-    first = torch.empty_like(order)
-    first[order] = order[group_start]
-    return first
 
 
 def _comparable_timestep(timestep: Any, device: torch.device) -> Any:

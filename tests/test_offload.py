@@ -1,0 +1,39 @@
+"""Blends on offloaded denoisers: weights that hooks put in place only when their module is called (accelerate's
+sequential CPU offload: what ``pipe.enable_sequential_cpu_offload`` applies to the UNet) must be used through those
+calls. The hooks' logic runs on a CPU too (execution device = CPU, weights parked on the meta device between
+calls). The pipeline method itself cannot be tested here: with ``device="cpu"`` accelerate 1.15 fails on the plain
+pipeline (it parks a weight it restored as a plain tensor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import cpu_offload
+
+import tiny
+from diffusion_blend import BlendedDenoiser
+from test_batching import _denoise, _lora_base
+from test_pipelines import max_diff
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("mode, weights, kl_scale", [
+    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+])
+def test_lora_blend_on_a_sequentially_offloaded_base_equals_the_blend_in_memory(mode, weights, kl_scale):
+    expected = _denoise(BlendedDenoiser(_lora_base(), {"ir": "ir", "aes": "aes"}), weights, kl_scale, mode)
+    base = _lora_base()
+    cpu_offload(base, execution_device=CPU)
+    assert base.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.lora_A["ir"].weight.is_meta
+    blended = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), weights, kl_scale, mode)
+    assert max_diff(blended, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("offloaded", ["base", "member"])
+def test_full_members_with_a_sequentially_offloaded_module_raise(offloaded):
+    base, member = tiny.unet(0), tiny.unet(7)
+    cpu_offload(base if offloaded == "base" else member, execution_device=CPU)
+    with pytest.raises(ValueError, match="is offloaded.*LoRA members"):
+        _denoise(BlendedDenoiser(base, {"ft": member}), {"ft": 0.5}, 1.5)
