@@ -11,8 +11,10 @@ Reported ratios:
   (b) ls_over_single      DB-MPA-LS (stochastic, M members)      / one fine-tuned model
   (c) overhead            joint blend (λ ≠ 1: base + M members)  / the M + 1 plain calls it replaces
       sequential_overhead the same blend with one call per member (batch_members=False)
-  (d) memory              base + M adapters / one model, in parameter bytes; on CUDA also the peak allocated
-                          bytes of a DB-MPA step (stacked, and chunked to the single model's rows)
+  (d) memory              base + M adapters / one model, in parameter bytes
+      peak_memory         the peak memory of a DB-MPA step / a single model's (stacked; _chunked: chunked to the
+                          single model's rows): on CUDA the allocator's peak, elsewhere the weights plus the peak
+                          bytes of live tensors made in the step (allocator-independent, the same on any machine)
   --full                  also full-module members: the joint blend one call per member, and vmapped over their
                           stacked weights, each over the M + 1 separate model calls
   --compile [MODE]        also everything above under torch.compile (static shapes; MODE: default,
@@ -38,6 +40,7 @@ import json
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +48,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from diffusion_blend import BlendedDenoiser
 
@@ -75,7 +79,7 @@ RATIOS = {
     "overhead": "(c) blend / the M+1 calls it replaces",
     "sequential_overhead": "(c) the same, one call per member",
     "memory": "(d) parameter memory / single model",
-    "peak_memory": "(d) peak memory / single model (CUDA)",
+    "peak_memory": "(d) peak memory / single model",
     "peak_memory_chunked": "(d) the same, chunked to the single's rows",
     "full_sequential_overhead": "(c) full members one by one / M+1 calls",
     "full_vmap_overhead": "(c) full members vmapped / M+1 calls",
@@ -240,28 +244,73 @@ def parameter_memory_ratio(unet, names) -> float:
     return total / (total - adapters + adapters / len(names))
 
 
-def peak_memory_ratios(unet, names, args, kwargs) -> dict[str, float]:
-    """(d) on CUDA: peak allocated bytes of a DB-MPA step over a single-model step, stacked in one call and
-    chunked to the single model's rows (``max_batch_size``)."""
+def peak_memory_ratios(unet, names, args, kwargs, device: str) -> dict[str, float]:
+    """(d): peak memory of a DB-MPA step over a single-model step, stacked in one call and chunked to the single
+    model's rows (``max_batch_size``). On CUDA the allocator's peak allocated bytes; elsewhere the weights plus the
+    peak bytes of live tensors made during the step (:class:`LiveBytes`: what any allocator must hold at least)."""
     rows = len(args[0])
     candidates = {
         "peak_memory": blended_denoiser(unet, names),
         "peak_memory_chunked": BlendedDenoiser(unet, {n: n for n in names}, max_batch_size=rows),
     }
     candidates["peak_memory_chunked"].set_blend({n: 1.0 / len(names) for n in names})
-
-    def peak(call) -> int:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        call()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-
+    peak = cuda_peak_bytes if device.startswith("cuda") else functools.partial(
+        live_peak_bytes, weights=sum(p.numel() * p.element_size() for p in unet.parameters()))
     with torch.no_grad():
         unet.set_adapter([names[0]])
         single = peak(lambda: unet(*args, **kwargs))
         unet.set_adapter([])
         return {key: peak(lambda d=denoiser: d(*args, **kwargs)) / single for key, denoiser in candidates.items()}
+
+
+def cuda_peak_bytes(call: Callable[[], object]) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def live_peak_bytes(call: Callable[[], object], weights: int) -> int:
+    """``weights`` plus the peak of :class:`LiveBytes` over a call (after a first call has filled the caches)."""
+    call()
+    with LiveBytes() as live:
+        call()
+    return weights + live.peak
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak bytes of the storages of tensors made inside the block and still referenced: a storage counts from
+    the first operation that returns a tensor on it until the last such tensor is freed (views share their base's
+    storage). Tensors made before the block (weights, inputs) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._tensors: dict[int, int] = {}  # storage address → tensors referencing it
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(output):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return output
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        address, size = storage.data_ptr(), storage.nbytes()
+        if address not in self._tensors:
+            self._tensors[address] = 0
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        self._tensors[address] += 1
+        weakref.finalize(tensor, self._release, address, size)
+
+    def _release(self, address: int, size: int) -> None:
+        self._tensors[address] -= 1
+        if self._tensors[address] == 0:
+            del self._tensors[address]
+            self.live -= size
 
 
 def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, repeats: int, warmup: int,
@@ -333,8 +382,8 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     launches = {key: launches_per_step(*functions[variant]) for key, variant in
                 (("single", f"plain:{names[0]}"), ("mpa", "mpa"), ("ls", "ls"))}
     memory.update({f"launches_{key}_over_single": launches[key] / launches["single"] for key in ("mpa", "ls")})
+    memory.update(peak_memory_ratios(unet, names, args, kwargs, device))
     if device.startswith("cuda"):
-        memory.update(peak_memory_ratios(unet, names, args, kwargs))
         memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant)
                        for key, variant in (("single", f"plain:{names[0]}"), ("mpa", "mpa"), ("ls", "ls"))})
     if full:

@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import blend_speed
 
-RATIOS = ("mpa_over_single", "ls_over_single", "overhead", "sequential_overhead", "memory")
+RATIOS = ("mpa_over_single", "ls_over_single", "overhead", "sequential_overhead", "memory", "peak_memory",
+          "peak_memory_chunked", "launches_mpa_over_single", "launches_ls_over_single")
 
 
 def test_benchmark_reports_every_ratio():
@@ -22,6 +24,26 @@ def test_benchmark_json_cli(capsys):
 
     result = json.loads(capsys.readouterr().out)
     assert result["members"] == 3 and set(RATIOS) <= set(result)
+
+
+def test_live_bytes_peak_counts_storages_while_a_tensor_references_them():
+    with blend_speed.LiveBytes() as live:
+        first = torch.empty(1000)  # 4 000 bytes
+        view = first[:10]  # the same storage
+        second = torch.empty(2000)  # 12 000 live
+        del first  # kept by the view
+        third = torch.empty(500)  # 14 000 live: the peak
+        del view, second  # 2 000 live
+        fourth = torch.empty(3000)  # 14 000 live again
+    assert (live.peak, live.live) == (14_000, 14_000)
+    del third, fourth
+    assert live.live == 0
+
+
+def test_chunking_to_the_single_models_rows_bounds_the_peak_memory():
+    """Four members stacked hold four times a single model's activations; chunked, about one's."""
+    result = blend_speed.run("mid", members=4, repeats=1, warmup=0, latent=8, sequential=False)
+    assert result["peak_memory_chunked"] < 1.05 < result["peak_memory"]
 
 
 @pytest.mark.slow
