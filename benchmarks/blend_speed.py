@@ -282,7 +282,7 @@ def live_peak_bytes(call: Callable[[], object], weights: int) -> int:
 class LiveBytes(TorchDispatchMode):
     """The peak bytes of the storages of tensors made inside the block and still referenced: a storage counts from
     the first operation that returns a tensor on it until the last such tensor is freed (views share their base's
-    storage). Tensors made before the block (weights, inputs) are not counted."""
+    storage). Tensors made before the block (weights, inputs), their views and in-place results are not counted."""
 
     def __init__(self):
         super().__init__()
@@ -291,9 +291,13 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
+        inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
+                  if isinstance(leaf, torch.Tensor)}
         for tensor in tree_leaves(output):
             if isinstance(tensor, torch.Tensor):
-                self._track(tensor)
+                address = tensor.untyped_storage().data_ptr()
+                if address in self._tensors or address not in inputs:  # (views and in-place results of tensors
+                    self._track(tensor)                                 # made before the block hold no new bytes)
         return output
 
     def _track(self, tensor: torch.Tensor) -> None:

@@ -40,6 +40,15 @@ def test_live_bytes_peak_counts_storages_while_a_tensor_references_them():
     assert live.live == 0
 
 
+def test_live_bytes_leaves_out_views_and_in_place_results_of_earlier_tensors():
+    weight, x = torch.ones(1000, 1000), torch.ones(8, 1000)
+    with blend_speed.LiveBytes() as live:
+        weight.t()[:1]
+        x.add_(1)
+        torch.nn.functional.linear(x, weight)  # transposes the weight (a view), makes 8 × 1000 floats
+    assert live.peak == 32_000
+
+
 def test_chunking_to_the_single_models_rows_bounds_the_peak_memory():
     """Four members stacked hold four times a single model's activations; chunked, about one's."""
     result = blend_speed.run("mid", members=4, repeats=1, warmup=0, latent=8, sequential=False)

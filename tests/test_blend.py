@@ -104,3 +104,9 @@ def test_simplex_rejects_weights_not_summing_to_one():
 def test_bad_kl_scale_raises(bad):
     with pytest.raises(ValueError, match="kl_scale must be a finite number >= 0"):
         validate_kl_scale(bad)
+
+
+def test_the_blend_is_a_new_tensor_even_for_one_member_of_weight_one():
+    member = torch.ones(2)
+    blend_predictions(None, [member], [1.0]).mul_(3)
+    assert torch.equal(member, torch.ones(2))

@@ -90,7 +90,7 @@ def test_a_blended_step_adds_no_operation_per_lora_layer(mode, weights, kl_scale
 @pytest.mark.parametrize("mode, weights, kl_scale, budget", [
     ("mix", {"ir": 0.5, "aes": 0.5}, 1.0, 5),  # DB-MPA: gather the stacked rows (sample, context), Σ w·ε
     ("mix", {"ir": 0.3, "aes": 0.5}, 1.5, 9),  # DB-MPA with the base: + the members' differences to it, λ·
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0, 21),  # DB-MPA-LS: the draws (hash, sort, match) and their mask
+    ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0, 22),  # DB-MPA-LS: the draws (hash, sort, match) and their mask
 ])
 def test_a_blended_step_launches_a_bounded_number_of_operations_of_its_own(mode, weights, kl_scale, budget):
     """The blend's own operations per step, counted with one LoRA layer per transformer block so that the extra

@@ -503,9 +503,13 @@ def _layer_routing(layer: nn.Module, order: list[str]) -> _LayerRouting:
 def _weights_placed_on_call(module: nn.Module) -> bool:
     """Whether a hook may put the module's weights in place only when it is called (accelerate's sequential CPU
     offload parks them on the meta device between calls; diffusers' leaf-level group offloading moves them): such
-    weights cannot be read for a stacked product, the module must be called."""
-    return "forward" in module.__dict__ or bool(module._forward_pre_hooks) or any(
-        hasattr(module, attribute) for attribute in ("_hf_hook", "_diffusers_hook"))
+    weights cannot be read for a stacked product, the module must be called. A forward left on the instance that is
+    just the class's own (what removing accelerate's hooks leaves) and an empty diffusers hook registry do not count."""
+    forward = module.__dict__.get("forward")
+    replaced = forward is not None and getattr(forward, "__func__", None) is not type(module).forward
+    registry = getattr(module, "_diffusers_hook", None)
+    return (replaced or bool(module._forward_pre_hooks) or hasattr(module, "_hf_hook")
+            or bool(registry is not None and registry.hooks))
 
 
 def _stacks(routing: _LayerRouting) -> bool:

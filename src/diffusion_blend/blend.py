@@ -122,8 +122,10 @@ def blend_predictions(
 
 
 def _weighted_sum(terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """Σ weight · tensor, with no multiplication by a weight of 1 (DB-MPA-LS's drawn member: x · 1 = x exactly,
-    and on a GPU every operation saved is a kernel launch saved)."""
+    """Σ weight · tensor, a new tensor, with no multiplication by a weight of 1 beside other terms (x · 1 = x
+    exactly; on a GPU every operation saved is a kernel launch saved)."""
+    if len(terms) == 1:
+        return terms[0][0] * terms[0][1]
     scaled = [tensor if weight == 1 else tensor * weight for tensor, weight in terms]
     total = scaled[0]
     for tensor in scaled[1:]:

@@ -246,8 +246,9 @@ class BlendedDenoiser(nn.Module):
             plan.insert(0, Evaluation(BASE))
             mask = torch.cat([torch.zeros_like(mask), mask])
         predictions, template = self._run_stacked(plan, latent, args, kwargs, mask=mask)
-        base = predictions[0] if len(predictions) == 2 else None
-        blended = blend_predictions(base, [predictions[-1]], [1.0], self.settings.kl_scale)
+        if self.settings.kl_scale == 1:  # the drawn members' predictions are the blend
+            return with_prediction(template, predictions[-1])
+        blended = blend_predictions(predictions[0], [predictions[-1]], [1.0], self.settings.kl_scale)
         return with_prediction(template, blended)
 
     def draw_members(self, latent: torch.Tensor, timestep: Any = None) -> torch.Tensor:
@@ -411,19 +412,27 @@ class BlendedDenoiser(nn.Module):
         device, dtype = _placement(self.base)
         for name, module in self.modules_by_name.items():
             member_device, member_dtype = _placement(module)
-            offloaded = [which for which, at in ((f"member {name!r}", member_device), ("the base", device))
-                         if at.type == "meta"]
-            if offloaded:
-                raise ValueError(
-                    f"{offloaded[0]} is offloaded (its weights wait on the meta device, as enable_sequential_cpu_offload"
-                    " leaves them); full-module members need the base and every member in memory on one device. "
-                    "Sequential offload works with LoRA members"
-                )
+            _check_offloaded(name, device, member_device, self.vmap_full_members)
             if (member_device, member_dtype) != (device, dtype):
                 raise ValueError(
                     f"member {name!r} is on {member_device} in {member_dtype}, the base on {device} in {dtype}; "
                     "move it with .to(...) first"
                 )
+
+
+def _check_offloaded(name: str, base_device: torch.device, member_device: torch.device, vmapped: bool) -> None:
+    """Full members may be offloaded sequentially (accelerate's hooks place each weight when its module is called,
+    so a member's own call works) only together with the base, and not vmapped (vmap reads the weights)."""
+    offloaded = [which for which, device in ((f"member {name!r}", member_device), ("the base", base_device))
+                 if device.type == "meta"]
+    if not offloaded:
+        return
+    parked = (f"{offloaded[0]} is offloaded (its weights wait on the meta device, as enable_sequential_cpu_offload "
+              "leaves them)")
+    if vmapped:
+        raise ValueError(f"{parked}; vmap_full_members reads the members' weights: use vmap_full_members=False")
+    if len(offloaded) == 1:
+        raise ValueError(f"{parked} and the other is not: offload the base and every full member alike, or none")
 
 
 # ---------------------------------------------------------------------------------------------------- compilation
@@ -553,20 +562,23 @@ class _DrawCache:
         known = self.previous if timestep is not None else None
         same_step = known is not None and known[2] is not None and known[2] == timestep  # (a tensor on a GPU)
         known = known if same_step is not False else None
-        undecided = known is not None and same_step is not True  # a timestep compared on the device
-        fresh = torch.multinomial(probabilities, len(hashes) + (len(known[0]) if undecided else 0), replacement=True,
-                                  generator=generator).to(hashes.device, non_blocking=True)
-        keys, candidates = hashes, fresh
+        fresh = torch.multinomial(probabilities, len(hashes), replacement=True, generator=generator)
+        keys, candidates = hashes, fresh.to(hashes.device, non_blocking=True)
         if known is not None:  # the previous rows first: an identical one then comes before this call's rows
-            keys = torch.cat([known[0], hashes])
-            # at another step the previous rows' draws give way to fresh ones
-            previous = torch.where(same_step, known[1], fresh[len(hashes):]) if undecided else known[1]
-            candidates = torch.cat([previous, fresh[: len(hashes)]])
+            previous = known[0]
+            if same_step is not True:  # decided on the device: at another step no previous row may match
+                previous = torch.where(same_step, previous, previous ^ NEW_STEP_SALT)
+            keys, candidates = torch.cat([previous, hashes]), torch.cat([known[1], candidates])
         order = torch.argsort(keys, stable=True)
         first = order[torch.searchsorted(keys[order], hashes)]  # the first row of each row's key (stable sort)
         draws = candidates[first]
         self.previous = (hashes, draws, timestep)
         return draws
+
+
+#: XORed into the previous call's row hashes at a new step: they then match no row of this call (a salted hash
+#: equals another row's hash as rarely as two distinct rows' hashes do)
+NEW_STEP_SALT = 0x2545F4914F6CDD1D
 
 
 def _row_hashes(rows: torch.Tensor) -> torch.Tensor:
