@@ -92,6 +92,17 @@ def test_a_new_step_draws_again(timestep):
     assert _drawn(denoiser(latents, timestep(9))) != first
 
 
+def test_the_draws_do_not_depend_on_how_timesteps_are_given():
+    """Compared on the host or on the device, a step takes as many draws from the generator."""
+    latents = torch.randn(4, 2)
+    draws = {}
+    for kind in TIMESTEP_KINDS:
+        denoiser = _even_coin()
+        draws[kind] = [_drawn(denoiser(latents if step % 2 else torch.randn(4, 2), kind(step // 2)))
+                       for step in range(12)]
+    assert draws[int] == draws[torch.tensor]
+
+
 @pytest.mark.parametrize("timestep", TIMESTEP_KINDS)
 def test_identical_rows_share_the_new_draw_of_a_new_step(timestep):
     """Rows met at the previous step too draw afresh at a new one, identical rows of the call together."""
