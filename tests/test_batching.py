@@ -91,8 +91,35 @@ def test_max_batch_size_chunks_the_stacked_call():
     assert max_diff(chunked, whole) <= 1e-5
 
 
+def test_max_batch_size_input_caps_each_call_at_the_rows_it_was_called_with():
+    base = _lora_base()
+    rows = _calls(base)
+    chunked = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size="input"),
+                       {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert rows == [4, 4, 4]  # base, ir, aes: a CFG batch of 2 samples each
+    whole = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
+    assert max_diff(chunked, whole) <= 1e-5
+
+
+@pytest.mark.parametrize("max_batch_size, member_calls", [(None, []), (8, ["c"]), ("input", ["a", "b", "c"])])
+def test_max_batch_size_bounds_vmapped_full_members(max_batch_size, member_calls):
+    """Vmapped members hold their rows each: on a 4-row batch a cap of 8 rows vmaps two members at a time (the
+    third, alone, is called on its own) and "input" none."""
+    members = {name: tiny.unet(seed) for name, seed in (("a", 7), ("b", 8), ("c", 9))}
+    called = []
+    for name, member in members.items():  # (the vmapped call runs a weightless copy of a member: not counted)
+        member.register_forward_pre_hook(lambda module, _, name=name: called.append(name) if module is members[name]
+                                         else None)
+    weights = {"a": 0.2, "b": 0.3, "c": 0.4}
+    capped = _denoise(BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=max_batch_size),
+                      weights, 1.5)
+    assert called == member_calls
+    separate = _denoise(BlendedDenoiser(tiny.unet(0), members), weights, 1.5)
+    assert max_diff(capped, separate) <= 1e-5
+
+
 def test_bad_max_batch_size_raises():
-    with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer, .input. or None"):
         BlendedDenoiser(tiny.unet(0), {"ir": tiny.unet(1)}, max_batch_size=0)
 
 

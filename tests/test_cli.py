@@ -47,6 +47,22 @@ def test_folder_output_is_reproducible(sd_pipeline_folder, sd_loras, tmp_path):
     assert json.loads((tmp_path / "first" / "settings.json").read_text())["scheduler"]["class"] == "EulerDiscreteScheduler"
 
 
+def _with_and_without(folder, loras, tmp_path, option: str, value: str):
+    """The same blend's image generated without and with an evaluation option, and the second run's settings."""
+    args = ("--weights", "ir=0.4,aes=0.6", "--kl-scale", "1.5", "--seed", "3")
+    assert _generate(folder, loras, tmp_path / "without.png", *args).exit_code == 0
+    result = _generate(folder, loras, tmp_path / "with.png", *args, option, value)
+    assert result.exit_code == 0, result.output
+    without, with_option = (np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int) for name in ("without", "with"))
+    return without, with_option, json.loads((tmp_path / "with.json").read_text())
+
+
+def test_max_batch_size_input_gives_the_same_image(sd_pipeline_folder, sd_loras, tmp_path):
+    stacked, chunked, settings = _with_and_without(sd_pipeline_folder, sd_loras, tmp_path, "--max-batch-size", "input")
+    assert np.abs(stacked - chunked).max() <= 1  # rows evaluated in other batch sizes: float rounding at most
+    assert settings["max_batch_size"] == "input"
+
+
 def test_cli_image_equals_the_python_api(sd_pipeline_folder, sd_loras, tmp_path):
     import torch
 
@@ -63,13 +79,9 @@ def test_cli_image_equals_the_python_api(sd_pipeline_folder, sd_loras, tmp_path)
 
 @pytest.mark.slow
 def test_generate_compiled_gives_the_eager_image(sd_pipeline_folder, sd_loras, tmp_path):
-    args = ("--weights", "ir=0.4,aes=0.6", "--kl-scale", "1.5", "--seed", "3")
-    assert _generate(sd_pipeline_folder, sd_loras, tmp_path / "eager.png", *args).exit_code == 0
-    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "compiled.png", *args, "--compile", "default")
-    assert result.exit_code == 0, result.output
-    eager, compiled = (np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int) for name in ("eager", "compiled"))
+    eager, compiled, settings = _with_and_without(sd_pipeline_folder, sd_loras, tmp_path, "--compile", "default")
     assert np.abs(eager - compiled).max() <= 1  # float rounding of fused kernels may move a pixel by one level
-    assert json.loads((tmp_path / "compiled.json").read_text())["compile"] == "default"
+    assert settings["compile"] == "default"
 
 
 @pytest.mark.parametrize(
@@ -85,6 +97,8 @@ def test_generate_compiled_gives_the_eager_image(sd_pipeline_folder, sd_loras, t
         (["--weights", "ir=1", "--dtype", "fp8"], "--dtype must be"),
         (["--weights", "ir=1", "--scheduler", "nonsense"], "unknown scheduler"),
         (["--weights", "ir=1", "--compile", "fastest"], "--compile must be"),
+        (["--weights", "ir=1", "--max-batch-size", "0"], "--max-batch-size must be"),
+        (["--weights", "ir=1", "--max-batch-size", "half"], "--max-batch-size must be"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, tmp_path, extra, message):

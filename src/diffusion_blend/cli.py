@@ -154,6 +154,9 @@ def generate(
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
     compile: Annotated[str | None, typer.Option(
         help=f"torch.compile the denoiser calls, in this mode: {', '.join(COMPILE_MODES)} (first image slower).")] = None,
+    max_batch_size: Annotated[str | None, typer.Option(
+        help="At most this many rows per denoiser call, or 'input': as many as a single model's call (the memory "
+             "of one model).")] = None,
 ) -> None:
     """Generate images from a blend of basis models."""
     run_reporting_errors(_generate, **locals())
@@ -174,7 +177,7 @@ def run_reporting_errors(command: Any, **kwargs: Any) -> None:
 
 def _generate(
     base, basis, weights, prompt, out, kl_scale, mode, negative_prompt, steps, guidance, seed, num_images,
-    height, width, scheduler, dtype, device, compile,
+    height, width, scheduler, dtype, device, compile, max_batch_size,
 ) -> None:
     import torch
 
@@ -195,12 +198,13 @@ def _generate(
         if value is not None and value < 1:
             raise CommandError(f"{option} must be >= 1, got {value}")
     compile_setting = compile_option(compile)
+    rows_per_call = max_batch_size_option(max_batch_size)
     _check_out(out)
     scheduler_cls = scheduler_class(scheduler) if scheduler else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     blend = Blend.from_pretrained(base, basis=basis_paths, torch_dtype=getattr(torch, DTYPES[dtype]),
-                                  compile=compile_setting)
+                                  compile=compile_setting, max_batch_size=rows_per_call)
     pipe = blend.pipe
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
@@ -240,6 +244,7 @@ def _generate(
         "dtype": dtype,
         "device": str(device),
         "compile": compile,
+        "max_batch_size": rows_per_call,
         "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
     for path in save_images(images, out, _jsonable(settings)):
@@ -253,6 +258,15 @@ def compile_option(mode: str | None) -> bool | dict:
     if mode not in COMPILE_MODES:
         raise CommandError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     return True if mode == "default" else {"mode": mode}
+
+
+def max_batch_size_option(value: str | None) -> int | str | None:
+    """``--max-batch-size N|input`` as Blend's ``max_batch_size`` argument."""
+    if value is None or value == "input":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise CommandError(f"--max-batch-size must be a positive integer or 'input', got {value!r}")
+    return int(value)
 
 
 def quiet_libraries() -> None:

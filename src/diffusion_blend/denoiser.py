@@ -32,6 +32,8 @@ from .blend import base_coefficient, blend_predictions, validate_kl_scale, valid
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
 BASE = NO_ADAPTER
 MODES = ("mix", "stochastic")
+#: ``max_batch_size`` that caps a call at the rows the denoiser was called with (a single model's call)
+INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
 #: (Flux's positional ids are (sequence, 3)).
 UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
@@ -62,7 +64,9 @@ class BlendedDenoiser(nn.Module):
         batch_members: evaluate the base and all LoRA members in one call on the shared base (their rows stacked
             in the batch, each row routed to its adapter) instead of one call each: the same FLOPs in one call, so
             a call's fixed cost is paid once (docs/performance.md). ``False``: one call per member.
-        max_batch_size: at most this many rows per denoiser call (chunks bound the memory of stacked calls).
+        max_batch_size: at most this many rows per denoiser call (chunks bound the memory of stacked calls; vmapped
+            full members count their rows each), or ``"input"``: at most the rows the denoiser is called with, so
+            that a blend's peak memory is a single model's (docs/performance.md).
         vmap_full_members: evaluate the full-module members needed on all rows in one ``torch.vmap`` call over
             their stacked weights (``torch.func.stack_module_state``) instead of one call each. It keeps a stacked
             copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes.
@@ -84,7 +88,7 @@ class BlendedDenoiser(nn.Module):
         members: Mapping[str, nn.Module | str],
         *,
         batch_members: bool = True,
-        max_batch_size: int | None = None,
+        max_batch_size: int | str | None = None,
         vmap_full_members: bool = False,
         compile: bool | Mapping[str, Any] | None = None,
     ):
@@ -93,9 +97,10 @@ class BlendedDenoiser(nn.Module):
             raise ValueError("a blend needs at least one basis member (members is empty)")
         for name in members:
             check_member_name(name)
-        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-                                           or max_batch_size < 1):
-            raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
+        if max_batch_size not in (None, INPUT_ROWS) and (
+                isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(
+                f"max_batch_size must be a positive integer, {INPUT_ROWS!r} or None, got {max_batch_size!r}")
         given_compiled = any(was_compiled(module) for module in (base, *members.values()))
         self.compile_options = compile_options(compile, given_compiled)
         self.vmap_full_members = vmap_full_members
@@ -290,12 +295,16 @@ class BlendedDenoiser(nn.Module):
         calls = self._calls(plan)
         vmapped = [c[0] for c in calls if self.vmap_full_members and plan[c[0]].member in self.modules_by_name
                    and plan[c[0]].rows is None]
-        if len(vmapped) > 1:
-            outputs = self._vmapped([plan[p].member for p in vmapped], args, kwargs)
-            template = outputs[0]
-            for position, output in zip(vmapped, outputs):
+        cap = self._rows_per_call(len(latent))
+        per_call = len(vmapped) if cap is None else cap // len(latent)  # members whose rows fit in one call
+        for group in (vmapped[start : start + per_call] for start in range(0, len(vmapped), max(per_call, 1))):
+            if len(group) < 2:
+                continue
+            outputs = self._vmapped([plan[p].member for p in group], args, kwargs)
+            template = outputs[0] if template is None else template
+            for position, output in zip(group, outputs):
                 predictions[position] = prediction_of(output)
-            calls = [c for c in calls if c[0] not in vmapped]
+            calls = [c for c in calls if c[0] not in group]
         for positions in calls:
             stacked, output = self._run_stacked([plan[p] for p in positions], latent, args, kwargs)
             template = output if template is None else template
@@ -324,7 +333,7 @@ class BlendedDenoiser(nn.Module):
         routes = mask if mask is not None or module is not None else [  # every stacked row's adapter
             self.adapter_of.get(e.member, NO_ADAPTER) for e, size in zip(evaluations, sizes) for _ in range(size)
         ]
-        chunk = self.max_batch_size or sum(sizes)
+        chunk = self._rows_per_call(batch) or sum(sizes)
         whole_batch = len(evaluations) == 1 and evaluations[0].rows is None and chunk >= batch
         if not whole_batch:  # the batch rows each stacked row takes (none to gather for one evaluation of all rows)
             index = _stacked_rows(evaluations, batch, latent.device)
@@ -340,6 +349,10 @@ class BlendedDenoiser(nn.Module):
             pieces.append(prediction_of(output))
         stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         return list(stacked.split(sizes)), template
+
+    def _rows_per_call(self, batch: int) -> int | None:
+        """The cap on rows per denoiser call for a call of ``batch`` rows (None: no cap)."""
+        return batch if self.max_batch_size == INPUT_ROWS else self.max_batch_size
 
     def _vmapped(self, names: list[str], args: tuple, kwargs: dict) -> list[Any]:
         """Full members on the same inputs in one vmapped call over their stacked weights."""

@@ -62,7 +62,7 @@ class Blend:
         *,
         denoiser: str | None = None,
         batch_members: bool = True,
-        max_batch_size: int | None = None,
+        max_batch_size: int | str | None = None,
         vmap_full_members: bool = False,
         compile: bool | Mapping[str, Any] | None = None,
     ):
@@ -105,7 +105,7 @@ class Blend:
         *,
         denoiser: str | None = None,
         batch_members: bool = True,
-        max_batch_size: int | None = None,
+        max_batch_size: int | str | None = None,
         vmap_full_members: bool = False,
         compile: bool | Mapping[str, Any] | None = None,
         **kwargs: Any,
