@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.func import stack_module_state
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 from diffusion_blend import Blend, BlendedDenoiser
+from diffusion_blend import denoiser as denoiser_module
 from diffusion_blend.adapters import ROUTED_FORWARD_ATTRIBUTE
 from test_pipelines import call_kwargs, max_diff
 
@@ -116,6 +118,17 @@ def test_max_batch_size_bounds_vmapped_full_members(max_batch_size, member_calls
     assert called == member_calls
     separate = _denoise(BlendedDenoiser(tiny.unet(0), members), weights, 1.5)
     assert max_diff(capped, separate) <= 1e-5
+
+
+def test_vmapped_groups_keep_their_stacked_weights_from_step_to_step(monkeypatch):
+    members = {name: tiny.unet(seed) for name, seed in (("a", 7), ("b", 8), ("c", 9), ("d", 10))}
+    denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=8)  # two groups of two
+    stacked = []
+    monkeypatch.setattr(denoiser_module, "stack_module_state",
+                        lambda modules: stacked.append(len(modules)) or stack_module_state(modules))
+    for _ in range(3):
+        _denoise(denoiser, {"a": 0.2, "b": 0.3, "c": 0.1, "d": 0.4}, 1.5)
+    assert stacked == [2, 2]
 
 
 def test_bad_max_batch_size_raises():

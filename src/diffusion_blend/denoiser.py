@@ -127,7 +127,7 @@ class BlendedDenoiser(nn.Module):
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
         self._draw_probabilities: torch.Tensor | None = None
-        self._vmap_cache: tuple | None = None
+        self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
         self.forward = SignedForward(self, inspect.signature(base.forward))
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
@@ -355,18 +355,22 @@ class BlendedDenoiser(nn.Module):
         return batch if self.max_batch_size == INPUT_ROWS else self.max_batch_size
 
     def _vmapped(self, names: list[str], args: tuple, kwargs: dict) -> list[Any]:
-        """Full members on the same inputs in one vmapped call over their stacked weights."""
+        """Full members on the same inputs in one vmapped call over their stacked weights (kept per group of
+        members while their weights are unchanged; a member's weights are stacked for one group at a time)."""
         modules = [self.modules_by_name[name] for name in names]
         key = tuple((name, *((p.data_ptr(), p._version) for p in module.parameters())) for name, module in zip(names, modules))
-        if self._vmap_cache is None or self._vmap_cache[0] != key:
+        cached = self._vmap_cache.get(tuple(names))
+        if cached is None or cached[0] != key:
+            self._vmap_cache = {  # groups sharing a member with this one are superseded
+                group: entry for group, entry in self._vmap_cache.items() if not set(group) & set(names)}
             with torch.no_grad():
                 params, buffers = stack_module_state(modules)
             if self.compile_options is not None:  # weights, not inputs: CUDA graphs must not copy them every replay
                 for tensor in (*params.values(), *buffers.values()):
                     torch._dynamo.mark_static_address(tensor)
             template = copy.deepcopy(modules[0]).to("meta")
-            self._vmap_cache = (key, params, buffers, template)
-        _, params, buffers, template = self._vmap_cache
+            cached = self._vmap_cache[tuple(names)] = (key, params, buffers, template)
+        _, params, buffers, template = cached
         if self.compile_options is None:
             outputs = call_vmapped(template, params, buffers, args, kwargs)
         else:
