@@ -128,8 +128,9 @@ def inputs(unet, batch: int, size: int, context: tuple[int, int]):
     return (torch.cat([latents, latents]), torch.tensor(500, device=parameter.device)), {"encoder_hidden_states": hidden}
 
 
-def blended_denoiser(unet, names, batch_members=True, compile=False, **blend) -> BlendedDenoiser:
-    denoiser = BlendedDenoiser(unet, {name: name for name in names}, batch_members=batch_members, compile=compile)
+def blended_denoiser(unet, names, batch_members=True, compile=False, max_batch_size=None, **blend) -> BlendedDenoiser:
+    denoiser = BlendedDenoiser(unet, {name: name for name in names}, batch_members=batch_members, compile=compile,
+                               max_batch_size=max_batch_size)
     denoiser.set_blend({name: 1.0 / len(names) for name in names}, **blend)
     return denoiser
 
@@ -248,12 +249,10 @@ def peak_memory_ratios(unet, names, args, kwargs, device: str) -> dict[str, floa
     """(d): peak memory of a DB-MPA step over a single-model step, stacked in one call and chunked to the single
     model's rows (``max_batch_size``). On CUDA the allocator's peak allocated bytes; elsewhere the weights plus the
     peak bytes of live tensors made during the step (:class:`LiveBytes`: what any allocator must hold at least)."""
-    rows = len(args[0])
     candidates = {
         "peak_memory": blended_denoiser(unet, names),
-        "peak_memory_chunked": BlendedDenoiser(unet, {n: n for n in names}, max_batch_size=rows),
+        "peak_memory_chunked": blended_denoiser(unet, names, max_batch_size="input"),
     }
-    candidates["peak_memory_chunked"].set_blend({n: 1.0 / len(names) for n in names})
     peak = cuda_peak_bytes if device.startswith("cuda") else functools.partial(
         live_peak_bytes, weights=sum(p.numel() * p.element_size() for p in unet.parameters()))
     with torch.no_grad():
@@ -383,13 +382,12 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     times["raw_calls"] = summed(times, [f"plain:{a}" for a in ["base", *names]])
     ratio = functools.partial(median_ratio, times)
     memory = {"memory": parameter_memory_ratio(unet, names)}
-    launches = {key: launches_per_step(*functions[variant]) for key, variant in
-                (("single", f"plain:{names[0]}"), ("mpa", "mpa"), ("ls", "ls"))}
+    compared = {"single": f"plain:{names[0]}", "mpa": "mpa", "ls": "ls"}  # key → the variant it reports on
+    launches = {key: launches_per_step(*functions[variant]) for key, variant in compared.items()}
     memory.update({f"launches_{key}_over_single": launches[key] / launches["single"] for key in ("mpa", "ls")})
     memory.update(peak_memory_ratios(unet, names, args, kwargs, device))
     if device.startswith("cuda"):
-        memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant)
-                       for key, variant in (("single", f"plain:{names[0]}"), ("mpa", "mpa"), ("ls", "ls"))})
+        memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant) for key, variant in compared.items()})
     if full:
         memory.update(full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps))
     if compile:

@@ -262,7 +262,9 @@ def compile_option(mode: str | None) -> bool | dict:
 
 def max_batch_size_option(value: str | None) -> int | str | None:
     """``--max-batch-size N|input`` as Blend's ``max_batch_size`` argument."""
-    if value is None or value == "input":
+    from .denoiser import INPUT_ROWS
+
+    if value is None or value == INPUT_ROWS:
         return value
     if not value.isdigit() or int(value) < 1:
         raise CommandError(f"--max-batch-size must be a positive integer or 'input', got {value!r}")

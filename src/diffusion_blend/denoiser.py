@@ -297,8 +297,9 @@ class BlendedDenoiser(nn.Module):
                    and plan[c[0]].rows is None]
         cap = self._rows_per_call(len(latent))
         per_call = len(vmapped) if cap is None else cap // len(latent)  # members whose rows fit in one call
-        for group in (vmapped[start : start + per_call] for start in range(0, len(vmapped), max(per_call, 1))):
-            if len(group) < 2:
+        starts = range(0, len(vmapped), per_call) if per_call > 1 else []
+        for group in (vmapped[start : start + per_call] for start in starts):
+            if len(group) < 2:  # alone: called on its own below
                 continue
             outputs = self._vmapped([plan[p].member for p in group], args, kwargs)
             template = outputs[0] if template is None else template
@@ -333,12 +334,13 @@ class BlendedDenoiser(nn.Module):
         routes = mask if mask is not None or module is not None else [  # every stacked row's adapter
             self.adapter_of.get(e.member, NO_ADAPTER) for e, size in zip(evaluations, sizes) for _ in range(size)
         ]
-        chunk = self._rows_per_call(batch) or sum(sizes)
+        total = sum(sizes)
+        chunk = self._rows_per_call(batch) or total
         whole_batch = len(evaluations) == 1 and evaluations[0].rows is None and chunk >= batch
         if not whole_batch:  # the batch rows each stacked row takes (none to gather for one evaluation of all rows)
             index = _stacked_rows(evaluations, batch, latent.device)
         pieces, template = [], None
-        for start in range(0, sum(sizes), chunk):
+        for start in range(0, total, chunk):
             if whole_batch:
                 call_args, call_kwargs = args, kwargs
             else:
