@@ -61,6 +61,18 @@ def test_compiled_blend_with_lora_and_full_members_equals_the_eager_blend():
     assert max(max_diff(a, b) for a, b in zip(eager, compiled)) <= 1e-5
 
 
+def test_compiled_blend_at_each_lora_scale_equals_the_eager_blend():
+    base = _lora_base()
+    eager, compiled = BlendedDenoiser(base, MEMBERS), BlendedDenoiser(base, MEMBERS, compile=CAPTURE)
+    sample, t, context = _cfg_inputs()
+    for denoiser in (eager, compiled):
+        denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+    with torch.no_grad():
+        for scale in (0.5, 2.0):  # a graph traced at one scale must not serve another
+            kwargs = dict(encoder_hidden_states=context, cross_attention_kwargs={"scale": scale})
+            assert max_diff(eager(sample, t, **kwargs).sample, compiled(sample, t, **kwargs).sample) <= 1e-5
+
+
 def test_fresh_stochastic_draws_reuse_one_graph():
     denoiser = BlendedDenoiser(_lora_base(), MEMBERS, compile=CAPTURE)
     denoiser.set_blend({"ir": 0.5, "aes": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(3))

@@ -94,6 +94,9 @@ class AdapterRouter:
     its first call inside a routing context (the outermost ``with router:``, one pipeline call) and kept there, so a
     denoising step costs each layer a dictionary lookup and four tensor operations (on a GPU the Python per layer is
     what a small batch waits for). Adapter weights changed without gradients are seen from the next context on.
+
+    Diffusers' LoRA scale (``cross_attention_kwargs={"scale": s}``) reaches only *active* adapters (peft's
+    ``scale_layer``), and routed adapters are inactive; :meth:`scaled` applies it to every routed update instead.
     """
 
     def __init__(self, module: nn.Module, adapters: Sequence[str]):
@@ -101,6 +104,7 @@ class AdapterRouter:
         self.order = list(dict.fromkeys(adapters))  # the adapters' columns in a row mask
         self.adapters = set(adapters)
         self.row_mask: torch.Tensor | None = None
+        self.lora_scale = 1.0  # what every routed update is multiplied by (:meth:`scaled`)
         self._rank_masks: tuple[torch.Tensor | None, dict] = (None, {})  # the row mask they expand, and them
         self._suspended: list[tuple[nn.Module, object]] = []
         self._last_mask: tuple[tuple, torch.Tensor] | None = None
@@ -207,6 +211,16 @@ class AdapterRouter:
         finally:
             self._segments, self.row_mask, self._plans = previous
 
+    @contextlib.contextmanager
+    def scaled(self, scale: float) -> Iterator[None]:
+        """Multiply every routed adapter's update by ``scale`` inside the block, as diffusers' LoRA scale
+        multiplies an active adapter's (``scale_layer``: the scaling ``lora_alpha / r`` times ``scale``)."""
+        previous, self.lora_scale = self.lora_scale, scale
+        try:
+            yield
+        finally:
+            self.lora_scale = previous
+
     def member_mask(self, adapters: list[str], drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The mask routing row i through ``adapters[drawn[i]]``, built on ``drawn``'s device (no host read)."""
         key = (tuple(adapters), drawn.device, like.dtype)
@@ -263,11 +277,12 @@ class AdapterRouter:
                 "compile=False)"
             )
         if not _stacks(routing):
-            updates = [(column, lora_update(layer, a, x)) for a, (column, _) in zip(routing.adapters, routing.layout)]
+            updates = [(column, lora_update(layer, a, x, self.lora_scale))
+                       for a, (column, _) in zip(routing.adapters, routing.layout)]
             update = sum(_broadcast(row_mask[:, column].to(u.dtype), output.ndim) * u for column, u in updates)
             return output + update.to(output.dtype)
         if torch.compiler.is_compiling():  # traced into the graph: the compiler folds or fuses it
-            stacked_a, stacked_b = _stack(layer, routing.adapters)
+            stacked_a, stacked_b = _stack(layer, routing.adapters, self.lora_scale)
             rank_mask = _rank_mask(row_mask, routing.layout)
         else:
             stacked_a, stacked_b = self._stacked_weights(layer, routing.adapters)
@@ -301,7 +316,8 @@ class AdapterRouter:
             output = output.clone()  # the in-place row updates below must not touch a tensor autograd saved
         for adapter, first, last in segments:  # (relative to the plan's first row)
             rows = slice(start + first, start + last)
-            output[rows].add_(lora_update(layer, adapter, x[rows]).to(output.dtype))  # (`+=` would copy back)
+            update = lora_update(layer, adapter, x[rows], self.lora_scale)
+            output[rows].add_(update.to(output.dtype))  # (`+=` would copy the slice back)
         return output
 
     def _plan_segments(self, layer: nn.Module, routing: _LayerRouting, rows: int) -> tuple | None:
@@ -331,19 +347,19 @@ class AdapterRouter:
         """The adapters' stacked weights (:func:`_stack`), cached per layer and adapter set while the weights are
         unchanged; built afresh, with their autograd graph, when gradients must reach them. Without gradients the
         weights are read once per routing context: change them between pipeline calls, not inside one."""
-        grad = torch.is_grad_enabled()
-        if not grad and (read := self._read_weights.get((id(layer), adapters))) is not None:
+        grad, scale = torch.is_grad_enabled(), self.lora_scale
+        if not grad and (read := self._read_weights.get((id(layer), adapters, scale))) is not None:
             return read
         weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]) for a in adapters]
         if grad and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
             self._read_weights = {}  # trained inside this context: read them anew after every such call
-            return _stack(layer, adapters)
-        version = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
+            return _stack(layer, adapters, scale)
+        version = (scale, *((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights))
         cached = self._stacked.get((id(layer), adapters))
         if cached is None or cached[0] != version:
             with torch.no_grad():
-                cached = self._stacked[(id(layer), adapters)] = (version, *_stack(layer, adapters))
-        self._read_weights[(id(layer), adapters)] = cached[1:]
+                cached = self._stacked[(id(layer), adapters)] = (version, *_stack(layer, adapters, scale))
+        self._read_weights[(id(layer), adapters, scale)] = cached[1:]
         return cached[1:]
 
     def _mask(self, segments: list, blocks: dict, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -524,10 +540,11 @@ def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, low_rank: torch.Te
     return mask.view(shape)
 
 
-def _stack(layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_cat (Σr × in) and (B·s)_cat (out × Σr): the adapters' factors stacked along the rank."""
+def _stack(layer: nn.Module, adapters: tuple[str, ...], lora_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_cat (Σr × in) and (B·s)_cat (out × Σr): the adapters' factors stacked along the rank, s the adapter's
+    scaling times the LoRA scale."""
     return (torch.cat([layer.lora_A[a].weight for a in adapters]),
-            torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], dim=1))
+            torch.cat([layer.lora_B[a].weight * (layer.scaling[a] * lora_scale) for a in adapters], dim=1))
 
 
 def _rank_blocks(adapters: tuple[str, ...], ranks: list[int]) -> dict[str, tuple[int, int]]:
@@ -539,10 +556,11 @@ def _rank_blocks(adapters: tuple[str, ...], ranks: list[int]) -> dict[str, tuple
     return blocks
 
 
-def lora_update(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
-    """peft's vanilla LoRA update of one adapter, computed by the layer's own modules."""
+def lora_update(layer: nn.Module, adapter: str, x: torch.Tensor, lora_scale: float) -> torch.Tensor:
+    """peft's vanilla LoRA update of one adapter at a LoRA scale, computed by the layer's own modules."""
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
-    return lora_B(lora_A(layer.lora_dropout[adapter](x.to(lora_A.weight.dtype)))) * layer.scaling[adapter]
+    low_rank = lora_A(layer.lora_dropout[adapter](x.to(lora_A.weight.dtype)))
+    return lora_B(low_rank) * (layer.scaling[adapter] * lora_scale)
 
 
 def _rank_mask(row_mask: torch.Tensor, layout: list | tuple) -> torch.Tensor:

@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -37,6 +39,8 @@ INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
 #: (Flux's positional ids are (sequence, 3)).
 UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
+#: The arguments in which diffusers' denoisers take the LoRA scale, as ``{"scale": s}`` (their ``apply_lora_scale``).
+LORA_SCALE_ARGUMENTS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
 class Evaluation(NamedTuple):
@@ -124,6 +128,7 @@ class BlendedDenoiser(nn.Module):
         self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
         self._compiled_functions: dict[str, Any] = {}
         self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
+        self._lora_scale_parameter = _lora_scale_parameter(inspect.signature(base.forward))
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
         self._draw_probabilities: torch.Tensor | None = None
@@ -191,7 +196,7 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
-        with self.routing():
+        with self.routing(), self._lora_scaled(args, kwargs):
             if self.settings.mode == "mix":
                 return self._mix(latent, args, kwargs)
             return self._stochastic(latent, args, kwargs)
@@ -200,6 +205,13 @@ class BlendedDenoiser(nn.Module):
         """Keep the LoRA routing installed across many forward calls (e.g. a whole pipeline call): what each layer
         needs is then worked out once (see :class:`~diffusion_blend.adapters.AdapterRouter`)."""
         return self.router if self.router is not None else contextlib.nullcontext()
+
+    def _lora_scaled(self, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
+        """The call's LoRA scale applied to the LoRA members: each member's update times ``s``, as diffusers applies
+        ``cross_attention_kwargs={"scale": s}`` to an active adapter (members are routed, never active). Full
+        members and the base receive the argument unchanged and apply it to their own active adapters, if any."""
+        scale = lora_scale_of(self._lora_scale_parameter, args, kwargs)
+        return self.router.scaled(scale) if self.router is not None and scale != 1 else contextlib.nullcontext()
 
     def plan_mix(self) -> list[Evaluation]:
         """What the mix formula needs: members with λ·w ≠ 0, and the base unless 1 − λΣw = 0."""
@@ -654,6 +666,29 @@ def _sample_and_timestep_parameters(module: nn.Module) -> tuple[str, str | None]
     timestep = parameters[1].name if len(parameters) > 1 and parameters[1].kind not in (
         inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) else None
     return parameters[0].name, timestep
+
+
+def _lora_scale_parameter(signature: inspect.Signature) -> tuple[str, int] | None:
+    """The name and position of the denoiser's argument that carries the LoRA scale (None: it has none)."""
+    names = list(signature.parameters)
+    for name in LORA_SCALE_ARGUMENTS:
+        if name in names:
+            return name, names.index(name)
+    return None
+
+
+def lora_scale_of(parameter: tuple[str, int] | None, args: tuple, kwargs: dict) -> float:
+    """The LoRA scale a denoiser call carries (``{"scale": s}`` in its attention arguments; 1 without one)."""
+    if parameter is None:
+        return 1.0
+    name, position = parameter
+    attention_kwargs = kwargs.get(name, args[position] if position < len(args) else None)
+    if not attention_kwargs or "scale" not in attention_kwargs:
+        return 1.0
+    scale = attention_kwargs["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{name}['scale'] (the LoRA scale) must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -16,7 +16,6 @@ blended trajectories: mean ‖Δ‖² per step and over all steps.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterable
 
 import torch
