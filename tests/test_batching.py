@@ -104,14 +104,13 @@ def test_max_batch_size_input_caps_each_call_at_the_rows_it_was_called_with():
 
 
 @pytest.mark.parametrize("max_batch_size, member_calls", [(None, []), (8, ["c"]), ("input", ["a", "b", "c"])])
-def test_max_batch_size_bounds_vmapped_full_members(max_batch_size, member_calls):
+def test_max_batch_size_bounds_vmapped_full_members(max_batch_size, member_calls, monkeypatch):
     """Vmapped members hold their rows each: on a 4-row batch a cap of 8 rows vmaps two members at a time (the
     third, alone, is called on its own) and "input" none."""
     members = {name: tiny.unet(seed) for name, seed in (("a", 7), ("b", 8), ("c", 9))}
-    called = []
-    for name, member in members.items():  # (the vmapped call runs a weightless copy of a member: not counted)
-        member.register_forward_pre_hook(lambda module, _, name=name: called.append(name) if module is members[name]
-                                         else None)
+    called, call = [], BlendedDenoiser._call
+    monkeypatch.setattr(BlendedDenoiser, "_call", lambda self, module, *rest: called.extend(
+        name for name, member in members.items() if member is module) or call(self, module, *rest))
     weights = {"a": 0.2, "b": 0.3, "c": 0.4}
     capped = _denoise(BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=max_batch_size),
                       weights, 1.5)
@@ -454,3 +453,17 @@ def test_a_blended_step_makes_no_host_read_beyond_the_denoisers_own(mode, kl_sca
             denoiser(sample, torch.tensor(400), encoder_hidden_states=context)  # a new step
             denoiser(sample.clone(), torch.tensor(400), encoder_hidden_states=context)  # the same step again
     assert blended.ops == plain.ops * 2
+
+
+@pytest.mark.parametrize("hooked_member", ["ir", "aes"])
+def test_vmapped_members_with_hooks_are_refused(hooked_member):
+    """A hook on a member would run for no member (the vmapped copy is made from the first) or for all of them."""
+    members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+    members[hooked_member].conv_out.register_forward_hook(lambda _module, _args, output: output * 2)
+    denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True)
+    with pytest.raises(ValueError, match=f"member '{hooked_member}' carries hooks \\(on 'conv_out'\\).*"
+                                         "vmap_full_members=False"):
+        _denoise(denoiser, {"ir": 0.3, "aes": 0.7})
+    separate = _denoise(BlendedDenoiser(tiny.unet(0), members), {"ir": 0.3, "aes": 0.7})  # calls run the hook
+    members[hooked_member].conv_out._forward_hooks.clear()
+    assert max_diff(separate, _denoise(BlendedDenoiser(tiny.unet(0), members), {"ir": 0.3, "aes": 0.7})) > 1e-3

@@ -510,13 +510,13 @@ def _layer_routing(layer: nn.Module, order: list[str]) -> _LayerRouting:
     candidates = (layer.lora_dropout[adapter] for adapter in adapters)
     dropouts = tuple(dropout for dropout in candidates if not isinstance(dropout, nn.Identity) and dropout.p > 0)
     stackable = _stackable(layer, list(adapters)) and not any(
-        _weights_placed_on_call(factor[adapter]) for factor in (layer.lora_A, layer.lora_B) for adapter in adapters
+        weights_placed_on_call(factor[adapter]) for factor in (layer.lora_A, layer.lora_B) for adapter in adapters
     )
     return _LayerRouting(adapters, layout, stackable, dropouts, layer.lora_A[adapters[0]], layer.lora_B[adapters[0]],
                          rank_axis)
 
 
-def _weights_placed_on_call(module: nn.Module) -> bool:
+def weights_placed_on_call(module: nn.Module) -> bool:
     """Whether a hook may put the module's weights in place only when it is called (accelerate's sequential CPU
     offload parks them on the meta device between calls; diffusers' leaf-level group offloading moves them): such
     weights cannot be read for a stacked product, the module must be called. A forward left on the instance that is

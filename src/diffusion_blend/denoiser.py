@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from .adapters import NO_ADAPTER, AdapterRouter, loaded_adapters
+from .adapters import NO_ADAPTER, AdapterRouter, loaded_adapters, weights_placed_on_call
 from .blend import base_coefficient, blend_predictions, validate_kl_scale, validate_weights
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
@@ -73,7 +73,8 @@ class BlendedDenoiser(nn.Module):
             that a blend's peak memory is a single model's (docs/performance.md).
         vmap_full_members: evaluate the full-module members needed on all rows in one ``torch.vmap`` call over
             their stacked weights (``torch.func.stack_module_state``) instead of one call each. It keeps a stacked
-            copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes.
+            copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes. Members that
+            carry hooks are refused (a vmapped call runs a weightless copy, not the member).
         compile: ``torch.compile`` the denoiser calls of the blend: ``True`` (torch's defaults), a dict of
             ``torch.compile`` options (``{"mode": "max-autotune", "fullgraph": True}``), ``False``, or ``None`` (the
             default: compile when the base or a member was given compiled, whole or by regions, with torch's
@@ -444,6 +445,8 @@ class BlendedDenoiser(nn.Module):
         for name, module in self.modules_by_name.items():
             member_device, member_dtype = _placement(module)
             _check_offloaded(name, device, member_device, self.vmap_full_members)
+            if self.vmap_full_members:
+                _check_unhooked(name, module)
             if (member_device, member_dtype) != (device, dtype):
                 raise ValueError(
                     f"member {name!r} is on {member_device} in {member_dtype}, the base on {device} in {dtype}; "
@@ -464,6 +467,16 @@ def _check_offloaded(name: str, base_device: torch.device, member_device: torch.
         raise ValueError(f"{parked}; vmap_full_members reads the members' weights: use vmap_full_members=False")
     if len(offloaded) == 1:
         raise ValueError(f"{parked} and the other is not: offload the base and every full member alike, or none")
+
+
+def _check_unhooked(name: str, member: nn.Module) -> None:
+    """A vmapped member is run as a weightless copy of its architecture over stacked weights: hooks on the member
+    (the user's, an offloading library's) would not run for it, or would run for every member (the copy's)."""
+    hooked = next((part or "the module itself" for part, module in member.named_modules()
+                   if module._forward_hooks or weights_placed_on_call(module)), None)
+    if hooked is not None:
+        raise ValueError(f"member {name!r} carries hooks (on {hooked!r}) that a vmapped call cannot run per member: "
+                         "remove them or use vmap_full_members=False")
 
 
 # ---------------------------------------------------------------------------------------------------- compilation
