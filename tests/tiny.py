@@ -12,12 +12,16 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -151,6 +155,27 @@ def sd_pipeline(scheduler: str = "ddim", denoiser_seed: int = 0) -> StableDiffus
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def img2img_pipeline() -> StableDiffusionImg2ImgPipeline:
+    return _quiet(StableDiffusionImg2ImgPipeline(**sd_pipeline().components))
+
+
+def inpaint_pipeline() -> StableDiffusionInpaintPipeline:
+    """SD inpainting: the UNet reads the noisy latents, the mask and the masked image's latents (9 channels)."""
+    return _quiet(StableDiffusionInpaintPipeline(**{**sd_pipeline().components, "unet": unet(0, in_channels=9)}))
+
+
+def controlnet_pipeline() -> StableDiffusionControlNetPipeline:
+    """SD with a ControlNet made from the UNet (diffusers' ``from_unet``): its residuals enter every UNet call."""
+    torch.manual_seed(4)
+    controlnet = ControlNetModel.from_unet(unet(0), conditioning_embedding_out_channels=(4, 8))
+    return _quiet(StableDiffusionControlNetPipeline(**sd_pipeline().components, controlnet=controlnet))
+
+
+def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
