@@ -11,7 +11,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchmarks' helpers are tested too
 
 import tiny  # noqa: E402
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +43,17 @@ def sd3_loras(tmp_path_factory) -> dict[str, Path]:
             root / name, seed, builder=tiny.sd3_transformer, pipe_class=StableDiffusion3Pipeline, prefix="transformer"
         )
         for name, seed in (("ir", 30), ("aes", 31))
+    }
+
+
+@pytest.fixture(scope="session")
+def flux_loras(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("flux_loras")
+    return {
+        name: tiny.make_lora_file(
+            root / name, seed, builder=tiny.flux_transformer, pipe_class=FluxPipeline, prefix="transformer"
+        )
+        for name, seed in (("ir", 40), ("aes", 41))
     }
 
 

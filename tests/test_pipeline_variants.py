@@ -1,6 +1,6 @@
-"""Blend in the pipelines that give the UNet more than latents and text: img2img (a noised image), inpainting (the
-mask and masked image as extra channels), ControlNet (residuals added inside the UNet). Their extra inputs must
-follow each row of a stacked call."""
+"""Blend in the pipelines that give the denoiser more than latents and text: img2img (a noised image), inpainting
+(the mask and masked image as extra channels), ControlNet (residuals added inside the UNet), Flux (position ids
+without a batch axis, distilled guidance per row). Their extra inputs must follow each row of a stacked call."""
 
 from __future__ import annotations
 
@@ -18,25 +18,34 @@ VARIANTS = {  # name: (pipeline builder, the pipeline's own extra arguments)
     "img2img": (tiny.img2img_pipeline, {"image": IMAGE, "strength": 0.7}),
     "inpaint": (tiny.inpaint_pipeline, {"image": IMAGE, "mask_image": MASK}),
     "controlnet": (tiny.controlnet_pipeline, {"image": IMAGE}),
+    "flux": (tiny.flux_pipeline, {"prompt": None, "guidance_scale": 3.5,  # guidance distilled: no CFG batch
+                                  "prompt_embeds": torch.randn(2, 6, tiny.FLUX_CONTEXT, generator=_generator),
+                                  "pooled_prompt_embeds": torch.randn(2, tiny.FLUX_CONTEXT, generator=_generator)}),
 }
 
 
+@pytest.fixture
+def loras(request, sd_loras):
+    """The LoRA files for the variant's denoiser."""
+    return request.getfixturevalue("flux_loras") if request.node.callspec.params["variant"] == "flux" else sd_loras
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_one_hot_reproduces_the_pipeline_with_that_lora(sd_loras, variant):
+def test_one_hot_reproduces_the_pipeline_with_that_lora(loras, variant):
     build, extra = VARIANTS[variant]
-    out = Blend(build(), sd_loras).blend(weights={"aes": 1.0}, **call_kwargs(**extra)).images
-    plain = with_lora(build(), sd_loras["aes"])(**call_kwargs(**extra)).images
+    out = Blend(build(), loras).blend(weights={"aes": 1.0}, **call_kwargs(**extra)).images
+    plain = with_lora(build(), loras["aes"])(**call_kwargs(**extra)).images
     assert max_diff(out, plain) <= 1e-5
     assert max_diff(plain, build()(**call_kwargs(**extra)).images) > 1e-2
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_stacked_rows_carry_their_extra_inputs(sd_loras, variant):
+def test_stacked_rows_carry_their_extra_inputs(loras, variant):
     """Base and members stacked in one call (each row's residuals, mask channels gathered with it) equal one
     whole-batch call per member."""
     build, extra = VARIANTS[variant]
     weights = {"ir": 0.6, "aes": 0.2}
-    stacked = Blend(build(), sd_loras).blend(weights=weights, kl_scale=1.4, **call_kwargs(**extra)).images
-    separate = Blend(build(), sd_loras, batch_members=False).blend(weights=weights, kl_scale=1.4,
+    stacked = Blend(build(), loras).blend(weights=weights, kl_scale=1.4, **call_kwargs(**extra)).images
+    separate = Blend(build(), loras, batch_members=False).blend(weights=weights, kl_scale=1.4,
                                                                    **call_kwargs(**extra)).images
     assert max_diff(stacked, separate) <= 1e-5

@@ -23,8 +23,9 @@ BLENDS = {  # name: (weights, kl_scale)
 
 
 def call_kwargs(steps=4, guidance=5.0, seed=0, **extra):
+    """A short pipeline call's arguments; ``extra`` adds or replaces any of them."""
     return dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
-                output_type="np", generator=torch.Generator().manual_seed(seed), **extra)
+                output_type="np", generator=torch.Generator().manual_seed(seed)) | extra
 
 
 def with_lora(pipe, lora_file, name="basis"):

@@ -17,6 +17,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
@@ -32,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 TEXT_HIDDEN = 8
 MAX_TOKENS = 16
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+FLUX_CONTEXT = 32
 
 
 def tokenizer() -> CLIPTokenizer:
@@ -130,6 +133,23 @@ def sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
     ).eval()
 
 
+def flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    """Flux (dev): double- and single-stream blocks, rotary position ids, guidance distilled into an embedding."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_CONTEXT,
+        pooled_projection_dim=FLUX_CONTEXT,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    ).eval()
+
+
 SCHEDULERS = {
     "ddim": lambda: DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -173,6 +193,16 @@ def controlnet_pipeline() -> StableDiffusionControlNetPipeline:
     torch.manual_seed(4)
     controlnet = ControlNetModel.from_unet(unet(0), conditioning_embedding_out_channels=(4, 8))
     return _quiet(StableDiffusionControlNetPipeline(**sd_pipeline().components, controlnet=controlnet))
+
+
+def flux_pipeline() -> FluxPipeline:
+    """Flux without its text encoders: called with ``prompt_embeds`` and ``pooled_prompt_embeds`` (FLUX_CONTEXT wide),
+    a VAE of one latent channel (packed 2×2 into the transformer's 4)."""
+    vae_model = vae(block_out_channels=[4], down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
+                    latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                    shift_factor=0.06, scaling_factor=1.5)
+    return _quiet(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_model, text_encoder=None,
+                               tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer()))
 
 
 def _quiet(pipe):
