@@ -77,6 +77,35 @@ def test_cli_image_equals_the_python_api(sd_pipeline_folder, sd_loras, tmp_path)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(expected))
 
 
+def test_lora_scale_gives_the_python_api_image_at_that_scale(sd_pipeline_folder, sd_loras, tmp_path):
+    import torch
+
+    from diffusion_blend import Blend
+
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "one.png", "--weights", "ir=0.4,aes=0.6",
+                       "--seed", "2", "--lora-scale", "0.5")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "one.json").read_text())["lora_scale"] == 0.5
+    blend = Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras)
+    kwargs = dict(prompt="a red cat", num_inference_steps=3, height=16, width=16)
+    scaled, unscaled = (blend.blend(weights={"ir": 0.4, "aes": 0.6}, cross_attention_kwargs=attention_kwargs,
+                                    generator=torch.Generator().manual_seed(2), **kwargs).images[0]
+                        for attention_kwargs in ({"scale": 0.5}, None))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(scaled))
+    assert not np.array_equal(np.asarray(scaled), np.asarray(unscaled))
+
+
+def test_lora_scale_without_a_lora_basis_is_one_line(sd_pipeline_folder, tmp_path):
+    import tiny
+
+    tiny.unet(5).save_pretrained(tmp_path / "member")
+    result = _generate(sd_pipeline_folder, {"ir": tmp_path / "member"}, tmp_path / "out.png", "--weights", "ir=1",
+                       "--lora-scale", "0.5")
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == ["error: --lora-scale scales LoRA basis models, and no --basis is a LoRA"]
+    assert not (tmp_path / "out.png").exists()
+
+
 @pytest.mark.slow
 def test_generate_compiled_gives_the_eager_image(sd_pipeline_folder, sd_loras, tmp_path):
     eager, compiled, settings = _with_and_without(sd_pipeline_folder, sd_loras, tmp_path, "--compile", "default")
@@ -99,6 +128,7 @@ def test_generate_compiled_gives_the_eager_image(sd_pipeline_folder, sd_loras, t
         (["--weights", "ir=1", "--compile", "fastest"], "--compile must be"),
         (["--weights", "ir=1", "--max-batch-size", "0"], "--max-batch-size must be"),
         (["--weights", "ir=1", "--max-batch-size", "half"], "--max-batch-size must be"),
+        (["--weights", "ir=1", "--lora-scale", "nan"], "--lora-scale must be a finite number"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, tmp_path, extra, message):

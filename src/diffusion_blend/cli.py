@@ -157,6 +157,8 @@ def generate(
     max_batch_size: Annotated[str | None, typer.Option(
         help="At most this many rows per denoiser call, or 'input': as many as a single model's call (the memory "
              "of one model).")] = None,
+    lora_scale: Annotated[float | None, typer.Option(
+        help="Scale every LoRA basis model's update, as the pipeline's own LoRA scale does (default 1).")] = None,
 ) -> None:
     """Generate images from a blend of basis models."""
     run_reporting_errors(_generate, **locals())
@@ -177,7 +179,7 @@ def run_reporting_errors(command: Any, **kwargs: Any) -> None:
 
 def _generate(
     base, basis, weights, prompt, out, kl_scale, mode, negative_prompt, steps, guidance, seed, num_images,
-    height, width, scheduler, dtype, device, compile, max_batch_size,
+    height, width, scheduler, dtype, device, compile, max_batch_size, lora_scale,
 ) -> None:
     import torch
 
@@ -199,6 +201,8 @@ def _generate(
             raise CommandError(f"{option} must be >= 1, got {value}")
     compile_setting = compile_option(compile)
     rows_per_call = max_batch_size_option(max_batch_size)
+    if lora_scale is not None and not math.isfinite(lora_scale):
+        raise CommandError(f"--lora-scale must be a finite number, got {lora_scale}")
     _check_out(out)
     scheduler_cls = scheduler_class(scheduler) if scheduler else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,6 +226,8 @@ def _generate(
         kwargs["height"] = height
     if width is not None:
         kwargs["width"] = width
+    if lora_scale is not None:
+        kwargs[_lora_scale_argument(pipe, call_defaults, blend.lora_names)] = {"scale": lora_scale}
     images = _run_with_progress(blend, pipe, kwargs, blend_weights, kl_scale, mode, steps)
 
     import diffusers
@@ -245,6 +251,7 @@ def _generate(
         "device": str(device),
         "compile": compile,
         "max_batch_size": rows_per_call,
+        "lora_scale": lora_scale,
         "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
     for path in save_images(images, out, _jsonable(settings)):
@@ -269,6 +276,19 @@ def max_batch_size_option(value: str | None) -> int | str | None:
     if not value.isdigit() or int(value) < 1:
         raise CommandError(f"--max-batch-size must be a positive integer or 'input', got {value!r}")
     return int(value)
+
+
+def _lora_scale_argument(pipe: Any, call_parameters: dict, lora_names: list[str]) -> str:
+    """The pipeline argument that carries a LoRA scale (``cross_attention_kwargs`` for SD, ``joint_attention_kwargs``
+    for SD3/Flux, ...), for ``--lora-scale``; it scales LoRA basis models only, so one of them must be a LoRA."""
+    from .denoiser import LORA_SCALE_ARGUMENTS
+
+    if not lora_names:
+        raise CommandError("--lora-scale scales LoRA basis models, and no --basis is a LoRA")
+    argument = next((name for name in LORA_SCALE_ARGUMENTS if name in call_parameters), None)
+    if argument is None:
+        raise CommandError(f"--lora-scale: {type(pipe).__name__} takes no LoRA scale")
+    return argument
 
 
 def quiet_libraries() -> None:
