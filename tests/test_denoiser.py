@@ -8,8 +8,10 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+import references
 import tiny
 from diffusion_blend import BlendedDenoiser
+from test_pipelines import max_diff
 
 
 def _inputs(batch=2, seed=0):
@@ -173,15 +175,48 @@ def test_bad_member_names_raise(name):
         BlendedDenoiser(tiny.unet(0), {name: tiny.unet(1)})
 
 
-def test_user_adapter_left_active_raises():
+def _with_style():
+    """A base with LoRA members "ir" and "aes" and the user's own "style" adapter, active."""
     base = tiny.unet(0)
-    tiny.add_lora(base, "ir", seed=5)
-    tiny.add_lora(base, "style", seed=6)
+    for name, seed in (("ir", 5), ("aes", 7), ("style", 6)):
+        tiny.add_lora(base, name, seed=seed)
     base.set_adapter("style")
-    denoiser = BlendedDenoiser(base, {"ir": "ir"})
-    denoiser.set_blend({"ir": 1.0})
-    with pytest.raises(ValueError, match="'style' are active on the denoiser"):
-        denoiser(*_inputs()[:2], encoder_hidden_states=_inputs()[2])
+    return base
+
+
+def _blend_of(base, weights, kl_scale=1.5):
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    denoiser.set_blend(weights, kl_scale=kl_scale)
+    sample, t, context = _inputs()
+    with torch.no_grad():
+        return denoiser(sample, t, encoder_hidden_states=context).sample
+
+
+def test_a_user_adapter_left_active_belongs_to_the_base():
+    base, weights = _with_style(), {"ir": 0.3, "aes": 0.5}
+    blended = _blend_of(base, weights)
+    assert base.active_adapters() == ["style"]
+    sample, t, context = _inputs()
+    predictions = {}
+    with torch.no_grad():
+        for name, active in (("base", ["style"]), ("ir", ["style", "ir"]), ("aes", ["style", "aes"])):
+            base.set_adapter(active)  # peft's own forward with those adapters
+            predictions[name] = base(sample, t, encoder_hidden_states=context).sample
+    assert max_diff(blended, references.expanded_blend(predictions, weights, 1.5)) <= 1e-5
+
+
+def test_a_fused_user_adapter_belongs_to_the_base():
+    active = _blend_of(_with_style(), {"ir": 0.3, "aes": 0.5})
+    fused = _with_style()
+    fused.fuse_lora(adapter_names=["style"])
+    assert max_diff(_blend_of(fused, {"ir": 0.3, "aes": 0.5}), active) <= 1e-5
+
+
+def test_a_fused_member_is_refused():
+    base = _with_style()
+    base.fuse_lora(adapter_names=["ir"])
+    with pytest.raises(ValueError, match=r"LoRA member\(s\) 'ir' are fused \(merged\) into the denoiser's weights"):
+        _blend_of(base, {"ir": 0.3, "aes": 0.5})
 
 
 def test_a_deep_copy_blends_on_its_own(full_members):

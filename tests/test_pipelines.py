@@ -59,6 +59,21 @@ def test_sd_one_hot_reproduces_the_pipeline_with_that_lora(sd_loras, scheduler, 
     assert max_diff(plain, tiny.sd_pipeline(scheduler)(**call_kwargs(guidance=guidance, eta=eta)).images) > 1e-2
 
 
+def test_a_style_lora_left_active_stays_in_base_and_members(sd_loras, tmp_path):
+    """One-hot = the pipeline with the style and that member active; λ = 0 = the pipeline with the style alone."""
+    style = tiny.make_lora_file(tmp_path / "style", 12)
+    styled = with_lora(tiny.sd_pipeline(), style, name="style")
+    blend = Blend(styled, sd_loras)
+    one_hot = blend.blend(weights={"aes": 1.0}, **call_kwargs()).images
+    base = blend.blend(weights={"aes": 1.0}, kl_scale=0.0, **call_kwargs()).images
+    assert styled.get_active_adapters() == ["style"]
+    assert max_diff(base, styled(**call_kwargs()).images) <= 1e-5
+    both = with_lora(with_lora(tiny.sd_pipeline(), style, name="style"), sd_loras["aes"], name="aes")
+    both.set_adapters(["style", "aes"])
+    assert max_diff(one_hot, both(**call_kwargs()).images) <= 1e-5
+    assert max_diff(base, tiny.sd_pipeline()(**call_kwargs()).images) > 1e-2  # the style does change the images
+
+
 @pytest.mark.parametrize("scheduler, eta", SD_SCHEDULERS)
 @pytest.mark.parametrize("guidance", GUIDANCE)
 def test_sd_kl_scale_zero_reproduces_the_base(sd_loras, scheduler, eta, guidance):

@@ -65,6 +65,10 @@ class ActivationSnapshot:
             layer.set_adapter(active)
             if disabled:
                 layer.enable_adapters(False)
+        self.restore_requires_grad()
+
+    def restore_requires_grad(self) -> None:
+        """Undo what peft's ``set_adapter`` does beside activating: it makes the active adapters trainable."""
         for parameter in self.module.parameters():
             parameter.requires_grad_(self.requires_grad.get(id(parameter), False))
 
@@ -132,8 +136,7 @@ class AdapterRouter:
         """Find the LoRA layers now in the module (adapters may have been loaded or unloaded since), and check
         that every routed adapter is still there and routable."""
         self._inventory = self._adapter_inventory()
-        self.all_layers = tuner_layers(self.module)
-        self.layers = [layer for layer in self.all_layers if _layer_adapters(layer) & self.adapters]
+        self.layers = [layer for layer in tuner_layers(self.module) if _layer_adapters(layer) & self.adapters]
         missing = self.adapters - set().union(*(_layer_adapters(layer) for layer in self.layers))
         if missing:
             raise ValueError(
@@ -150,11 +153,12 @@ class AdapterRouter:
             if inventory is None or inventory != self._inventory:
                 self._capture_layers()
             self._check_state()
-            active = [layer for layer in self.layers if not layer.disable_adapters and layer.active_adapters]
+            active = [layer for layer in self.layers if set(layer.active_adapters) & self.adapters]
             if active:  # basis adapters left active (e.g. by peft's loader): off while routing, restored on exit
                 self._snapshot = ActivationSnapshot(self.module)
                 for layer in active:
-                    layer.set_adapter([])
+                    layer.set_adapter([a for a in layer.active_adapters if a not in self.adapters])
+                self._snapshot.restore_requires_grad()
             self._suspend_compiled_regions()
             self._forget_context()
             for layer in self.layers:
@@ -386,21 +390,13 @@ class AdapterRouter:
         )
 
     def _check_state(self) -> None:
-        merged = [layer for layer in self.all_layers if layer.merged]
+        """Members fused into the weights would reach every row. (Other adapters, fused or active, belong to the
+        base: every row gets them, as in the pipeline outside a blend.)"""
+        merged = set().union(*(layer.merged_adapters for layer in self.layers)) & self.adapters
         if merged:
             raise ValueError(
-                "the denoiser has fused (merged) LoRA adapters; blending LoRA members needs them unfused "
-                "(pipe.unfuse_lora()) or unloaded after fusing (pipe.fuse_lora(); pipe.unload_lora_weights())"
-            )
-        foreign = set()
-        for layer in self.all_layers:
-            if not layer.disable_adapters:
-                foreign.update((set(layer.active_adapters) & _layer_adapters(layer)) - self.adapters)
-        if foreign:
-            raise ValueError(
-                f"adapter(s) {', '.join(sorted(map(repr, foreign)))} are active on the denoiser but are not basis "
-                "members; a blend evaluates the base without them. Deactivate them (pipe.set_adapters([...]) or "
-                "pipe.disable_lora()) or fuse them into the base (pipe.fuse_lora(); pipe.unload_lora_weights())"
+                f"LoRA member(s) {', '.join(sorted(map(repr, merged)))} are fused (merged) into the denoiser's "
+                "weights, so every row would carry them; unfuse them first (pipe.unfuse_lora())"
             )
 
 
@@ -455,13 +451,19 @@ def _remove_router(layer: nn.Module, router: AdapterRouter) -> None:
 
 def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A routed LoRA layer's forward while routed: its base layer on all rows — what peft's forward computes with
-    no adapter active, without its per-call bookkeeping — plus the updates of the rows' adapters, from every router
-    routing it (only one has a routing set at a time). A forward of the layer's own still runs, with no adapter
-    active: it gives the base output its way."""
+    no adapter active, without its per-call bookkeeping; peft's forward itself where the user left adapters of
+    their own active (they belong to the base) — plus the updates of the rows' adapters, from every router routing
+    it (only one has a routing set at a time). A forward of the layer's own still runs, with no member active: it
+    gives the base output its way."""
     routed = layer.__dict__[ROUTER_ATTRIBUTE]
     if not routed.routers:  # a copy made while routed: behave as the layer itself
         return (routed.own_forward or functools.partial(type(layer).forward, layer))(*args, **kwargs)
-    output = layer.base_layer(*args, **kwargs) if routed.own_forward is None else routed.own_forward(*args, **kwargs)
+    if routed.own_forward is not None:
+        output = routed.own_forward(*args, **kwargs)
+    elif layer.active_adapters and not layer.disable_adapters:  # the user's active non-member adapters: the base's
+        output = type(layer).forward(layer, *args, **kwargs)
+    else:
+        output = layer.base_layer(*args, **kwargs)
     for router in routed.routers:
         updated = router._add_updates(layer, args, kwargs, output)
         output = output if updated is None else updated
