@@ -1,6 +1,7 @@
 """Blend in the pipelines that give the denoiser more than latents and text: img2img (a noised image), inpainting
 (the mask and masked image as extra channels), ControlNet (residuals added inside the UNet), Flux (position ids
-without a batch axis, distilled guidance per row). Their extra inputs must follow each row of a stacked call."""
+without a batch axis, distilled guidance per row). Their extra inputs must follow each row of a stacked call.
+Perturbed-attention guidance splits the UNet's rows into thirds: members are then called on the pipeline's rows."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ VARIANTS = {  # name: (pipeline builder, the pipeline's own extra arguments)
     "img2img": (tiny.img2img_pipeline, {"image": IMAGE, "strength": 0.7}),
     "inpaint": (tiny.inpaint_pipeline, {"image": IMAGE, "mask_image": MASK}),
     "controlnet": (tiny.controlnet_pipeline, {"image": IMAGE}),
+    "pag": (tiny.pag_pipeline, {"pag_scale": 3.0}),
     "flux": (tiny.flux_pipeline, {"prompt": None, "guidance_scale": 3.5,  # guidance distilled: no CFG batch
                                   "prompt_embeds": torch.randn(2, 6, tiny.FLUX_CONTEXT, generator=_generator),
                                   "pooled_prompt_embeds": torch.randn(2, tiny.FLUX_CONTEXT, generator=_generator)}),
@@ -49,3 +51,32 @@ def test_stacked_rows_carry_their_extra_inputs(loras, variant):
     separate = Blend(build(), loras, batch_members=False).blend(weights=weights, kl_scale=1.4,
                                                                    **call_kwargs(**extra)).images
     assert max_diff(stacked, separate) <= 1e-5
+
+
+def test_perturbed_attention_guidance_with_full_members():
+    """One-hot = the PAG pipeline with that UNet; the members' own attention processors are theirs again after."""
+    members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+    processors = {name: member.attn_processors for name, member in members.items()}
+    out = Blend(tiny.pag_pipeline(), members).blend(weights={"aes": 1.0}, **call_kwargs(pag_scale=3.0)).images
+    plain = tiny.pag_pipeline(tiny.unet(2))(**call_kwargs(pag_scale=3.0)).images
+    assert max_diff(out, plain) <= 1e-5
+    assert all(members[name].attn_processors == processors[name] for name in members)
+    mixed = Blend(tiny.pag_pipeline(), members, vmap_full_members=True)
+    assert max_diff(mixed.blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4, **call_kwargs(pag_scale=3.0)).images,
+                    Blend(tiny.pag_pipeline(), members).blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4,
+                                                              **call_kwargs(pag_scale=3.0)).images) <= 1e-5
+
+
+def test_perturbed_attention_guidance_in_stochastic_mode(sd_loras):
+    """Every row of a sample (its three parts) goes through its drawn member, in calls of the pipeline's rows: with
+    every draw the same member, the PAG pipeline with that LoRA."""
+    drawn = Blend(tiny.pag_pipeline(), sd_loras).blend(weights={"ir": 1.0, "aes": 0.0}, mode="stochastic",
+                                                       **call_kwargs(pag_scale=3.0)).images
+    plain = with_lora(tiny.pag_pipeline(), sd_loras["ir"])(**call_kwargs(pag_scale=3.0)).images
+    assert max_diff(drawn, plain) <= 1e-5
+
+
+def test_a_row_cap_that_splits_a_pag_call_is_refused(sd_loras):
+    blend = Blend(tiny.pag_pipeline(), sd_loras, max_batch_size=2)  # the PAG pipeline calls the UNet on 3 rows
+    with pytest.raises(ValueError, match="max_batch_size=2 would split the pipeline's call of 3 rows"):
+        blend.blend(weights={"ir": 0.5, "aes": 0.5}, **call_kwargs(pag_scale=3.0))

@@ -24,6 +24,7 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionPAGPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -203,6 +204,13 @@ def flux_pipeline() -> FluxPipeline:
                     shift_factor=0.06, scaling_factor=1.5)
     return _quiet(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_model, text_encoder=None,
                                tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer()))
+
+
+def pag_pipeline(unet_model: UNet2DConditionModel | None = None) -> StableDiffusionPAGPipeline:
+    """SD with perturbed-attention guidance on the mid block's self-attention: its processor splits the UNet's
+    rows into unconditional, conditional and perturbed thirds."""
+    components = sd_pipeline().components | ({} if unet_model is None else {"unet": unet_model})
+    return _quiet(StableDiffusionPAGPipeline(**components, pag_applied_layers=["mid"]))
 
 
 def _quiet(pipe):

@@ -130,6 +130,7 @@ class BlendedDenoiser(nn.Module):
         self._compiled_functions: dict[str, Any] = {}
         self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
         self._lora_scale_parameter = _lora_scale_parameter(inspect.signature(base.forward))
+        self._attention_modules = [module for module in base.modules() if hasattr(module, "processor")]
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
         self._draw_probabilities: torch.Tensor | None = None
@@ -240,7 +241,7 @@ class BlendedDenoiser(nn.Module):
             predictions, template = self.evaluate([Evaluation(BASE)], latent, args, kwargs)
             return with_prediction(template, predictions[0])
         drawn = self.draw_members(latent, self._timestep(args, kwargs))
-        if self.router is not None and not self.modules_by_name and self.batch_members:
+        if self.router is not None and not self.modules_by_name and self._members_share_calls():
             return self._stochastic_routed(drawn, latent, args, kwargs)
         plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, latent.device)]
         if kl_scale != 1:
@@ -305,9 +306,10 @@ class BlendedDenoiser(nn.Module):
         """
         predictions: list[torch.Tensor] = [None] * len(plan)  # type: ignore[list-item]
         template = None
-        calls = self._calls(plan)
-        vmapped = [c[0] for c in calls if self.vmap_full_members and plan[c[0]].member in self.modules_by_name
-                   and plan[c[0]].rows is None]
+        together = self._members_share_calls()
+        calls = self._calls(plan, together)
+        vmapped = [c[0] for c in calls if self.vmap_full_members and together
+                   and plan[c[0]].member in self.modules_by_name and plan[c[0]].rows is None]
         cap = self._rows_per_call(len(latent))
         per_call = len(vmapped) if cap is None else cap // len(latent)  # members whose rows fit in one call
         starts = range(0, len(vmapped), per_call) if per_call > 1 else []
@@ -326,14 +328,24 @@ class BlendedDenoiser(nn.Module):
                 predictions[position] = prediction
         return predictions, template
 
-    def _calls(self, plan: list[Evaluation]) -> list[list[int]]:
+    def _calls(self, plan: list[Evaluation], together: bool) -> list[list[int]]:
         """Group plan positions into denoiser calls: each full member alone; the base and the LoRA members share
-        one module, so (with ``batch_members``) they go together."""
+        one module, so (when ``together``) they go together."""
         shared = [p for p, evaluation in enumerate(plan) if evaluation.member not in self.modules_by_name]
         full = [[p] for p, evaluation in enumerate(plan) if evaluation.member in self.modules_by_name]
         if not shared:
             return full
-        return ([shared] if self.batch_members else [[p] for p in shared]) + full
+        return ([shared] if together else [[p] for p in shared]) + full
+
+    def _members_share_calls(self) -> bool:
+        """Whether members' rows may share a denoiser call now: ``batch_members``, unless an attention processor
+        of the base splits a call's rows into parts of its own (:func:`splits_its_rows`, perturbed-attention
+        guidance: pipelines install those processors for the duration of their call). Then each member is called
+        on the pipeline's own rows, as the pipeline calls a single model."""
+        return self.batch_members and not self._rows_are_split()
+
+    def _rows_are_split(self) -> bool:
+        return any(map(splits_its_rows, {type(module.processor) for module in self._attention_modules}))
 
     def _run_stacked(
         self, evaluations: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict,
@@ -367,7 +379,13 @@ class BlendedDenoiser(nn.Module):
 
     def _rows_per_call(self, batch: int) -> int | None:
         """The cap on rows per denoiser call for a call of ``batch`` rows (None: no cap)."""
-        return batch if self.max_batch_size == INPUT_ROWS else self.max_batch_size
+        if self.max_batch_size == INPUT_ROWS:
+            return batch
+        if self.max_batch_size is not None and self.max_batch_size < batch and self._rows_are_split():
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} would split the pipeline's call of {batch} rows, which the "
+                "denoiser's perturbed-attention-guidance processors need together: use max_batch_size='input'")
+        return self.max_batch_size
 
     def _vmapped(self, names: list[str], args: tuple, kwargs: dict) -> list[Any]:
         """Full members on the same inputs in one vmapped call over their stacked weights (kept per group of
@@ -679,6 +697,13 @@ def _sample_and_timestep_parameters(module: nn.Module) -> tuple[str, str | None]
     timestep = parameters[1].name if len(parameters) > 1 and parameters[1].kind not in (
         inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) else None
     return parameters[0].name, timestep
+
+
+def splits_its_rows(processor_class: type) -> bool:
+    """Whether an attention processor splits a call's rows into parts of different roles: diffusers' perturbed-
+    attention-guidance processors (``PAG…``) take the rows as [unconditional;] conditional; perturbed thirds or
+    halves. Stacking members' rows in one call would mix those parts up."""
+    return processor_class.__name__.startswith("PAG")
 
 
 def _lora_scale_parameter(signature: inspect.Signature) -> tuple[str, int] | None:

@@ -171,7 +171,7 @@ class Blend:
         if mode == "stochastic" and member_generator is None:
             member_generator = _member_generator(pipeline_kwargs.get("generator"))
         self.denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=member_generator)
-        with self._swapped(offloaded), self.denoiser.routing():
+        with self._swapped(offloaded), self.denoiser.routing(), _attention_processors_kept(self.denoiser):
             return self.pipe(*args, **pipeline_kwargs)
 
     __call__ = blend
@@ -337,6 +337,20 @@ def _find_denoiser_name(pipe: Any) -> str:
             "pass denoiser='<attribute name>'"
         )
     return present[0]
+
+
+@contextlib.contextmanager
+def _attention_processors_kept(denoiser: BlendedDenoiser) -> Iterator[None]:
+    """Full members get back the attention processors they had. Pipelines that install processors for their call
+    (perturbed-attention guidance) walk the wrapper's modules, members included, as they should, but restore
+    only what they read through the wrapper: the base's processors."""
+    kept = [(member, member.attn_processors) for member in denoiser.modules_by_name.values()
+            if hasattr(member, "attn_processors")]
+    try:
+        yield
+    finally:
+        for member, processors in kept:
+            member.set_attn_processor(processors)
 
 
 def _member_generator(pipeline_generator: Any) -> torch.Generator:
