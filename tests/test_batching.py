@@ -130,6 +130,16 @@ def test_vmapped_groups_keep_their_stacked_weights_from_step_to_step(monkeypatch
     assert stacked == [2, 2]
 
 
+def test_full_members_are_vmapped_whether_or_not_lora_rows_are_batched(monkeypatch):
+    members = {"a": tiny.unet(7), "b": tiny.unet(8)}
+    denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, batch_members=False)
+    stacked = []
+    monkeypatch.setattr(denoiser_module, "stack_module_state",
+                        lambda modules: stacked.append(len(modules)) or stack_module_state(modules))
+    _denoise(denoiser, {"a": 0.4, "b": 0.6})
+    assert stacked == [2]
+
+
 def test_bad_max_batch_size_raises():
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer, .input. or None"):
         BlendedDenoiser(tiny.unet(0), {"ir": tiny.unet(1)}, max_batch_size=0)

@@ -95,12 +95,12 @@ def test_lora_scale_gives_the_python_api_image_at_that_scale(sd_pipeline_folder,
     assert not np.array_equal(np.asarray(scaled), np.asarray(unscaled))
 
 
-def test_lora_scale_without_a_lora_basis_is_one_line(sd_pipeline_folder, tmp_path):
+def test_lora_scale_without_a_lora_basis_is_one_line_before_loading(tmp_path):
     import tiny
 
     tiny.unet(5).save_pretrained(tmp_path / "member")
-    result = _generate(sd_pipeline_folder, {"ir": tmp_path / "member"}, tmp_path / "out.png", "--weights", "ir=1",
-                       "--lora-scale", "0.5")
+    result = _generate(tmp_path / "no-model", {"ir": tmp_path / "member"}, tmp_path / "out.png", "--weights", "ir=1",
+                       "--lora-scale", "0.5")  # (the base does not exist: the check comes first)
     assert result.exit_code != 0
     assert result.stderr.strip().splitlines() == ["error: --lora-scale scales LoRA basis models, and no --basis is a LoRA"]
     assert not (tmp_path / "out.png").exists()

@@ -212,6 +212,17 @@ def test_a_fused_user_adapter_belongs_to_the_base():
     assert max_diff(_blend_of(fused, {"ir": 0.3, "aes": 0.5}), active) <= 1e-5
 
 
+def test_a_fused_user_adapter_is_left_out_while_lora_is_disabled():
+    """peft unfuses a disabled adapter: the base is then the plain base."""
+    fused = _with_style()
+    fused.fuse_lora(adapter_names=["style"])
+    fused.disable_lora()
+    sample, t, context = _inputs()
+    with torch.no_grad():
+        plain = tiny.unet(0)(sample, t, encoder_hidden_states=context).sample
+    assert max_diff(_blend_of(fused, {"ir": 0.3, "aes": 0.5}, kl_scale=0.0), plain) <= 1e-5
+
+
 def test_a_fused_member_is_refused():
     base = _with_style()
     base.fuse_lora(adapter_names=["ir"])

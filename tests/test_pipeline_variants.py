@@ -8,8 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
+
 import tiny
-from diffusion_blend import Blend
+from diffusion_blend import Blend, BlendedDenoiser
+from test_batching import _lora_base
 from test_pipelines import call_kwargs, max_diff, with_lora
 
 _generator = torch.Generator().manual_seed(5)
@@ -61,10 +64,14 @@ def test_perturbed_attention_guidance_with_full_members():
     plain = tiny.pag_pipeline(tiny.unet(2))(**call_kwargs(pag_scale=3.0)).images
     assert max_diff(out, plain) <= 1e-5
     assert all(members[name].attn_processors == processors[name] for name in members)
-    mixed = Blend(tiny.pag_pipeline(), members, vmap_full_members=True)
-    assert max_diff(mixed.blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4, **call_kwargs(pag_scale=3.0)).images,
-                    Blend(tiny.pag_pipeline(), members).blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4,
-                                                              **call_kwargs(pag_scale=3.0)).images) <= 1e-5
+
+
+def test_perturbed_attention_guidance_lora_members_equal_fused_full_members(sd_loras):
+    fused = {name: tiny.fused_copy(tiny.unet, path) for name, path in sd_loras.items()}
+    weights = {"ir": 0.6, "aes": 0.2}
+    with_loras = Blend(tiny.pag_pipeline(), sd_loras).blend(weights=weights, kl_scale=1.4, **call_kwargs(pag_scale=3.0))
+    with_modules = Blend(tiny.pag_pipeline(), fused).blend(weights=weights, kl_scale=1.4, **call_kwargs(pag_scale=3.0))
+    assert max_diff(with_loras.images, with_modules.images) <= 1e-4
 
 
 def test_perturbed_attention_guidance_in_stochastic_mode(sd_loras):
@@ -80,3 +87,33 @@ def test_a_row_cap_that_splits_a_pag_call_is_refused(sd_loras):
     blend = Blend(tiny.pag_pipeline(), sd_loras, max_batch_size=2)  # the PAG pipeline calls the UNet on 3 rows
     with pytest.raises(ValueError, match="max_batch_size=2 would split the pipeline's call of 3 rows"):
         blend.blend(weights={"ir": 0.5, "aes": 0.5}, **call_kwargs(pag_scale=3.0))
+
+
+@pytest.mark.parametrize("kl_scale", [1.0, 0.5])
+def test_perturbed_attention_guidance_with_mixed_draws_equals_each_samples_own_member(kl_scale):
+    """PAG's processor on the mid block, four samples drawing different members: each sample's three rows
+    (unconditional, conditional, perturbed) are its drawn member's, as in a PAG call of that member alone."""
+    base = _lora_base()
+    for name, module in base.named_modules():
+        if name.startswith("mid_block") and name.endswith("attn1"):
+            module.processor = PAGCFGIdentitySelfAttnProcessor2_0()
+    generator = torch.Generator().manual_seed(1)
+    samples, t = 4, torch.tensor(400)
+    latents = torch.randn(samples, 4, 8, 8, generator=generator)
+    prompt, negative = (torch.randn(samples, 5, tiny.TEXT_HIDDEN, generator=generator) for _ in range(2))
+    sample, context = torch.cat([latents] * 3), torch.cat([negative, prompt, prompt])
+    denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
+    denoiser.set_blend({"ir": 0.5, "aes": 0.5}, kl_scale=kl_scale, mode="stochastic",
+                       generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        blended = denoiser(sample, t, encoder_hidden_states=context).sample
+        drawn = denoiser._draws.previous[1][:samples].tolist()
+        assert len(set(drawn)) == 2  # both members drawn
+        for index, member in enumerate(drawn):
+            rows = torch.tensor([index, samples + index, 2 * samples + index])
+            outputs = []
+            for active in ([], ["ir", "aes"][member]):
+                base.set_adapter(active)
+                outputs.append(base(sample[rows], t, encoder_hidden_states=context[rows]).sample)
+            base.set_adapter([])
+            assert max_diff(blended[rows], outputs[0] + kl_scale * (outputs[1] - outputs[0])) <= 1e-5

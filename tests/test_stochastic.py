@@ -83,6 +83,26 @@ def test_cfg_halves_in_two_calls_share_a_member(timestep):
         assert _drawn(denoiser(latents, timestep(step))) == _drawn(denoiser(latents.clone(), timestep(step)))
 
 
+class ConstantTransformer(Constant):
+    """Constant, called as SD3's and Flux's transformers are: the text comes second, the timestep by name."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None):
+        return torch.ones_like(hidden_states) * self.value
+
+
+def test_the_two_calls_of_a_step_share_a_member_when_the_timestep_is_not_second():
+    """Flux's true CFG: the prompt's and the negative prompt's calls at one timestep."""
+    members = {"a": ConstantTransformer(1.0), "b": ConstantTransformer(2.0)}
+    denoiser = BlendedDenoiser(ConstantTransformer(0.0), members)
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    latents, prompt, negative = torch.randn(16, 2), torch.randn(16, 3), torch.randn(16, 3)
+    for step in (0.9, 0.5):
+        timestep = torch.full((16,), step)
+        conditional = _drawn(denoiser(latents, encoder_hidden_states=prompt, timestep=timestep))
+        assert _drawn(denoiser(latents, encoder_hidden_states=negative, timestep=timestep)) == conditional
+        assert _drawn(denoiser(latents, negative, timestep)) == conditional  # given by position too
+
+
 @pytest.mark.parametrize("timestep", TIMESTEP_KINDS)
 def test_a_new_step_draws_again(timestep):
     denoiser = _even_coin()

@@ -452,7 +452,7 @@ def _remove_router(layer: nn.Module, router: AdapterRouter) -> None:
 def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A routed LoRA layer's forward while routed: its base layer on all rows — what peft's forward computes with
     no adapter active, without its per-call bookkeeping; peft's forward itself where the user left adapters of
-    their own active (they belong to the base) — plus the updates of the rows' adapters, from every router routing
+    their own active or fused (they belong to the base) — plus the updates of the rows' adapters, from every router routing
     it (only one has a routing set at a time). A forward of the layer's own still runs, with no member active: it
     gives the base output its way."""
     routed = layer.__dict__[ROUTER_ATTRIBUTE]
@@ -460,7 +460,8 @@ def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor
         return (routed.own_forward or functools.partial(type(layer).forward, layer))(*args, **kwargs)
     if routed.own_forward is not None:
         output = routed.own_forward(*args, **kwargs)
-    elif layer.active_adapters and not layer.disable_adapters:  # the user's active non-member adapters: the base's
+    elif layer.merged or (layer.active_adapters and not layer.disable_adapters):
+        # the user's own adapters, active or fused, belong to the base: peft applies them (or, disabled, unfuses them)
         output = type(layer).forward(layer, *args, **kwargs)
     else:
         output = layer.base_layer(*args, **kwargs)

@@ -42,6 +42,9 @@ SCHEDULERS = {
 }
 
 
+NO_LORA_TO_SCALE = "--lora-scale scales LoRA basis models, and no --basis is a LoRA"
+
+
 class CommandError(Exception):
     """A bad input or a failed step, reported as one line without a traceback."""
 
@@ -201,8 +204,8 @@ def _generate(
             raise CommandError(f"{option} must be >= 1, got {value}")
     compile_setting = compile_option(compile)
     rows_per_call = max_batch_size_option(max_batch_size)
-    if lora_scale is not None and not math.isfinite(lora_scale):
-        raise CommandError(f"--lora-scale must be a finite number, got {lora_scale}")
+    if lora_scale is not None:
+        _check_lora_scale(lora_scale, basis_paths)
     _check_out(out)
     scheduler_cls = scheduler_class(scheduler) if scheduler else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +230,9 @@ def _generate(
     if width is not None:
         kwargs["width"] = width
     if lora_scale is not None:
-        kwargs[_lora_scale_argument(pipe, call_defaults, blend.lora_names)] = {"scale": lora_scale}
+        if not blend.lora_names:  # (a hub id is known to be a LoRA or a denoiser once it is read)
+            raise CommandError(NO_LORA_TO_SCALE)
+        kwargs[_lora_scale_argument(pipe, call_defaults)] = {"scale": lora_scale}
     images = _run_with_progress(blend, pipe, kwargs, blend_weights, kl_scale, mode, steps)
 
     import diffusers
@@ -278,13 +283,21 @@ def max_batch_size_option(value: str | None) -> int | str | None:
     return int(value)
 
 
-def _lora_scale_argument(pipe: Any, call_parameters: dict, lora_names: list[str]) -> str:
+def _check_lora_scale(lora_scale: float, basis: dict[str, str]) -> None:
+    """``--lora-scale`` is a finite number, and scales LoRA basis models only: not every basis a denoiser folder."""
+    from .loading import is_denoiser_folder
+
+    if not math.isfinite(lora_scale):
+        raise CommandError(f"--lora-scale must be a finite number, got {lora_scale}")
+    if all(is_denoiser_folder(Path(path).expanduser()) for path in basis.values()):
+        raise CommandError(NO_LORA_TO_SCALE)
+
+
+def _lora_scale_argument(pipe: Any, call_parameters: dict) -> str:
     """The pipeline argument that carries a LoRA scale (``cross_attention_kwargs`` for SD, ``joint_attention_kwargs``
-    for SD3/Flux, ...), for ``--lora-scale``; it scales LoRA basis models only, so one of them must be a LoRA."""
+    for SD3/Flux, ...), for ``--lora-scale``."""
     from .denoiser import LORA_SCALE_ARGUMENTS
 
-    if not lora_names:
-        raise CommandError("--lora-scale scales LoRA basis models, and no --basis is a LoRA")
     argument = next((name for name in LORA_SCALE_ARGUMENTS if name in call_parameters), None)
     if argument is None:
         raise CommandError(f"--lora-scale: {type(pipe).__name__} takes no LoRA scale")

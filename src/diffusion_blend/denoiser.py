@@ -39,6 +39,8 @@ INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
 #: (Flux's positional ids are (sequence, 3)).
 UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
+#: Names of a denoiser's timestep argument (the stochastic draws are kept across calls at one timestep).
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 #: The arguments in which diffusers' denoisers take the LoRA scale, as ``{"scale": s}`` (their ``apply_lora_scale``).
 LORA_SCALE_ARGUMENTS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
@@ -128,7 +130,7 @@ class BlendedDenoiser(nn.Module):
         _check_prediction_types(base, self.modules_by_name)
         self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
         self._compiled_functions: dict[str, Any] = {}
-        self._latent_name, self._timestep_name = _sample_and_timestep_parameters(base)
+        self._latent_name, self._timestep_parameter = _sample_and_timestep_parameters(base)
         self._lora_scale_parameter = _lora_scale_parameter(inspect.signature(base.forward))
         self._attention_modules = [module for module in base.modules() if hasattr(module, "processor")]
         self.settings: BlendSettings | None = None
@@ -198,7 +200,7 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
-        with self.routing(), self._lora_scaled(args, kwargs):
+        with self.routing(), self._lora_scaled(kwargs):
             if self.settings.mode == "mix":
                 return self._mix(latent, args, kwargs)
             return self._stochastic(latent, args, kwargs)
@@ -208,11 +210,11 @@ class BlendedDenoiser(nn.Module):
         needs is then worked out once (see :class:`~diffusion_blend.adapters.AdapterRouter`)."""
         return self.router if self.router is not None else contextlib.nullcontext()
 
-    def _lora_scaled(self, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
+    def _lora_scaled(self, kwargs: dict) -> contextlib.AbstractContextManager:
         """The call's LoRA scale applied to the LoRA members: each member's update times ``s``, as diffusers applies
         ``cross_attention_kwargs={"scale": s}`` to an active adapter (members are routed, never active). Full
         members and the base receive the argument unchanged and apply it to their own active adapters, if any."""
-        scale = lora_scale_of(self._lora_scale_parameter, args, kwargs)
+        scale = lora_scale_of(self._lora_scale_parameter, kwargs)
         return self.router.scaled(scale) if self.router is not None and scale != 1 else contextlib.nullcontext()
 
     def plan_mix(self) -> list[Evaluation]:
@@ -293,7 +295,10 @@ class BlendedDenoiser(nn.Module):
         return torch.tensor([self.settings.weights[name] for name in self.names], dtype=torch.float64, device=device)
 
     def _timestep(self, args: tuple, kwargs: dict) -> Any:
-        return args[1] if len(args) > 1 else kwargs.get(self._timestep_name) if self._timestep_name else None
+        if self._timestep_parameter is None:
+            return None
+        name, position = self._timestep_parameter
+        return args[position] if len(args) > position else kwargs.get(name)
 
     # ----------------------------------------------------------------------------------------------------- execution
     def evaluate(
@@ -306,9 +311,9 @@ class BlendedDenoiser(nn.Module):
         """
         predictions: list[torch.Tensor] = [None] * len(plan)  # type: ignore[list-item]
         template = None
-        together = self._members_share_calls()
-        calls = self._calls(plan, together)
-        vmapped = [c[0] for c in calls if self.vmap_full_members and together
+        split = self._rows_are_split()
+        calls = self._calls(plan, together=self.batch_members and not split)
+        vmapped = [c[0] for c in calls if self.vmap_full_members and not split
                    and plan[c[0]].member in self.modules_by_name and plan[c[0]].rows is None]
         cap = self._rows_per_call(len(latent))
         per_call = len(vmapped) if cap is None else cap // len(latent)  # members whose rows fit in one call
@@ -689,14 +694,20 @@ class SignedForward:
         return self.owner._blend(*args, **kwargs)
 
 
-def _sample_and_timestep_parameters(module: nn.Module) -> tuple[str, str | None]:
-    """The names of the denoiser's first (noisy sample) and second (timestep) parameters."""
+def _sample_and_timestep_parameters(module: nn.Module) -> tuple[str, tuple[str, int] | None]:
+    """The name of the denoiser's first parameter (the noisy sample), and the name and position of its timestep:
+    the parameter named so (SD3's and Flux's transformers take ``encoder_hidden_states`` second), else the second."""
     parameters = list(inspect.signature(module.forward).parameters.values())
     if not parameters or parameters[0].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
         raise ValueError(f"cannot tell which argument of {type(module).__name__}.forward is the noisy sample")
-    timestep = parameters[1].name if len(parameters) > 1 and parameters[1].kind not in (
-        inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) else None
-    return parameters[0].name, timestep
+    names = [parameter.name for parameter in parameters]
+    named = next((name for name in TIMESTEP_NAMES if name in names), None)
+    if named is not None:
+        return names[0], (named, names.index(named))
+    if len(parameters) > 1 and parameters[1].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                           inspect.Parameter.VAR_KEYWORD):
+        return names[0], (names[1], 1)
+    return names[0], None
 
 
 def splits_its_rows(processor_class: type) -> bool:
@@ -706,21 +717,15 @@ def splits_its_rows(processor_class: type) -> bool:
     return processor_class.__name__.startswith("PAG")
 
 
-def _lora_scale_parameter(signature: inspect.Signature) -> tuple[str, int] | None:
-    """The name and position of the denoiser's argument that carries the LoRA scale (None: it has none)."""
-    names = list(signature.parameters)
-    for name in LORA_SCALE_ARGUMENTS:
-        if name in names:
-            return name, names.index(name)
-    return None
+def _lora_scale_parameter(signature: inspect.Signature) -> str | None:
+    """The name of the denoiser's argument that carries the LoRA scale (None: it has none)."""
+    return next((name for name in LORA_SCALE_ARGUMENTS if name in signature.parameters), None)
 
 
-def lora_scale_of(parameter: tuple[str, int] | None, args: tuple, kwargs: dict) -> float:
-    """The LoRA scale a denoiser call carries (``{"scale": s}`` in its attention arguments; 1 without one)."""
-    if parameter is None:
-        return 1.0
-    name, position = parameter
-    attention_kwargs = kwargs.get(name, args[position] if position < len(args) else None)
+def lora_scale_of(name: str | None, kwargs: dict) -> float:
+    """The LoRA scale a denoiser call carries: ``{"scale": s}`` in its attention keyword argument, where diffusers'
+    ``apply_lora_scale`` reads it (1 without one)."""
+    attention_kwargs = kwargs.get(name) if name is not None else None
     if not attention_kwargs or "scale" not in attention_kwargs:
         return 1.0
     scale = attention_kwargs["scale"]
