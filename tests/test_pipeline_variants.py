@@ -1,6 +1,6 @@
 """Blend in the pipelines that give the denoiser more than latents and text: img2img (a noised image), inpainting
-(the mask and masked image as extra channels), ControlNet (residuals added inside the UNet), Flux (position ids
-without a batch axis, distilled guidance per row). Their extra inputs must follow each row of a stacked call.
+(the mask and masked image as extra channels), ControlNet (residuals added inside the UNet), IP-Adapter (image
+tokens in every cross-attention), Flux (position ids without a batch axis, distilled guidance per row). Their extra inputs must follow each row of a stacked call.
 Perturbed-attention guidance splits the UNet's rows into thirds: members are then called on the pipeline's rows."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ VARIANTS = {  # name: (pipeline builder, the pipeline's own extra arguments)
     "inpaint": (tiny.inpaint_pipeline, {"image": IMAGE, "mask_image": MASK}),
     "controlnet": (tiny.controlnet_pipeline, {"image": IMAGE}),
     "pag": (tiny.pag_pipeline, {"pag_scale": 3.0}),
+    "ip_adapter": (tiny.ip_adapter_pipeline, {"ip_adapter_image_embeds": [tiny.ip_adapter_embeds()]}),
     "flux": (tiny.flux_pipeline, {"prompt": None, "guidance_scale": 3.5,  # guidance distilled: no CFG batch
                                   "prompt_embeds": torch.randn(2, 6, tiny.FLUX_CONTEXT, generator=_generator),
                                   "pooled_prompt_embeds": torch.randn(2, tiny.FLUX_CONTEXT, generator=_generator)}),
@@ -117,3 +118,24 @@ def test_perturbed_attention_guidance_with_mixed_draws_equals_each_samples_own_m
                 outputs.append(base(sample[rows], t, encoder_hidden_states=context[rows]).sample)
             base.set_adapter([])
             assert max_diff(blended[rows], outputs[0] + kl_scale * (outputs[1] - outputs[0])) <= 1e-5
+
+
+def test_an_ip_adapter_loaded_on_the_base_alone_is_refused_with_full_members():
+    """Full members would be evaluated without the image prompt: the base's configuration no longer matches."""
+    blend = Blend(tiny.sd_pipeline(), {"ir": tiny.unet(1)})
+    blend.pipe.unet._load_ip_adapter_weights([tiny.ip_adapter_state_dict(blend.pipe.unet)])
+    with pytest.raises(ValueError, match="member 'ir' has a different architecture than the base "
+                                         "\\(encoder_hid_dim_type: None vs base 'ip_image_proj'\\)"):
+        blend.blend(weights={"ir": 1.0}, **call_kwargs(ip_adapter_image_embeds=[tiny.ip_adapter_embeds()]))
+
+
+def test_an_ip_adapter_loaded_into_every_full_member_is_blended():
+    members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+    for member in members.values():
+        member._load_ip_adapter_weights([tiny.ip_adapter_state_dict(member)])
+    embeds = [tiny.ip_adapter_embeds()]
+    out = Blend(tiny.ip_adapter_pipeline(), members).blend(weights={"aes": 1.0},
+                                                          **call_kwargs(ip_adapter_image_embeds=embeds)).images
+    plain = tiny.ip_adapter_pipeline()
+    plain.unet = members["aes"]
+    assert max_diff(out, plain(**call_kwargs(ip_adapter_image_embeds=embeds)).images) <= 1e-5

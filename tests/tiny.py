@@ -36,6 +36,7 @@ TEXT_HIDDEN = 8
 MAX_TOKENS = 16
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FLUX_CONTEXT = 32
+IMAGE_EMBED = 6
 
 
 def tokenizer() -> CLIPTokenizer:
@@ -211,6 +212,40 @@ def pag_pipeline(unet_model: UNet2DConditionModel | None = None) -> StableDiffus
     rows into unconditional, conditional and perturbed thirds."""
     components = sd_pipeline().components | ({} if unet_model is None else {"unet": unet_model})
     return _quiet(StableDiffusionPAGPipeline(**components, pag_applied_layers=["mid"]))
+
+
+def ip_adapter_pipeline() -> StableDiffusionPipeline:
+    """SD with an IP-Adapter (random weights): image embeddings enter every cross-attention through the adapter's
+    own key/value projections. Call it with ``ip_adapter_image_embeds=[ip_adapter_embeds()]``."""
+    pipe = sd_pipeline()
+    pipe.unet._load_ip_adapter_weights([ip_adapter_state_dict(pipe.unet)])
+    return pipe
+
+
+def ip_adapter_state_dict(denoiser: UNet2DConditionModel, seed: int = 20) -> dict:
+    """An IP-Adapter checkpoint in its published layout: an image projection to 4 tokens, and to_k_ip / to_v_ip
+    for each cross-attention, numbered 1, 3, 5, ... in the order of the UNet's attention processors."""
+    generator = torch.Generator().manual_seed(seed)
+    context, channels = denoiser.config.cross_attention_dim, list(denoiser.config.block_out_channels)
+    image_proj = {"proj.weight": 0.3 * torch.randn(4 * context, IMAGE_EMBED, generator=generator),
+                  "proj.bias": torch.zeros(4 * context), "norm.weight": torch.ones(context),
+                  "norm.bias": torch.zeros(context)}
+    ip_adapter, key = {}, 1
+    for name in denoiser.attn_processors:
+        if name.endswith("attn1.processor"):  # self-attention: no image tokens
+            continue
+        block, index = name.split(".")[:2]
+        hidden = {"mid_block": channels[-1], "up_blocks": channels[::-1][int(index) if index.isdigit() else 0],
+                  "down_blocks": channels[int(index) if index.isdigit() else 0]}[block]
+        for projection in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{key}.{projection}.weight"] = 0.3 * torch.randn(hidden, context, generator=generator)
+        key += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def ip_adapter_embeds(seed: int = 4) -> torch.Tensor:
+    """CLIP image embeddings for one image with CFG: [negative; positive] (what ``ip_adapter_image_embeds`` takes)."""
+    return torch.randn(2, 1, IMAGE_EMBED, generator=torch.Generator().manual_seed(seed))
 
 
 def _quiet(pipe):

@@ -187,6 +187,8 @@ class BlendedDenoiser(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         checked = validate_weights(weights, self.names, simplex=mode == "stochastic")
+        for name, module in self.modules_by_name.items():  # again: the base may have changed (an IP-Adapter loaded)
+            _check_same_architecture(name, self.base, module)
         self._check_placement()
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
         self._draws = None
@@ -748,10 +750,13 @@ def check_member_name(name: object) -> None:
 
 
 def _comparable_config(module: nn.Module) -> dict | None:
+    """The module's configuration as its code reads it: attribute first (diffusers sets some entries of its frozen
+    config as attributes only, e.g. ``encoder_hid_dim_type`` when an IP-Adapter is loaded)."""
     config = getattr(module, "config", None)
     if config is None or not isinstance(config, Mapping):
         return None
-    return {key: value for key, value in config.items() if not key.startswith("_") and key != "prediction_type"}
+    return {key: getattr(config, key, value) for key, value in config.items()
+            if not key.startswith("_") and key != "prediction_type"}
 
 
 def _check_same_architecture(name: str, base: nn.Module, member: nn.Module) -> None:
