@@ -452,9 +452,9 @@ def _remove_router(layer: nn.Module, router: AdapterRouter) -> None:
 def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A routed LoRA layer's forward while routed: its base layer on all rows — what peft's forward computes with
     no adapter active, without its per-call bookkeeping; peft's forward itself where the user left adapters of
-    their own active or fused (they belong to the base) — plus the updates of the rows' adapters, from every router routing
-    it (only one has a routing set at a time). A forward of the layer's own still runs, with no member active: it
-    gives the base output its way."""
+    their own active or fused (they belong to the base) — plus the updates of the rows' adapters, from every router
+    routing it (only one has a routing set at a time). A forward of the layer's own still runs, with no member
+    active: it gives the base output its way."""
     routed = layer.__dict__[ROUTER_ATTRIBUTE]
     if not routed.routers:  # a copy made while routed: behave as the layer itself
         return (routed.own_forward or functools.partial(type(layer).forward, layer))(*args, **kwargs)
