@@ -139,3 +139,28 @@ def test_an_ip_adapter_loaded_into_every_full_member_is_blended():
     plain = tiny.ip_adapter_pipeline()
     plain.unet = members["aes"]
     assert max_diff(out, plain(**call_kwargs(ip_adapter_image_embeds=embeds)).images) <= 1e-5
+
+
+FREEU = dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+
+
+def test_freeu_on_the_base_alone_is_refused_with_full_members():
+    blend = Blend(tiny.sd_pipeline(), {"ir": tiny.unet(1)})
+    blend.pipe.enable_freeu(**FREEU)
+    with pytest.raises(ValueError, match=r"member 'ir' has other FreeU settings than the base \(off vs base "
+                                         r"\{'s1': 0.9, 's2': 0.2, 'b1': 1.2, 'b2': 1.4\}\)"):
+        blend.blend(weights={"ir": 1.0}, **call_kwargs())
+
+
+def test_freeu_on_every_full_member_is_blended():
+    member = tiny.unet(1)
+    member.enable_freeu(**FREEU)
+    pipe = tiny.sd_pipeline()
+    pipe.enable_freeu(**FREEU)
+    out = Blend(pipe, {"ir": member}).blend(weights={"ir": 1.0}, **call_kwargs()).images
+    plain = tiny.sd_pipeline()
+    plain.unet = member
+    assert max_diff(out, plain(**call_kwargs()).images) <= 1e-5
+    unfree = tiny.sd_pipeline()
+    unfree.unet = tiny.unet(1)
+    assert max_diff(out, unfree(**call_kwargs()).images) > 1e-3  # FreeU does change the images

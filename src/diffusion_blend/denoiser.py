@@ -39,6 +39,8 @@ INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
 #: (Flux's positional ids are (sequence, 3)).
 UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
+#: FreeU's factors, kept on each up block of a UNet (``enable_freeu``).
+FREEU_FACTORS = ("s1", "s2", "b1", "b2")
 #: Names of a denoiser's timestep argument (the stochastic draws are kept across calls at one timestep).
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 #: The arguments in which diffusers' denoisers take the LoRA scale, as ``{"scale": s}`` (their ``apply_lora_scale``).
@@ -189,6 +191,7 @@ class BlendedDenoiser(nn.Module):
         checked = validate_weights(weights, self.names, simplex=mode == "stochastic")
         for name, module in self.modules_by_name.items():  # again: the base may have changed (an IP-Adapter loaded)
             _check_same_architecture(name, self.base, module)
+            _check_same_freeu(name, self.base, module)
         self._check_placement()
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
         self._draws = None
@@ -777,6 +780,23 @@ def _check_same_architecture(name: str, base: nn.Module, member: nn.Module) -> N
     if base_shapes != member_shapes:
         first = sorted(set(base_shapes.items()) ^ set(member_shapes.items()))[0]
         raise ValueError(f"member {name!r} has different parameters than the base (first difference: {first})")
+
+
+def _check_same_freeu(name: str, base: nn.Module, member: nn.Module) -> None:
+    """FreeU (``pipe.enable_freeu``) lives on the up blocks of the pipeline's denoiser, outside its config: a full
+    member without the base's settings would be blended as another model."""
+    base_settings, member_settings = _freeu_settings(base), _freeu_settings(member)
+    if member_settings != base_settings:
+        described = {which: dict(zip(FREEU_FACTORS, settings[0])) if settings[0][0] is not None else "off"
+                     for which, settings in (("member", member_settings), ("base", base_settings))}
+        raise ValueError(
+            f"member {name!r} has other FreeU settings than the base ({described['member']} vs base "
+            f"{described['base']}): call enable_freeu (or disable_freeu) on every full member too")
+
+
+def _freeu_settings(module: nn.Module) -> tuple:
+    return tuple(tuple(getattr(block, factor, None) for factor in FREEU_FACTORS)
+                 for block in getattr(module, "up_blocks", ()))
 
 
 def _normalised(value: Any) -> Any:
