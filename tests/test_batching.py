@@ -140,6 +140,17 @@ def test_full_members_are_vmapped_whether_or_not_lora_rows_are_batched(monkeypat
     assert stacked == [2]
 
 
+def test_vmapped_members_follow_settings_changed_after_a_blend():
+    """The weightless copy that vmap calls carries the first member's settings (FreeU): changed, it is made again."""
+    base, members = tiny.unet(0), {"a": tiny.unet(7), "b": tiny.unet(8)}
+    vmapped = BlendedDenoiser(base, members, vmap_full_members=True)
+    _denoise(vmapped, {"a": 0.4, "b": 0.6})
+    for module in (base, *members.values()):
+        module.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    separate = _denoise(BlendedDenoiser(base, members), {"a": 0.4, "b": 0.6})
+    assert max_diff(_denoise(vmapped, {"a": 0.4, "b": 0.6}), separate) <= 1e-5
+
+
 def test_bad_max_batch_size_raises():
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer, .input. or None"):
         BlendedDenoiser(tiny.unet(0), {"ir": tiny.unet(1)}, max_batch_size=0)

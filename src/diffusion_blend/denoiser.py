@@ -134,7 +134,8 @@ class BlendedDenoiser(nn.Module):
         self._compiled_functions: dict[str, Any] = {}
         self._latent_name, self._timestep_parameter = _sample_and_timestep_parameters(base)
         self._lora_scale_parameter = _lora_scale_parameter(inspect.signature(base.forward))
-        self._attention_modules = [module for module in base.modules() if hasattr(module, "processor")]
+        self._attention_layers = {name: _attention_layers(module)
+                                  for name, module in {BASE: base, **self.modules_by_name}.items()}
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
         self._draw_probabilities: torch.Tensor | None = None
@@ -355,7 +356,7 @@ class BlendedDenoiser(nn.Module):
         return self.batch_members and not self._rows_are_split()
 
     def _rows_are_split(self) -> bool:
-        return any(map(splits_its_rows, {type(module.processor) for module in self._attention_modules}))
+        return any(map(splits_its_rows, {type(layer.processor) for layer in self._attention_layers[BASE]}))
 
     def _run_stacked(
         self, evaluations: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict,
@@ -399,9 +400,11 @@ class BlendedDenoiser(nn.Module):
 
     def _vmapped(self, names: list[str], args: tuple, kwargs: dict) -> list[Any]:
         """Full members on the same inputs in one vmapped call over their stacked weights (kept per group of
-        members while their weights are unchanged; a member's weights are stacked for one group at a time)."""
+        members while their weights, and the first member's settings the weightless copy carries, are unchanged;
+        a member's weights are stacked for one group at a time)."""
         modules = [self.modules_by_name[name] for name in names]
-        key = tuple((name, *((p.data_ptr(), p._version) for p in module.parameters())) for name, module in zip(names, modules))
+        weights = ((name, *((p.data_ptr(), p._version) for p in module.parameters())) for name, module in zip(names, modules))
+        key = (_call_state(modules[0], self._attention_layers[names[0]]), *weights)
         cached = self._vmap_cache.get(tuple(names))
         if cached is None or cached[0] != key:
             self._vmap_cache = {  # groups sharing a member with this one are superseded
@@ -792,6 +795,16 @@ def _check_same_freeu(name: str, base: nn.Module, member: nn.Module) -> None:
         raise ValueError(
             f"member {name!r} has other FreeU settings than the base ({described['member']} vs base "
             f"{described['base']}): call enable_freeu (or disable_freeu) on every full member too")
+
+
+def _call_state(module: nn.Module, attention_layers: list[nn.Module]) -> tuple:
+    """What a call of a module depends on besides its weights and inputs, as far as diffusers' settings go."""
+    return _freeu_settings(module), tuple(type(layer.processor) for layer in attention_layers)
+
+
+def _attention_layers(module: nn.Module) -> list[nn.Module]:
+    """The module's attention layers: those with an attention processor (which pipelines may swap)."""
+    return [part for part in module.modules() if hasattr(part, "processor")]
 
 
 def _freeu_settings(module: nn.Module) -> tuple:
