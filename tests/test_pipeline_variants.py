@@ -23,6 +23,7 @@ VARIANTS = {  # name: (pipeline builder, the pipeline's own extra arguments)
     "inpaint": (tiny.inpaint_pipeline, {"image": IMAGE, "mask_image": MASK}),
     "controlnet": (tiny.controlnet_pipeline, {"image": IMAGE}),
     "pag": (tiny.pag_pipeline, {"pag_scale": 3.0}),
+    "sd3_pag": (tiny.sd3_pag_pipeline, {"pag_scale": 3.0}),
     "ip_adapter": (tiny.ip_adapter_pipeline, {"ip_adapter_image_embeds": [tiny.ip_adapter_embeds()]}),
     "flux": (tiny.flux_pipeline, {"prompt": None, "guidance_scale": 3.5,  # guidance distilled: no CFG batch
                                   "prompt_embeds": torch.randn(2, 6, tiny.FLUX_CONTEXT, generator=_generator),
@@ -31,9 +32,10 @@ VARIANTS = {  # name: (pipeline builder, the pipeline's own extra arguments)
 
 
 @pytest.fixture
-def loras(request, sd_loras):
+def loras(request):
     """The LoRA files for the variant's denoiser."""
-    return request.getfixturevalue("flux_loras") if request.node.callspec.params["variant"] == "flux" else sd_loras
+    variant = request.node.callspec.params["variant"]
+    return request.getfixturevalue({"flux": "flux_loras", "sd3_pag": "sd3_loras"}.get(variant, "sd_loras"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -20,6 +20,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
+    StableDiffusion3PAGPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -212,6 +213,13 @@ def pag_pipeline(unet_model: UNet2DConditionModel | None = None) -> StableDiffus
     rows into unconditional, conditional and perturbed thirds."""
     components = sd_pipeline().components | ({} if unet_model is None else {"unet": unet_model})
     return _quiet(StableDiffusionPAGPipeline(**components, pag_applied_layers=["mid"]))
+
+
+def sd3_pag_pipeline() -> StableDiffusion3PAGPipeline:
+    """SD3 with perturbed-attention guidance on its first joint block."""
+    components = {name: part for name, part in sd3_pipeline().components.items()
+                  if name not in ("image_encoder", "feature_extractor")}
+    return _quiet(StableDiffusion3PAGPipeline(**components, pag_applied_layers=["transformer_blocks.0"]))
 
 
 def ip_adapter_pipeline() -> StableDiffusionPipeline:
