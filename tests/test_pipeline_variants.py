@@ -1,13 +1,13 @@
 """Blend in the pipelines that give the denoiser more than latents and text: img2img (a noised image), inpainting
 (the mask and masked image as extra channels), ControlNet (residuals added inside the UNet), IP-Adapter (image
-tokens in every cross-attention), Flux (position ids without a batch axis, distilled guidance per row). Their extra inputs must follow each row of a stacked call.
-Perturbed-attention guidance splits the UNet's rows into thirds: members are then called on the pipeline's rows."""
+tokens in every cross-attention), Flux (position ids without a batch axis, distilled guidance per row). Their extra
+inputs must follow each row of a stacked call. Perturbed-attention guidance (PAG) splits the denoiser's rows into
+parts: members are then called on the pipeline's own rows. Full members must carry what the base carries."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 
 import tiny
@@ -50,7 +50,7 @@ def test_one_hot_reproduces_the_pipeline_with_that_lora(loras, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_stacked_rows_carry_their_extra_inputs(loras, variant):
     """Base and members stacked in one call (each row's residuals, mask channels gathered with it) equal one
-    whole-batch call per member."""
+    whole-batch call per member. (Under PAG both are calls per member: see the PAG tests below.)"""
     build, extra = VARIANTS[variant]
     weights = {"ir": 0.6, "aes": 0.2}
     stacked = Blend(build(), loras).blend(weights=weights, kl_scale=1.4, **call_kwargs(**extra)).images
