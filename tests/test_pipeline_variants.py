@@ -131,16 +131,56 @@ def test_an_ip_adapter_loaded_on_the_base_alone_is_refused_with_full_members():
         blend.blend(weights={"ir": 1.0}, **call_kwargs(ip_adapter_image_embeds=[tiny.ip_adapter_embeds()]))
 
 
-def test_an_ip_adapter_loaded_into_every_full_member_is_blended():
-    members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+def _with_ip_adapters(seeds: dict[str, int]) -> dict:
+    """Full members, each with an IP-Adapter of its own (random weights from its seed)."""
+    members = {name: tiny.unet(seed) for name, seed in (("ir", 1), ("aes", 2))}
+    for name, member in members.items():
+        member._load_ip_adapter_weights([tiny.ip_adapter_state_dict(member, seed=seeds[name])])
+    return members
+
+
+def test_full_members_with_ip_adapters_of_their_own_are_blended():
+    members, embeds = _with_ip_adapters({"ir": 21, "aes": 22}), [tiny.ip_adapter_embeds()]
+    for name in members:  # one-hot: the pipeline with that member, its own IP-Adapter included
+        out = Blend(tiny.ip_adapter_pipeline(), members).blend(weights={name: 1.0},
+                                                              **call_kwargs(ip_adapter_image_embeds=embeds)).images
+        plain = tiny.ip_adapter_pipeline()
+        plain.unet = members[name]
+        assert max_diff(out, plain(**call_kwargs(ip_adapter_image_embeds=embeds)).images) <= 1e-5
+    vmapped, separate = (Blend(tiny.ip_adapter_pipeline(), members, vmap_full_members=vmap).blend(
+        weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4, **call_kwargs(ip_adapter_image_embeds=embeds)).images
+        for vmap in (True, False))
+    assert max_diff(vmapped, separate) <= 1e-5
+
+
+def test_an_ip_adapter_scale_set_on_the_base_alone_is_refused():
+    """``pipe.set_ip_adapter_scale`` reaches the pipeline's denoiser alone."""
+    blend = Blend(tiny.ip_adapter_pipeline(), _with_ip_adapters({"ir": 21, "aes": 22}))
+    blend.pipe.set_ip_adapter_scale(0.5)
+    with pytest.raises(ValueError, match=r"member 'ir' has another IP-Adapter than the base \(scales \['\[1.0\]'\] vs "
+                                         r"base scales \['\[0.5\]'\]\)"):
+        blend.blend(weights={"ir": 1.0}, **call_kwargs(ip_adapter_image_embeds=[tiny.ip_adapter_embeds()]))
+
+
+def test_vmapped_members_follow_an_ip_adapter_scale_changed_after_a_blend():
+    members, embeds = _with_ip_adapters({"ir": 21, "aes": 22}), [tiny.ip_adapter_embeds()]
+    vmapped = Blend(tiny.ip_adapter_pipeline(), members, vmap_full_members=True)
+    vmapped.blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4, **call_kwargs(ip_adapter_image_embeds=embeds))
+    vmapped.pipe.set_ip_adapter_scale(0.3)
     for member in members.values():
-        member._load_ip_adapter_weights([tiny.ip_adapter_state_dict(member)])
-    embeds = [tiny.ip_adapter_embeds()]
-    out = Blend(tiny.ip_adapter_pipeline(), members).blend(weights={"aes": 1.0},
-                                                          **call_kwargs(ip_adapter_image_embeds=embeds)).images
-    plain = tiny.ip_adapter_pipeline()
-    plain.unet = members["aes"]
-    assert max_diff(out, plain(**call_kwargs(ip_adapter_image_embeds=embeds)).images) <= 1e-5
+        _set_ip_scale(member, 0.3)
+    separate = Blend(tiny.ip_adapter_pipeline(), members)
+    separate.pipe.set_ip_adapter_scale(0.3)
+    assert max_diff(*(blend.blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4,
+                                  **call_kwargs(ip_adapter_image_embeds=embeds)).images
+                      for blend in (vmapped, separate))) <= 1e-5
+
+
+def _set_ip_scale(denoiser, scale):
+    """What ``pipe.set_ip_adapter_scale`` does, on a denoiser outside a pipeline."""
+    for layer in denoiser.modules():
+        if hasattr(getattr(layer, "processor", None), "to_k_ip"):
+            layer.processor.scale = [scale] * len(layer.processor.scale)
 
 
 FREEU = dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)

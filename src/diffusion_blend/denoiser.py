@@ -193,6 +193,7 @@ class BlendedDenoiser(nn.Module):
         for name, module in self.modules_by_name.items():  # again: the base may have changed (an IP-Adapter loaded)
             _check_same_architecture(name, self.base, module)
             _check_same_freeu(name, self.base, module)
+            _check_same_ip_adapter(name, self._attention_layers[BASE], self._attention_layers[name])
         self._check_placement()
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
         self._draws = None
@@ -797,9 +798,29 @@ def _check_same_freeu(name: str, base: nn.Module, member: nn.Module) -> None:
             f"{described['base']}): call enable_freeu (or disable_freeu) on every full member too")
 
 
+def _check_same_ip_adapter(name: str, base_layers: list[nn.Module], member_layers: list[nn.Module]) -> None:
+    """An IP-Adapter (and its scale, ``pipe.set_ip_adapter_scale``) reaches the pipeline's denoiser alone: a full
+    member without the base's would be blended without the image prompt, or at another strength."""
+    base_scales, member_scales = _ip_adapter_scales(base_layers), _ip_adapter_scales(member_layers)
+    if member_scales != base_scales:
+        described = {which: "none" if all(scale is None for scale in scales) else
+                     f"scales {sorted({str(scale) for scale in scales if scale is not None})}"
+                     for which, scales in (("member", member_scales), ("base", base_scales))}
+        raise ValueError(
+            f"member {name!r} has another IP-Adapter than the base ({described['member']} vs base "
+            f"{described['base']}): load the IP-Adapter into every full member too, at the same scale")
+
+
+def _ip_adapter_scales(attention_layers: list[nn.Module]) -> tuple:
+    """Per attention layer, the scales of its IP-Adapter processor (one per loaded adapter), None without one."""
+    return tuple(getattr(layer.processor, "scale", None) if hasattr(layer.processor, "to_k_ip") else None
+                 for layer in attention_layers)
+
+
 def _call_state(module: nn.Module, attention_layers: list[nn.Module]) -> tuple:
     """What a call of a module depends on besides its weights and inputs, as far as diffusers' settings go."""
-    return _freeu_settings(module), tuple(type(layer.processor) for layer in attention_layers)
+    return (_freeu_settings(module), tuple(type(layer.processor) for layer in attention_layers),
+            _ip_adapter_scales(attention_layers))
 
 
 def _attention_layers(module: nn.Module) -> list[nn.Module]:
