@@ -157,8 +157,8 @@ def test_an_ip_adapter_scale_set_on_the_base_alone_is_refused():
     """``pipe.set_ip_adapter_scale`` reaches the pipeline's denoiser alone."""
     blend = Blend(tiny.ip_adapter_pipeline(), _with_ip_adapters({"ir": 21, "aes": 22}))
     blend.pipe.set_ip_adapter_scale(0.5)
-    with pytest.raises(ValueError, match=r"member 'ir' has another IP-Adapter than the base \(scales \['\[1.0\]'\] vs "
-                                         r"base scales \['\[0.5\]'\]\)"):
+    with pytest.raises(ValueError, match=r"member 'ir' has other IP-Adapter settings than the base "
+                                         r"\(scales \['\[1.0\]'\] vs base scales \['\[0.5\]'\]\)"):
         blend.blend(weights={"ir": 1.0}, **call_kwargs(ip_adapter_image_embeds=[tiny.ip_adapter_embeds()]))
 
 

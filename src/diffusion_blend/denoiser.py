@@ -192,8 +192,7 @@ class BlendedDenoiser(nn.Module):
         checked = validate_weights(weights, self.names, simplex=mode == "stochastic")
         for name, module in self.modules_by_name.items():  # again: the base may have changed (an IP-Adapter loaded)
             _check_same_architecture(name, self.base, module)
-            _check_same_freeu(name, self.base, module)
-            _check_same_ip_adapter(name, self._attention_layers[BASE], self._attention_layers[name])
+            _check_same_settings(name, self.base, module, self._attention_layers[BASE], self._attention_layers[name])
         self._check_placement()
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
         self._draws = None
@@ -786,29 +785,29 @@ def _check_same_architecture(name: str, base: nn.Module, member: nn.Module) -> N
         raise ValueError(f"member {name!r} has different parameters than the base (first difference: {first})")
 
 
-def _check_same_freeu(name: str, base: nn.Module, member: nn.Module) -> None:
-    """FreeU (``pipe.enable_freeu``) lives on the up blocks of the pipeline's denoiser, outside its config: a full
-    member without the base's settings would be blended as another model."""
-    base_settings, member_settings = _freeu_settings(base), _freeu_settings(member)
-    if member_settings != base_settings:
-        described = {which: dict(zip(FREEU_FACTORS, settings[0])) if settings[0][0] is not None else "off"
-                     for which, settings in (("member", member_settings), ("base", base_settings))}
-        raise ValueError(
-            f"member {name!r} has other FreeU settings than the base ({described['member']} vs base "
-            f"{described['base']}): call enable_freeu (or disable_freeu) on every full member too")
+def _check_same_settings(name: str, base: nn.Module, member: nn.Module, base_layers: list[nn.Module],
+                         member_layers: list[nn.Module]) -> None:
+    """Settings that pipelines put on their denoiser alone, outside its config — FreeU (``pipe.enable_freeu``), an
+    IP-Adapter's scale (``pipe.set_ip_adapter_scale``) — must be the base's on every full member too, or the member
+    is blended as another model."""
+    for setting, base_value, member_value, describe, remedy in (
+        ("FreeU settings", _freeu_settings(base), _freeu_settings(member), _describe_freeu,
+         "call enable_freeu (or disable_freeu) on every full member too"),
+        ("IP-Adapter settings", _ip_adapter_scales(base_layers), _ip_adapter_scales(member_layers), _describe_scales,
+         "load the IP-Adapter into every full member too, at the same scale"),
+    ):
+        if member_value != base_value:
+            raise ValueError(f"member {name!r} has other {setting} than the base ({describe(member_value)} vs base "
+                             f"{describe(base_value)}): {remedy}")
 
 
-def _check_same_ip_adapter(name: str, base_layers: list[nn.Module], member_layers: list[nn.Module]) -> None:
-    """An IP-Adapter (and its scale, ``pipe.set_ip_adapter_scale``) reaches the pipeline's denoiser alone: a full
-    member without the base's would be blended without the image prompt, or at another strength."""
-    base_scales, member_scales = _ip_adapter_scales(base_layers), _ip_adapter_scales(member_layers)
-    if member_scales != base_scales:
-        described = {which: "none" if all(scale is None for scale in scales) else
-                     f"scales {sorted({str(scale) for scale in scales if scale is not None})}"
-                     for which, scales in (("member", member_scales), ("base", base_scales))}
-        raise ValueError(
-            f"member {name!r} has another IP-Adapter than the base ({described['member']} vs base "
-            f"{described['base']}): load the IP-Adapter into every full member too, at the same scale")
+def _describe_freeu(settings: tuple) -> str:
+    return str(dict(zip(FREEU_FACTORS, settings[0]))) if settings and settings[0][0] is not None else "off"
+
+
+def _describe_scales(scales: tuple) -> str:
+    present = sorted({str(scale) for scale in scales if scale is not None})
+    return f"scales {present}" if present else "none"
 
 
 def _ip_adapter_scales(attention_layers: list[nn.Module]) -> tuple:
