@@ -19,42 +19,34 @@ from diffusers import (  # noqa: E402
 )
 
 
+def _two_loras(tmp_path_factory, folder: str, seeds: tuple[int, int], **make) -> dict[str, Path]:
+    """Two random LoRA files, "ir" and "aes", written with ``tiny.make_lora_file(..., **make)``."""
+    root = tmp_path_factory.mktemp(folder)
+    return {name: tiny.make_lora_file(root / name, seed, **make) for name, seed in zip(("ir", "aes"), seeds)}
+
+
 @pytest.fixture(scope="session")
 def sd_loras(tmp_path_factory) -> dict[str, Path]:
     """Two random LoRAs ("ir", "aes") for tiny.unet()."""
-    root = tmp_path_factory.mktemp("sd_loras")
-    return {name: tiny.make_lora_file(root / name, seed) for name, seed in (("ir", 10), ("aes", 11))}
+    return _two_loras(tmp_path_factory, "sd_loras", (10, 11))
 
 
 @pytest.fixture(scope="session")
 def sdxl_loras(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sdxl_loras")
-    return {
-        name: tiny.make_lora_file(root / name, seed, builder=tiny.sdxl_unet, pipe_class=StableDiffusionXLPipeline)
-        for name, seed in (("ir", 20), ("aes", 21))
-    }
+    return _two_loras(tmp_path_factory, "sdxl_loras", (20, 21), builder=tiny.sdxl_unet,
+                      pipe_class=StableDiffusionXLPipeline)
 
 
 @pytest.fixture(scope="session")
 def sd3_loras(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sd3_loras")
-    return {
-        name: tiny.make_lora_file(
-            root / name, seed, builder=tiny.sd3_transformer, pipe_class=StableDiffusion3Pipeline, prefix="transformer"
-        )
-        for name, seed in (("ir", 30), ("aes", 31))
-    }
+    return _two_loras(tmp_path_factory, "sd3_loras", (30, 31), builder=tiny.sd3_transformer,
+                      pipe_class=StableDiffusion3Pipeline, prefix="transformer")
 
 
 @pytest.fixture(scope="session")
 def flux_loras(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("flux_loras")
-    return {
-        name: tiny.make_lora_file(
-            root / name, seed, builder=tiny.flux_transformer, pipe_class=FluxPipeline, prefix="transformer"
-        )
-        for name, seed in (("ir", 40), ("aes", 41))
-    }
+    return _two_loras(tmp_path_factory, "flux_loras", (40, 41), builder=tiny.flux_transformer,
+                      pipe_class=FluxPipeline, prefix="transformer")
 
 
 @pytest.fixture(scope="session")
