@@ -13,9 +13,11 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchma
 import tiny  # noqa: E402
 from diffusers import (  # noqa: E402
     FluxPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 
 
@@ -47,6 +49,18 @@ def sd3_loras(tmp_path_factory) -> dict[str, Path]:
 def flux_loras(tmp_path_factory) -> dict[str, Path]:
     return _two_loras(tmp_path_factory, "flux_loras", (40, 41), builder=tiny.flux_transformer,
                       pipe_class=FluxPipeline, prefix="transformer")
+
+
+@pytest.fixture(scope="session")
+def qwen_loras(tmp_path_factory) -> dict[str, Path]:
+    return _two_loras(tmp_path_factory, "qwen_loras", (50, 51), builder=tiny.qwen_transformer,
+                      pipe_class=QwenImagePipeline, prefix="transformer")
+
+
+@pytest.fixture(scope="session")
+def zimage_loras(tmp_path_factory) -> dict[str, Path]:
+    return _two_loras(tmp_path_factory, "zimage_loras", (60, 61), builder=tiny.zimage_transformer,
+                      pipe_class=ZImagePipeline, prefix="transformer")
 
 
 @pytest.fixture(scope="session")

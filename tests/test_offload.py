@@ -1,8 +1,9 @@
 """Blends on offloaded denoisers: weights that hooks put in place only when their module is called (accelerate's
-sequential CPU offload: what ``pipe.enable_sequential_cpu_offload`` applies to the UNet) must be used through those
-calls. The hooks' logic runs on a CPU too (execution device = CPU, weights parked on the meta device between
-calls). The pipeline method itself cannot be tested here: with ``device="cpu"`` accelerate 1.15 fails on the plain
-pipeline (it parks a weight it restored as a plain tensor)."""
+sequential CPU offload: what ``pipe.enable_sequential_cpu_offload`` applies to the UNet; diffusers' layerwise
+casting, which stores weights in float8 and casts them up at each call) must be used through those calls. The
+hooks' logic runs on a CPU too (execution device = CPU, weights parked on the meta device between calls). The
+pipeline method itself cannot be tested here: with ``device="cpu"`` accelerate 1.15 fails on the plain pipeline (it
+parks a weight it restored as a plain tensor)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from accelerate import cpu_offload
 from accelerate.hooks import remove_hook_from_submodules
 
 import tiny
-from diffusion_blend import BlendedDenoiser
+from diffusion_blend import Blend, BlendedDenoiser
 from test_batching import _cfg_inputs, _denoise, _lora_base
-from test_pipelines import max_diff
+from test_pipelines import call_kwargs, max_diff, with_lora
 
 CPU = torch.device("cpu")
 
@@ -70,3 +71,33 @@ def test_lora_layers_stack_again_once_the_offload_hooks_are_removed():
         denoiser(sample, t, encoder_hidden_states=context)
         routings = list(denoiser.router._layer_routings.values())
     assert len(routings) == 32 and all(routing.stackable for routing in routings)
+
+
+def _layerwise_cast(pipe):
+    """diffusers' layerwise casting: weights stored in float8, cast up by a hook at each layer's call (the LoRA
+    layers' base layers; their adapters stay as loaded)."""
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    return pipe
+
+
+def test_layerwise_cast_blend_one_hot_equals_the_pipeline_with_that_lora(sd_loras):
+    pipe = tiny.sd_pipeline()
+    blend = Blend(pipe, sd_loras)
+    _layerwise_cast(pipe)
+    assert pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight.dtype == \
+        torch.float8_e4m3fn
+    out = blend.blend(weights={"aes": 1.0}, **call_kwargs()).images
+    plain = _layerwise_cast(with_lora(tiny.sd_pipeline(), sd_loras["aes"]))(**call_kwargs()).images
+    assert max_diff(out, plain) <= 1e-5
+
+
+def test_layerwise_cast_stacked_members_equal_separate_calls(sd_loras):
+    """A routed layer's base output comes through its base layer's casting hook."""
+    blends = []
+    for batch_members in (True, False):
+        pipe = tiny.sd_pipeline()
+        blends.append(Blend(pipe, sd_loras, batch_members=batch_members))
+        _layerwise_cast(pipe)
+    stacked, separate = (blend.blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4, **call_kwargs()).images
+                         for blend in blends)
+    assert max_diff(stacked, separate) <= 1e-5

@@ -1,7 +1,8 @@
 """Blend in the pipelines that give the denoiser more than latents and text: img2img (a noised image), inpainting
 (the mask and masked image as extra channels), ControlNet (residuals added inside the UNet), IP-Adapter (image
-tokens in every cross-attention), Flux (position ids without a batch axis, distilled guidance per row). Their extra
-inputs must follow each row of a stacked call. Perturbed-attention guidance (PAG) splits the denoiser's rows into
+tokens in every cross-attention), Flux (position ids without a batch axis, distilled guidance per row), Qwen-Image
+(true CFG as two calls, per-sample image shapes), Z-Image (lists of per-sample latents and captions, passed
+positionally). Their extra inputs must follow each row of a stacked call. Perturbed-attention guidance (PAG) splits the denoiser's rows into
 parts: members are then called on the pipeline's own rows. Full members must carry what the base carries."""
 
 from __future__ import annotations
@@ -28,14 +29,25 @@ VARIANTS = {  # name: (pipeline builder, the pipeline's own extra arguments)
     "flux": (tiny.flux_pipeline, {"prompt": None, "guidance_scale": 3.5,  # guidance distilled: no CFG batch
                                   "prompt_embeds": torch.randn(2, 6, tiny.FLUX_CONTEXT, generator=_generator),
                                   "pooled_prompt_embeds": torch.randn(2, tiny.FLUX_CONTEXT, generator=_generator)}),
+    "qwen": (tiny.qwen_pipeline, {"prompt": None, "guidance_scale": None, "true_cfg_scale": 4.0,
+                                  "num_images_per_prompt": 2,
+                                  "prompt_embeds": torch.randn(1, 7, tiny.QWEN_CONTEXT, generator=_generator),
+                                  "prompt_embeds_mask": torch.ones(1, 7, dtype=torch.long),
+                                  "negative_prompt_embeds": torch.randn(1, 5, tiny.QWEN_CONTEXT, generator=_generator),
+                                  "negative_prompt_embeds_mask": torch.ones(1, 5, dtype=torch.long)}),
+    "zimage": (tiny.zimage_pipeline, {"prompt": None, "guidance_scale": 4.0, "num_images_per_prompt": 2,
+                                      "prompt_embeds": [torch.randn(7, tiny.ZIMAGE_CONTEXT, generator=_generator)],
+                                      "negative_prompt_embeds": [torch.randn(4, tiny.ZIMAGE_CONTEXT,
+                                                                             generator=_generator)]}),
 }
+LORAS = {"flux": "flux_loras", "sd3_pag": "sd3_loras", "qwen": "qwen_loras", "zimage": "zimage_loras"}
 
 
 @pytest.fixture
 def loras(request):
     """The LoRA files for the variant's denoiser."""
     variant = request.node.callspec.params["variant"]
-    return request.getfixturevalue({"flux": "flux_loras", "sd3_pag": "sd3_loras"}.get(variant, "sd_loras"))
+    return request.getfixturevalue(LORAS.get(variant, "sd_loras"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
+    CogVideoXTransformer3DModel,
     ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -19,6 +21,11 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3PAGPipeline,
     StableDiffusion3Pipeline,
@@ -29,6 +36,9 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanTransformer3DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from peft import LoraConfig, get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -37,6 +47,8 @@ TEXT_HIDDEN = 8
 MAX_TOKENS = 16
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FLUX_CONTEXT = 32
+QWEN_CONTEXT = 16
+ZIMAGE_CONTEXT = 16
 IMAGE_EMBED = 6
 
 
@@ -153,6 +165,74 @@ def flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
     ).eval()
 
 
+def qwen_transformer(seed: int = 0, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:
+    """Qwen-Image's MMDiT (``zero_cond_t``: Qwen-Image-Edit-2511's second, zero timestep for reference images,
+    chosen per token from the per-sample ``img_shapes``)."""
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=QWEN_CONTEXT, guidance_embeds=False, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t,
+    ).eval()
+
+
+def zimage_transformer(seed: int = 0) -> ZImageTransformer2DModel:
+    """Z-Image's single-stream DiT: it takes and returns a list with one tensor per sample (sizes may differ)."""
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=ZIMAGE_CONTEXT, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    ).eval()
+
+
+def wan_transformer(seed: int = 0) -> WanTransformer3DModel:
+    """Wan 2.x (video): latents (batch, channels, frames, height, width)."""
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def hunyuan_video_transformer(seed: int = 0) -> HunyuanVideoTransformer3DModel:
+    """HunyuanVideo: double- and single-stream blocks, a token refiner, an attention mask, distilled guidance."""
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    ).eval()
+
+
+def ltx_video_transformer(seed: int = 0) -> LTXVideoTransformer3DModel:
+    """LTX-Video: latents packed into tokens (batch, frames·height·width, channels), sizes given as integers."""
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=1, caption_channels=16,
+    ).eval()
+
+
+def cogvideox_transformer(seed: int = 0) -> CogVideoXTransformer3DModel:
+    """CogVideoX: latents (batch, frames, channels, height, width), text and video tokens in one sequence."""
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
+        num_layers=1, sample_width=8, sample_height=8, sample_frames=8, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=8,
+    ).eval()
+
+
+def sana_transformer(seed: int = 0) -> SanaTransformer2DModel:
+    """Sana: linear attention over the image, cross-attention to the caption."""
+    torch.manual_seed(seed)
+    return SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=8,
+    ).eval()
+
+
 SCHEDULERS = {
     "ddim": lambda: DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -206,6 +286,23 @@ def flux_pipeline() -> FluxPipeline:
                     shift_factor=0.06, scaling_factor=1.5)
     return _quiet(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_model, text_encoder=None,
                                tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer()))
+
+
+def qwen_pipeline() -> QwenImagePipeline:
+    """Qwen-Image without its text encoder (called with ``prompt_embeds``), a tiny video VAE of 4 latent channels."""
+    torch.manual_seed(3)
+    vae_model = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                       temperal_downsample=[False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return _quiet(QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_model, text_encoder=None,
+                                    tokenizer=None, transformer=qwen_transformer()))
+
+
+def zimage_pipeline() -> ZImagePipeline:
+    """Z-Image without its text encoder (called with ``prompt_embeds``, one tensor per prompt)."""
+    vae_model = vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                    scaling_factor=1.5)
+    return _quiet(ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_model, text_encoder=None,
+                                 tokenizer=None, transformer=zimage_transformer()))
 
 
 def pag_pipeline(unet_model: UNet2DConditionModel | None = None) -> StableDiffusionPAGPipeline:
@@ -292,8 +389,8 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
     return pipe
 
 
-def lora_config(rank: int = 2, alpha: int = 4) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=False)
+def lora_config(rank: int = 2, alpha: int = 4, targets: list[str] = LORA_TARGETS) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
 
 
 def add_lora(denoiser: torch.nn.Module, name: str, seed: int, config: LoraConfig | None = None) -> None:

@@ -29,6 +29,16 @@ ROUTED_FORWARD_ATTRIBUTE = "_diffusion_blend_forward"
 MAX_PLANNED_ROUTINGS = 16
 
 
+class RowsReshaped(ValueError):
+    """A routed LoRA layer met another number of rows than the call it routes: the denoiser reshapes its batch
+    inside (Qwen-Image-Edit-2511 doubles its timestep rows; video UNets fold frames into rows), so the rows of a
+    call cannot be told apart there, and rows of different adapters cannot share a call."""
+
+    def __init__(self, routed: int, met: int):
+        super().__init__(f"a routing of {routed} rows met a LoRA layer input with {met} rows: the denoiser reshapes "
+                         "its batch inside, so its rows cannot be routed to different adapters in one call")
+
+
 def tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
     """All peft tuner layers (LoRA-wrapped Linear/Conv layers) inside ``module``."""
     return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
@@ -275,11 +285,7 @@ class AdapterRouter:
         """Mask routing (see the class): the same tensor operations whatever the rows' adapters are."""
         row_mask = self.row_mask
         if x.shape[0] != row_mask.shape[0]:
-            raise ValueError(
-                f"a routing of {row_mask.shape[0]} rows met a layer input with {x.shape[0]} rows; this denoiser "
-                "reshapes its batch, so its LoRA members cannot be routed per row (use batch_members=False, "
-                "compile=False)"
-            )
+            raise RowsReshaped(row_mask.shape[0], x.shape[0])
         if not _stacks(routing):
             updates = [(column, lora_update(layer, a, x, self.lora_scale))
                        for a, (column, _) in zip(routing.adapters, routing.layout)]
@@ -383,11 +389,7 @@ class AdapterRouter:
             return segments
         if len(segments) == 1:  # one adapter for all rows: any layout of the rows inside the layer is fine
             return ((segments[0][0], 0, rows),)
-        raise ValueError(
-            f"a per-row adapter routing of {segments[-1][2]} rows met a layer input with {rows} rows; "
-            "this denoiser reshapes its batch, so its LoRA members cannot be stacked in one call "
-            "(use batch_members=False)"
-        )
+        raise RowsReshaped(segments[-1][2], rows)
 
     def _check_state(self) -> None:
         """Members fused into the weights would reach every row. (Other adapters, fused or active, belong to the

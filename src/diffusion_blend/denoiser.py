@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from .adapters import NO_ADAPTER, AdapterRouter, loaded_adapters, weights_placed_on_call
+from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
 from .blend import base_coefficient, blend_predictions, validate_kl_scale, validate_weights
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
@@ -39,12 +39,19 @@ INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
 #: (Flux's positional ids are (sequence, 3)).
 UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
+#: List arguments of known denoisers that hold one item per sample (Qwen-Image's ``img_shapes``, HiDream's
+#: ``img_sizes``, JoyImage's ``shape_list``): a call on some rows of the batch takes those rows' items. Where the
+#: sample itself is a list of per-sample tensors (Z-Image's ``x``), every list argument of the batch's length is.
+PER_SAMPLE_LISTS = frozenset({"img_shapes", "img_sizes", "shape_list"})
 #: FreeU's factors, kept on each up block of a UNet (``enable_freeu``).
 FREEU_FACTORS = ("s1", "s2", "b1", "b2")
 #: Names of a denoiser's timestep argument (the stochastic draws are kept across calls at one timestep).
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 #: The arguments in which diffusers' denoisers take the LoRA scale, as ``{"scale": s}`` (their ``apply_lora_scale``).
 LORA_SCALE_ARGUMENTS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
+#: A denoiser's sample or prediction: one tensor with the batch's rows first or, for denoisers of per-sample sizes
+#: (Z-Image), a list with one tensor per sample; the blend is the same equation, sample by sample.
+Rows = torch.Tensor | list[torch.Tensor]
 
 
 class Evaluation(NamedTuple):
@@ -78,7 +85,8 @@ class BlendedDenoiser(nn.Module):
         vmap_full_members: evaluate the full-module members needed on all rows in one ``torch.vmap`` call over
             their stacked weights (``torch.func.stack_module_state``) instead of one call each. It keeps a stacked
             copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes. Members that
-            carry hooks are refused (a vmapped call runs a weightless copy, not the member).
+            carry hooks are refused (a vmapped call runs a weightless copy, not the member), and so, at their first
+            call, are denoisers with an operation ``torch.vmap`` cannot batch (Z-Image's).
         compile: ``torch.compile`` the denoiser calls of the blend: ``True`` (torch's defaults), a dict of
             ``torch.compile`` options (``{"mode": "max-autotune", "fullgraph": True}``), ``False``, or ``None`` (the
             default: compile when the base or a member was given compiled, whole or by regions, with torch's
@@ -133,6 +141,7 @@ class BlendedDenoiser(nn.Module):
         self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
         self._compiled_functions: dict[str, Any] = {}
         self._latent_name, self._timestep_parameter = _sample_and_timestep_parameters(base)
+        self._parameter_names = list(inspect.signature(base.forward).parameters)
         self._lora_scale_parameter = _lora_scale_parameter(inspect.signature(base.forward))
         self._attention_layers = {name: _attention_layers(module)
                                   for name, module in {BASE: base, **self.modules_by_name}.items()}
@@ -140,6 +149,7 @@ class BlendedDenoiser(nn.Module):
         self._draws: _DrawCache | None = None
         self._draw_probabilities: torch.Tensor | None = None
         self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
+        self._rows_reshaped = False  # the base reshapes its batch inside: LoRA members cannot share its calls
         self.forward = SignedForward(self, inspect.signature(base.forward))
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
@@ -206,10 +216,15 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
+        blend = self._mix if self.settings.mode == "mix" else self._stochastic
         with self.routing(), self._lora_scaled(kwargs):
-            if self.settings.mode == "mix":
-                return self._mix(latent, args, kwargs)
-            return self._stochastic(latent, args, kwargs)
+            try:
+                return blend(latent, args, kwargs)
+            except RowsReshaped:
+                if not self._members_share_calls():
+                    raise
+                self._rows_reshaped = True  # found at the first call: from now on, one call per member
+            return blend(latent, args, kwargs)
 
     def routing(self) -> contextlib.AbstractContextManager:
         """Keep the LoRA routing installed across many forward calls (e.g. a whole pipeline call): what each layer
@@ -230,12 +245,12 @@ class BlendedDenoiser(nn.Module):
         needs_base = base_coefficient(weights.values(), kl_scale) != 0
         return ([Evaluation(BASE)] if needs_base else []) + members
 
-    def _mix(self, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    def _mix(self, latent: Rows, args: tuple, kwargs: dict) -> Any:
         plan = self.plan_mix()
         predictions, template = self.evaluate(plan, latent, args, kwargs)
         by_member = dict(zip((evaluation.member for evaluation in plan), predictions))
         members = [name for name in by_member if name != BASE]
-        blended = blend_predictions(
+        blended = blend_rows(
             by_member.get(BASE),
             [by_member[name] for name in members],
             [self.settings.weights[name] for name in members],
@@ -243,7 +258,7 @@ class BlendedDenoiser(nn.Module):
         )
         return with_prediction(template, blended)
 
-    def _stochastic(self, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    def _stochastic(self, latent: Rows, args: tuple, kwargs: dict) -> Any:
         kl_scale = self.settings.kl_scale
         if kl_scale == 0:  # the blend is the base, whichever member is drawn
             predictions, template = self.evaluate([Evaluation(BASE)], latent, args, kwargs)
@@ -251,23 +266,20 @@ class BlendedDenoiser(nn.Module):
         drawn = self.draw_members(latent, self._timestep(args, kwargs))
         if self.router is not None and not self.modules_by_name and self._members_share_calls():
             return self._stochastic_routed(drawn, latent, args, kwargs)
-        plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, latent.device)]
+        plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, _like(latent).device)]
         if kl_scale != 1:
             plan.insert(0, Evaluation(BASE))
         predictions, template = self.evaluate(plan, latent, args, kwargs)
-        first = predictions[-1]
-        drawn_prediction = first.new_empty((latent.shape[0], *first.shape[1:]))
-        for evaluation, member_prediction in zip(plan, predictions):
-            if evaluation.rows is not None:
-                drawn_prediction[evaluation.rows] = member_prediction
+        drawn_prediction = _placed_rows(len(latent), [(evaluation.rows, prediction) for evaluation, prediction
+                                                      in zip(plan, predictions) if evaluation.rows is not None])
         base = predictions[0] if plan[0].member == BASE else None
-        return with_prediction(template, blend_predictions(base, [drawn_prediction], [1.0], kl_scale))
+        return with_prediction(template, blend_rows(base, [drawn_prediction], [1.0], kl_scale))
 
-    def _stochastic_routed(self, drawn: torch.Tensor, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    def _stochastic_routed(self, drawn: torch.Tensor, latent: Rows, args: tuple, kwargs: dict) -> Any:
         """LoRA members only: every row goes through its drawn adapter in one call on the shared base (after the
         base's own rows where λ ≠ 1), routed by a mask built on the latents' device from the draws. Nothing is read
         back to the host, so a GPU is never made to wait (row lists per member would need that)."""
-        mask = self.router.member_mask([self.adapter_of[name] for name in self.names], drawn, like=latent)
+        mask = self.router.member_mask([self.adapter_of[name] for name in self.names], drawn, like=_like(latent))
         plan = [Evaluation(self.names[0])]  # its rows are routed by the mask: each to its drawn adapter
         if self.settings.kl_scale != 1:
             plan.insert(0, Evaluation(BASE))
@@ -275,10 +287,10 @@ class BlendedDenoiser(nn.Module):
         predictions, template = self._run_stacked(plan, latent, args, kwargs, mask=mask)
         if self.settings.kl_scale == 1:  # the drawn members' predictions are the blend
             return with_prediction(template, predictions[-1])
-        blended = blend_predictions(predictions[0], [predictions[-1]], [1.0], self.settings.kl_scale)
+        blended = blend_rows(predictions[0], [predictions[-1]], [1.0], self.settings.kl_scale)
         return with_prediction(template, blended)
 
-    def draw_members(self, latent: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+    def draw_members(self, latent: Rows, timestep: Any = None) -> torch.Tensor:
         """DB-MPA-LS: one member index per row, drawn with probability w per *sample and denoising step*, as a
         tensor on the latents' device.
 
@@ -308,17 +320,17 @@ class BlendedDenoiser(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------- execution
     def evaluate(
-        self, plan: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict
-    ) -> tuple[list[torch.Tensor], Any]:
+        self, plan: list[Evaluation], latent: Rows, args: tuple, kwargs: dict
+    ) -> tuple[list[Rows], Any]:
         """Run the plan in as few denoiser calls as the members allow.
 
         Returns the predictions in plan order, and one raw output of the denoiser as the template of the blended
         output's type (fields beyond the prediction, if a denoiser had any, come from it unchanged).
         """
-        predictions: list[torch.Tensor] = [None] * len(plan)  # type: ignore[list-item]
+        predictions: list[Rows] = [None] * len(plan)  # type: ignore[list-item]
         template = None
         split = self._rows_are_split()
-        calls = self._calls(plan, together=self.batch_members and not split)
+        calls = self._calls(plan, together=self._members_share_calls())
         vmapped = [c[0] for c in calls if self.vmap_full_members and not split
                    and plan[c[0]].member in self.modules_by_name and plan[c[0]].rows is None]
         cap = self._rows_per_call(len(latent))
@@ -351,17 +363,19 @@ class BlendedDenoiser(nn.Module):
     def _members_share_calls(self) -> bool:
         """Whether members' rows may share a denoiser call now: ``batch_members``, unless an attention processor
         of the base splits a call's rows into parts of its own (:func:`splits_its_rows`, perturbed-attention
-        guidance: pipelines install those processors for the duration of their call). Then each member is called
-        on the pipeline's own rows, as the pipeline calls a single model."""
-        return self.batch_members and not self._rows_are_split()
+        guidance: pipelines install those processors for the duration of their call), or the base reshapes its
+        batch inside (:class:`~diffusion_blend.adapters.RowsReshaped`, found at the first call that stacks rows of
+        several adapters). Then each member is called on the pipeline's own rows, as the pipeline calls a single
+        model."""
+        return self.batch_members and not self._rows_reshaped and not self._rows_are_split()
 
     def _rows_are_split(self) -> bool:
         return any(map(splits_its_rows, {type(layer.processor) for layer in self._attention_layers[BASE]}))
 
     def _run_stacked(
-        self, evaluations: list[Evaluation], latent: torch.Tensor, args: tuple, kwargs: dict,
+        self, evaluations: list[Evaluation], latent: Rows, args: tuple, kwargs: dict,
         mask: torch.Tensor | None = None,
-    ) -> tuple[list[torch.Tensor], Any]:
+    ) -> tuple[list[Rows], Any]:
         """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``.
         ``mask`` (stacked rows × adapters) routes the rows on the shared base instead of the evaluations' names."""
         batch = len(latent)
@@ -374,19 +388,35 @@ class BlendedDenoiser(nn.Module):
         chunk = self._rows_per_call(batch) or total
         whole_batch = len(evaluations) == 1 and evaluations[0].rows is None and chunk >= batch
         if not whole_batch:  # the batch rows each stacked row takes (none to gather for one evaluation of all rows)
-            index = _stacked_rows(evaluations, batch, latent.device)
+            index = _stacked_rows(evaluations, batch, _like(latent).device)
         pieces, template = [], None
         for start in range(0, total, chunk):
             if whole_batch:
                 call_args, call_kwargs = args, kwargs
             else:
-                call_args, call_kwargs = _take_call_rows(args, kwargs, index[start : start + chunk], batch)
+                call_args, call_kwargs = self._call_rows(args, kwargs, index[start : start + chunk], batch,
+                                                         isinstance(latent, list))
             chunk_routes = None if routes is None else routes[start : start + chunk]
             output = self._call(module, chunk_routes, call_args, call_kwargs)
             template = output if template is None else template
             pieces.append(prediction_of(output))
-        stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        return list(stacked.split(sizes)), template
+        stacked = _joined(pieces) if len(pieces) > 1 else pieces[0]
+        return _split_rows(stacked, sizes), template
+
+    def _call_rows(self, args: tuple, kwargs: dict, rows: torch.Tensor, batch: int, listed: bool) -> tuple[tuple, dict]:
+        """The arguments of a call on some ``rows`` of the batch: batched tensors indexed, per-sample lists
+        (:data:`PER_SAMPLE_LISTS`; every list of the batch's length where the sample is a list) taken item by item."""
+        host_rows = functools.cache(rows.tolist)  # read back only where a per-sample list needs it
+
+        def take(name: str | None, value: Any) -> Any:
+            if name in UNBATCHED_ARGUMENTS:
+                return value
+            if isinstance(value, list) and len(value) == batch and (listed or name in PER_SAMPLE_LISTS):
+                return [value[row] for row in host_rows()]
+            return take_rows(value, rows, batch)
+
+        names = itertools.chain(self._parameter_names, itertools.repeat(None))
+        return tuple(map(take, names, args)), {key: take(key, value) for key, value in kwargs.items()}
 
     def _rows_per_call(self, batch: int) -> int | None:
         """The cap on rows per denoiser call for a call of ``batch`` rows (None: no cap)."""
@@ -417,12 +447,18 @@ class BlendedDenoiser(nn.Module):
             template = copy.deepcopy(modules[0]).to("meta")
             cached = self._vmap_cache[tuple(names)] = (key, params, buffers, template)
         _, params, buffers, template = cached
-        if self.compile_options is None:
-            outputs = call_vmapped(template, params, buffers, args, kwargs)
-        else:
-            outputs = self._compiled("vmapped", call_vmapped, template, params, buffers, args, kwargs)
+        try:
+            if self.compile_options is None:
+                outputs = call_vmapped(template, params, buffers, args, kwargs)
+            else:
+                outputs = self._compiled("vmapped", call_vmapped, template, params, buffers, args, kwargs)
+        except RuntimeError as error:  # an operation torch.vmap cannot batch (Z-Image pads its samples' sequences)
+            if "Batching rule not implemented" not in str(error):
+                raise
+            raise ValueError(f"{type(template).__name__}'s forward cannot be vmapped over its members' weights "
+                             f"({error}): use vmap_full_members=False") from error
         stacked = prediction_of(outputs)  # every field of the output is stacked over members
-        return [with_prediction(outputs, stacked[i]) for i in range(len(names))]
+        return [with_prediction(outputs, _member_of_stacked(stacked, i)) for i in range(len(names))]
 
     def _call(self, module: nn.Module | None, routes: list[str] | torch.Tensor | None, args: tuple, kwargs: dict) -> Any:
         """One denoiser call: a full member, or the shared base with each row routed to its LoRA adapter (by
@@ -447,8 +483,12 @@ class BlendedDenoiser(nn.Module):
         if module is not None or self.router is None:
             return self._compiled("module", call_module, module or self.base, args, kwargs)
         latent = args[0] if args else kwargs[self._latent_name]
-        mask = routes if isinstance(routes, torch.Tensor) else self.router.dense_mask(routes, len(latent), like=latent)
-        return self._compiled("routed", call_routed, self.router, mask, self.base, args, kwargs)
+        mask = routes if isinstance(routes, torch.Tensor) else self.router.dense_mask(routes, len(latent),
+                                                                                       like=_like(latent))
+        try:
+            return self._compiled("routed", call_routed, self.router, mask, self.base, args, kwargs)
+        except RowsReshaped as error:  # a compiled call routes every row by the mask, one member's rows too
+            raise ValueError(f"{error}; compiled calls route their rows by a mask: use compile=False") from error
 
     def _compiled(self, kind: str, function: Any, *inputs: Any) -> Any:
         """``function(*inputs)`` compiled with the blend's options (one compiled function per kind of call)."""
@@ -566,8 +606,9 @@ def compile_options(compile: bool | Mapping[str, Any] | None, given_compiled: bo
 
 
 # ------------------------------------------------------------------------------------------------- denoiser outputs
-def prediction_of(output: Any) -> torch.Tensor:
-    """The prediction tensor in a denoiser's output: the tensor itself, ``output[0]`` or the output's first field."""
+def prediction_of(output: Any) -> Rows:
+    """The prediction in a denoiser's output (a tensor, or Z-Image's list of per-sample tensors): the output itself,
+    ``output[0]`` or the output's first field."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
@@ -577,7 +618,7 @@ def prediction_of(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the prediction in a denoiser output of type {type(output).__name__}")
 
 
-def with_prediction(template: Any, prediction: torch.Tensor) -> Any:
+def with_prediction(template: Any, prediction: Rows) -> Any:
     """``template`` (a denoiser output) with its prediction replaced, keeping its type and any other fields."""
     if isinstance(template, torch.Tensor):
         return prediction
@@ -603,11 +644,6 @@ def _repeated_batch_rows(repeats: int, batch: int, device: torch.device) -> torc
     return torch.arange(batch, device=device).repeat(repeats)
 
 
-def _take_call_rows(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict]:
-    kwargs = {key: value if key in UNBATCHED_ARGUMENTS else take_rows(value, rows, batch) for key, value in kwargs.items()}
-    return take_rows(args, rows, batch), kwargs
-
-
 def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     """``value`` restricted to some rows of the batch: tensors whose first size is the batch size are indexed,
     containers are walked, everything else (timesteps given as scalars, options) is passed unchanged."""
@@ -618,6 +654,53 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(take_rows(item, rows, batch) for item in value)
     return value
+
+
+# -------------------------------------------------------------------------------------------- batches of predictions
+def _like(batch: Rows) -> torch.Tensor:
+    """A tensor of the batch's device and dtype."""
+    return batch[0] if isinstance(batch, list) else batch
+
+
+def blend_rows(base: Rows | None, members: list[Rows], weights: list[float], kl_scale: float) -> Rows:
+    """:func:`~diffusion_blend.blend.blend_predictions` of batched predictions, sample by sample for lists."""
+    if not isinstance(base if base is not None else members[0], list):
+        return blend_predictions(base, members, weights, kl_scale)
+    bases = base if base is not None else [None] * len(members[0])
+    return [blend_predictions(b, list(samples), weights, kl_scale) for b, *samples in zip(bases, *members)]
+
+
+def _joined(pieces: list[Rows]) -> Rows:
+    """Predictions of consecutive rows, one after another."""
+    return torch.cat(pieces) if isinstance(pieces[0], torch.Tensor) else list(itertools.chain(*pieces))
+
+
+def _split_rows(stacked: Rows, sizes: list[int]) -> list[Rows]:
+    """Consecutive rows of ``sizes`` rows each."""
+    if isinstance(stacked, torch.Tensor):
+        return list(stacked.split(sizes))
+    starts = list(itertools.accumulate(sizes, initial=0))
+    return [stacked[start:stop] for start, stop in zip(starts, starts[1:])]
+
+
+def _placed_rows(batch: int, parts: list[tuple[torch.Tensor, Rows]]) -> Rows:
+    """The predictions of parts of the batch (their rows, their predictions) put back in the batch's order."""
+    first = parts[-1][1]
+    if isinstance(first, torch.Tensor):
+        placed = first.new_empty((batch, *first.shape[1:]))
+        for rows, prediction in parts:
+            placed[rows] = prediction
+        return placed
+    by_sample: list[torch.Tensor] = [None] * batch  # type: ignore[list-item]
+    for rows, prediction in parts:
+        for row, sample in zip(rows.tolist(), prediction):
+            by_sample[row] = sample
+    return by_sample
+
+
+def _member_of_stacked(stacked: Rows, member: int) -> Rows:
+    """One member's prediction from a vmapped call's (members first)."""
+    return stacked[member] if isinstance(stacked, torch.Tensor) else [sample[member] for sample in stacked]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -631,8 +714,8 @@ class _DrawCache:
     def __init__(self):
         self.previous: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (row hashes, draws, timestep)
 
-    def draw(self, latent: torch.Tensor, timestep: Any, probabilities: torch.Tensor, generator) -> torch.Tensor:
-        hashes = _row_hashes(latent.detach().reshape(len(latent), -1))
+    def draw(self, latent: Rows, timestep: Any, probabilities: torch.Tensor, generator) -> torch.Tensor:
+        hashes = _sample_hashes(latent)
         timestep = _comparable_timestep(timestep, hashes.device)
         known = self.previous if timestep is not None else None
         same_step = known is not None and known[2] is not None and known[2] == timestep  # (a tensor on a GPU)
@@ -654,6 +737,13 @@ class _DrawCache:
 #: XORed into the previous call's row hashes at a new step: they then match no row of this call (a salted hash
 #: equals another row's hash as rarely as two distinct rows' hashes do)
 NEW_STEP_SALT = 0x2545F4914F6CDD1D
+
+
+def _sample_hashes(latent: Rows) -> torch.Tensor:
+    """One hash per sample: a row of the latent tensor, or a tensor of a per-sample list (Z-Image)."""
+    if isinstance(latent, list):
+        return torch.cat([_row_hashes(sample.detach().reshape(1, -1)) for sample in latent])
+    return _row_hashes(latent.detach().reshape(len(latent), -1))
 
 
 def _row_hashes(rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""The blend on the denoisers of other model families, each called as its pipeline calls it: video transformers
+(Wan, HunyuanVideo, LTX-Video, CogVideoX), Sana, Qwen-Image-Edit-2511 (per-sample ``img_shapes`` choosing each
+token's timestep) and Z-Image (a list with one tensor per sample, of different sizes, in and out). The reference is
+peft's own forward with one adapter active, combined by the equation sample by sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from diffusion_blend import BlendedDenoiser, blend_predictions
+
+ROWS = 3
+WEIGHTS, KL_SCALE = {"a": 0.3, "b": 0.5}, 1.5
+
+
+def _randn(*shape, generator):
+    return torch.randn(*shape, generator=generator)
+
+
+def _wan_inputs(g):
+    return dict(hidden_states=_randn(ROWS, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 12, 16, generator=g))
+
+
+def _hunyuan_inputs(g):
+    return dict(hidden_states=_randn(ROWS, 4, 1, 8, 8, generator=g), timestep=torch.tensor([3] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 12, 16, generator=g), pooled_projections=_randn(ROWS, 8, generator=g),
+                encoder_attention_mask=torch.ones(ROWS, 12), guidance=torch.tensor([3000.0] * ROWS))
+
+
+def _ltx_inputs(g):
+    return dict(hidden_states=_randn(ROWS, 2 * 4 * 4, 8, generator=g), encoder_hidden_states=_randn(ROWS, 6, 16, generator=g),
+                timestep=torch.tensor([700] * ROWS), encoder_attention_mask=torch.ones(ROWS, 6).bool(), num_frames=2,
+                height=4, width=4)
+
+
+def _cogvideox_inputs(g):
+    return dict(hidden_states=_randn(ROWS, 1, 4, 8, 8, generator=g), encoder_hidden_states=_randn(ROWS, 8, 8, generator=g),
+                timestep=torch.tensor([600] * ROWS))
+
+
+def _sana_inputs(g):
+    return dict(hidden_states=_randn(ROWS, 4, 8, 8, generator=g), encoder_hidden_states=_randn(ROWS, 5, 8, generator=g),
+                timestep=torch.tensor([10] * ROWS))
+
+
+def _qwen_edit_inputs(g):
+    """A target image and a reference image of 4×4 tokens each per sample."""
+    return dict(hidden_states=_randn(ROWS, 2 * 16, 16, generator=g), encoder_hidden_states=_randn(ROWS, 7, 16, generator=g),
+                encoder_hidden_states_mask=torch.ones(ROWS, 7), timestep=torch.tensor([0.6] * ROWS),
+                img_shapes=[[(1, 4, 4), (1, 4, 4)] for _ in range(ROWS)])
+
+
+def _zimage_inputs(g):
+    """Samples of three sizes and captions of three lengths (Z-Image takes them as lists)."""
+    return dict(x=[_randn(4, 1, 8, 8, generator=g), _randn(4, 1, 4, 8, generator=g), _randn(4, 1, 8, 4, generator=g)],
+                t=torch.tensor([0.5] * ROWS),
+                cap_feats=[_randn(6, 16, generator=g), _randn(9, 16, generator=g), _randn(3, 16, generator=g)])
+
+
+FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes them)
+    "wan": (tiny.wan_transformer, _wan_inputs),
+    "hunyuan_video": (tiny.hunyuan_video_transformer, _hunyuan_inputs),
+    "ltx_video": (tiny.ltx_video_transformer, _ltx_inputs),
+    "cogvideox": (tiny.cogvideox_transformer, _cogvideox_inputs),
+    "sana": (tiny.sana_transformer, _sana_inputs),
+    "qwen_image_edit": (lambda seed=0: tiny.qwen_transformer(seed, zero_cond_t=True), _qwen_edit_inputs),
+    "zimage": (tiny.zimage_transformer, _zimage_inputs),
+}
+
+
+def _with_two_loras(family):
+    base = FAMILIES[family][0]()
+    for seed, name in enumerate("ab", start=1):
+        tiny.add_lora(base, name, seed)
+    base.set_adapter([])
+    return base
+
+
+def _inputs(family):
+    return FAMILIES[family][1](torch.Generator().manual_seed(0))
+
+
+def _samples(prediction):
+    """A batch of predictions as a list of samples (Z-Image's already is one)."""
+    return list(prediction) if isinstance(prediction, torch.Tensor) else prediction
+
+
+def _peft_outputs(base, inputs):
+    """Each adapter's predictions by peft's own forward with that adapter active, and the base's, sample by sample."""
+    outputs = {}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            base.set_adapter(name)
+            outputs[name] = _samples(base(**inputs, return_dict=False)[0])
+        base.set_adapter([])
+        outputs["base"] = _samples(base(**inputs, return_dict=False)[0])
+    return outputs
+
+
+def _blended(denoiser, inputs, weights, kl_scale, mode="mix", seed=3):
+    denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return _samples(denoiser(**inputs, return_dict=False)[0])
+
+
+def _max_diff(samples, expected):
+    return max(float((sample - reference).abs().max()) for sample, reference in zip(samples, expected, strict=True))
+
+
+@pytest.mark.parametrize("batch_members", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_mix_equals_the_equation_on_peft_outputs(family, batch_members):
+    base, inputs = _with_two_loras(family), _inputs(family)
+    outputs = _peft_outputs(base, inputs)
+    expected = [blend_predictions(b, [a_i, b_i], list(WEIGHTS.values()), KL_SCALE)
+                for b, a_i, b_i in zip(outputs["base"], outputs["a"], outputs["b"])]
+    blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=batch_members), inputs, WEIGHTS,
+                       KL_SCALE)
+    assert _max_diff(blended, expected) <= 1e-5
+    assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["mix", "stochastic"])
+def test_zimage_kl_scale_zero_is_the_base(mode):
+    base, inputs = _with_two_loras("zimage"), _inputs("zimage")
+    expected = _peft_outputs(base, inputs)["base"]
+    blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, {"a": 0.5, "b": 0.5}, 0.0, mode=mode)
+    assert _max_diff(blended, expected) == 0
+
+
+@pytest.mark.parametrize("batch_members", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stochastic_mode_gives_each_sample_its_drawn_member(family, batch_members):
+    base, inputs = _with_two_loras(family), _inputs(family)
+    outputs = _peft_outputs(base, inputs)
+    weights, kl_scale = {"a": 0.5, "b": 0.5}, 0.5
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=batch_members)
+    blended = _blended(denoiser, inputs, weights, kl_scale, mode="stochastic")
+    denoiser.set_blend(weights, kl_scale=kl_scale, mode="stochastic", generator=torch.Generator().manual_seed(3))
+    drawn = denoiser.draw_members(next(iter(inputs.values()))).tolist()  # the same first draw, made again
+    assert set(drawn) == {0, 1}  # both members drawn: the rows were split between them
+    expected = [blend_predictions(outputs["base"][row], [outputs["ab"[member]][row]], [1.0], kl_scale)
+                for row, member in enumerate(drawn)]
+    assert _max_diff(blended, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("max_batch_size", [None, "input", 2])
+def test_zimage_full_members_blend_sample_by_sample(max_batch_size):
+    """Full members on per-sample lists: stacked or chunked calls of the list's items, blended sample by sample."""
+    base, a, b = (tiny.zimage_transformer(seed) for seed in range(3))
+    inputs = _inputs("zimage")
+    with torch.no_grad():
+        outputs = [_samples(module(**inputs, return_dict=False)[0]) for module in (base, a, b)]
+    expected = [blend_predictions(o, [o_a, o_b], list(WEIGHTS.values()), KL_SCALE) for o, o_a, o_b in zip(*outputs)]
+    denoiser = BlendedDenoiser(base, {"a": a, "b": b}, max_batch_size=max_batch_size)
+    assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+
+
+def test_zimage_full_members_cannot_be_vmapped():
+    """Z-Image pads its samples' sequences, an operation torch.vmap has no batching rule for: said, not a crash."""
+    base, a, b = (tiny.zimage_transformer(seed) for seed in range(3))
+    denoiser = BlendedDenoiser(base, {"a": a, "b": b}, vmap_full_members=True)
+    with pytest.raises(ValueError, match="ZImageTransformer2DModel's forward cannot be vmapped.*vmap_full_members=False"):
+        _blended(denoiser, _inputs("zimage"), WEIGHTS, KL_SCALE)
+
+
+def test_zimage_guidance_halves_share_their_draw():
+    """Z-Image's pipeline passes [samples; the same samples] for its two guidance halves, as a list: a sample and
+    its copy draw one member, as the rows of a tensor batch do."""
+    g = torch.Generator().manual_seed(1)
+    samples = [_randn(4, 1, 8, 8, generator=g) for _ in range(4)]
+    denoiser = BlendedDenoiser(_with_two_loras("zimage"), {"a": "a", "b": "b"})
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    drawn = denoiser.draw_members(samples + [sample.clone() for sample in samples]).tolist()
+    assert drawn[:4] == drawn[4:] and set(drawn) == {0, 1}
+
+
+MODULATION_TARGETS = ["to_q", "img_mod.1", "timestep_embedder.linear_1"]
+
+
+def _qwen_edit_with_modulation_loras():
+    """Qwen-Image-Edit-2511 computes its modulation on twice the rows (a zero timestep's beside each sample's): LoRAs
+    on those layers meet rows that cannot be told apart per adapter."""
+    base = tiny.qwen_transformer(0, zero_cond_t=True)
+    for seed, name in enumerate("ab", start=1):
+        tiny.add_lora(base, name, seed, tiny.lora_config(targets=MODULATION_TARGETS))
+    base.set_adapter([])
+    return base
+
+
+@pytest.mark.parametrize("mode", ["mix", "stochastic"])
+def test_members_of_a_denoiser_that_reshapes_its_batch_are_called_one_by_one(mode):
+    """Stacking is tried, found impossible at the first call, and every call from then on is one per member."""
+    base, inputs = _qwen_edit_with_modulation_loras(), _inputs("qwen_image_edit")
+    outputs = _peft_outputs(base, inputs)
+    weights, kl_scale = ({"a": 0.3, "b": 0.5}, 1.5) if mode == "mix" else ({"a": 1.0, "b": 0.0}, 0.5)
+    expected = [blend_predictions(b, [a_i, b_i], list(weights.values()), kl_scale)
+                for b, a_i, b_i in zip(outputs["base"], outputs["a"], outputs["b"])]
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"})
+    calls = []
+    base.register_forward_pre_hook(lambda *_: calls.append(1))
+    for _ in range(2):
+        assert _max_diff(_blended(denoiser, inputs, weights, kl_scale, mode=mode), expected) <= 1e-5
+    per_blend = {"mix": 3, "stochastic": 2}[mode]  # base and both members; base and the drawn member
+    assert len(calls) == 1 + 2 * per_blend  # the one stacked try, then calls per member
+
+
+def test_compiled_members_of_a_denoiser_that_reshapes_its_batch_are_refused():
+    denoiser = BlendedDenoiser(_qwen_edit_with_modulation_loras(), {"a": "a", "b": "b"}, compile={"backend": "eager"})
+    with pytest.raises(ValueError, match="reshapes its batch inside.*use compile=False"):
+        _blended(denoiser, _inputs("qwen_image_edit"), WEIGHTS, KL_SCALE)
