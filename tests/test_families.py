@@ -1,6 +1,7 @@
 """The blend on the denoisers of other model families, each called as its pipeline calls it: video transformers
-(Wan, HunyuanVideo, LTX-Video, CogVideoX), Sana, Qwen-Image-Edit-2511 (per-sample ``img_shapes`` choosing each
-token's timestep) and Z-Image (a list with one tensor per sample, of different sizes, in and out). The reference is
+(Wan, Wan VACE, HunyuanVideo, LTX-Video, CogVideoX), Sana, FLUX.2 (batched position ids), HiDream (Llama-3 states
+with the batch second), Lumina 2, Qwen-Image-Edit-2511 (per-sample ``img_shapes`` choosing each token's timestep)
+and Z-Image (a list with one tensor per sample, of different sizes, in and out). The reference is
 peft's own forward with one adapter active, combined by the equation sample by sample."""
 
 from __future__ import annotations
@@ -22,6 +23,34 @@ def _randn(*shape, generator):
 def _wan_inputs(g):
     return dict(hidden_states=_randn(ROWS, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500] * ROWS),
                 encoder_hidden_states=_randn(ROWS, 12, 16, generator=g))
+
+
+def _wan_vace_inputs(g):
+    return _wan_inputs(g) | dict(control_hidden_states=_randn(ROWS, 8, 2, 8, 8, generator=g),
+                                 control_hidden_states_scale=torch.tensor([1.0]))
+
+
+def _flux2_inputs(g):
+    """Position ids with a batch axis (as FLUX.2's pipeline makes them), 4×4 image and 6 text tokens."""
+    image_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1))
+    text_ids = torch.cartesian_prod(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.arange(6.0))
+    return dict(hidden_states=_randn(ROWS, 16, 4, generator=g), encoder_hidden_states=_randn(ROWS, 6, 32, generator=g),
+                timestep=torch.tensor([0.5] * ROWS), img_ids=image_ids.expand(ROWS, -1, -1),
+                txt_ids=text_ids.expand(ROWS, -1, -1), guidance=torch.tensor([4.0] * ROWS))
+
+
+def _hidream_inputs(g):
+    """Llama-3 states of two layers, stacked before the batch axis (layers, batch, tokens, width)."""
+    return dict(hidden_states=_randn(ROWS, 4, 8, 8, generator=g), timesteps=torch.tensor([500] * ROWS),
+                encoder_hidden_states_t5=_randn(ROWS, 8, 32, generator=g),
+                encoder_hidden_states_llama3=_randn(2, ROWS, 8, 16, generator=g), pooled_embeds=_randn(ROWS, 64, generator=g))
+
+
+def _lumina2_inputs(g):
+    mask = torch.ones(ROWS, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # a shorter caption
+    return dict(hidden_states=_randn(ROWS, 4, 8, 8, generator=g), timestep=torch.tensor([0.3] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 6, 16, generator=g), encoder_attention_mask=mask)
 
 
 def _hunyuan_inputs(g):
@@ -62,10 +91,14 @@ def _zimage_inputs(g):
 
 FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes them)
     "wan": (tiny.wan_transformer, _wan_inputs),
+    "wan_vace": (tiny.wan_vace_transformer, _wan_vace_inputs),
     "hunyuan_video": (tiny.hunyuan_video_transformer, _hunyuan_inputs),
     "ltx_video": (tiny.ltx_video_transformer, _ltx_inputs),
     "cogvideox": (tiny.cogvideox_transformer, _cogvideox_inputs),
     "sana": (tiny.sana_transformer, _sana_inputs),
+    "flux2": (tiny.flux2_transformer, _flux2_inputs),
+    "hidream": (tiny.hidream_transformer, _hidream_inputs),
+    "lumina2": (tiny.lumina2_transformer, _lumina2_inputs),
     "qwen_image_edit": (lambda seed=0: tiny.qwen_transformer(seed, zero_cond_t=True), _qwen_edit_inputs),
     "zimage": (tiny.zimage_transformer, _zimage_inputs),
 }

@@ -19,10 +19,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    HiDreamImageTransformer2DModel,
     HunyuanVideoTransformer3DModel,
     LTXVideoTransformer3DModel,
+    Lumina2Transformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
@@ -37,6 +40,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     WanTransformer3DModel,
+    WanVACETransformer3DModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
@@ -191,6 +195,45 @@ def wan_transformer(seed: int = 0) -> WanTransformer3DModel:
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
         freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+    ).eval()
+
+
+def wan_vace_transformer(seed: int = 0) -> WanVACETransformer3DModel:
+    """Wan VACE: control latents enter through control blocks beside the main ones."""
+    torch.manual_seed(seed)
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8,
+    ).eval()
+
+
+def flux2_transformer(seed: int = 0) -> Flux2Transformer2DModel:
+    """FLUX.2: position ids with a batch axis, four rotary axes."""
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+
+
+def hidream_transformer(seed: int = 0) -> HiDreamImageTransformer2DModel:
+    """HiDream-I1: mixture-of-experts feed-forwards, Llama-3 states of several layers stacked before the batch."""
+    torch.manual_seed(seed)
+    return HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1),
+    ).eval()
+
+
+def lumina2_transformer(seed: int = 0) -> Lumina2Transformer2DModel:
+    """Lumina-Image 2.0: caption and image refiners, a caption padding mask per row."""
+    torch.manual_seed(seed)
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 4, 4), axes_lens=(64, 16, 16),
+        cap_feat_dim=16,
     ).eval()
 
 

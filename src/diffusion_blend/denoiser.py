@@ -43,6 +43,9 @@ UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
 #: ``img_sizes``, JoyImage's ``shape_list``): a call on some rows of the batch takes those rows' items. Where the
 #: sample itself is a list of per-sample tensors (Z-Image's ``x``), every list argument of the batch's length is.
 PER_SAMPLE_LISTS = frozenset({"img_shapes", "img_sizes", "shape_list"})
+#: Tensor arguments of known denoisers whose batch is not their first axis: HiDream's Llama-3 states are stacked
+#: per layer, (layers, batch, tokens, width).
+BATCH_AXES = {"encoder_hidden_states_llama3": 1}
 #: FreeU's factors, kept on each up block of a UNet (``enable_freeu``).
 FREEU_FACTORS = ("s1", "s2", "b1", "b2")
 #: Names of a denoiser's timestep argument (the stochastic draws are kept across calls at one timestep).
@@ -404,8 +407,9 @@ class BlendedDenoiser(nn.Module):
         return _split_rows(stacked, sizes), template
 
     def _call_rows(self, args: tuple, kwargs: dict, rows: torch.Tensor, batch: int, listed: bool) -> tuple[tuple, dict]:
-        """The arguments of a call on some ``rows`` of the batch: batched tensors indexed, per-sample lists
-        (:data:`PER_SAMPLE_LISTS`; every list of the batch's length where the sample is a list) taken item by item."""
+        """The arguments of a call on some ``rows`` of the batch: batched tensors indexed (on their
+        :data:`BATCH_AXES`), per-sample lists (:data:`PER_SAMPLE_LISTS`; every list of the batch's length where the
+        sample is a list) taken item by item."""
         host_rows = functools.cache(rows.tolist)  # read back only where a per-sample list needs it
 
         def take(name: str | None, value: Any) -> Any:
@@ -413,6 +417,9 @@ class BlendedDenoiser(nn.Module):
                 return value
             if isinstance(value, list) and len(value) == batch and (listed or name in PER_SAMPLE_LISTS):
                 return [value[row] for row in host_rows()]
+            axis = BATCH_AXES.get(name, 0)
+            if axis and isinstance(value, torch.Tensor) and value.ndim > axis and value.shape[axis] == batch:
+                return value.index_select(axis, rows.to(value.device))
             return take_rows(value, rows, batch)
 
         names = itertools.chain(self._parameter_names, itertools.repeat(None))
