@@ -133,6 +133,12 @@ def _peft_outputs(base, inputs):
     return outputs
 
 
+def _equation(outputs, weights, kl_scale):
+    """base + λ Σ w_i (member_i − base), sample by sample, on peft's outputs."""
+    return [blend_predictions(b, [a_i, b_i], [weights["a"], weights["b"]], kl_scale)
+            for b, a_i, b_i in zip(outputs["base"], outputs["a"], outputs["b"])]
+
+
 def _blended(denoiser, inputs, weights, kl_scale, mode="mix", seed=3):
     denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -148,12 +154,20 @@ def _max_diff(samples, expected):
 def test_lora_mix_equals_the_equation_on_peft_outputs(family, batch_members):
     base, inputs = _with_two_loras(family), _inputs(family)
     outputs = _peft_outputs(base, inputs)
-    expected = [blend_predictions(b, [a_i, b_i], list(WEIGHTS.values()), KL_SCALE)
-                for b, a_i, b_i in zip(outputs["base"], outputs["a"], outputs["b"])]
+    expected = _equation(outputs, WEIGHTS, KL_SCALE)
     blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=batch_members), inputs, WEIGHTS,
                        KL_SCALE)
     assert _max_diff(blended, expected) <= 1e-5
     assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
+
+
+def test_zimage_compiled_blend_equals_the_equation():
+    """Traced by TorchDynamo (its eager backend: the tracing is what lists could break), rows routed by a mask."""
+    base, inputs = _with_two_loras("zimage"), _inputs("zimage")
+    outputs = _peft_outputs(base, inputs)
+    expected = _equation(outputs, WEIGHTS, KL_SCALE)
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"}, compile={"backend": "eager"})
+    assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["mix", "stochastic"])
@@ -230,8 +244,7 @@ def test_members_of_a_denoiser_that_reshapes_its_batch_are_called_one_by_one(mod
     base, inputs = _qwen_edit_with_modulation_loras(), _inputs("qwen_image_edit")
     outputs = _peft_outputs(base, inputs)
     weights, kl_scale = ({"a": 0.3, "b": 0.5}, 1.5) if mode == "mix" else ({"a": 1.0, "b": 0.0}, 0.5)
-    expected = [blend_predictions(b, [a_i, b_i], list(weights.values()), kl_scale)
-                for b, a_i, b_i in zip(outputs["base"], outputs["a"], outputs["b"])]
+    expected = _equation(outputs, weights, kl_scale)
     denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"})
     calls = []
     base.register_forward_pre_hook(lambda *_: calls.append(1))
