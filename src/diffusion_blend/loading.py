@@ -31,11 +31,19 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors heade
 TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te3_")
 _OLD_PROCESSOR_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<side>down|up)\.weight$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>.+\.(?:safetensors|bin))$")
+#: The pipeline attributes (and folders of a pipeline repository) that may hold its denoiser
+DENOISER_FOLDERS = ("unet", "transformer")
 
 
 def is_hub_id(text: str) -> bool:
     """Whether a string that is not a local path reads as a Hugging Face hub repository id ("owner/name")."""
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def is_hub_file(text: str) -> bool:
+    """Whether a string that is not a local path reads as a file of a hub repository ("owner/name/lora.safetensors")."""
+    return bool(_HUB_FILE.match(text)) and not text.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -48,23 +56,67 @@ class LoraFile:
     network_alphas: dict | None = None  # kohya-style alphas, when the pipeline's converter found them
 
 
-def resolve_source(name: str, source: str | os.PathLike) -> Path:
-    """The local path of a basis source: an existing path as is, a hub repository id downloaded (when online)."""
+def resolve_source(name: str, source: str | os.PathLike, denoiser_folders: tuple[str, ...] = DENOISER_FOLDERS) -> Path:
+    """The local path of a basis source: an existing path as is; a hub repository ("owner/name") or one file of it
+    ("owner/name/lora.safetensors") downloaded, or found in the cache offline. Of a repository only what the basis
+    needs is downloaded (:func:`basis_files`)."""
     path = Path(source).expanduser()
     if path.exists():
         return path
     text = str(source)
-    if is_hub_id(text):
+    if is_hub_id(text) or is_hub_file(text):
         try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text))
-        except Exception as error:  # offline, unknown repo, no access: one clear message
+            return _download(text, denoiser_folders)
+        except BasisFilesError as error:
+            raise ValueError(f"basis {name!r}: {error}") from error
+        except Exception as error:  # offline and not cached, unknown repo, no access: one clear message
             raise ValueError(
                 f"basis {name!r}: {text} is neither a local path nor a reachable hub repository "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
             ) from error
     raise ValueError(f"basis {name!r}: {text} does not exist")
+
+
+class BasisFilesError(Exception):
+    """A hub repository whose files do not tell which of them the basis is."""
+
+
+def _download(text: str, denoiser_folders: tuple[str, ...]) -> Path:
+    import huggingface_hub
+
+    file = _HUB_FILE.match(text)
+    if file is not None:
+        return Path(huggingface_hub.hf_hub_download(file["repo"], file["file"]))
+    try:
+        files = huggingface_hub.HfApi().list_repo_files(text)
+    except Exception:  # no listing (offline: HF_HUB_OFFLINE): the repository as the cache holds it
+        return Path(huggingface_hub.snapshot_download(text))
+    return Path(huggingface_hub.snapshot_download(text, allow_patterns=basis_files(text, files, denoiser_folders)))
+
+
+def basis_files(repo: str, files: list[str], denoiser_folders: tuple[str, ...] = DENOISER_FOLDERS) -> list[str]:
+    """The files of a hub repository a basis needs, as ``allow_patterns``: of a pipeline, its index, scheduler
+    config and denoiser (never its text encoders or VAE); of a denoiser, its config and weights; of a LoRA, its
+    weights and adapter config. Denoiser weights in safetensors where the repository has them (not .bin copies), and
+    not a precision variant (``.fp16.``: diffusers loads the plain files)."""
+    if "model_index.json" in files:
+        folders = [f"{folder}/" for folder in denoiser_folders]
+        return ["model_index.json", "scheduler/*", *(p for folder in folders for p in _denoiser_weights(files, folder))]
+    if "config.json" in files:
+        return _denoiser_weights(files, "")
+    standard = [name for name in LORA_WEIGHT_NAMES if name in files]
+    top_level = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+    if not standard and len(top_level) != 1:
+        found = ", ".join(f for f in files if f.endswith((".safetensors", ".bin"))) or "no weights"
+        raise BasisFilesError(f"{repo} holds no {' or '.join(LORA_WEIGHT_NAMES)}, no single .safetensors file and no "
+                              f"config.json; name one of its files as {repo}/FILE (found: {found})")
+    return ["adapter_config.json", *(standard[:1] or top_level)]
+
+
+def _denoiser_weights(files: list[str], folder: str) -> list[str]:
+    stem = f"{folder}diffusion_pytorch_model"
+    extension = ".safetensors" if any(f.startswith(stem) and f.endswith(".safetensors") for f in files) else ".bin"
+    return [f"{folder}config.json", f"{stem}{extension}", f"{stem}-*{extension}", f"{stem}{extension}.index.json"]
 
 
 def is_denoiser_folder(path: Path) -> bool:

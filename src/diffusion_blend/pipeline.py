@@ -22,6 +22,7 @@ from torch import nn
 from .adapters import ActivationSnapshot, loaded_adapters
 from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type
 from .loading import (
+    DENOISER_FOLDERS,
     LoraFile,
     is_denoiser_folder,
     module_path,
@@ -32,7 +33,6 @@ from .loading import (
     text_encoder_keys,
 )
 
-DENOISER_NAMES = ("unet", "transformer")
 BasisSource = str | os.PathLike | nn.Module
 
 
@@ -44,8 +44,9 @@ class Blend:
         basis: name → basis model. A path is a LoRA (a diffusers or peft LoRA folder, a ``.safetensors`` file, or
             the attention-processor ``pytorch_lora_weights.bin`` the method's checkpoints were published in),
             loaded on the pipeline's denoiser under that name; or a full denoiser folder (``config.json``) or
-            pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids work when
-            online.
+            pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids
+            (``owner/name``, or ``owner/name/FILE`` for one LoRA file of a repository) work online, and offline from
+            the cache; of a pipeline repository only the denoiser is downloaded.
         denoiser: the pipeline attribute holding the denoiser, when it is not ``unet`` or ``transformer``.
         batch_members, max_batch_size, vmap_full_members, compile: how members are evaluated (see
             :class:`BlendedDenoiser`): by default the base and all LoRA members in one call on the shared base,
@@ -119,7 +120,7 @@ class Blend:
         _check_basis_names(basis)
         for name, source in basis.items():
             if not isinstance(source, nn.Module):
-                resolve_source(name, source)
+                resolve_source(name, source, (denoiser,) if denoiser else DENOISER_FOLDERS)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
         return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size,
                    vmap_full_members=vmap_full_members, compile=compile)
@@ -204,7 +205,7 @@ class Blend:
             return source
         if not isinstance(source, (str, os.PathLike)):
             raise ValueError(f"basis {name!r} must be a path, a hub id or an nn.Module, got {type(source).__name__}")
-        path = resolve_source(name, source)
+        path = resolve_source(name, source, (self.denoiser_name,))
         if is_denoiser_folder(path):
             return self._read_denoiser(name, path)
         lora = read_lora(name, path)
@@ -330,7 +331,7 @@ def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
 
 
 def _find_denoiser_name(pipe: Any) -> str:
-    present = [name for name in DENOISER_NAMES if isinstance(getattr(pipe, name, None), nn.Module)]
+    present = [name for name in DENOISER_FOLDERS if isinstance(getattr(pipe, name, None), nn.Module)]
     if len(present) != 1:
         raise ValueError(
             f"cannot tell the denoiser of {type(pipe).__name__} (found {present or 'neither unet nor transformer'}); "
