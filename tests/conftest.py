@@ -17,6 +17,7 @@ from diffusers import (  # noqa: E402
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    WanPipeline,
     ZImagePipeline,
 )
 
@@ -61,6 +62,13 @@ def qwen_loras(tmp_path_factory) -> dict[str, Path]:
 def zimage_loras(tmp_path_factory) -> dict[str, Path]:
     return _two_loras(tmp_path_factory, "zimage_loras", (60, 61), builder=tiny.zimage_transformer,
                       pipe_class=ZImagePipeline, prefix="transformer")
+
+
+@pytest.fixture(scope="session")
+def wan_loras(tmp_path_factory) -> dict[str, Path]:
+    """Two random LoRAs for tiny.wan_transformer(), saved as diffusers saves Wan LoRAs (keys ``transformer.…``)."""
+    return _two_loras(tmp_path_factory, "wan_loras", (70, 71), builder=tiny.wan_transformer, pipe_class=WanPipeline,
+                      prefix="transformer")
 
 
 @pytest.fixture(scope="session")

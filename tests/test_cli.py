@@ -31,7 +31,7 @@ def test_grid_and_sidecar(sd_pipeline_folder, sd_loras, tmp_path):
     settings = json.loads((tmp_path / "grid.json").read_text())
     assert settings["weights"] == {"ir": 0.3, "aes": 0.7}
     assert settings["seed"] == 5 and settings["steps"] == 3 and settings["guidance"] == 4.0
-    assert settings["scheduler"]["class"] == "DDIMScheduler"
+    assert settings["scheduler"]["class"] == "DDIMScheduler" and settings["denoiser"] == "unet"
     assert settings["outputs"] == ["grid.png"]
 
 
@@ -129,6 +129,7 @@ def test_generate_compiled_gives_the_eager_image(sd_pipeline_folder, sd_loras, t
         (["--weights", "ir=1", "--max-batch-size", "0"], "--max-batch-size must be"),
         (["--weights", "ir=1", "--max-batch-size", "half"], "--max-batch-size must be"),
         (["--weights", "ir=1", "--lora-scale", "nan"], "--lora-scale must be a finite number"),
+        (["--weights", "ir=1", "--denoiser", "nope"], "has no module 'nope' to blend"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, tmp_path, extra, message):

@@ -152,13 +152,23 @@ def _max_diff(samples, expected):
 @pytest.mark.parametrize("batch_members", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_mix_equals_the_equation_on_peft_outputs(family, batch_members):
+    """... in one call of the base and both members' rows (batch_members), or one call each."""
     base, inputs = _with_two_loras(family), _inputs(family)
     outputs = _peft_outputs(base, inputs)
     expected = _equation(outputs, WEIGHTS, KL_SCALE)
+    calls = _calls(base)
     blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=batch_members), inputs, WEIGHTS,
                        KL_SCALE)
     assert _max_diff(blended, expected) <= 1e-5
     assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
+    assert len(calls) == (1 if batch_members else 3)
+
+
+def _calls(module):
+    """A list that grows by one at every forward call of ``module``."""
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
 
 
 def test_zimage_compiled_blend_equals_the_equation():
@@ -246,8 +256,7 @@ def test_members_of_a_denoiser_that_reshapes_its_batch_are_called_one_by_one(mod
     weights, kl_scale = ({"a": 0.3, "b": 0.5}, 1.5) if mode == "mix" else ({"a": 1.0, "b": 0.0}, 0.5)
     expected = _equation(outputs, weights, kl_scale)
     denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"})
-    calls = []
-    base.register_forward_pre_hook(lambda *_: calls.append(1))
+    calls = _calls(base)
     for _ in range(2):
         assert _max_diff(_blended(denoiser, inputs, weights, kl_scale, mode=mode), expected) <= 1e-5
     per_blend = {"mix": 3, "stochastic": 2}[mode]  # base and both members; base and the drawn member
@@ -258,3 +267,88 @@ def test_compiled_members_of_a_denoiser_that_reshapes_its_batch_are_refused():
     denoiser = BlendedDenoiser(_qwen_edit_with_modulation_loras(), {"a": "a", "b": "b"}, compile={"backend": "eager"})
     with pytest.raises(ValueError, match="reshapes its batch inside.*use compile=False"):
         _blended(denoiser, _inputs("qwen_image_edit"), WEIGHTS, KL_SCALE)
+
+
+def _stochastic_steps(denoiser, inputs, steps=4, seed=7):
+    """A few denoising steps of the stochastic mode, as a pipeline call makes them: new latents, new timestep."""
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(seed))
+    sample = inputs["hidden_states"]
+    with torch.no_grad():
+        for step in range(steps):
+            timestep = torch.tensor([0.9 - 0.2 * step] * ROWS)
+            prediction = denoiser(**inputs | {"hidden_states": sample, "timestep": timestep}, return_dict=False)[0]
+            sample = sample - 0.1 * prediction
+    return sample
+
+
+def test_a_call_redone_one_member_at_a_time_keeps_the_seeds_draws():
+    """The call found to need one call per member is redone with the draws it made: the next steps draw as a run
+    of one call per member from the start does (a second draw would shift every later one)."""
+    base, inputs = _qwen_edit_with_modulation_loras(), _inputs("qwen_image_edit")
+    first = _stochastic_steps(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs)
+    one_by_one = _stochastic_steps(BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=False), inputs)
+    assert _max_diff(first, one_by_one) == 0
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 2, "input"])
+def test_zimage_lora_calls_chunked_within_the_list_equal_the_equation(max_batch_size):
+    base, inputs = _with_two_loras("zimage"), _inputs("zimage")
+    expected = _equation(_peft_outputs(base, inputs), WEIGHTS, KL_SCALE)
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"}, max_batch_size=max_batch_size)
+    assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+
+
+def _zimage_omni_inputs(samples=2):
+    """Z-Image's omni mode: per sample, a list of a condition image's latents and the target's, two captions."""
+    g = torch.Generator().manual_seed(0)
+    return dict(x=[[_randn(4, 1, 8, 8, generator=g), _randn(4, 1, 8, 8, generator=g)] for _ in range(samples)],
+                t=torch.tensor([0.5] * samples),
+                cap_feats=[[_randn(6, 16, generator=g), _randn(5, 16, generator=g)] for _ in range(samples)],
+                siglip_feats=[None] * samples, image_noise_mask=[[0, 1] for _ in range(samples)])
+
+
+@pytest.mark.parametrize("mode", ["mix", "stochastic"])
+def test_zimage_omni_samples_of_several_tensors_blend(mode):
+    base, inputs = _with_two_loras("zimage"), _zimage_omni_inputs()
+    outputs = _peft_outputs(base, inputs)
+    weights = {"a": 0.3, "b": 0.5} if mode == "mix" else {"a": 1.0, "b": 0.0}
+    blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, weights, KL_SCALE, mode=mode)
+    assert _max_diff(blended, _equation(outputs, weights, KL_SCALE)) <= 1e-5
+
+
+def _zimage_controlnet_inputs():
+    """Two samples whose captions pad to 32 and 64 tokens: the ControlNet residuals are padded to the longer."""
+    g = torch.Generator().manual_seed(0)
+    return dict(x=[_randn(4, 1, 8, 8, generator=g) for _ in range(2)], t=torch.tensor([0.5, 0.5]),
+                cap_feats=[_randn(6, 16, generator=g), _randn(40, 16, generator=g)],
+                controlnet_block_samples={0: _randn(2, 96, 32, generator=g)})
+
+
+def test_zimage_controlnet_residuals_follow_the_rows_of_a_stacked_call():
+    base, inputs = _with_two_loras("zimage"), _zimage_controlnet_inputs()
+    expected = _equation(_peft_outputs(base, inputs), WEIGHTS, KL_SCALE)
+    assert _max_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+
+
+def test_zimage_controlnet_residuals_refuse_a_call_on_some_samples():
+    denoiser = BlendedDenoiser(_with_two_loras("zimage"), {"a": "a", "b": "b"}, max_batch_size=1)
+    with pytest.raises(ValueError, match="pads controlnet_block_samples to the longest sample of the whole batch"):
+        _blended(denoiser, _zimage_controlnet_inputs(), WEIGHTS, KL_SCALE)
+
+
+def test_wan_vace_control_scales_are_per_layer_even_at_a_batch_of_their_number():
+    """One sample and one VACE layer: the layer's scale is not a row of the batch."""
+    base = _with_two_loras("wan_vace")
+    inputs = {key: value[:1] if key != "control_hidden_states_scale" else value for key, value in _inputs("wan_vace").items()}
+    outputs = _peft_outputs(base, inputs)
+    assert _max_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE),
+                     _equation(outputs, WEIGHTS, KL_SCALE)) <= 1e-5
+
+
+def test_full_members_torch_vmap_cannot_run_are_refused_with_the_reason():
+    """HiDream's experts read routing counts back to the host, which a vmapped call cannot."""
+    base, a, b = (tiny.hidream_transformer(seed) for seed in range(3))
+    denoiser = BlendedDenoiser(base, {"a": a, "b": b}, vmap_full_members=True)
+    with pytest.raises(ValueError, match="HiDreamImageTransformer2DModel's forward cannot be vmapped .*"
+                                         "use vmap_full_members=False"):
+        _blended(denoiser, _inputs("hidream"), WEIGHTS, KL_SCALE)

@@ -218,3 +218,32 @@ def test_freeu_on_every_full_member_is_blended():
     unfree = tiny.sd_pipeline()
     unfree.unet = tiny.unet(1)
     assert max_diff(out, unfree(**call_kwargs()).images) > 1e-3  # FreeU does change the images
+
+
+# ------------------------------------------------------------------------ pipelines that switch denoisers (Wan 2.2)
+WAN_PROMPT = torch.randn(1, 12, 16, generator=_generator)
+WAN_NEGATIVE = torch.randn(1, 12, 16, generator=_generator)
+
+
+def _wan_call(**extra):
+    """A short Wan 2.2 call: 4 steps, the last two below the boundary (the low-noise expert's)."""
+    return dict(prompt=None, prompt_embeds=WAN_PROMPT, negative_prompt_embeds=WAN_NEGATIVE, height=16, width=16,
+                num_frames=5, num_inference_steps=4, guidance_scale=4.0, output_type="np",
+                generator=torch.Generator().manual_seed(0)) | extra
+
+
+def test_a_pipeline_switching_denoisers_must_be_told_which_to_blend(wan_loras):
+    with pytest.raises(ValueError, match=r"WanPipeline switches between denoisers during sampling \(transformer, "
+                                         r"transformer_2\).*denoiser='transformer'"):
+        Blend(tiny.wan22_pipeline(), wan_loras)
+
+
+@pytest.mark.parametrize("denoiser", ["transformer", "transformer_2"])
+def test_one_hot_on_a_chosen_expert_is_the_pipeline_with_that_lora_on_it(wan_loras, denoiser):
+    """The LoRA file carries diffusers' ``transformer.`` keys, for either expert (as ``load_into_transformer_2``)."""
+    out = Blend(tiny.wan22_pipeline(), wan_loras, denoiser=denoiser).blend(weights={"aes": 1.0}, **_wan_call()).frames
+    plain = tiny.wan22_pipeline()
+    plain.load_lora_weights(str(wan_loras["aes"]), adapter_name="aes", load_into_transformer_2=denoiser == "transformer_2")
+    expected = plain(**_wan_call()).frames
+    assert max_diff(out, expected) <= 1e-5
+    assert max_diff(expected, tiny.wan22_pipeline()(**_wan_call()).frames) > 1e-3

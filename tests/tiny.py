@@ -13,6 +13,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     CogVideoXTransformer3DModel,
     ControlNetModel,
     DDIMScheduler,
@@ -39,6 +40,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanPipeline,
     WanTransformer3DModel,
     WanVACETransformer3DModel,
     ZImagePipeline,
@@ -346,6 +348,16 @@ def zimage_pipeline() -> ZImagePipeline:
                     scaling_factor=1.5)
     return _quiet(ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_model, text_encoder=None,
                                  tokenizer=None, transformer=zimage_transformer()))
+
+
+def wan22_pipeline() -> WanPipeline:
+    """Wan 2.2 A14B's two experts: ``transformer`` for high noise, ``transformer_2`` below the boundary (half of
+    the timesteps here); no text encoder (called with ``prompt_embeds``), a tiny video VAE of 4 latent channels."""
+    torch.manual_seed(3)
+    vae_model = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return _quiet(WanPipeline(tokenizer=None, text_encoder=None, vae=vae_model, scheduler=FlowMatchEulerDiscreteScheduler(),
+                              transformer=wan_transformer(0), transformer_2=wan_transformer(1), boundary_ratio=0.5))
 
 
 def pag_pipeline(unet_model: UNet2DConditionModel | None = None) -> StableDiffusionPAGPipeline:

@@ -162,6 +162,8 @@ def generate(
              "of one model).")] = None,
     lora_scale: Annotated[float | None, typer.Option(
         help="Scale every LoRA basis model's update, as the pipeline's own LoRA scale does (default 1).")] = None,
+    denoiser: Annotated[str | None, typer.Option(
+        help="The pipeline's denoiser to blend, where it has several (Wan 2.2: transformer or transformer_2).")] = None,
 ) -> None:
     """Generate images from a blend of basis models."""
     run_reporting_errors(_generate, **locals())
@@ -182,7 +184,7 @@ def run_reporting_errors(command: Any, **kwargs: Any) -> None:
 
 def _generate(
     base, basis, weights, prompt, out, kl_scale, mode, negative_prompt, steps, guidance, seed, num_images,
-    height, width, scheduler, dtype, device, compile, max_batch_size, lora_scale,
+    height, width, scheduler, dtype, device, compile, max_batch_size, lora_scale, denoiser,
 ) -> None:
     import torch
 
@@ -211,7 +213,7 @@ def _generate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     blend = Blend.from_pretrained(base, basis=basis_paths, torch_dtype=getattr(torch, DTYPES[dtype]),
-                                  compile=compile_setting, max_batch_size=rows_per_call)
+                                  compile=compile_setting, max_batch_size=rows_per_call, denoiser=denoiser)
     pipe = blend.pipe
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
@@ -257,6 +259,7 @@ def _generate(
         "compile": compile,
         "max_batch_size": rows_per_call,
         "lora_scale": lora_scale,
+        "denoiser": blend.denoiser_name,
         "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
     for path in save_images(images, out, _jsonable(settings)):

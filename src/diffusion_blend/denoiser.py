@@ -37,12 +37,15 @@ MODES = ("mix", "stochastic")
 #: ``max_batch_size`` that caps a call at the rows the denoiser was called with (a single model's call)
 INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
-#: (Flux's positional ids are (sequence, 3)).
-UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids"})
+#: (Flux's positional ids are (sequence, 3); Wan VACE's control scales are one per VACE layer).
+UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids", "control_hidden_states_scale"})
 #: List arguments of known denoisers that hold one item per sample (Qwen-Image's ``img_shapes``, HiDream's
 #: ``img_sizes``, JoyImage's ``shape_list``): a call on some rows of the batch takes those rows' items. Where the
 #: sample itself is a list of per-sample tensors (Z-Image's ``x``), every list argument of the batch's length is.
 PER_SAMPLE_LISTS = frozenset({"img_shapes", "img_sizes", "shape_list"})
+#: Arguments of per-sample-list denoisers padded to the longest sample of the whole batch (Z-Image's ControlNet
+#: residuals): a call on only some of the samples pads its sequences to its own longest, and cannot take them.
+PADDED_TO_THE_BATCH = frozenset({"controlnet_block_samples"})
 #: Tensor arguments of known denoisers whose batch is not their first axis: HiDream's Llama-3 states are stacked
 #: per layer, (layers, batch, tokens, width).
 BATCH_AXES = {"encoder_hidden_states_llama3": 1}
@@ -219,7 +222,11 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
-        blend = self._mix if self.settings.mode == "mix" else self._stochastic
+        if self.settings.mode == "mix":
+            blend = self._mix
+        else:  # drawn once per call: a call redone below must not draw again (the seed's later draws would shift)
+            drawn = self.draw_members(latent, self._timestep(args, kwargs)) if self.settings.kl_scale != 0 else None
+            blend = functools.partial(self._stochastic, drawn=drawn)
         with self.routing(), self._lora_scaled(kwargs):
             try:
                 return blend(latent, args, kwargs)
@@ -261,12 +268,12 @@ class BlendedDenoiser(nn.Module):
         )
         return with_prediction(template, blended)
 
-    def _stochastic(self, latent: Rows, args: tuple, kwargs: dict) -> Any:
+    def _stochastic(self, latent: Rows, args: tuple, kwargs: dict, drawn: torch.Tensor | None) -> Any:
+        """DB-MPA-LS with the call's draws (one member index per row; None where λ = 0)."""
         kl_scale = self.settings.kl_scale
         if kl_scale == 0:  # the blend is the base, whichever member is drawn
             predictions, template = self.evaluate([Evaluation(BASE)], latent, args, kwargs)
             return with_prediction(template, predictions[0])
-        drawn = self.draw_members(latent, self._timestep(args, kwargs))
         if self.router is not None and not self.modules_by_name and self._members_share_calls():
             return self._stochastic_routed(drawn, latent, args, kwargs)
         plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, _like(latent).device)]
@@ -417,6 +424,11 @@ class BlendedDenoiser(nn.Module):
                 return value
             if isinstance(value, list) and len(value) == batch and (listed or name in PER_SAMPLE_LISTS):
                 return [value[row] for row in host_rows()]
+            if listed and name in PADDED_TO_THE_BATCH and value is not None and set(host_rows()) != set(range(batch)):
+                raise ValueError(
+                    f"{type(self.base).__name__} pads {name} to the longest sample of the whole batch, so the blend "
+                    "cannot call it on some samples only (stochastic mode with full members or batch_members=False, "
+                    "a max_batch_size below the batch): use LoRA members batched, and max_batch_size None or 'input'")
             axis = BATCH_AXES.get(name, 0)
             if axis and isinstance(value, torch.Tensor) and value.ndim > axis and value.shape[axis] == batch:
                 return value.index_select(axis, rows.to(value.device))
@@ -459,11 +471,11 @@ class BlendedDenoiser(nn.Module):
                 outputs = call_vmapped(template, params, buffers, args, kwargs)
             else:
                 outputs = self._compiled("vmapped", call_vmapped, template, params, buffers, args, kwargs)
-        except RuntimeError as error:  # an operation torch.vmap cannot batch (Z-Image pads its samples' sequences)
-            if "Batching rule not implemented" not in str(error):
+        except RuntimeError as error:  # what torch.vmap cannot run: an operation it has no batching rule for (Z-Image
+            if isinstance(error, torch.OutOfMemoryError):  # pads sequences), a read of values (HiDream's experts)
                 raise
             raise ValueError(f"{type(template).__name__}'s forward cannot be vmapped over its members' weights "
-                             f"({error}): use vmap_full_members=False") from error
+                             f"({str(error).strip().splitlines()[0]}): use vmap_full_members=False") from error
         stacked = prediction_of(outputs)  # every field of the output is stacked over members
         return [with_prediction(outputs, _member_of_stacked(stacked, i)) for i in range(len(names))]
 
@@ -665,8 +677,17 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 # -------------------------------------------------------------------------------------------- batches of predictions
 def _like(batch: Rows) -> torch.Tensor:
-    """A tensor of the batch's device and dtype."""
-    return batch[0] if isinstance(batch, list) else batch
+    """A tensor of the batch's device and dtype (the first one, in lists of lists: Z-Image's omni mode)."""
+    while isinstance(batch, list):
+        batch = batch[0]
+    return batch
+
+
+def _tensors_of(sample: Any) -> list[torch.Tensor]:
+    """The tensors of one sample, in order: itself, or those of its (nested) list."""
+    if isinstance(sample, torch.Tensor):
+        return [sample]
+    return [tensor for item in sample for tensor in _tensors_of(item)]
 
 
 def blend_rows(base: Rows | None, members: list[Rows], weights: list[float], kl_scale: float) -> Rows:
@@ -747,9 +768,11 @@ NEW_STEP_SALT = 0x2545F4914F6CDD1D
 
 
 def _sample_hashes(latent: Rows) -> torch.Tensor:
-    """One hash per sample: a row of the latent tensor, or a tensor of a per-sample list (Z-Image)."""
+    """One hash per sample: a row of the latent tensor, or an item of a per-sample list (Z-Image; in its omni mode a
+    list of the sample's tensors, hashed together)."""
     if isinstance(latent, list):
-        return torch.cat([_row_hashes(sample.detach().reshape(1, -1)) for sample in latent])
+        return torch.cat([_row_hashes(torch.cat([t.detach().reshape(-1) for t in _tensors_of(sample)]).reshape(1, -1))
+                          for sample in latent])
     return _row_hashes(latent.detach().reshape(len(latent), -1))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ class Blend:
             pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids
             (``owner/name``, or ``owner/name/FILE`` for one LoRA file of a repository) work online, and offline from
             the cache; of a pipeline repository only the denoiser is downloaded.
-        denoiser: the pipeline attribute holding the denoiser, when it is not ``unet`` or ``transformer``.
+        denoiser: the pipeline attribute holding the denoiser to blend, when it is not ``unet`` or ``transformer``
+            or when the pipeline has several (Wan 2.2: ``transformer`` for high noise, ``transformer_2`` for low).
         batch_members, max_batch_size, vmap_full_members, compile: how members are evaluated (see
             :class:`BlendedDenoiser`): by default the base and all LoRA members in one call on the shared base,
             compiled with ``torch.compile`` when the pipeline's denoiser was (``pipe.unet = torch.compile(...)``).
@@ -70,6 +72,8 @@ class Blend:
         _check_basis_names(basis)
         self.pipe = pipe
         self.denoiser_name = denoiser or _find_denoiser_name(pipe)
+        if not isinstance(getattr(pipe, self.denoiser_name, None), nn.Module):
+            raise ValueError(f"{type(pipe).__name__} has no module {self.denoiser_name!r} to blend (denoiser=...)")
         self.held: nn.Module = getattr(pipe, self.denoiser_name)  # what the pipeline holds (maybe a compiled wrapper)
         self.base: nn.Module = unwrap_module(self.held)
         self._check_no_collision(basis)
@@ -248,8 +252,8 @@ class Blend:
                 f"basis {name!r}: {lora.path} also adapts a text encoder ({text_encoder_keys(lora.state_dict)[0]}, "
                 "...); blending needs one prompt encoding for all members, so only denoiser LoRAs are supported"
             )
-        prefix = f"{self.denoiser_name}."
-        keys = [key.removeprefix(prefix) for key in lora.state_dict]
+        prefix = self._lora_prefix(lora.state_dict)
+        keys = [key.removeprefix(f"{prefix}.") if prefix else key for key in lora.state_dict]
         modules = dict(self.base.named_modules())
         targets = {module_path(key) for key in keys}
         unmatched = sorted(str(t) for t in targets if t is None or t not in modules)
@@ -264,10 +268,16 @@ class Blend:
                 f"{self.denoiser_name}: {', '.join(unmatched[:3])}{', ...' if len(unmatched) > 3 else ''}"
             )
 
+    def _lora_prefix(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+        """The prefix of a LoRA's keys naming the denoiser (``transformer.…``), or None for unprefixed keys. A
+        LoRA for Wan 2.2's ``transformer_2`` usually carries ``transformer.``, as diffusers saves it."""
+        for prefix in dict.fromkeys((self.denoiser_name, _family(self.denoiser_name))):
+            if any(key.startswith(f"{prefix}.") for key in state_dict):
+                return prefix
+        return None
+
     def _load_lora(self, name: str, lora: LoraFile) -> None:
-        prefix = self.denoiser_name
-        if not any(key.startswith(f"{prefix}.") for key in lora.state_dict):
-            prefix = None
+        prefix = self._lora_prefix(lora.state_dict)
         try:
             # diffusers' "missing keys" warning matches adapter names as substrings of other adapters' keys (a
             # LoRA named "b" reports every "…_blocks…" key of the others); the keys were checked above instead.
@@ -331,13 +341,25 @@ def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
 
 
 def _find_denoiser_name(pipe: Any) -> str:
-    present = [name for name in DENOISER_FOLDERS if isinstance(getattr(pipe, name, None), nn.Module)]
-    if len(present) != 1:
+    """The pipeline attribute holding its denoiser: ``unet`` or ``transformer``, or a numbered one (``transformer_2``)
+    where it is the only one loaded. Pipelines that switch between two denoisers during sampling (Wan 2.2's high-
+    and low-noise experts, ``transformer`` and ``transformer_2``) must be told which one to blend."""
+    names = [name for name in (getattr(pipe, "components", None) or DENOISER_FOLDERS) if _family(name) in DENOISER_FOLDERS]
+    present = [name for name in names if isinstance(getattr(pipe, name, None), nn.Module)]
+    if len(present) > 1:
         raise ValueError(
-            f"cannot tell the denoiser of {type(pipe).__name__} (found {present or 'neither unet nor transformer'}); "
-            "pass denoiser='<attribute name>'"
+            f"{type(pipe).__name__} switches between denoisers during sampling ({', '.join(present)}) and a Blend blends "
+            f"one: choose it with denoiser='{present[0]}' (CLI: --denoiser); the others' steps run unblended"
         )
+    if not present:
+        raise ValueError(f"cannot tell the denoiser of {type(pipe).__name__} (it has neither a unet nor a transformer); "
+                         "pass denoiser='<attribute name>'")
     return present[0]
+
+
+def _family(denoiser_name: str) -> str:
+    """``transformer`` for ``transformer_2``: the name its LoRA keys and folders carry in a one-denoiser pipeline."""
+    return re.sub(r"_\d+$", "", denoiser_name)
 
 
 @contextlib.contextmanager
