@@ -161,3 +161,28 @@ def test_missing_base_model_is_one_line(sd_loras, tmp_path):
     assert result.exit_code != 0
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_basis_given_per_denoiser_is_the_basis_on_that_denoiser(sd_pipeline_folder, sd_loras, tmp_path):
+    """NAME@DENOISER=PATH (how Wan 2.2's two experts each get a LoRA); on a one-denoiser pipeline, the same image."""
+    args = ("--weights", "ir=0.4,aes=0.6", "--seed", "3")
+    assert _generate(sd_pipeline_folder, sd_loras, tmp_path / "plain.png", *args).exit_code == 0
+    result = _generate(sd_pipeline_folder, {f"{name}@unet": path for name, path in sd_loras.items()},
+                       tmp_path / "per.png", *args)
+    assert result.exit_code == 0, result.output
+    plain, per = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("plain", "per"))
+    assert np.array_equal(plain, per)
+    assert json.loads((tmp_path / "per.json").read_text())["basis"]["ir"] == {"unet": str(sd_loras["ir"])}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("ir@=x", "is not NAME=PATH or NAME@DENOISER=PATH"),
+    ("ir=x --basis ir@unet=y", "'ir' for unet is given twice"),
+])
+def test_bad_per_denoiser_basis_is_one_line(sd_pipeline_folder, tmp_path, item, message):
+    args = ["generate", "--base", str(sd_pipeline_folder), "--prompt", "a", "--out", str(tmp_path / "o.png"),
+            "--weights", "ir=1"]
+    for part in item.split(" --basis "):
+        args += ["--basis", part]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and message in result.stderr

@@ -232,10 +232,53 @@ def _wan_call(**extra):
                 generator=torch.Generator().manual_seed(0)) | extra
 
 
-def test_a_pipeline_switching_denoisers_must_be_told_which_to_blend(wan_loras):
+def test_a_pipeline_switching_denoisers_must_be_told_what_to_blend(wan_loras):
     with pytest.raises(ValueError, match=r"WanPipeline switches between denoisers during sampling \(transformer, "
-                                         r"transformer_2\).*denoiser='transformer'"):
+                                         r"transformer_2\): give each basis a source per denoiser.*"
+                                         r"or choose one with denoiser='transformer'"):
         Blend(tiny.wan22_pipeline(), wan_loras)
+
+
+def _per_expert(loras):
+    """Each basis a LoRA per expert, crossed so that a mix-up of experts shows: ir = (ir, aes), aes = (aes, ir)."""
+    return {"ir": {"transformer": loras["ir"], "transformer_2": loras["aes"]},
+            "aes": {"transformer": loras["aes"], "transformer_2": loras["ir"]}}
+
+
+def test_both_experts_one_hot_is_the_pipeline_with_each_experts_lora(wan_loras):
+    out = Blend(tiny.wan22_pipeline(), _per_expert(wan_loras)).blend(weights={"aes": 1.0}, **_wan_call()).frames
+    plain = tiny.wan22_pipeline()
+    plain.load_lora_weights(str(wan_loras["aes"]), adapter_name="high")
+    plain.load_lora_weights(str(wan_loras["ir"]), adapter_name="low", load_into_transformer_2=True)
+    assert max_diff(out, plain(**_wan_call()).frames) <= 1e-5
+
+
+@pytest.mark.parametrize("mode, weights, kl_scale", [("mix", {"ir": 0.6, "aes": 0.2}, 1.4),
+                                                     ("stochastic", {"ir": 0.5, "aes": 0.5}, 0.5)])
+def test_both_experts_stacked_equal_separate_calls(wan_loras, mode, weights, kl_scale):
+    stacked, separate = (Blend(tiny.wan22_pipeline(), _per_expert(wan_loras), batch_members=batch_members).blend(
+        weights=weights, kl_scale=kl_scale, mode=mode, **_wan_call()).frames for batch_members in (True, False))
+    assert max_diff(stacked, separate) <= 1e-5
+
+
+def test_both_experts_are_the_pipelines_own_again_after_a_call(wan_loras):
+    pipe = tiny.wan22_pipeline()
+    experts = pipe.transformer, pipe.transformer_2
+    Blend(pipe, _per_expert(wan_loras)).blend(weights={"ir": 0.5, "aes": 0.5}, **_wan_call())
+    assert (pipe.transformer, pipe.transformer_2) == experts
+    assert not experts[0].active_adapters() and not experts[1].active_adapters()
+
+
+@pytest.mark.parametrize("basis, message", [
+    (lambda loras: {"ir": loras["ir"]}, r"basis 'ir': blending transformer, transformer_2 needs a source for each"),
+    (lambda loras: {"ir": {"transformer": loras["ir"]}, "aes": _per_expert(loras)["aes"]},
+     r"basis 'ir' gives sources for transformer, but the blend is of transformer, transformer_2"),
+])
+def test_a_basis_missing_an_expert_is_refused_before_loading(wan_loras, basis, message):
+    pipe = tiny.wan22_pipeline()
+    with pytest.raises(ValueError, match=message):
+        Blend(pipe, basis(wan_loras), denoiser=("transformer", "transformer_2"))
+    assert not getattr(pipe.transformer, "peft_config", None) and not getattr(pipe.transformer_2, "peft_config", None)
 
 
 @pytest.mark.parametrize("denoiser", ["transformer", "transformer_2"])
@@ -247,3 +290,11 @@ def test_one_hot_on_a_chosen_expert_is_the_pipeline_with_that_lora_on_it(wan_lor
     expected = plain(**_wan_call()).frames
     assert max_diff(out, expected) <= 1e-5
     assert max_diff(expected, tiny.wan22_pipeline()(**_wan_call()).frames) > 1e-3
+
+
+def test_an_expert_that_fails_to_load_leaves_neither_expert_changed(wan_loras, tmp_path):
+    pipe = tiny.wan22_pipeline()
+    basis = {"ir": {"transformer": tmp_path / "missing", "transformer_2": wan_loras["ir"]}}
+    with pytest.raises(ValueError, match="does not exist"):
+        Blend(pipe, basis)
+    assert not getattr(pipe.transformer, "peft_config", None) and not getattr(pipe.transformer_2, "peft_config", None)

@@ -60,17 +60,28 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
-def parse_basis(items: list[str]) -> dict[str, str]:
-    """``["a=path/to/lora", ...]`` → ``{"a": "path/to/lora"}``."""
-    basis: dict[str, str] = {}
+def parse_basis(items: list[str]) -> dict[str, str | dict[str, str]]:
+    """``["a=lora", "b@transformer=high", "b@transformer_2=low"]`` → ``{"a": "lora", "b": {"transformer": "high",
+    "transformer_2": "low"}}``: a path, or a path per denoiser of a pipeline that has several (Wan 2.2)."""
+    basis: dict[str, str | dict[str, str]] = {}
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise CommandError(f"--basis: {item!r} is not NAME=PATH")
-        if name.strip() in basis:
-            raise CommandError(f"--basis: {name.strip()!r} is given twice")
-        basis[name.strip()] = path.strip()
+        key, sep, path = item.partition("=")
+        name, at, denoiser = (part.strip() for part in key.partition("@"))
+        if not sep or not name or not path.strip() or (at and not denoiser):
+            raise CommandError(f"--basis: {item!r} is not NAME=PATH or NAME@DENOISER=PATH")
+        given = basis.get(name)
+        if given is not None and (not at or not isinstance(given, dict) or denoiser in given):
+            raise CommandError(f"--basis: {name!r}{f' for {denoiser}' if at else ''} is given twice")
+        if at:
+            basis.setdefault(name, {})[denoiser] = path.strip()
+        else:
+            basis[name] = path.strip()
     return basis
+
+
+def _paths_of(basis: dict[str, str | dict[str, str]]) -> list[str]:
+    """Every path of a parsed ``--basis``."""
+    return [path for source in basis.values() for path in (source.values() if isinstance(source, dict) else [source])]
 
 
 def scheduler_class(name: str) -> type:
@@ -139,7 +150,9 @@ def _check_out(out: Path) -> None:
 @app.command()
 def generate(
     base: Annotated[str, typer.Option(help="Base pipeline: a local folder or a hub id.")],
-    basis: Annotated[list[str], typer.Option(help="NAME=PATH of a basis model (LoRA or denoiser); repeat it.")],
+    basis: Annotated[list[str], typer.Option(
+        help="NAME=PATH of a basis model (LoRA or denoiser); repeat it. NAME@DENOISER=PATH gives one per denoiser of "
+             "a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...).")],
     weights: Annotated[str, typer.Option(help="NAME=W,... blend weights; names left out count as 0.")],
     prompt: Annotated[str, typer.Option(help="The prompt.")],
     out: Annotated[Path, typer.Option(help="A .png file (grid of all images) or a folder (one PNG per image).")],
@@ -196,8 +209,9 @@ def _generate(
 
     if mode not in ("mix", "stochastic"):
         raise CommandError(f"--mode must be mix or stochastic, got {mode!r}")
-    basis_paths = parse_basis(basis)
-    blend_weights = validate_weights(parse_named_numbers(weights, "--weights"), basis_paths, simplex=mode == "stochastic")
+    basis_sources = parse_basis(basis)
+    blend_weights = validate_weights(parse_named_numbers(weights, "--weights"), basis_sources,
+                                     simplex=mode == "stochastic")
     kl_scale = validate_kl_scale(kl_scale)
     if dtype not in DTYPES:
         raise CommandError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -207,12 +221,12 @@ def _generate(
     compile_setting = compile_option(compile)
     rows_per_call = max_batch_size_option(max_batch_size)
     if lora_scale is not None:
-        _check_lora_scale(lora_scale, basis_paths)
+        _check_lora_scale(lora_scale, basis_sources)
     _check_out(out)
     scheduler_cls = scheduler_class(scheduler) if scheduler else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    blend = Blend.from_pretrained(base, basis=basis_paths, torch_dtype=getattr(torch, DTYPES[dtype]),
+    blend = Blend.from_pretrained(base, basis=basis_sources, torch_dtype=getattr(torch, DTYPES[dtype]),
                                   compile=compile_setting, max_batch_size=rows_per_call, denoiser=denoiser)
     pipe = blend.pipe
     if scheduler_cls is not None:
@@ -241,7 +255,7 @@ def _generate(
 
     settings = {
         "base": base,
-        "basis": basis_paths,
+        "basis": basis_sources,
         "weights": blend_weights,
         "kl_scale": kl_scale,
         "mode": mode,
@@ -286,13 +300,13 @@ def max_batch_size_option(value: str | None) -> int | str | None:
     return int(value)
 
 
-def _check_lora_scale(lora_scale: float, basis: dict[str, str]) -> None:
+def _check_lora_scale(lora_scale: float, basis: dict[str, str | dict[str, str]]) -> None:
     """``--lora-scale`` is a finite number, and scales LoRA basis models only: not every basis a denoiser folder."""
     from .loading import is_denoiser_folder
 
     if not math.isfinite(lora_scale):
         raise CommandError(f"--lora-scale must be a finite number, got {lora_scale}")
-    if all(is_denoiser_folder(Path(path).expanduser()) for path in basis.values()):
+    if all(is_denoiser_folder(Path(path).expanduser()) for path in _paths_of(basis)):
         raise CommandError(NO_LORA_TO_SCALE)
 
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .loading import (
     text_encoder_keys,
 )
 
-BasisSource = str | os.PathLike | nn.Module
+BasisSource = str | os.PathLike | nn.Module | Mapping[str, "str | os.PathLike | nn.Module"]
 
 
 class Blend:
@@ -47,9 +47,11 @@ class Blend:
             loaded on the pipeline's denoiser under that name; or a full denoiser folder (``config.json``) or
             pipeline folder (``model_index.json``). A module is a full fine-tuned denoiser. Hub ids
             (``owner/name``, or ``owner/name/FILE`` for one LoRA file of a repository) work online, and offline from
-            the cache; of a pipeline repository only the denoiser is downloaded.
-        denoiser: the pipeline attribute holding the denoiser to blend, when it is not ``unet`` or ``transformer``
-            or when the pipeline has several (Wan 2.2: ``transformer`` for high noise, ``transformer_2`` for low).
+            the cache; of a pipeline repository only the denoiser is downloaded. For a pipeline that switches
+            between denoisers during sampling (Wan 2.2: ``transformer`` for high noise, ``transformer_2`` for low),
+            a basis is a source per denoiser, ``{"transformer": high, "transformer_2": low}``, and all are blended.
+        denoiser: the pipeline attribute(s) holding the denoiser(s) to blend, when not ``unet`` or ``transformer``
+            (or the keys of per-denoiser sources); one of several blends that one's steps only.
         batch_members, max_batch_size, vmap_full_members, compile: how members are evaluated (see
             :class:`BlendedDenoiser`): by default the base and all LoRA members in one call on the shared base,
             compiled with ``torch.compile`` when the pipeline's denoiser was (``pipe.unet = torch.compile(...)``).
@@ -63,20 +65,39 @@ class Blend:
         pipe: Any,
         basis: Mapping[str, BasisSource],
         *,
-        denoiser: str | None = None,
+        denoiser: str | Sequence[str] | None = None,
         batch_members: bool = True,
         max_batch_size: int | str | None = None,
         vmap_full_members: bool = False,
         compile: bool | Mapping[str, Any] | None = None,
     ):
         _check_basis_names(basis)
+        names = _denoisers_to_blend(pipe, basis, denoiser)
+        per_denoiser = _basis_per_denoiser(basis, names)
+        _check_no_collision(pipe, basis, names)
+        evaluation = dict(batch_members=batch_members, max_batch_size=max_batch_size,
+                          vmap_full_members=vmap_full_members, compile=compile)
+        self.experts: list[Blend] = []  # the pipeline's other denoisers blended alike (Wan 2.2's second expert)
+        try:
+            for other in names[1:]:
+                expert = Blend.__new__(Blend)
+                expert.experts = []
+                expert._attach(pipe, other, per_denoiser[other], evaluation)
+                self.experts.append(expert)
+            self._attach(pipe, names[0], per_denoiser[names[0]], evaluation)
+        except Exception:
+            for expert in self.experts:
+                expert.unload()
+            raise
+
+    def _attach(self, pipe: Any, denoiser_name: str, basis: Mapping[str, BasisSource], evaluation: dict) -> None:
+        """Load the basis onto (or beside) one denoiser of the pipeline and make its BlendedDenoiser."""
         self.pipe = pipe
-        self.denoiser_name = denoiser or _find_denoiser_name(pipe)
-        if not isinstance(getattr(pipe, self.denoiser_name, None), nn.Module):
-            raise ValueError(f"{type(pipe).__name__} has no module {self.denoiser_name!r} to blend (denoiser=...)")
-        self.held: nn.Module = getattr(pipe, self.denoiser_name)  # what the pipeline holds (maybe a compiled wrapper)
+        self.denoiser_name = denoiser_name
+        if not isinstance(getattr(pipe, denoiser_name, None), nn.Module):
+            raise ValueError(f"{type(pipe).__name__} has no module {denoiser_name!r} to blend (denoiser=...)")
+        self.held: nn.Module = getattr(pipe, denoiser_name)  # what the pipeline holds (maybe a compiled wrapper)
         self.base: nn.Module = unwrap_module(self.held)
-        self._check_no_collision(basis)
         self.owned: dict[str, nn.Module] = {}  # full members this Blend loaded from paths
         resolved = {name: self._resolve(name, source) for name, source in basis.items()}
         loaded: list[str] = []
@@ -91,9 +112,7 @@ class Blend:
                 else:
                     members[name] = source
             snapshot.restore()  # the new adapters stay loaded, inactive and frozen
-            self.denoiser = BlendedDenoiser(self.held, members, batch_members=batch_members,
-                                            max_batch_size=max_batch_size, vmap_full_members=vmap_full_members,
-                                            compile=compile)
+            self.denoiser = BlendedDenoiser(self.held, members, **evaluation)
         except Exception:
             if loaded:
                 self.base.delete_adapters(loaded)
@@ -108,7 +127,7 @@ class Blend:
         basis: Mapping[str, BasisSource],
         torch_dtype: torch.dtype | None = None,
         *,
-        denoiser: str | None = None,
+        denoiser: str | Sequence[str] | None = None,
         batch_members: bool = True,
         max_batch_size: int | str | None = None,
         vmap_full_members: bool = False,
@@ -123,8 +142,9 @@ class Blend:
 
         _check_basis_names(basis)
         for name, source in basis.items():
-            if not isinstance(source, nn.Module):
-                resolve_source(name, source, (denoiser,) if denoiser else DENOISER_FOLDERS)
+            for folder, part in (source.items() if isinstance(source, Mapping) else [(denoiser, source)]):
+                if not isinstance(part, nn.Module):
+                    resolve_source(name, part, (folder,) if isinstance(folder, str) else DENOISER_FOLDERS)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
         return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size,
                    vmap_full_members=vmap_full_members, compile=compile)
@@ -137,7 +157,8 @@ class Blend:
     def to(self, *args: Any, **kwargs: Any) -> Blend:
         """Move the pipeline (and the full-module members loaded from paths) like ``pipe.to``."""
         self.pipe.to(*args, **kwargs)
-        self._follow_base()
+        for stage in self._stages():
+            stage._follow_base()
         return self
 
     def blend(
@@ -160,29 +181,35 @@ class Blend:
                 ``generator`` (so a fixed seed reproduces the images) and kept apart from its noise stream.
             *args, **pipeline_kwargs: passed to the pipeline unchanged (prompt, guidance_scale, generator, ...).
         """
-        if self.denoiser is None:
-            raise ValueError("this Blend was unloaded; make a new one")
-        if getattr(self.pipe, self.denoiser_name) is not self.held:
-            raise ValueError(
-                f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
-            )
+        stages = self._stages()
+        for stage in stages:
+            stage._check_usable()
         offloaded = bool(getattr(self.pipe, "_all_hooks", None))
-        if offloaded and self.denoiser.modules_by_name:
+        if offloaded and any(stage.denoiser.modules_by_name for stage in stages):
             raise ValueError(
                 "model CPU offload with full-module members is not supported yet: use LoRA members, or call "
                 "pipe.to(device) instead of enable_model_cpu_offload()"
             )
-        self._follow_base()
         if mode == "stochastic" and member_generator is None:
             member_generator = _member_generator(pipeline_kwargs.get("generator"))
-        self.denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=member_generator)
-        with self._swapped(offloaded), self.denoiser.routing(), _attention_processors_kept(self.denoiser):
+        for stage in stages:
+            stage._follow_base()
+            stage.denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=member_generator)
+        with contextlib.ExitStack() as during_the_call:
+            if offloaded:  # runs last, once every denoiser is back
+                during_the_call.callback(self._offload_again, stages)
+            for stage in stages:
+                during_the_call.enter_context(stage._swapped())
+                during_the_call.enter_context(stage.denoiser.routing())
+                during_the_call.enter_context(_attention_processors_kept(stage.denoiser))
             return self.pipe(*args, **pipeline_kwargs)
 
     __call__ = blend
 
     def unload(self) -> None:
         """Remove the basis LoRAs from the pipeline and drop the loaded full members; the Blend is done after."""
+        for expert in self.experts:
+            expert.unload()
         if self.lora_names:
             snapshot = ActivationSnapshot(self.base)
             self.base.delete_adapters(self.lora_names)
@@ -192,15 +219,16 @@ class Blend:
         self.denoiser = None
 
     # -------------------------------------------------------------------------------------------------------- loading
-    def _check_no_collision(self, basis: Mapping[str, BasisSource]) -> None:
-        present = set(loaded_adapters(self.base))
-        for component in getattr(self.pipe, "components", {}).values():
-            present.update(getattr(component, "peft_config", {}) or {})
-        clashing = sorted(set(basis) & present)
-        if clashing:
+    def _stages(self) -> list[Blend]:
+        """This denoiser's attachment and those of the pipeline's other denoisers blended alike."""
+        return [self, *self.experts]
+
+    def _check_usable(self) -> None:
+        if self.denoiser is None:
+            raise ValueError("this Blend was unloaded; make a new one")
+        if getattr(self.pipe, self.denoiser_name) is not self.held:
             raise ValueError(
-                f"basis name(s) {', '.join(map(repr, clashing))} collide with adapters already on the pipeline; "
-                "choose other names or delete those adapters first"
+                f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
             )
 
     def _resolve(self, name: str, source: BasisSource) -> LoraFile | nn.Module:
@@ -304,22 +332,23 @@ class Blend:
             module.to(device=self.base.device, dtype=self.base.dtype)
 
     @contextlib.contextmanager
-    def _swapped(self, offloaded: bool = False) -> Iterator[None]:
-        """The pipeline's denoiser is the blend for the duration of the block, the base again after it.
-
-        With model CPU offload the pipeline re-installs its offload hooks at the end of every call, on whatever
-        its components then are, the wrapper included; they are taken off the wrapper and put back on the base.
-        (The base's own hook moves it to the GPU for every member evaluation meanwhile.)"""
+    def _swapped(self) -> Iterator[None]:
+        """The pipeline's denoiser is the blend for the duration of the block, the base again after it."""
         setattr(self.pipe, self.denoiser_name, self.denoiser)
         try:
             yield
         finally:
             setattr(self.pipe, self.denoiser_name, self.held)
-            if offloaded:
-                from accelerate.hooks import remove_hook_from_module
 
-                remove_hook_from_module(self.denoiser)
-                self.pipe.enable_model_cpu_offload(device=getattr(self.pipe, "_offload_device", None))
+    def _offload_again(self, stages: list[Blend]) -> None:
+        """With model CPU offload the pipeline re-installs its offload hooks at the end of every call, on whatever
+        its components then are, the wrappers included; they are taken off the wrappers and put back on the bases.
+        (A base's own hook moves it to the GPU for every member evaluation meanwhile.)"""
+        from accelerate.hooks import remove_hook_from_module
+
+        for stage in stages:
+            remove_hook_from_module(stage.denoiser)
+        self.pipe.enable_model_cpu_offload(device=getattr(self.pipe, "_offload_device", None))
 
 
 @contextlib.contextmanager
@@ -340,6 +369,53 @@ def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
         check_member_name(name)
 
 
+def _check_no_collision(pipe: Any, basis: Mapping[str, BasisSource], denoisers: Sequence[str]) -> None:
+    present = set()
+    for name in denoisers:
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            present.update(loaded_adapters(getattr(pipe, name)))
+    for component in getattr(pipe, "components", {}).values():
+        present.update(getattr(component, "peft_config", {}) or {})
+    clashing = sorted(set(basis) & present)
+    if clashing:
+        raise ValueError(
+            f"basis name(s) {', '.join(map(repr, clashing))} collide with adapters already on the pipeline; "
+            "choose other names or delete those adapters first"
+        )
+
+
+def _denoisers_to_blend(pipe: Any, basis: Mapping[str, BasisSource], denoiser: str | Sequence[str] | None) -> tuple:
+    """The pipeline attributes to blend: as given, else those a basis given per denoiser names, else the one
+    denoiser of the pipeline."""
+    if isinstance(denoiser, str):
+        return (denoiser,)
+    if denoiser is not None:
+        names = tuple(denoiser)
+        if not names or len(set(names)) != len(names) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"denoiser must be an attribute name or distinct names, got {denoiser!r}")
+        return names
+    given = next((source for source in basis.values() if isinstance(source, Mapping)), None)
+    return tuple(given) if given else (_find_denoiser_name(pipe),)
+
+
+def _basis_per_denoiser(basis: Mapping[str, BasisSource], denoisers: tuple) -> dict[str, dict[str, BasisSource]]:
+    """denoiser → {basis name → its source there}: a basis is one source (one denoiser blended) or a source per
+    denoiser blended (Wan 2.2's experts: ``{"transformer": high, "transformer_2": low}``)."""
+    per_denoiser: dict[str, dict[str, BasisSource]] = {name: {} for name in denoisers}
+    for name, source in basis.items():
+        if not isinstance(source, Mapping):
+            if len(denoisers) > 1:
+                raise ValueError(f"basis {name!r}: blending {', '.join(denoisers)} needs a source for each, "
+                                 f"as {{{', '.join(repr(d) + ': ...' for d in denoisers)}}}")
+            source = {denoisers[0]: source}
+        if set(source) != set(denoisers):
+            raise ValueError(f"basis {name!r} gives sources for {', '.join(map(str, source)) or 'no denoiser'}, "
+                             f"but the blend is of {', '.join(denoisers)}: give one for each")
+        for denoiser_name, part in source.items():
+            per_denoiser[denoiser_name][name] = part
+    return per_denoiser
+
+
 def _find_denoiser_name(pipe: Any) -> str:
     """The pipeline attribute holding its denoiser: ``unet`` or ``transformer``, or a numbered one (``transformer_2``)
     where it is the only one loaded. Pipelines that switch between two denoisers during sampling (Wan 2.2's high-
@@ -348,8 +424,9 @@ def _find_denoiser_name(pipe: Any) -> str:
     present = [name for name in names if isinstance(getattr(pipe, name, None), nn.Module)]
     if len(present) > 1:
         raise ValueError(
-            f"{type(pipe).__name__} switches between denoisers during sampling ({', '.join(present)}) and a Blend blends "
-            f"one: choose it with denoiser='{present[0]}' (CLI: --denoiser); the others' steps run unblended"
+            f"{type(pipe).__name__} switches between denoisers during sampling ({', '.join(present)}): give each "
+            f"basis a source per denoiser ({{{', '.join(repr(d) + ': ...' for d in present)}}}) to blend them all, "
+            f"or choose one with denoiser='{present[0]}' (CLI: --denoiser; the others' steps then run unblended)"
         )
     if not present:
         raise ValueError(f"cannot tell the denoiser of {type(pipe).__name__} (it has neither a unet nor a transformer); "
