@@ -186,3 +186,26 @@ def test_bad_per_denoiser_basis_is_one_line(sd_pipeline_folder, tmp_path, item, 
         args += ["--basis", part]
     result = runner.invoke(app, args)
     assert result.exit_code != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize("build, expected", [
+    ("sd_pipeline", ("guidance_scale", 4.0)),
+    ("flux_pipeline", ("guidance_scale", 4.0)),  # guidance distilled into FLUX.1-dev's embedding
+    ("qwen_pipeline", ("true_cfg_scale", 4.0)),  # its guidance_scale feeds an embedding only distilled models have
+])
+def test_guidance_sets_the_pipelines_classifier_free_guidance(build, expected):
+    import tiny
+    from diffusion_blend.cli import guidance_setting
+
+    pipe = getattr(tiny, build)()
+    assert guidance_setting(4.0, " ", pipe, getattr(pipe, "unet", None) or pipe.transformer) == expected
+
+
+def test_true_cfg_guidance_without_a_negative_prompt_is_refused():
+    import tiny
+    from diffusion_blend.cli import CommandError, guidance_setting
+
+    pipe = tiny.qwen_pipeline()
+    with pytest.raises(CommandError, match="--guidance for QwenImagePipeline is its true classifier-free guidance"):
+        guidance_setting(4.0, None, pipe, pipe.transformer)
+    assert guidance_setting(None, None, pipe, pipe.transformer) == ("true_cfg_scale", 4.0)  # the pipeline's default

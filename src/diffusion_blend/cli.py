@@ -236,9 +236,10 @@ def _generate(
         name: parameter.default for name, parameter in inspect.signature(pipe.__call__).parameters.items()
     }
     steps = steps if steps is not None else call_defaults.get("num_inference_steps")
-    guidance = guidance if guidance is not None else call_defaults.get("guidance_scale")
-    kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=num_images,
+    guidance_argument, guidance = guidance_setting(guidance, negative_prompt, pipe, blend.base)
+    kwargs = dict(prompt=prompt, num_inference_steps=steps, num_images_per_prompt=num_images,
                   generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
+    kwargs[guidance_argument] = guidance
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
     if height is not None:
@@ -263,6 +264,7 @@ def _generate(
         "negative_prompt": negative_prompt,
         "steps": steps,
         "guidance": guidance,
+        "guidance_argument": guidance_argument,
         "seed": seed,
         "num_images": num_images,
         "height": images[0].size[1],
@@ -298,6 +300,26 @@ def max_batch_size_option(value: str | None) -> int | str | None:
     if not value.isdigit() or int(value) < 1:
         raise CommandError(f"--max-batch-size must be a positive integer or 'input', got {value!r}")
     return int(value)
+
+
+#: Qwen-Image's name for classifier-free guidance (its ``guidance_scale`` feeds a guidance embedding)
+TRUE_CFG = "true_cfg_scale"
+
+
+def guidance_setting(guidance: float | None, negative_prompt: str | None, pipe: Any, denoiser: Any) -> tuple:
+    """``--guidance`` as (the pipeline argument it sets, its value; the pipeline's default when not given).
+
+    The argument is ``guidance_scale`` (classifier-free guidance, or the guidance distilled into FLUX.1-dev's
+    embedding), but ``true_cfg_scale`` where ``guidance_scale`` defaults to None and the denoiser has no guidance
+    embedding to feed it to (Qwen-Image would ignore it); that guidance runs only with a negative prompt."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(pipe.__call__).parameters.items()}
+    distilled = getattr(getattr(denoiser, "config", None), "guidance_embeds", False)
+    argument = TRUE_CFG if TRUE_CFG in defaults and defaults.get("guidance_scale") is None and not distilled \
+        else "guidance_scale"
+    if argument == TRUE_CFG and guidance is not None and guidance > 1 and negative_prompt is None:
+        raise CommandError(f"--guidance for {type(pipe).__name__} is its true classifier-free guidance "
+                           "(true_cfg_scale), which runs only with a negative prompt: give --negative-prompt (' ' for none)")
+    return argument, guidance if guidance is not None else defaults.get(argument)
 
 
 def _check_lora_scale(lora_scale: float, basis: dict[str, str | dict[str, str]]) -> None:
