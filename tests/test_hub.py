@@ -42,6 +42,11 @@ def test_of_a_sharded_denoiser_repository_the_plain_safetensors_shards_are_fetch
     assert _selected(files, basis_files("o/t", files)) == set(files[:4])
 
 
+def test_a_denoiser_repository_whose_only_safetensors_are_variants_is_fetched_as_bin():
+    files = ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors"]
+    assert _selected(files, basis_files("o/t", files)) == {"config.json", "diffusion_pytorch_model.bin"}
+
+
 def test_a_denoiser_repository_without_safetensors_is_fetched_as_bin():
     files = ["config.json", "diffusion_pytorch_model.bin", "notes.txt"]
     assert _selected(files, basis_files("o/t", files)) == {"config.json", "diffusion_pytorch_model.bin"}
@@ -77,8 +82,8 @@ class FakeHub:
             raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
         return self._files(repo_id)
 
-    def snapshot_download(self, repo_id, allow_patterns=None, **_):
-        self.calls.append(("snapshot", repo_id, allow_patterns))
+    def snapshot_download(self, repo_id, allow_patterns=None, local_files_only=False, **_):
+        self.calls.append(("snapshot", repo_id, allow_patterns, local_files_only))
         target = self.cache / repo_id
         for file in filter_repo_objects(self._files(repo_id), allow_patterns=allow_patterns):
             (target / file).parent.mkdir(parents=True, exist_ok=True)
@@ -122,10 +127,11 @@ def test_a_lora_repository_of_several_files_asks_for_one_before_downloading(monk
 
 
 def test_offline_the_repository_comes_from_the_cache(monkeypatch, tmp_path, sd_loras):
-    """No listing offline (HF_HUB_OFFLINE): the snapshot, unfiltered, is what the cache holds."""
+    """No listing (offline, or the hub failing): the snapshot the cache holds, never a download of the whole
+    repository."""
     shutil.copy(sd_loras["ir"], tmp_path / "pytorch_lora_weights.safetensors")
     hub = FakeHub(monkeypatch, {"someone/ir": tmp_path}, tmp_path / "cache", online=False)
     out = Blend(tiny.sd_pipeline(), {"ir": "someone/ir"}).blend(weights={"ir": 1.0}, **call_kwargs()).images
     local = Blend(tiny.sd_pipeline(), {"ir": sd_loras["ir"]}).blend(weights={"ir": 1.0}, **call_kwargs()).images
     assert max_diff(out, local) == 0
-    assert ("snapshot", "someone/ir", None) in hub.calls
+    assert ("snapshot", "someone/ir", None, True) in hub.calls

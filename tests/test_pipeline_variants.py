@@ -298,3 +298,66 @@ def test_an_expert_that_fails_to_load_leaves_neither_expert_changed(wan_loras, t
     with pytest.raises(ValueError, match="does not exist"):
         Blend(pipe, basis)
     assert not getattr(pipe.transformer, "peft_config", None) and not getattr(pipe.transformer_2, "peft_config", None)
+
+
+@pytest.fixture(scope="module")
+def wan22_folders(tmp_path_factory):
+    """The tiny Wan 2.2 pipeline and a fine-tune of both its experts (other seeds), saved as diffusers folders."""
+    root = tmp_path_factory.mktemp("wan22")
+    tiny.wan22_pipeline().save_pretrained(root / "base")
+    fine_tuned = tiny.wan22_pipeline()
+    fine_tuned.transformer, fine_tuned.transformer_2 = tiny.wan_transformer(5), tiny.wan_transformer(6)
+    fine_tuned.save_pretrained(root / "ft")
+    return root / "base", root / "ft"
+
+
+def _bf16_wan(folder):
+    """Loaded as Wan runs, in bfloat16: diffusers keeps a few of its modules in float32 (_keep_in_fp32_modules)."""
+    from diffusers import DiffusionPipeline
+
+    return tiny._quiet(DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16, text_encoder=None, tokenizer=None))
+
+
+def _bf16_call():
+    return _wan_call(prompt_embeds=WAN_PROMPT.to(torch.bfloat16), negative_prompt_embeds=WAN_NEGATIVE.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("batch_members", [True, False])
+def test_bf16_wan22_one_hot_members_are_what_diffusers_runs(wan22_folders, wan_loras, batch_members):
+    """LoRA members per expert, and full members from the fine-tune's folder (each expert from its subfolder,
+    its float32 modules kept so), one-hot = diffusers' own pipeline with them."""
+    base_folder, fine_tuned_folder = wan22_folders
+    basis = _per_expert(wan_loras) | {"ft": {"transformer": fine_tuned_folder, "transformer_2": fine_tuned_folder}}
+    blend = Blend(_bf16_wan(base_folder), basis, batch_members=batch_members)
+    with_loras = _bf16_wan(base_folder)
+    with_loras.load_lora_weights(str(wan_loras["aes"]), adapter_name="high")
+    with_loras.load_lora_weights(str(wan_loras["ir"]), adapter_name="low", load_into_transformer_2=True)
+    assert max_diff(blend.blend(weights={"aes": 1.0}, **_bf16_call()).frames, with_loras(**_bf16_call()).frames) == 0
+    fine_tuned = _bf16_wan(fine_tuned_folder)(**_bf16_call()).frames
+    assert max_diff(blend.blend(weights={"ft": 1.0}, **_bf16_call()).frames, fine_tuned) == 0
+    assert max_diff(fine_tuned, _bf16_wan(base_folder)(**_bf16_call()).frames) > 1e-2
+
+
+def test_both_experts_are_restored_when_the_call_fails_midway(wan_loras):
+    pipe = tiny.wan22_pipeline()
+    experts = pipe.transformer, pipe.transformer_2
+    blend = Blend(pipe, _per_expert(wan_loras))
+
+    def fail_in_the_low_noise_steps(pipe, step, timestep, tensors):
+        if step == 2:
+            raise RuntimeError("stop")
+        return tensors
+
+    with pytest.raises(RuntimeError, match="stop"):
+        blend.blend(weights={"ir": 0.5, "aes": 0.5}, **_wan_call(callback_on_step_end=fail_in_the_low_noise_steps))
+    assert (pipe.transformer, pipe.transformer_2) == experts
+    assert max_diff(blend.blend(weights={"aes": 1.0}, **_wan_call()).frames,
+                    Blend(tiny.wan22_pipeline(), _per_expert(wan_loras)).blend(weights={"aes": 1.0}, **_wan_call()).frames) == 0
+
+
+def test_a_blend_of_two_experts_reports_both(wan_loras):
+    """The first expert's basis is a full module, the second's a LoRA: the Blend still has LoRA members."""
+    blend = Blend(tiny.wan22_pipeline(), {"ft": {"transformer": tiny.wan_transformer(5),
+                                                 "transformer_2": wan_loras["ir"]}})
+    assert blend.denoiser_names == ["transformer", "transformer_2"]
+    assert blend.lora_names == [] and blend.experts[0].lora_names == ["ft"] and blend.has_lora_members

@@ -247,7 +247,7 @@ def _generate(
     if width is not None:
         kwargs["width"] = width
     if lora_scale is not None:
-        if not blend.lora_names:  # (a hub id is known to be a LoRA or a denoiser once it is read)
+        if not blend.has_lora_members:  # (a hub id is known to be a LoRA or a denoiser once it is read)
             raise CommandError(NO_LORA_TO_SCALE)
         kwargs[_lora_scale_argument(pipe, call_defaults)] = {"scale": lora_scale}
     images = _run_with_progress(blend, pipe, kwargs, blend_weights, kl_scale, mode, steps)
@@ -275,7 +275,7 @@ def _generate(
         "compile": compile,
         "max_batch_size": rows_per_call,
         "lora_scale": lora_scale,
-        "denoiser": blend.denoiser_name,
+        "denoiser": blend.denoiser_names if blend.experts else blend.denoiser_name,
         "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
     for path in save_images(images, out, _jsonable(settings)):

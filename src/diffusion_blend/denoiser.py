@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
+from diffusers import ModelMixin
 from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import nn
 from torch.func import functional_call, stack_module_state
@@ -863,7 +864,11 @@ def lora_scale_of(name: str | None, kwargs: dict) -> float:
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """(device, dtype) of a module, read from its first floating-point parameter or buffer."""
+    """(device, dtype) of a module: as diffusers reads them for its models (their compute dtype: modules kept in
+    float32 in a half-precision model, ``_keep_in_fp32_modules``, and layerwise casting's storage do not count),
+    else from the first floating-point parameter or buffer."""
+    if isinstance(module, ModelMixin):
+        return module.device, module.dtype
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype

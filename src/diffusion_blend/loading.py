@@ -89,8 +89,8 @@ def _download(text: str, denoiser_folders: tuple[str, ...]) -> Path:
         return Path(huggingface_hub.hf_hub_download(file["repo"], file["file"]))
     try:
         files = huggingface_hub.HfApi().list_repo_files(text)
-    except Exception:  # no listing (offline: HF_HUB_OFFLINE): the repository as the cache holds it
-        return Path(huggingface_hub.snapshot_download(text))
+    except Exception:  # no listing (offline, or the hub failing): the repository as the cache holds it, if it does
+        return Path(huggingface_hub.snapshot_download(text, local_files_only=True))
     return Path(huggingface_hub.snapshot_download(text, allow_patterns=basis_files(text, files, denoiser_folders)))
 
 
@@ -114,8 +114,10 @@ def basis_files(repo: str, files: list[str], denoiser_folders: tuple[str, ...] =
 
 
 def _denoiser_weights(files: list[str], folder: str) -> list[str]:
+    """A denoiser's config and plain weights (whole or in shards): safetensors where it has them, else .bin."""
     stem = f"{folder}diffusion_pytorch_model"
-    extension = ".safetensors" if any(f.startswith(stem) and f.endswith(".safetensors") for f in files) else ".bin"
+    plain = re.compile(rf"^{re.escape(stem)}(?:-\d+-of-\d+)?\.safetensors(?:\.index\.json)?$")
+    extension = ".safetensors" if any(plain.match(file) for file in files) else ".bin"
     return [f"{folder}config.json", f"{stem}{extension}", f"{stem}-*{extension}", f"{stem}{extension}.index.json"]
 
 

@@ -9,6 +9,7 @@ returns the blended prediction.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -153,6 +154,17 @@ class Blend:
     def names(self) -> list[str]:
         """The basis names, in the order they were given."""
         return list(self.denoiser.names)
+
+    @property
+    def denoiser_names(self) -> list[str]:
+        """The pipeline attributes blended: its denoiser, or each of its denoisers given a basis (Wan 2.2's experts).
+        ``denoiser``, ``base``, ``lora_names`` and ``owned`` are the first one's; ``experts`` hold the others'."""
+        return [stage.denoiser_name for stage in self._stages()]
+
+    @property
+    def has_lora_members(self) -> bool:
+        """Whether any basis is a LoRA on any of the denoisers blended."""
+        return any(stage.lora_names for stage in self._stages())
 
     def to(self, *args: Any, **kwargs: Any) -> Blend:
         """Move the pipeline (and the full-module members loaded from paths) like ``pipe.to``."""
@@ -327,9 +339,20 @@ class Blend:
 
     # ------------------------------------------------------------------------------------------------------- calling
     def _follow_base(self) -> None:
-        """Keep the full members this Blend loaded on the base's device and dtype (e.g. after ``pipe.to``)."""
+        """Keep the full members this Blend loaded where the base is (e.g. after ``pipe.to``), tensor by tensor: a
+        half-precision diffusers model keeps some modules in float32 (``_keep_in_fp32_modules``), and a member must
+        compute as the base does."""
+        if not self.owned:
+            return
+        default = (self.base.device, self.base.dtype)
+        placements = {name.replace(".base_layer", ""): (tensor.device, tensor.dtype)
+                      for name, tensor in itertools.chain(self.base.named_parameters(), self.base.named_buffers())}
         for module in self.owned.values():
-            module.to(device=self.base.device, dtype=self.base.dtype)
+            for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+                device, dtype = placements.get(name, default)
+                dtype = dtype if tensor.is_floating_point() else tensor.dtype
+                if (tensor.device, tensor.dtype) != (device, dtype):
+                    tensor.data = tensor.data.to(device=device, dtype=dtype)
 
     @contextlib.contextmanager
     def _swapped(self) -> Iterator[None]:
