@@ -361,3 +361,15 @@ def test_a_blend_of_two_experts_reports_both(wan_loras):
                                                  "transformer_2": wan_loras["ir"]}})
     assert blend.denoiser_names == ["transformer", "transformer_2"]
     assert blend.lora_names == [] and blend.experts[0].lora_names == ["ft"] and blend.has_lora_members
+
+
+@pytest.mark.parametrize("mode", ["mix", "stochastic"])
+def test_a_basis_fine_tuned_on_one_expert_gives_the_pipelines_own_for_the_other(wan_loras, mode):
+    """aes adapts the low-noise expert only: one-hot aes = the pipeline with its LoRA on transformer_2 alone."""
+    pipe = tiny.wan22_pipeline()
+    basis = {"ir": {"transformer": wan_loras["ir"], "transformer_2": wan_loras["ir"]},
+             "aes": {"transformer": pipe.transformer, "transformer_2": wan_loras["aes"]}}
+    out = Blend(pipe, basis).blend(weights={"aes": 1.0, "ir": 0.0}, mode=mode, **_wan_call()).frames
+    plain = tiny.wan22_pipeline()
+    plain.load_lora_weights(str(wan_loras["aes"]), adapter_name="low", load_into_transformer_2=True)
+    assert max_diff(out, plain(**_wan_call()).frames) <= 1e-5

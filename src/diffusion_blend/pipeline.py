@@ -50,7 +50,8 @@ class Blend:
             (``owner/name``, or ``owner/name/FILE`` for one LoRA file of a repository) work online, and offline from
             the cache; of a pipeline repository only the denoiser is downloaded. For a pipeline that switches
             between denoisers during sampling (Wan 2.2: ``transformer`` for high noise, ``transformer_2`` for low),
-            a basis is a source per denoiser, ``{"transformer": high, "transformer_2": low}``, and all are blended.
+            a basis is a source per denoiser, ``{"transformer": high, "transformer_2": low}``, and all are blended
+            (a basis fine-tuned on one expert only gives the pipeline's own module for the other).
         denoiser: the pipeline attribute(s) holding the denoiser(s) to blend, when not ``unet`` or ``transformer``
             (or the keys of per-denoiser sources); one of several blends that one's steps only.
         batch_members, max_batch_size, vmap_full_members, compile: how members are evaluated (see
@@ -433,7 +434,8 @@ def _basis_per_denoiser(basis: Mapping[str, BasisSource], denoisers: tuple) -> d
             source = {denoisers[0]: source}
         if set(source) != set(denoisers):
             raise ValueError(f"basis {name!r} gives sources for {', '.join(map(str, source)) or 'no denoiser'}, "
-                             f"but the blend is of {', '.join(denoisers)}: give one for each")
+                             f"but the blend is of {', '.join(denoisers)}: give one for each (the pipeline's own "
+                             "module for a denoiser the basis leaves unchanged)")
         for denoiser_name, part in source.items():
             per_denoiser[denoiser_name][name] = part
     return per_denoiser
