@@ -11,6 +11,7 @@ import torch
 
 import tiny
 from diffusion_blend import BlendedDenoiser, blend_predictions
+from test_loading import _forward_calls as _calls
 
 ROWS = 3
 WEIGHTS, KL_SCALE = {"a": 0.3, "b": 0.5}, 1.5
@@ -162,13 +163,6 @@ def test_lora_mix_equals_the_equation_on_peft_outputs(family, batch_members):
     assert _max_diff(blended, expected) <= 1e-5
     assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
     assert len(calls) == (1 if batch_members else 3)
-
-
-def _calls(module):
-    """A list that grows by one at every forward call of ``module``."""
-    calls = []
-    module.register_forward_pre_hook(lambda *_: calls.append(1))
-    return calls
 
 
 def test_zimage_compiled_blend_equals_the_equation():

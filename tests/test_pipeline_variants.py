@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor
 import tiny
 from diffusion_blend import Blend, BlendedDenoiser
 from test_batching import _lora_base
+from test_loading import _forward_calls
 from test_pipelines import call_kwargs, max_diff, with_lora
 
 _generator = torch.Generator().manual_seed(5)
@@ -363,13 +364,31 @@ def test_a_blend_of_two_experts_reports_both(wan_loras):
     assert blend.lora_names == [] and blend.experts[0].lora_names == ["ft"] and blend.has_lora_members
 
 
+def _one_expert_basis(pipe, loras):
+    """ir adapts both experts, aes the low-noise expert only (the pipeline's own module for the other)."""
+    return {"ir": {"transformer": loras["ir"], "transformer_2": loras["ir"]},
+            "aes": {"transformer": pipe.transformer, "transformer_2": loras["aes"]}}
+
+
 @pytest.mark.parametrize("mode", ["mix", "stochastic"])
 def test_a_basis_fine_tuned_on_one_expert_gives_the_pipelines_own_for_the_other(wan_loras, mode):
-    """aes adapts the low-noise expert only: one-hot aes = the pipeline with its LoRA on transformer_2 alone."""
     pipe = tiny.wan22_pipeline()
-    basis = {"ir": {"transformer": wan_loras["ir"], "transformer_2": wan_loras["ir"]},
-             "aes": {"transformer": pipe.transformer, "transformer_2": wan_loras["aes"]}}
-    out = Blend(pipe, basis).blend(weights={"aes": 1.0, "ir": 0.0}, mode=mode, **_wan_call()).frames
+    out = Blend(pipe, _one_expert_basis(pipe, wan_loras)).blend(weights={"aes": 1.0, "ir": 0.0}, mode=mode,
+                                                                **_wan_call()).frames
     plain = tiny.wan22_pipeline()
     plain.load_lora_weights(str(wan_loras["aes"]), adapter_name="low", load_into_transformer_2=True)
     assert max_diff(out, plain(**_wan_call()).frames) <= 1e-5
+
+
+def test_a_member_that_is_the_base_is_evaluated_with_the_base(wan_loras):
+    """High-noise steps of ir = aes = 0.5: the base and ir's rows in one call, as many calls as the plain pipeline;
+    equal to the blend where aes's high-noise member is a separate copy of the base."""
+    pipe, plain = tiny.wan22_pipeline(), tiny.wan22_pipeline()
+    calls, plain_calls = _forward_calls(pipe.transformer), _forward_calls(plain.transformer)
+    out = Blend(pipe, _one_expert_basis(pipe, wan_loras)).blend(weights={"ir": 0.5, "aes": 0.5}, **_wan_call()).frames
+    plain(**_wan_call())
+    assert len(calls) == len(plain_calls)
+    copy = tiny.wan22_pipeline()
+    basis = _one_expert_basis(copy, wan_loras) | {"aes": {"transformer": tiny.wan_transformer(0),
+                                                          "transformer_2": wan_loras["aes"]}}
+    assert max_diff(out, Blend(copy, basis).blend(weights={"ir": 0.5, "aes": 0.5}, **_wan_call()).frames) <= 1e-5

@@ -235,11 +235,12 @@ class AdapterRouter:
         finally:
             self.lora_scale = previous
 
-    def member_mask(self, adapters: list[str], drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The mask routing row i through ``adapters[drawn[i]]``, built on ``drawn``'s device (no host read)."""
+    def member_mask(self, adapters: list[str | None], drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The mask routing row i through ``adapters[drawn[i]]`` (None: no adapter, the base), built on ``drawn``'s
+        device (no host read)."""
         key = (tuple(adapters), drawn.device, like.dtype)
         if self._member_rows is None or self._member_rows[0] != key:  # each member's row of the mask, made once
-            columns = torch.tensor([self.order.index(adapter) for adapter in adapters])
+            columns = torch.tensor([-1 if adapter is None else self.order.index(adapter) for adapter in adapters])
             self._member_rows = (key, self._one_hot(columns.to(drawn.device, non_blocking=True), like.dtype))
         return self._member_rows[1][drawn]
 

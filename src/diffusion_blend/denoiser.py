@@ -133,9 +133,11 @@ class BlendedDenoiser(nn.Module):
         base = unwrap_module(base)
         members = {name: unwrap_module(member) for name, member in members.items()}
         self.base = base
-        self.modules_by_name = nn.ModuleDict(
-            {name: member for name, member in members.items() if isinstance(member, nn.Module)}
-        )
+        #: members given as the base module itself (a basis that leaves this denoiser unchanged: one Wan 2.2 expert
+        #: fine-tuned, the other not): the base's prediction, evaluated with the base
+        self.same_as_base = {name for name, member in members.items() if member is base}
+        self.modules_by_name = nn.ModuleDict({name: member for name, member in members.items()
+                                              if isinstance(member, nn.Module) and name not in self.same_as_base})
         self.adapter_of = {name: member for name, member in members.items() if isinstance(member, str)}
         odd = [name for name, member in members.items() if not isinstance(member, (nn.Module, str))]
         if odd:
@@ -250,8 +252,10 @@ class BlendedDenoiser(nn.Module):
         return self.router.scaled(scale) if self.router is not None and scale != 1 else contextlib.nullcontext()
 
     def plan_mix(self) -> list[Evaluation]:
-        """What the mix formula needs: members with λ·w ≠ 0, and the base unless 1 − λΣw = 0."""
-        weights, kl_scale = self.settings.weights, self.settings.kl_scale
+        """What the mix formula needs: members with λ·w ≠ 0, and the base unless 1 − λΣw = 0 (a member that is the
+        base adds nothing to the sum: w (base − base))."""
+        kl_scale = self.settings.kl_scale
+        weights = {name: w for name, w in self.settings.weights.items() if name not in self.same_as_base}
         members = [Evaluation(name) for name, weight in weights.items() if kl_scale * weight != 0]
         needs_base = base_coefficient(weights.values(), kl_scale) != 0
         return ([Evaluation(BASE)] if needs_base else []) + members
@@ -290,7 +294,7 @@ class BlendedDenoiser(nn.Module):
         """LoRA members only: every row goes through its drawn adapter in one call on the shared base (after the
         base's own rows where λ ≠ 1), routed by a mask built on the latents' device from the draws. Nothing is read
         back to the host, so a GPU is never made to wait (row lists per member would need that)."""
-        mask = self.router.member_mask([self.adapter_of[name] for name in self.names], drawn, like=_like(latent))
+        mask = self.router.member_mask([self.adapter_of.get(name) for name in self.names], drawn, like=_like(latent))
         plan = [Evaluation(self.names[0])]  # its rows are routed by the mask: each to its drawn adapter
         if self.settings.kl_scale != 1:
             plan.insert(0, Evaluation(BASE))
