@@ -81,8 +81,9 @@ class BlendedDenoiser(nn.Module):
 
     Args:
         base: the pretrained denoiser module (e.g. a ``UNet2DConditionModel`` or ``SD3Transformer2DModel``).
-        members: basis name → a full fine-tuned denoiser of the same architecture, or the name of a peft LoRA
-            adapter already loaded on ``base``.
+        members: basis name → a full fine-tuned denoiser of the same architecture, the name of a peft LoRA
+            adapter already loaded on ``base``, or ``base`` itself (a basis that leaves this denoiser unchanged: its
+            prediction is the base's, at no extra call).
         batch_members: evaluate the base and all LoRA members in one call on the shared base (their rows stacked
             in the batch, each row routed to its adapter) instead of one call each: the same FLOPs in one call, so
             a call's fixed cost is paid once (docs/performance.md). ``False``: one call per member.
