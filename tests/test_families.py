@@ -346,3 +346,18 @@ def test_full_members_torch_vmap_cannot_run_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="HiDreamImageTransformer2DModel's forward cannot be vmapped .*"
                                          "use vmap_full_members=False"):
         _blended(denoiser, _inputs("hidream"), WEIGHTS, KL_SCALE)
+
+
+@pytest.mark.parametrize("batch_members", [True, False])
+def test_a_member_that_is_the_base_draws_the_base(batch_members):
+    """Stochastic rows drawing a member given as the base module itself get the base's prediction."""
+    base, inputs = _with_two_loras("wan"), _inputs("wan")
+    outputs = _peft_outputs(base, inputs)
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": base}, batch_members=batch_members)
+    blended = _blended(denoiser, inputs, {"a": 0.5, "b": 0.5}, 0.5, mode="stochastic")
+    denoiser.set_blend({"a": 0.5, "b": 0.5}, kl_scale=0.5, mode="stochastic", generator=torch.Generator().manual_seed(3))
+    drawn = denoiser.draw_members(inputs["hidden_states"]).tolist()
+    assert set(drawn) == {0, 1}
+    expected = [blend_predictions(outputs["base"][row], [outputs["a" if member == 0 else "base"][row]], [1.0], 0.5)
+                for row, member in enumerate(drawn)]
+    assert _max_diff(blended, expected) <= 1e-5
