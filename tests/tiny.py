@@ -138,9 +138,15 @@ def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     )
 
 
-def sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
+def _seeded(seed: int, model_class: type, **config) -> torch.nn.Module:
+    """``model_class(**config)`` in eval mode, its random weights drawn from ``seed`` (same seed, same weights)."""
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(
+    return model_class(**config).eval()
+
+
+def sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
+    return _seeded(
+        seed, SD3Transformer2DModel,
         sample_size=8,
         patch_size=1,
         in_channels=4,
@@ -151,13 +157,13 @@ def sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
         joint_attention_dim=2 * TEXT_HIDDEN,
         pooled_projection_dim=2 * TEXT_HIDDEN,
         out_channels=4,
-    ).eval()
+    )
 
 
 def flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
     """Flux (dev): double- and single-stream blocks, rotary position ids, guidance distilled into an embedding."""
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
+    return _seeded(
+        seed, FluxTransformer2DModel,
         patch_size=1,
         in_channels=4,
         num_layers=1,
@@ -168,114 +174,114 @@ def flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
         pooled_projection_dim=FLUX_CONTEXT,
         axes_dims_rope=[4, 4, 8],
         guidance_embeds=True,
-    ).eval()
+    )
 
 
 def qwen_transformer(seed: int = 0, zero_cond_t: bool = False) -> QwenImageTransformer2DModel:
     """Qwen-Image's MMDiT (``zero_cond_t``: Qwen-Image-Edit-2511's second, zero timestep for reference images,
     chosen per token from the per-sample ``img_shapes``)."""
-    torch.manual_seed(seed)
-    return QwenImageTransformer2DModel(
+    return _seeded(
+        seed, QwenImageTransformer2DModel,
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
         joint_attention_dim=QWEN_CONTEXT, guidance_embeds=False, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t,
-    ).eval()
+    )
 
 
 def zimage_transformer(seed: int = 0) -> ZImageTransformer2DModel:
     """Z-Image's single-stream DiT: it takes and returns a list with one tensor per sample (sizes may differ)."""
-    torch.manual_seed(seed)
-    return ZImageTransformer2DModel(
+    return _seeded(
+        seed, ZImageTransformer2DModel,
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
         n_kv_heads=2, cap_feat_dim=ZIMAGE_CONTEXT, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
-    ).eval()
+    )
 
 
 def wan_transformer(seed: int = 0) -> WanTransformer3DModel:
     """Wan 2.x (video): latents (batch, channels, frames, height, width)."""
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
+    return _seeded(
+        seed, WanTransformer3DModel,
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
         freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
-    ).eval()
+    )
 
 
 def wan_vace_transformer(seed: int = 0) -> WanVACETransformer3DModel:
     """Wan VACE: control latents enter through control blocks beside the main ones."""
-    torch.manual_seed(seed)
-    return WanVACETransformer3DModel(
+    return _seeded(
+        seed, WanVACETransformer3DModel,
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
         freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8,
-    ).eval()
+    )
 
 
 def flux2_transformer(seed: int = 0) -> Flux2Transformer2DModel:
     """FLUX.2: position ids with a batch axis, four rotary axes."""
-    torch.manual_seed(seed)
-    return Flux2Transformer2DModel(
+    return _seeded(
+        seed, Flux2Transformer2DModel,
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-    ).eval()
+    )
 
 
 def hidream_transformer(seed: int = 0) -> HiDreamImageTransformer2DModel:
     """HiDream-I1: mixture-of-experts feed-forwards, Llama-3 states of several layers stacked before the batch."""
-    torch.manual_seed(seed)
-    return HiDreamImageTransformer2DModel(
+    return _seeded(
+        seed, HiDreamImageTransformer2DModel,
         patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4,
         num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1),
-    ).eval()
+    )
 
 
 def lumina2_transformer(seed: int = 0) -> Lumina2Transformer2DModel:
     """Lumina-Image 2.0: caption and image refiners, a caption padding mask per row."""
-    torch.manual_seed(seed)
-    return Lumina2Transformer2DModel(
+    return _seeded(
+        seed, Lumina2Transformer2DModel,
         sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
         num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 4, 4), axes_lens=(64, 16, 16),
         cap_feat_dim=16,
-    ).eval()
+    )
 
 
 def hunyuan_video_transformer(seed: int = 0) -> HunyuanVideoTransformer3DModel:
     """HunyuanVideo: double- and single-stream blocks, a token refiner, an attention mask, distilled guidance."""
-    torch.manual_seed(seed)
-    return HunyuanVideoTransformer3DModel(
+    return _seeded(
+        seed, HunyuanVideoTransformer3DModel,
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
         num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
         pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
-    ).eval()
+    )
 
 
 def ltx_video_transformer(seed: int = 0) -> LTXVideoTransformer3DModel:
     """LTX-Video: latents packed into tokens (batch, frames·height·width, channels), sizes given as integers."""
-    torch.manual_seed(seed)
-    return LTXVideoTransformer3DModel(
+    return _seeded(
+        seed, LTXVideoTransformer3DModel,
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
         cross_attention_dim=32, num_layers=1, caption_channels=16,
-    ).eval()
+    )
 
 
 def cogvideox_transformer(seed: int = 0) -> CogVideoXTransformer3DModel:
     """CogVideoX: latents (batch, frames, channels, height, width), text and video tokens in one sequence."""
-    torch.manual_seed(seed)
-    return CogVideoXTransformer3DModel(
+    return _seeded(
+        seed, CogVideoXTransformer3DModel,
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
         num_layers=1, sample_width=8, sample_height=8, sample_frames=8, patch_size=2, temporal_compression_ratio=4,
         max_text_seq_length=8,
-    ).eval()
+    )
 
 
 def sana_transformer(seed: int = 0) -> SanaTransformer2DModel:
     """Sana: linear attention over the image, cross-attention to the caption."""
-    torch.manual_seed(seed)
-    return SanaTransformer2DModel(
+    return _seeded(
+        seed, SanaTransformer2DModel,
         patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
         num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
         sample_size=8,
-    ).eval()
+    )
 
 
 SCHEDULERS = {
