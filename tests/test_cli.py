@@ -195,17 +195,19 @@ def test_bad_per_denoiser_basis_is_one_line(sd_pipeline_folder, tmp_path, item, 
 ])
 def test_guidance_sets_the_pipelines_classifier_free_guidance(build, expected):
     import tiny
-    from diffusion_blend.cli import guidance_setting
+    from diffusion_blend.cli import call_defaults_of, guidance_setting
 
     pipe = getattr(tiny, build)()
-    assert guidance_setting(4.0, " ", pipe, getattr(pipe, "unet", None) or pipe.transformer) == expected
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    assert guidance_setting(4.0, " ", pipe, call_defaults_of(pipe), denoiser) == expected
 
 
 def test_true_cfg_guidance_without_a_negative_prompt_is_refused():
     import tiny
-    from diffusion_blend.cli import CommandError, guidance_setting
+    from diffusion_blend.cli import CommandError, call_defaults_of, guidance_setting
 
     pipe = tiny.qwen_pipeline()
+    defaults = call_defaults_of(pipe)
     with pytest.raises(CommandError, match="--guidance for QwenImagePipeline is its true classifier-free guidance"):
-        guidance_setting(4.0, None, pipe, pipe.transformer)
-    assert guidance_setting(None, None, pipe, pipe.transformer) == ("true_cfg_scale", 4.0)  # the pipeline's default
+        guidance_setting(4.0, None, pipe, defaults, pipe.transformer)
+    assert guidance_setting(None, None, pipe, defaults, pipe.transformer) == ("true_cfg_scale", 4.0)  # its default

@@ -232,11 +232,9 @@ def _generate(
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     blend.to(device)
-    call_defaults = {
-        name: parameter.default for name, parameter in inspect.signature(pipe.__call__).parameters.items()
-    }
+    call_defaults = call_defaults_of(pipe)
     steps = steps if steps is not None else call_defaults.get("num_inference_steps")
-    guidance_argument, guidance = guidance_setting(guidance, negative_prompt, pipe, blend.base)
+    guidance_argument, guidance = guidance_setting(guidance, negative_prompt, pipe, call_defaults, blend.base)
     kwargs = dict(prompt=prompt, num_inference_steps=steps, num_images_per_prompt=num_images,
                   generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
     kwargs[guidance_argument] = guidance
@@ -306,13 +304,19 @@ def max_batch_size_option(value: str | None) -> int | str | None:
 TRUE_CFG = "true_cfg_scale"
 
 
-def guidance_setting(guidance: float | None, negative_prompt: str | None, pipe: Any, denoiser: Any) -> tuple:
-    """``--guidance`` as (the pipeline argument it sets, its value; the pipeline's default when not given).
+def call_defaults_of(pipe: Any) -> dict[str, Any]:
+    """The pipeline's call arguments and their defaults."""
+    return {name: parameter.default for name, parameter in inspect.signature(pipe.__call__).parameters.items()}
+
+
+def guidance_setting(guidance: float | None, negative_prompt: str | None, pipe: Any, defaults: dict[str, Any],
+                     denoiser: Any) -> tuple:
+    """``--guidance`` as (the pipeline argument it sets, its value; the pipeline's default when not given), from the
+    pipeline's call ``defaults`` (:func:`call_defaults_of`).
 
     The argument is ``guidance_scale`` (classifier-free guidance, or the guidance distilled into FLUX.1-dev's
     embedding), but ``true_cfg_scale`` where ``guidance_scale`` defaults to None and the denoiser has no guidance
     embedding to feed it to (Qwen-Image would ignore it); that guidance runs only with a negative prompt."""
-    defaults = {name: parameter.default for name, parameter in inspect.signature(pipe.__call__).parameters.items()}
     distilled = getattr(getattr(denoiser, "config", None), "guidance_embeds", False)
     argument = TRUE_CFG if TRUE_CFG in defaults and defaults.get("guidance_scale") is None and not distilled \
         else "guidance_scale"
@@ -335,9 +339,9 @@ def _check_lora_scale(lora_scale: float, basis: dict[str, str | dict[str, str]])
 def _lora_scale_argument(pipe: Any, call_parameters: dict) -> str:
     """The pipeline argument that carries a LoRA scale (``cross_attention_kwargs`` for SD, ``joint_attention_kwargs``
     for SD3/Flux, ...), for ``--lora-scale``."""
-    from .denoiser import LORA_SCALE_ARGUMENTS
+    from .denoiser import lora_scale_parameter
 
-    argument = next((name for name in LORA_SCALE_ARGUMENTS if name in call_parameters), None)
+    argument = lora_scale_parameter(call_parameters)
     if argument is None:
         raise CommandError(f"--lora-scale: {type(pipe).__name__} takes no LoRA scale")
     return argument

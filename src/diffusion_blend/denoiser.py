@@ -20,7 +20,7 @@ import inspect
 import itertools
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -151,8 +151,9 @@ class BlendedDenoiser(nn.Module):
         self.router = AdapterRouter(base, list(self.adapter_of.values())) if self.adapter_of else None
         self._compiled_functions: dict[str, Any] = {}
         self._latent_name, self._timestep_parameter = _sample_and_timestep_parameters(base)
-        self._parameter_names = list(inspect.signature(base.forward).parameters)
-        self._lora_scale_parameter = _lora_scale_parameter(inspect.signature(base.forward))
+        signature = inspect.signature(base.forward)
+        self._parameter_names = list(signature.parameters)
+        self._lora_scale_parameter = lora_scale_parameter(signature.parameters)
         self._attention_layers = {name: _attention_layers(module)
                                   for name, module in {BASE: base, **self.modules_by_name}.items()}
         self.settings: BlendSettings | None = None
@@ -160,7 +161,7 @@ class BlendedDenoiser(nn.Module):
         self._draw_probabilities: torch.Tensor | None = None
         self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
         self._rows_reshaped = False  # the base reshapes its batch inside: LoRA members cannot share its calls
-        self.forward = SignedForward(self, inspect.signature(base.forward))
+        self.forward = SignedForward(self, signature)
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
     @property
@@ -683,14 +684,12 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 # -------------------------------------------------------------------------------------------- batches of predictions
 def _like(batch: Rows) -> torch.Tensor:
-    """A tensor of the batch's device and dtype (the first one, in lists of lists: Z-Image's omni mode)."""
-    while isinstance(batch, list):
-        batch = batch[0]
-    return batch
+    """A tensor of the batch's device and dtype (its first; lists of lists in Z-Image's omni mode)."""
+    return _tensors_of(batch)[0]
 
 
 def _tensors_of(sample: Any) -> list[torch.Tensor]:
-    """The tensors of one sample, in order: itself, or those of its (nested) list."""
+    """The tensors of a sample (or batch), in order: itself, or those of its (nested) list."""
     if isinstance(sample, torch.Tensor):
         return [sample]
     return [tensor for item in sample for tensor in _tensors_of(item)]
@@ -851,9 +850,9 @@ def splits_its_rows(processor_class: type) -> bool:
     return processor_class.__name__.startswith("PAG")
 
 
-def _lora_scale_parameter(signature: inspect.Signature) -> str | None:
-    """The name of the denoiser's argument that carries the LoRA scale (None: it has none)."""
-    return next((name for name in LORA_SCALE_ARGUMENTS if name in signature.parameters), None)
+def lora_scale_parameter(parameters: Iterable[str]) -> str | None:
+    """Which of a function's parameters (a denoiser's, a pipeline's) carries the LoRA scale (None: none does)."""
+    return next((name for name in LORA_SCALE_ARGUMENTS if name in parameters), None)
 
 
 def lora_scale_of(name: str | None, kwargs: dict) -> float:

@@ -38,12 +38,16 @@ DENOISER_FOLDERS = ("unet", "transformer")
 
 def is_hub_id(text: str) -> bool:
     """Whether a string that is not a local path reads as a Hugging Face hub repository id ("owner/name")."""
-    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+    return _reads_as(_HUB_ID, text)
 
 
 def is_hub_file(text: str) -> bool:
     """Whether a string that is not a local path reads as a file of a hub repository ("owner/name/lora.safetensors")."""
-    return bool(_HUB_FILE.match(text)) and not text.startswith((".", "/", "~"))
+    return _reads_as(_HUB_FILE, text)
+
+
+def _reads_as(pattern: re.Pattern, text: str) -> bool:
+    return bool(pattern.match(text)) and not text.startswith((".", "/", "~"))
 
 
 @dataclass
