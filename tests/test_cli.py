@@ -175,9 +175,19 @@ def test_a_basis_given_per_denoiser_is_the_basis_on_that_denoiser(sd_pipeline_fo
     assert json.loads((tmp_path / "per.json").read_text())["basis"]["ir"] == {"unet": str(sd_loras["ir"])}
 
 
+def test_a_basis_path_base_is_the_pipelines_own_denoiser():
+    """(Wan 2.2: a basis fine-tuned on the low-noise expert only.) A folder called base is ./base."""
+    from diffusion_blend.cli import parse_basis
+
+    assert parse_basis(["aes@transformer=base", "aes@transformer_2=low", "ir=./base"]) == {
+        "aes": {"transformer": None, "transformer_2": "low"}, "ir": "./base"}
+
+
 @pytest.mark.parametrize("item, message", [
     ("ir@=x", "is not NAME=PATH or NAME@DENOISER=PATH"),
     ("ir=x --basis ir@unet=y", "'ir' for unet is given twice"),
+    ("ir@unet=base --basis ir@unet=y", "'ir' for unet is given twice"),
+    ("ir@unet=base", "basis 'ir' leaves every denoiser unchanged"),
 ])
 def test_bad_per_denoiser_basis_is_one_line(sd_pipeline_folder, tmp_path, item, message):
     args = ["generate", "--base", str(sd_pipeline_folder), "--prompt", "a", "--out", str(tmp_path / "o.png"),

@@ -293,6 +293,11 @@ def test_one_hot_on_a_chosen_expert_is_the_pipeline_with_that_lora_on_it(wan_lor
     assert max_diff(expected, tiny.wan22_pipeline()(**_wan_call()).frames) > 1e-3
 
 
+def test_a_basis_leaving_every_expert_unchanged_is_refused(wan_loras):
+    with pytest.raises(ValueError, match=r"basis 'aes' leaves every denoiser unchanged \(no source, or None for each\)"):
+        Blend(tiny.wan22_pipeline(), _per_expert(wan_loras) | {"aes": {"transformer": None, "transformer_2": None}})
+
+
 def test_an_expert_that_fails_to_load_leaves_neither_expert_changed(wan_loras, tmp_path):
     pipe = tiny.wan22_pipeline()
     basis = {"ir": {"transformer": tmp_path / "missing", "transformer_2": wan_loras["ir"]}}
@@ -364,17 +369,19 @@ def test_a_blend_of_two_experts_reports_both(wan_loras):
     assert blend.lora_names == [] and blend.experts[0].lora_names == ["ft"] and blend.has_lora_members
 
 
-def _one_expert_basis(pipe, loras):
-    """ir adapts both experts, aes the low-noise expert only (the pipeline's own module for the other)."""
+def _one_expert_basis(pipe, loras, unchanged=None):
+    """ir adapts both experts, aes the low-noise expert only (``unchanged`` for the other: None, or the
+    pipeline's own module)."""
     return {"ir": {"transformer": loras["ir"], "transformer_2": loras["ir"]},
-            "aes": {"transformer": pipe.transformer, "transformer_2": loras["aes"]}}
+            "aes": {"transformer": unchanged(pipe) if unchanged else pipe.transformer, "transformer_2": loras["aes"]}}
 
 
+@pytest.mark.parametrize("unchanged", [lambda pipe: None, lambda pipe: pipe.transformer], ids=["None", "own module"])
 @pytest.mark.parametrize("mode", ["mix", "stochastic"])
-def test_a_basis_fine_tuned_on_one_expert_gives_the_pipelines_own_for_the_other(wan_loras, mode):
+def test_a_basis_fine_tuned_on_one_expert_leaves_the_other_the_base(wan_loras, mode, unchanged):
     pipe = tiny.wan22_pipeline()
-    out = Blend(pipe, _one_expert_basis(pipe, wan_loras)).blend(weights={"aes": 1.0, "ir": 0.0}, mode=mode,
-                                                                **_wan_call()).frames
+    out = Blend(pipe, _one_expert_basis(pipe, wan_loras, unchanged)).blend(weights={"aes": 1.0, "ir": 0.0},
+                                                                           mode=mode, **_wan_call()).frames
     plain = tiny.wan22_pipeline()
     plain.load_lora_weights(str(wan_loras["aes"]), adapter_name="low", load_into_transformer_2=True)
     assert max_diff(out, plain(**_wan_call()).frames) <= 1e-5

@@ -42,6 +42,8 @@ SCHEDULERS = {
 }
 
 
+#: ``--basis NAME@DENOISER=base``: the pipeline's own denoiser (a basis fine-tuned on another denoiser only)
+BASE_SOURCE = "base"
 NO_LORA_TO_SCALE = "--lora-scale scales LoRA basis models, and no --basis is a LoRA"
 
 
@@ -60,28 +62,31 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
-def parse_basis(items: list[str]) -> dict[str, str | dict[str, str]]:
-    """``["a=lora", "b@transformer=high", "b@transformer_2=low"]`` → ``{"a": "lora", "b": {"transformer": "high",
-    "transformer_2": "low"}}``: a path, or a path per denoiser of a pipeline that has several (Wan 2.2)."""
-    basis: dict[str, str | dict[str, str]] = {}
+def parse_basis(items: list[str]) -> dict[str, str | None | dict[str, str | None]]:
+    """``["a=lora", "b@transformer=high", "b@transformer_2=base"]`` → ``{"a": "lora", "b": {"transformer": "high",
+    "transformer_2": None}}``: a path, or a path per denoiser of a pipeline that has several (Wan 2.2), where
+    ``base`` names the pipeline's own denoiser (one the basis leaves unchanged; a folder called base is ``./base``)."""
+    basis: dict[str, str | None | dict[str, str | None]] = {}
     for item in items:
         key, sep, path = item.partition("=")
         name, at, denoiser = (part.strip() for part in key.partition("@"))
         if not sep or not name or not path.strip() or (at and not denoiser):
             raise CommandError(f"--basis: {item!r} is not NAME=PATH or NAME@DENOISER=PATH")
         given = basis.get(name)
-        if given is not None and (not at or not isinstance(given, dict) or denoiser in given):
+        if name in basis and (not at or not isinstance(given, dict) or denoiser in given):
             raise CommandError(f"--basis: {name!r}{f' for {denoiser}' if at else ''} is given twice")
+        source = None if path.strip() == BASE_SOURCE else path.strip()
         if at:
-            basis.setdefault(name, {})[denoiser] = path.strip()
+            basis.setdefault(name, {})[denoiser] = source
         else:
-            basis[name] = path.strip()
+            basis[name] = source
     return basis
 
 
-def _paths_of(basis: dict[str, str | dict[str, str]]) -> list[str]:
-    """Every path of a parsed ``--basis``."""
-    return [path for source in basis.values() for path in (source.values() if isinstance(source, dict) else [source])]
+def _paths_of(basis: dict[str, str | None | dict[str, str | None]]) -> list[str]:
+    """Every path of a parsed ``--basis`` (not the base's own denoisers)."""
+    return [path for source in basis.values() for path in (source.values() if isinstance(source, dict) else [source])
+            if path is not None]
 
 
 def scheduler_class(name: str) -> type:
@@ -152,7 +157,8 @@ def generate(
     base: Annotated[str, typer.Option(help="Base pipeline: a local folder or a hub id.")],
     basis: Annotated[list[str], typer.Option(
         help="NAME=PATH of a basis model (LoRA or denoiser); repeat it. NAME@DENOISER=PATH gives one per denoiser of "
-             "a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...).")],
+             "a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...; PATH 'base': that "
+             "denoiser unchanged).")],
     weights: Annotated[str, typer.Option(help="NAME=W,... blend weights; names left out count as 0.")],
     prompt: Annotated[str, typer.Option(help="The prompt.")],
     out: Annotated[Path, typer.Option(help="A .png file (grid of all images) or a folder (one PNG per image).")],
@@ -326,7 +332,7 @@ def guidance_setting(guidance: float | None, negative_prompt: str | None, pipe: 
     return argument, guidance if guidance is not None else defaults.get(argument)
 
 
-def _check_lora_scale(lora_scale: float, basis: dict[str, str | dict[str, str]]) -> None:
+def _check_lora_scale(lora_scale: float, basis: dict[str, str | None | dict[str, str | None]]) -> None:
     """``--lora-scale`` is a finite number, and scales LoRA basis models only: not every basis a denoiser folder."""
     from .loading import is_denoiser_folder
 

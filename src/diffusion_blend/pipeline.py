@@ -35,7 +35,7 @@ from .loading import (
     text_encoder_keys,
 )
 
-BasisSource = str | os.PathLike | nn.Module | Mapping[str, "str | os.PathLike | nn.Module"]
+BasisSource = str | os.PathLike | nn.Module | Mapping[str, "str | os.PathLike | nn.Module | None"]
 
 
 class Blend:
@@ -51,7 +51,8 @@ class Blend:
             the cache; of a pipeline repository only the denoiser is downloaded. For a pipeline that switches
             between denoisers during sampling (Wan 2.2: ``transformer`` for high noise, ``transformer_2`` for low),
             a basis is a source per denoiser, ``{"transformer": high, "transformer_2": low}``, and all are blended
-            (a basis fine-tuned on one expert only gives the pipeline's own module for the other).
+            (a basis fine-tuned on one expert only gives ``None`` for the other: that expert's prediction is the
+            base's, at no extra call).
         denoiser: the pipeline attribute(s) holding the denoiser(s) to blend, when not ``unet`` or ``transformer``
             (or the keys of per-denoiser sources); one of several blends that one's steps only.
         batch_members, max_batch_size, vmap_full_members, compile: how members are evaluated (see
@@ -145,7 +146,7 @@ class Blend:
         _check_basis_names(basis)
         for name, source in basis.items():
             for folder, part in (source.items() if isinstance(source, Mapping) else [(denoiser, source)]):
-                if not isinstance(part, nn.Module):
+                if part is not None and not isinstance(part, nn.Module):
                     resolve_source(name, part, (folder,) if isinstance(folder, str) else DENOISER_FOLDERS)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
         return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size,
@@ -244,8 +245,10 @@ class Blend:
                 f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
             )
 
-    def _resolve(self, name: str, source: BasisSource) -> LoraFile | nn.Module:
-        """Read and check one basis source without touching the pipeline."""
+    def _resolve(self, name: str, source: BasisSource | None) -> LoraFile | nn.Module:
+        """Read and check one basis source without touching the pipeline (None: this denoiser is the base's)."""
+        if source is None:
+            return self.base
         if isinstance(source, nn.Module):
             return source
         if not isinstance(source, (str, os.PathLike)):
@@ -389,8 +392,11 @@ def _quiet_logger(name: str) -> Iterator[None]:
 def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
     if not isinstance(basis, Mapping) or not basis:
         raise ValueError("the basis is empty: give at least one name → LoRA path, denoiser folder or module")
-    for name in basis:
+    for name, source in basis.items():
         check_member_name(name)
+        if all(part is None for part in (source.values() if isinstance(source, Mapping) else [source])):
+            raise ValueError(f"basis {name!r} leaves every denoiser unchanged (no source, or None for each): give "
+                             "a LoRA, a denoiser folder or a module (None only beside another denoiser's source)")
 
 
 def _check_no_collision(pipe: Any, basis: Mapping[str, BasisSource], denoisers: Sequence[str]) -> None:
@@ -434,8 +440,8 @@ def _basis_per_denoiser(basis: Mapping[str, BasisSource], denoisers: tuple) -> d
             source = {denoisers[0]: source}
         if set(source) != set(denoisers):
             raise ValueError(f"basis {name!r} gives sources for {', '.join(map(str, source)) or 'no denoiser'}, "
-                             f"but the blend is of {', '.join(denoisers)}: give one for each (the pipeline's own "
-                             "module for a denoiser the basis leaves unchanged)")
+                             f"but the blend is of {', '.join(denoisers)}: give one for each (None for a denoiser "
+                             "the basis leaves unchanged)")
         for denoiser_name, part in source.items():
             per_denoiser[denoiser_name][name] = part
     return per_denoiser
