@@ -347,7 +347,7 @@ class BlendedDenoiser(nn.Module):
         predictions: list[Rows] = [None] * len(plan)  # type: ignore[list-item]
         template = None
         split = self._rows_are_split()
-        calls = self._calls(plan, together=self._members_share_calls())
+        calls = self._calls(plan, together=self._members_share_calls(split))
         vmapped = [c[0] for c in calls if self.vmap_full_members and not split
                    and plan[c[0]].member in self.modules_by_name and plan[c[0]].rows is None]
         cap = self._rows_per_call(len(latent))
@@ -377,14 +377,16 @@ class BlendedDenoiser(nn.Module):
             return full
         return ([shared] if together else [[p] for p in shared]) + full
 
-    def _members_share_calls(self) -> bool:
+    def _members_share_calls(self, split: bool | None = None) -> bool:
         """Whether members' rows may share a denoiser call now: ``batch_members``, unless an attention processor
         of the base splits a call's rows into parts of its own (:func:`splits_its_rows`, perturbed-attention
         guidance: pipelines install those processors for the duration of their call), or the base reshapes its
         batch inside (:class:`~diffusion_blend.adapters.RowsReshaped`, found at the first call that stacks rows of
         several adapters). Then each member is called on the pipeline's own rows, as the pipeline calls a single
-        model."""
-        return self.batch_members and not self._rows_reshaped and not self._rows_are_split()
+        model. (``split``: :meth:`_rows_are_split`, where the caller has read it already.)"""
+        if split is None:
+            split = self._rows_are_split()
+        return self.batch_members and not self._rows_reshaped and not split
 
     def _rows_are_split(self) -> bool:
         return any(map(splits_its_rows, {type(layer.processor) for layer in self._attention_layers[BASE]}))
