@@ -82,6 +82,24 @@ def test_perturbed_attention_guidance_with_full_members():
     assert all(members[name].attn_processors == processors[name] for name in members)
 
 
+def test_a_blended_denoiser_put_in_a_pag_pipeline_leaves_its_members_processors_as_the_bases():
+    """PAG installs its processors on every attention layer of the wrapper, members' included, and restores the
+    originals through the wrapper's set_attn_processor: on the members too."""
+    pipe, members = tiny.pag_pipeline(), {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+    pipe.unet = BlendedDenoiser(pipe.unet, members)
+    pipe.unet.set_blend({"aes": 1.0})
+    out = pipe(**call_kwargs(pag_scale=3.0)).images
+    assert max_diff(out, tiny.pag_pipeline(tiny.unet(2))(**call_kwargs(pag_scale=3.0)).images) <= 1e-5
+    processors = {type(processor) for member in members.values() for processor in member.attn_processors.values()}
+    assert processors == {type(processor) for processor in pipe.unet.base.attn_processors.values()}
+
+
+def test_a_full_member_whose_name_matches_a_pag_layer_pattern_is_refused():
+    """pag_applied_layers=["mid"] matches every layer of a member named "humid" (modules_by_name.humid.…)."""
+    with pytest.raises(ValueError, match=r"member 'humid' has perturbed-attention-guidance processors on 3 attention layer\(s\) where the base has none"):
+        Blend(tiny.pag_pipeline(), {"humid": tiny.unet(1)}).blend(weights={"humid": 1.0}, **call_kwargs(pag_scale=3.0))
+
+
 def test_perturbed_attention_guidance_lora_members_equal_fused_full_members(sd_loras):
     fused = {name: tiny.fused_copy(tiny.unet, path) for name, path in sd_loras.items()}
     weights = {"ir": 0.6, "aes": 0.2}

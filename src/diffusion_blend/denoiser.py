@@ -176,6 +176,14 @@ class BlendedDenoiser(nn.Module):
     def device(self) -> torch.device:
         return _placement(self.base)[0]
 
+    def set_attn_processor(self, processor: Any) -> None:
+        """Set the attention processors of the base and of every full member (diffusers' ``set_attn_processor``:
+        one processor, or one per layer name, the base's names). Pipelines that install processors for their call
+        (perturbed-attention guidance) put them on every attention layer of the wrapper, members' included, and
+        restore them through this method: on the base alone, the members would keep the call's processors."""
+        for module in (self.base, *self.modules_by_name.values()):
+            module.set_attn_processor(dict(processor) if isinstance(processor, Mapping) else processor)  # (it pops)
+
     def __getattr__(self, name: str) -> Any:
         """Public attributes the wrapper lacks come from the base (``add_embedding``, ``encoder_hid_proj``, ...).
         Private ones do not: hooks that libraries keep on a module (accelerate's ``_hf_hook``) belong to that
@@ -227,6 +235,7 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
+        self._check_rows_split_alike()
         if self.settings.mode == "mix":
             blend = self._mix
         else:  # drawn once per call: a call redone below must not draw again (the seed's later draws would shift)
@@ -538,6 +547,23 @@ class BlendedDenoiser(nn.Module):
         if missing:
             have = ", ".join(sorted(present)) or "none"
             raise ValueError(f"LoRA member(s) {', '.join(missing)} are not loaded on the base (loaded: {have})")
+
+    def _check_rows_split_alike(self) -> None:
+        """Every full member splits its rows where the base does. Perturbed-attention guidance installs its
+        processors for the call on the layers whose names match a pattern (``pag_applied_layers``), and the wrapper's
+        members are named ``modules_by_name.<basis>.…``: a pattern that matches a basis's name ("mid" in "humid")
+        puts them on every attention layer of that member, which would silently blend another model."""
+        base = [splits_its_rows(type(layer.processor)) for layer in self._attention_layers[BASE]]
+        for name in self.modules_by_name:
+            layers = self._attention_layers[name]
+            differing = [index for index, layer in enumerate(layers) if splits_its_rows(type(layer.processor)) != base[index]]
+            if differing:
+                raise ValueError(
+                    f"member {name!r} has perturbed-attention-guidance processors on {len(differing)} attention "
+                    f"layer(s) where the base has none, or the reverse (e.g. its layer {differing[0]}: "
+                    f"{type(layers[differing[0]].processor).__name__}): a pag_applied_layers pattern of the pipeline "
+                    "matches the basis's name in the blend (modules_by_name.<basis>.…); choose a basis name no "
+                    "pattern matches")
 
     def _check_placement(self) -> None:
         device, dtype = _placement(self.base)
