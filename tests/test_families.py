@@ -1,13 +1,16 @@
 """The blend on the denoisers of other model families, each called as its pipeline calls it: video transformers
-(Wan, Wan VACE, HunyuanVideo, LTX-Video, CogVideoX), Sana, FLUX.2 (batched position ids), HiDream (Llama-3 states
+(Wan, Wan VACE, Wan first-and-last-frame, HunyuanVideo, HunyuanVideo-Framepack, Cosmos, LTX-Video, LTX-2 — two predictions, video and audio —, CogVideoX), Sana, FLUX.2 (batched position ids), HiDream (Llama-3 states
 with the batch second), Lumina 2, Qwen-Image-Edit-2511 (per-sample ``img_shapes`` choosing each token's timestep)
 and Z-Image (a list with one tensor per sample, of different sizes, in and out). The reference is
 peft's own forward with one adapter active, combined by the equation sample by sample."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tiny
 from diffusion_blend import BlendedDenoiser, blend_predictions
@@ -40,6 +43,32 @@ def _flux2_inputs(g):
                 txt_ids=text_ids.expand(ROWS, -1, -1), guidance=torch.tensor([4.0] * ROWS))
 
 
+def _wan_flf2v_inputs(g, rows=ROWS):
+    """The first and last frames' image tokens, repeated per sample as the pipeline does: 2 rows per sample."""
+    return dict(hidden_states=_randn(rows, 8, 2, 8, 8, generator=g), timestep=torch.tensor([500] * rows),
+                encoder_hidden_states=_randn(rows, 12, 16, generator=g),
+                encoder_hidden_states_image=_randn(2, 17, 4, generator=g).repeat(rows, 1, 1))
+
+
+def _framepack_inputs(g, rows=ROWS):
+    """A window of 3 latent frames, history of 1 clean, 2 (2×) and 4 (4×) frames, indexed as the pipeline splits
+    ``arange``: 1-D indices of lengths 3, 2 (prefix and clean), 2 and 4."""
+    prefix, window, history_4x, history_2x, history_1x = torch.arange(11).split([1, 3, 4, 2, 1])
+    return dict(hidden_states=_randn(rows, 4, 3, 4, 4, generator=g), timestep=torch.tensor([700] * rows),
+                encoder_hidden_states=_randn(rows, 12, 16, generator=g), encoder_attention_mask=torch.ones(rows, 12),
+                pooled_projections=_randn(rows, 8, generator=g), guidance=torch.tensor([6000.0] * rows),
+                image_embeds=_randn(rows, 12, 16, generator=g), indices_latents=window,
+                latents_clean=_randn(rows, 4, 2, 4, 4, generator=g), indices_latents_clean=torch.cat([prefix, history_1x]),
+                latents_history_2x=_randn(rows, 4, 2, 4, 4, generator=g), indices_latents_history_2x=history_2x,
+                latents_history_4x=_randn(rows, 4, 4, 4, 4, generator=g), indices_latents_history_4x=history_4x)
+
+
+def _cosmos_inputs(g, rows=ROWS):
+    """The padding mask as every Cosmos pipeline makes it: (1, 1, height, width) whatever the batch."""
+    return dict(hidden_states=_randn(rows, 4, 1, 8, 8, generator=g), timestep=torch.tensor([500.0] * rows),
+                encoder_hidden_states=_randn(rows, 12, 16, generator=g), fps=30, padding_mask=torch.zeros(1, 1, 8, 8))
+
+
 def _hidream_inputs(g):
     """Llama-3 states of two layers, stacked before the batch axis (layers, batch, tokens, width)."""
     return dict(hidden_states=_randn(ROWS, 4, 8, 8, generator=g), timesteps=torch.tensor([500] * ROWS),
@@ -64,6 +93,20 @@ def _ltx_inputs(g):
     return dict(hidden_states=_randn(ROWS, 2 * 4 * 4, 8, generator=g), encoder_hidden_states=_randn(ROWS, 6, 16, generator=g),
                 timestep=torch.tensor([700] * ROWS), encoder_attention_mask=torch.ones(ROWS, 6).bool(), num_frames=2,
                 height=4, width=4)
+
+
+def _ltx2_inputs(g, frames=2, size=4, audio_frames=5):
+    """Video and audio latents, each with its captions and position coordinates (batched, as the pipeline makes them)."""
+    rope = tiny.ltx2_transformer()
+    video_coords = rope.rope.prepare_video_coords(ROWS, frames, size, size, torch.device("cpu"), fps=25.0)
+    audio_coords = rope.audio_rope.prepare_audio_coords(ROWS, audio_frames, torch.device("cpu"))
+    return dict(hidden_states=_randn(ROWS, frames * size * size, 4, generator=g),
+                audio_hidden_states=_randn(ROWS, audio_frames, 4, generator=g),
+                encoder_hidden_states=_randn(ROWS, 6, 16, generator=g),
+                audio_encoder_hidden_states=_randn(ROWS, 6, 16, generator=g), timestep=torch.tensor([700.0] * ROWS),
+                sigma=torch.tensor([700.0] * ROWS), encoder_attention_mask=torch.ones(ROWS, 6),
+                audio_encoder_attention_mask=torch.ones(ROWS, 6), num_frames=frames, height=size, width=size, fps=25.0,
+                audio_num_frames=audio_frames, video_coords=video_coords, audio_coords=audio_coords)
 
 
 def _cogvideox_inputs(g):
@@ -93,8 +136,12 @@ def _zimage_inputs(g):
 FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes them)
     "wan": (tiny.wan_transformer, _wan_inputs),
     "wan_vace": (tiny.wan_vace_transformer, _wan_vace_inputs),
+    "wan_flf2v": (tiny.wan_flf2v_transformer, _wan_flf2v_inputs),
+    "framepack": (tiny.framepack_transformer, _framepack_inputs),
+    "cosmos": (tiny.cosmos_transformer, _cosmos_inputs),
     "hunyuan_video": (tiny.hunyuan_video_transformer, _hunyuan_inputs),
     "ltx_video": (tiny.ltx_video_transformer, _ltx_inputs),
+    "ltx2": (tiny.ltx2_transformer, _ltx2_inputs),
     "cogvideox": (tiny.cogvideox_transformer, _cogvideox_inputs),
     "sana": (tiny.sana_transformer, _sana_inputs),
     "flux2": (tiny.flux2_transformer, _flux2_inputs),
@@ -103,6 +150,18 @@ FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes 
     "qwen_image_edit": (lambda seed=0: tiny.qwen_transformer(seed, zero_cond_t=True), _qwen_edit_inputs),
     "zimage": (tiny.zimage_transformer, _zimage_inputs),
 }
+
+
+@pytest.fixture(autouse=True)
+def _cosmos_mask_resize(monkeypatch):
+    """Cosmos resizes its padding mask with torchvision, which is not a dependency here: where it is missing, a
+    nearest-neighbour stand-in (the tests' mask already has the latents' size)."""
+    import diffusers.models.transformers.transformer_cosmos as cosmos
+
+    if not hasattr(cosmos, "transforms"):
+        functional = SimpleNamespace(resize=lambda mask, size, interpolation: F.interpolate(mask, size=size))
+        monkeypatch.setattr(cosmos, "transforms", SimpleNamespace(
+            functional=functional, InterpolationMode=SimpleNamespace(NEAREST="nearest")), raising=False)
 
 
 def _with_two_loras(family):
@@ -117,9 +176,13 @@ def _inputs(family):
     return FAMILIES[family][1](torch.Generator().manual_seed(0))
 
 
-def _samples(prediction):
-    """A batch of predictions as a list of samples (Z-Image's already is one)."""
-    return list(prediction) if isinstance(prediction, torch.Tensor) else prediction
+def _samples(output):
+    """A denoiser's output (``return_dict=False``) as a list of samples: its prediction's rows (Z-Image's list is
+    one already); a several-output denoiser's (LTX-2's video and audio) fields flattened and joined row by row."""
+    fields = [field for field in output if field is not None]
+    if len(fields) > 1:
+        return [torch.cat([field[row].flatten() for field in fields]) for row in range(len(fields[0]))]
+    return list(fields[0]) if isinstance(fields[0], torch.Tensor) else fields[0]
 
 
 def _peft_outputs(base, inputs):
@@ -128,9 +191,9 @@ def _peft_outputs(base, inputs):
     with torch.no_grad():
         for name in ("a", "b"):
             base.set_adapter(name)
-            outputs[name] = _samples(base(**inputs, return_dict=False)[0])
+            outputs[name] = _samples(base(**inputs, return_dict=False))
         base.set_adapter([])
-        outputs["base"] = _samples(base(**inputs, return_dict=False)[0])
+        outputs["base"] = _samples(base(**inputs, return_dict=False))
     return outputs
 
 
@@ -143,7 +206,7 @@ def _equation(outputs, weights, kl_scale):
 def _blended(denoiser, inputs, weights, kl_scale, mode="mix", seed=3):
     denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return _samples(denoiser(**inputs, return_dict=False)[0])
+        return _samples(denoiser(**inputs, return_dict=False))
 
 
 def _max_diff(samples, expected):
@@ -163,6 +226,23 @@ def test_lora_mix_equals_the_equation_on_peft_outputs(family, batch_members):
     assert _max_diff(blended, expected) <= 1e-5
     assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
     assert len(calls) == (1 if batch_members else 3)
+
+
+@pytest.mark.parametrize("family, rows", [("cosmos", 1), ("framepack", 2), ("wan_flf2v", 1)])
+def test_arguments_whose_first_size_is_not_the_batch_follow_the_rows(family, rows):
+    """At the batch sizes their pipelines call them with: Cosmos's (1, 1, H, W) padding mask at batch 1 (each
+    guidance half alone), Framepack's 1-D frame indices of length 2 at batch 2, FLF2V's two image rows per sample."""
+    base = _with_two_loras(family)
+    inputs = FAMILIES[family][1](torch.Generator().manual_seed(0), rows=rows)
+    expected = _equation(_peft_outputs(base, inputs), WEIGHTS, KL_SCALE)
+    assert _max_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+
+
+def test_flux2_reference_key_value_cache_is_refused():
+    """FLUX.2 Klein's KV pipeline keeps the reference tokens' keys and values of its first step: one model's."""
+    denoiser = BlendedDenoiser(_with_two_loras("flux2"), {"a": "a", "b": "b"})
+    with pytest.raises(ValueError, match=r"kv_cache_mode='extract': the reference tokens' key/value cache"):
+        _blended(denoiser, _inputs("flux2") | {"kv_cache_mode": "extract", "num_ref_tokens": 0}, WEIGHTS, KL_SCALE)
 
 
 def test_zimage_compiled_blend_equals_the_equation():
@@ -204,7 +284,7 @@ def test_zimage_full_members_blend_sample_by_sample(max_batch_size):
     base, a, b = (tiny.zimage_transformer(seed) for seed in range(3))
     inputs = _inputs("zimage")
     with torch.no_grad():
-        outputs = [_samples(module(**inputs, return_dict=False)[0]) for module in (base, a, b)]
+        outputs = [_samples(module(**inputs, return_dict=False)) for module in (base, a, b)]
     expected = [blend_predictions(o, [o_a, o_b], list(WEIGHTS.values()), KL_SCALE) for o, o_a, o_b in zip(*outputs)]
     denoiser = BlendedDenoiser(base, {"a": a, "b": b}, max_batch_size=max_batch_size)
     assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5

@@ -25,6 +25,9 @@ from diffusers import (
     FluxTransformer2DModel,
     HiDreamImageTransformer2DModel,
     HunyuanVideoTransformer3DModel,
+    CosmosTransformer3DModel,
+    HunyuanVideoFramepackTransformer3DModel,
+    LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     Lumina2Transformer2DModel,
     QwenImagePipeline,
@@ -206,6 +209,16 @@ def wan_transformer(seed: int = 0) -> WanTransformer3DModel:
     )
 
 
+def wan_flf2v_transformer(seed: int = 0) -> WanTransformer3DModel:
+    """Wan 2.1 first-and-last-frame (FLF2V): image tokens of two images per sample (17 tokens each), folded pairwise."""
+    return _seeded(
+        seed, WanTransformer3DModel,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=8, out_channels=4, text_dim=16,
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, image_dim=4, pos_embed_seq_len=2 * 17,
+    )
+
+
 def wan_vace_transformer(seed: int = 0) -> WanVACETransformer3DModel:
     """Wan VACE: control latents enter through control blocks beside the main ones."""
     return _seeded(
@@ -261,6 +274,39 @@ def ltx_video_transformer(seed: int = 0) -> LTXVideoTransformer3DModel:
         seed, LTXVideoTransformer3DModel,
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
         cross_attention_dim=32, num_layers=1, caption_channels=16,
+    )
+
+
+def framepack_transformer(seed: int = 0) -> HunyuanVideoFramepackTransformer3DModel:
+    """HunyuanVideo-Framepack: the window's latents beside clean and 2×/4×-compressed history latents, located by
+    1-D frame indices."""
+    return _seeded(
+        seed, HunyuanVideoFramepackTransformer3DModel,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True,
+    )
+
+
+def cosmos_transformer(seed: int = 0) -> CosmosTransformer3DModel:
+    """Cosmos: a padding mask concatenated to the latents as a channel (resized with torchvision)."""
+    return _seeded(
+        seed, CosmosTransformer3DModel,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=True, extra_pos_embed_type="learnable",
+    )
+
+
+def ltx2_transformer(seed: int = 0) -> LTX2VideoTransformer3DModel:
+    """LTX-2: video and audio tokens denoised together; it returns two predictions, the video's and the audio's."""
+    return _seeded(
+        seed, LTX2VideoTransformer3DModel,
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+        caption_channels=16, rope_double_precision=False,
     )
 
 

@@ -38,8 +38,15 @@ MODES = ("mix", "stochastic")
 #: ``max_batch_size`` that caps a call at the rows the denoiser was called with (a single model's call)
 INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
-#: (Flux's positional ids are (sequence, 3); Wan VACE's control scales are one per VACE layer).
-UNBATCHED_ARGUMENTS = frozenset({"img_ids", "txt_ids", "control_hidden_states_scale"})
+#: (Flux's positional ids are (sequence, 3); Wan VACE's control scales are one per VACE layer; Cosmos's padding mask
+#: is (1, 1, height, width) whatever the batch, repeated inside; HunyuanVideo-Framepack's frame indices are 1-D).
+UNBATCHED_ARGUMENTS = frozenset({
+    "img_ids", "txt_ids", "control_hidden_states_scale", "padding_mask", "indices_latents", "indices_latents_clean",
+    "indices_latents_history_2x", "indices_latents_history_4x",
+})
+#: Tensor arguments of known denoisers that may hold several consecutive rows per sample: Wan's first-and-last-frame
+#: models (FLF2V, SkyReels-V2, ChronoEdit) take two image embeddings per sample and fold each pair into one.
+GROUPED_ROWS = frozenset({"encoder_hidden_states_image"})
 #: List arguments of known denoisers that hold one item per sample (Qwen-Image's ``img_shapes``, HiDream's
 #: ``img_sizes``, JoyImage's ``shape_list``): a call on some rows of the batch takes those rows' items. Where the
 #: sample itself is a list of per-sample tensors (Z-Image's ``x``), every list argument of the batch's length is.
@@ -59,6 +66,15 @@ LORA_SCALE_ARGUMENTS = ("cross_attention_kwargs", "joint_attention_kwargs", "att
 #: A denoiser's sample or prediction: one tensor with the batch's rows first or, for denoisers of per-sample sizes
 #: (Z-Image), a list with one tensor per sample; the blend is the same equation, sample by sample.
 Rows = torch.Tensor | list[torch.Tensor]
+
+
+class Fields(tuple):
+    """The predictions of a denoiser with several outputs (LTX-2's video and audio), in the order of its output's
+    fields: each field is blended, stacked and split as a prediction of its own."""
+
+
+#: What a denoiser call predicts: its prediction, or one per prediction field of a several-output denoiser
+Prediction = Rows | Fields
 
 
 class Evaluation(NamedTuple):
@@ -235,6 +251,7 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
+        _check_no_model_cache(kwargs)
         self._check_rows_split_alike()
         if self.settings.mode == "mix":
             blend = self._mix
@@ -347,13 +364,13 @@ class BlendedDenoiser(nn.Module):
     # ----------------------------------------------------------------------------------------------------- execution
     def evaluate(
         self, plan: list[Evaluation], latent: Rows, args: tuple, kwargs: dict
-    ) -> tuple[list[Rows], Any]:
+    ) -> tuple[list[Prediction], Any]:
         """Run the plan in as few denoiser calls as the members allow.
 
         Returns the predictions in plan order, and one raw output of the denoiser as the template of the blended
-        output's type (fields beyond the prediction, if a denoiser had any, come from it unchanged).
+        output's type (its fields that are not predictions, if a denoiser has any, come from it unchanged).
         """
-        predictions: list[Rows] = [None] * len(plan)  # type: ignore[list-item]
+        predictions: list[Prediction] = [None] * len(plan)  # type: ignore[list-item]
         template = None
         split = self._rows_are_split()
         calls = self._calls(plan, together=self._members_share_calls(split))
@@ -403,7 +420,7 @@ class BlendedDenoiser(nn.Module):
     def _run_stacked(
         self, evaluations: list[Evaluation], latent: Rows, args: tuple, kwargs: dict,
         mask: torch.Tensor | None = None,
-    ) -> tuple[list[Rows], Any]:
+    ) -> tuple[list[Prediction], Any]:
         """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``.
         ``mask`` (stacked rows × adapters) routes the rows on the shared base instead of the evaluations' names."""
         batch = len(latent)
@@ -433,7 +450,7 @@ class BlendedDenoiser(nn.Module):
 
     def _call_rows(self, args: tuple, kwargs: dict, rows: torch.Tensor, batch: int, listed: bool) -> tuple[tuple, dict]:
         """The arguments of a call on some ``rows`` of the batch: batched tensors indexed (on their
-        :data:`BATCH_AXES`), per-sample lists (:data:`PER_SAMPLE_LISTS`; every list of the batch's length where the
+        :data:`BATCH_AXES`; :data:`GROUPED_ROWS` by sample), per-sample lists (:data:`PER_SAMPLE_LISTS`; every list of the batch's length where the
         sample is a list) taken item by item."""
         host_rows = functools.cache(rows.tolist)  # read back only where a per-sample list needs it
 
@@ -447,6 +464,8 @@ class BlendedDenoiser(nn.Module):
                     f"{type(self.base).__name__} pads {name} to the longest sample of the whole batch, so the blend "
                     "cannot call it on some samples only (stochastic mode with full members or batch_members=False, "
                     "a max_batch_size below the batch): use LoRA members batched, and max_batch_size None or 'input'")
+            if name in GROUPED_ROWS and isinstance(value, torch.Tensor) and _groups_rows(value, batch):
+                return value.unflatten(0, (batch, -1))[rows.to(value.device)].flatten(0, 1)
             axis = BATCH_AXES.get(name, 0)
             if axis and isinstance(value, torch.Tensor) and value.ndim > axis and value.shape[axis] == batch:
                 return value.index_select(axis, rows.to(value.device))
@@ -536,7 +555,7 @@ class BlendedDenoiser(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()
         with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
             output = self._compiled_functions[kind](*inputs)
-        return with_prediction(output, prediction_of(output).clone()) if graphed else output
+        return with_prediction(output, _cloned(prediction_of(output))) if graphed else output
 
     # ---------------------------------------------------------------------------------------------------- validation
     def _check_adapters_loaded(self) -> None:
@@ -577,6 +596,15 @@ class BlendedDenoiser(nn.Module):
                     f"member {name!r} is on {member_device} in {member_dtype}, the base on {device} in {dtype}; "
                     "move it with .to(...) first"
                 )
+
+
+def _check_no_model_cache(kwargs: dict) -> None:
+    """Refuse calls that make or reuse a cache of the model's own activations: FLUX.2 Klein's KV pipeline keeps the
+    reference image's attention keys and values from its first step, and each member computes its own."""
+    if kwargs.get("kv_cache_mode") is not None:
+        raise ValueError(
+            f"kv_cache_mode={kwargs['kv_cache_mode']!r}: the reference tokens' key/value cache (Flux2KleinKVPipeline) is "
+            "one model's, and a blend has one per member; use the pipeline without the cache (Flux2KleinPipeline)")
 
 
 def _check_offloaded(name: str, base_device: torch.device, member_device: torch.device, vmapped: bool) -> None:
@@ -660,30 +688,47 @@ def compile_options(compile: bool | Mapping[str, Any] | None, given_compiled: bo
 
 
 # ------------------------------------------------------------------------------------------------- denoiser outputs
-def prediction_of(output: Any) -> Rows:
-    """The prediction in a denoiser's output (a tensor, or Z-Image's list of per-sample tensors): the output itself,
-    ``output[0]`` or the output's first field."""
+def prediction_of(output: Any) -> Prediction:
+    """The prediction in a denoiser's output: the output itself (a tensor), else its fields that hold rows (tensors,
+    or lists of per-sample tensors: Z-Image) — one, or :class:`Fields` where there are several (LTX-2's video and
+    audio). Other fields (``None``, a cache object) are not predictions."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    if isinstance(output, Mapping):  # diffusers' BaseOutput is an ordered dict of its fields
-        return next(iter(output.values()))
-    raise TypeError(f"cannot find the prediction in a denoiser output of type {type(output).__name__}")
+    predicted = [value for value in _output_fields(output).values() if _holds_rows(value)]
+    if not predicted:
+        raise TypeError(f"cannot find the prediction in a denoiser output of type {type(output).__name__}")
+    return predicted[0] if len(predicted) == 1 else Fields(predicted)
 
 
-def with_prediction(template: Any, prediction: Rows) -> Any:
-    """``template`` (a denoiser output) with its prediction replaced, keeping its type and any other fields."""
+def with_prediction(template: Any, prediction: Prediction) -> Any:
+    """``template`` (a denoiser output) with its prediction fields replaced, keeping its type and any other fields."""
     if isinstance(template, torch.Tensor):
         return prediction
+    fields = _output_fields(template)
+    replaced = iter(prediction if isinstance(prediction, Fields) else [prediction])
+    fields = {key: next(replaced) if _holds_rows(value) else value for key, value in fields.items()}
     if isinstance(template, (tuple, list)):
-        return type(template)([prediction, *template[1:]])
+        return type(template)(fields.values())
     if dataclasses.is_dataclass(template):
-        return dataclasses.replace(template, **{dataclasses.fields(template)[0].name: prediction})
-    if isinstance(template, Mapping):
-        first = next(iter(template))
-        return type(template)({**template, first: prediction})
-    raise TypeError(f"cannot rebuild a denoiser output of type {type(template).__name__}")
+        return dataclasses.replace(template, **fields)
+    return type(template)(fields)
+
+
+def _output_fields(output: Any) -> dict:
+    """A denoiser output's fields in order: a tuple's or list's items by position, a ``BaseOutput``'s (an ordered
+    dict) or another mapping's by key."""
+    if isinstance(output, (tuple, list)):
+        return dict(enumerate(output))
+    if isinstance(output, Mapping):
+        return dict(output)
+    raise TypeError(f"cannot read a denoiser output of type {type(output).__name__}")
+
+
+def _holds_rows(value: Any) -> bool:
+    """Whether an output field is a prediction: a tensor of rows, or a list of per-sample tensors (or lists of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim > 0
+    return isinstance(value, list) and bool(value) and all(isinstance(item, (torch.Tensor, list)) for item in value)
 
 
 def _stacked_rows(evaluations: list[Evaluation], batch: int, device: torch.device) -> torch.Tensor:
@@ -696,6 +741,11 @@ def _stacked_rows(evaluations: list[Evaluation], batch: int, device: torch.devic
 @functools.lru_cache(maxsize=64)
 def _repeated_batch_rows(repeats: int, batch: int, device: torch.device) -> torch.Tensor:
     return torch.arange(batch, device=device).repeat(repeats)
+
+
+def _groups_rows(value: torch.Tensor, batch: int) -> bool:
+    """Whether a :data:`GROUPED_ROWS` tensor holds several rows per sample (its first size a multiple of the batch)."""
+    return value.ndim > 0 and value.shape[0] > batch and value.shape[0] % batch == 0
 
 
 def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -723,30 +773,42 @@ def _tensors_of(sample: Any) -> list[torch.Tensor]:
     return [tensor for item in sample for tensor in _tensors_of(item)]
 
 
-def blend_rows(base: Rows | None, members: list[Rows], weights: list[float], kl_scale: float) -> Rows:
-    """:func:`~diffusion_blend.blend.blend_predictions` of batched predictions, sample by sample for lists."""
+def blend_rows(base: Prediction | None, members: list[Prediction], weights: list[float], kl_scale: float) -> Prediction:
+    """:func:`~diffusion_blend.blend.blend_predictions` of batched predictions, sample by sample for lists, field by
+    field for several-output denoisers."""
+    first = base if base is not None else members[0]
+    if isinstance(first, Fields):
+        return Fields(blend_rows(None if base is None else base[index], [member[index] for member in members],
+                                 weights, kl_scale) for index in range(len(first)))
     if not isinstance(base if base is not None else members[0], list):
         return blend_predictions(base, members, weights, kl_scale)
     bases = base if base is not None else [None] * len(members[0])
     return [blend_predictions(b, list(samples), weights, kl_scale) for b, *samples in zip(bases, *members)]
 
 
-def _joined(pieces: list[Rows]) -> Rows:
+def _joined(pieces: list[Prediction]) -> Prediction:
     """Predictions of consecutive rows, one after another."""
+    if isinstance(pieces[0], Fields):
+        return Fields(_joined([piece[index] for piece in pieces]) for index in range(len(pieces[0])))
     return torch.cat(pieces) if isinstance(pieces[0], torch.Tensor) else list(itertools.chain(*pieces))
 
 
-def _split_rows(stacked: Rows, sizes: list[int]) -> list[Rows]:
+def _split_rows(stacked: Prediction, sizes: list[int]) -> list[Prediction]:
     """Consecutive rows of ``sizes`` rows each."""
+    if isinstance(stacked, Fields):
+        return [Fields(parts) for parts in zip(*(_split_rows(field, sizes) for field in stacked))]
     if isinstance(stacked, torch.Tensor):
         return list(stacked.split(sizes))
     starts = list(itertools.accumulate(sizes, initial=0))
     return [stacked[start:stop] for start, stop in zip(starts, starts[1:])]
 
 
-def _placed_rows(batch: int, parts: list[tuple[torch.Tensor, Rows]]) -> Rows:
+def _placed_rows(batch: int, parts: list[tuple[torch.Tensor, Prediction]]) -> Prediction:
     """The predictions of parts of the batch (their rows, their predictions) put back in the batch's order."""
     first = parts[-1][1]
+    if isinstance(first, Fields):
+        return Fields(_placed_rows(batch, [(rows, prediction[index]) for rows, prediction in parts])
+                      for index in range(len(first)))
     if isinstance(first, torch.Tensor):
         placed = first.new_empty((batch, *first.shape[1:]))
         for rows, prediction in parts:
@@ -759,9 +821,18 @@ def _placed_rows(batch: int, parts: list[tuple[torch.Tensor, Rows]]) -> Rows:
     return by_sample
 
 
-def _member_of_stacked(stacked: Rows, member: int) -> Rows:
+def _member_of_stacked(stacked: Prediction, member: int) -> Prediction:
     """One member's prediction from a vmapped call's (members first)."""
+    if isinstance(stacked, Fields):
+        return Fields(_member_of_stacked(field, member) for field in stacked)
     return stacked[member] if isinstance(stacked, torch.Tensor) else [sample[member] for sample in stacked]
+
+
+def _cloned(prediction: Prediction) -> Prediction:
+    """A copy of a prediction's tensors (a CUDA graph's outputs are overwritten by its next replay)."""
+    if isinstance(prediction, torch.Tensor):
+        return prediction.clone()
+    return type(prediction)(_cloned(item) for item in prediction)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -1020,4 +1091,4 @@ def _check_prediction_types(base: nn.Module, members: Mapping[str, nn.Module]) -
         )
 
 
-__all__ = ["BASE", "BlendedDenoiser", "Evaluation", "prediction_of", "take_rows", "with_prediction"]
+__all__ = ["BASE", "BlendedDenoiser", "Evaluation", "Fields", "prediction_of", "take_rows", "with_prediction"]
