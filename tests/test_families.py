@@ -1,8 +1,10 @@
 """The blend on the denoisers of other model families, each called as its pipeline calls it: video transformers
-(Wan, Wan VACE, Wan first-and-last-frame, HunyuanVideo, HunyuanVideo-Framepack, Cosmos, LTX-Video, LTX-2 — two predictions, video and audio —, CogVideoX), Sana, FLUX.2 (batched position ids), HiDream (Llama-3 states
-with the batch second), Lumina 2, Qwen-Image-Edit-2511 (per-sample ``img_shapes`` choosing each token's timestep)
-and Z-Image (a list with one tensor per sample, of different sizes, in and out). The reference is
-peft's own forward with one adapter active, combined by the equation sample by sample."""
+(Wan, Wan VACE, Wan first-and-last-frame, HunyuanVideo and 1.5, HunyuanVideo-Framepack, Cosmos, Mochi, LTX-Video,
+LTX-2 — two predictions, video and audio —, CogVideoX), Sana, Chroma, CogView4, FLUX.2 (batched position ids), HiDream
+(Llama-3 states with the batch second), Lumina 2, Kandinsky 2.2's UNet (image embeddings), Qwen-Image-Edit-2511
+(per-sample ``img_shapes`` choosing each token's timestep) and Z-Image (a list with one tensor per sample, of
+different sizes, in and out). The reference is peft's own forward with one adapter active, combined by the equation
+sample by sample."""
 
 from __future__ import annotations
 
@@ -61,6 +63,42 @@ def _framepack_inputs(g, rows=ROWS):
                 latents_clean=_randn(rows, 4, 2, 4, 4, generator=g), indices_latents_clean=torch.cat([prefix, history_1x]),
                 latents_history_2x=_randn(rows, 4, 2, 4, 4, generator=g), indices_latents_history_2x=history_2x,
                 latents_history_4x=_randn(rows, 4, 4, 4, 4, generator=g), indices_latents_history_4x=history_4x)
+
+
+def _chroma_inputs(g):
+    """Unbatched position ids, as FLUX.1's; a mask over text and image tokens, one sample's prompt shorter."""
+    mask = torch.ones(ROWS, 6 + 16, dtype=torch.bool)
+    mask[1, 4:6] = False
+    return dict(hidden_states=_randn(ROWS, 16, 4, generator=g), encoder_hidden_states=_randn(ROWS, 6, 32, generator=g),
+                timestep=torch.tensor([0.7] * ROWS), txt_ids=torch.zeros(6, 3), attention_mask=mask,
+                img_ids=torch.cartesian_prod(torch.zeros(1), torch.arange(4.0), torch.arange(4.0)))
+
+
+def _cogview4_inputs(g):
+    size = torch.tensor([[64, 64]] * ROWS)
+    return dict(hidden_states=_randn(ROWS, 4, 8, 8, generator=g), encoder_hidden_states=_randn(ROWS, 8, 8, generator=g),
+                timestep=torch.tensor([600] * ROWS), original_size=size, target_size=size, crop_coords=torch.zeros(ROWS, 2))
+
+
+def _mochi_inputs(g):
+    mask = torch.ones(ROWS, 16, dtype=torch.bool)
+    mask[1, 10:] = False  # a shorter prompt
+    return dict(hidden_states=_randn(ROWS, 4, 2, 8, 8, generator=g), encoder_hidden_states=_randn(ROWS, 16, 16, generator=g),
+                timestep=torch.tensor([600] * ROWS), encoder_attention_mask=mask)
+
+
+def _hunyuan_video15_inputs(g):
+    mask = torch.ones(ROWS, 6)
+    mask[1, 4:] = 0
+    return dict(hidden_states=_randn(ROWS, 4, 1, 8, 8, generator=g), timestep=torch.tensor([700.0] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 6, 16, generator=g),
+                encoder_hidden_states_2=_randn(ROWS, 4, 8, generator=g), encoder_attention_mask=mask,
+                encoder_attention_mask_2=torch.ones(ROWS, 4), image_embeds=torch.zeros(ROWS, 3, 12))
+
+
+def _kandinsky22_inputs(g):
+    return dict(sample=_randn(ROWS, 4, 8, 8, generator=g), timestep=torch.tensor(500), encoder_hidden_states=None,
+                added_cond_kwargs={"image_embeds": _randn(ROWS, 32, generator=g)})
 
 
 def _cosmos_inputs(g, rows=ROWS):
@@ -143,6 +181,11 @@ FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes 
     "ltx_video": (tiny.ltx_video_transformer, _ltx_inputs),
     "ltx2": (tiny.ltx2_transformer, _ltx2_inputs),
     "cogvideox": (tiny.cogvideox_transformer, _cogvideox_inputs),
+    "mochi": (tiny.mochi_transformer, _mochi_inputs),
+    "hunyuan_video15": (tiny.hunyuan_video15_transformer, _hunyuan_video15_inputs),
+    "chroma": (tiny.chroma_transformer, _chroma_inputs),
+    "cogview4": (tiny.cogview4_transformer, _cogview4_inputs),
+    "kandinsky22": (tiny.kandinsky22_unet, _kandinsky22_inputs),
     "sana": (tiny.sana_transformer, _sana_inputs),
     "flux2": (tiny.flux2_transformer, _flux2_inputs),
     "hidream": (tiny.hidream_transformer, _hidream_inputs),

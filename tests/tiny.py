@@ -14,8 +14,11 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    ChromaTransformer2DModel,
     CogVideoXTransformer3DModel,
+    CogView4Transformer2DModel,
     ControlNetModel,
+    CosmosTransformer3DModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
@@ -24,12 +27,13 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     HiDreamImageTransformer2DModel,
-    HunyuanVideoTransformer3DModel,
-    CosmosTransformer3DModel,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoFramepackTransformer3DModel,
+    HunyuanVideoTransformer3DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     Lumina2Transformer2DModel,
+    MochiTransformer3DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
@@ -296,6 +300,56 @@ def cosmos_transformer(seed: int = 0) -> CosmosTransformer3DModel:
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
         text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
         concat_padding_mask=True, extra_pos_embed_type="learnable",
+    )
+
+
+def chroma_transformer(seed: int = 0) -> ChromaTransformer2DModel:
+    """Chroma: FLUX.1's blocks, modulation from a distilled approximator, an attention mask over text and image."""
+    return _seeded(
+        seed, ChromaTransformer2DModel,
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+
+
+def cogview4_transformer(seed: int = 0) -> CogView4Transformer2DModel:
+    """CogView4: size and crop conditions (original_size, target_size, crop_coords) per sample."""
+    return _seeded(
+        seed, CogView4Transformer2DModel,
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4, out_channels=4,
+        text_embed_dim=8, time_embed_dim=8, condition_dim=4,
+    )
+
+
+def mochi_transformer(seed: int = 0) -> MochiTransformer3DModel:
+    """Mochi: attention over each sample's own prompt tokens (its mask), swiglu feed-forwards."""
+    return _seeded(
+        seed, MochiTransformer3DModel,
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
+        activation_fn="swiglu", max_sequence_length=16,
+    )
+
+
+def hunyuan_video15_transformer(seed: int = 0) -> HunyuanVideo15Transformer3DModel:
+    """HunyuanVideo 1.5: two text encoders' states, each with its mask, and image embeddings."""
+    return _seeded(
+        seed, HunyuanVideo15Transformer3DModel,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
+        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    )
+
+
+def kandinsky22_unet(seed: int = 0) -> UNet2DConditionModel:
+    """Kandinsky 2.2's decoder: image embeddings (``added_cond_kwargs``) instead of text, learned variance."""
+    return _seeded(
+        seed, UNet2DConditionModel,
+        in_channels=4, out_channels=8, addition_embed_type="image", down_block_types=("ResnetDownsampleBlock2D",
+        "SimpleCrossAttnDownBlock2D"), up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+        encoder_hid_dim=32, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift", class_embed_type=None,
     )
 
 
