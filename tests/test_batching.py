@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import stack_module_state
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
-from diffusion_blend import Blend, BlendedDenoiser
+from diffusion_blend import Blend, BlendedDenoiser, blend_predictions
 from diffusion_blend import denoiser as denoiser_module
 from diffusion_blend.adapters import ROUTED_FORWARD_ATTRIBUTE
+from diffusion_blend.denoiser import _stacked_state
 from test_pipelines import call_kwargs, max_diff
 
 
@@ -123,8 +123,8 @@ def test_vmapped_groups_keep_their_stacked_weights_from_step_to_step(monkeypatch
     members = {name: tiny.unet(seed) for name, seed in (("a", 7), ("b", 8), ("c", 9), ("d", 10))}
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=8)  # two groups of two
     stacked = []
-    monkeypatch.setattr(denoiser_module, "stack_module_state",
-                        lambda modules: stacked.append(len(modules)) or stack_module_state(modules))
+    monkeypatch.setattr(denoiser_module, "_stacked_state",
+                        lambda modules: stacked.append(len(modules)) or _stacked_state(modules))
     for _ in range(3):
         _denoise(denoiser, {"a": 0.2, "b": 0.3, "c": 0.1, "d": 0.4}, 1.5)
     assert stacked == [2, 2]
@@ -134,8 +134,8 @@ def test_full_members_are_vmapped_whether_or_not_lora_rows_are_batched(monkeypat
     members = {"a": tiny.unet(7), "b": tiny.unet(8)}
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, batch_members=False)
     stacked = []
-    monkeypatch.setattr(denoiser_module, "stack_module_state",
-                        lambda modules: stacked.append(len(modules)) or stack_module_state(modules))
+    monkeypatch.setattr(denoiser_module, "_stacked_state",
+                        lambda modules: stacked.append(len(modules)) or _stacked_state(modules))
     _denoise(denoiser, {"a": 0.4, "b": 0.6})
     assert stacked == [2]
 
@@ -261,6 +261,19 @@ def test_vmapped_full_members_equal_separate_calls(return_dict):
             outputs.append(denoiser(sample, t, encoder_hidden_states=context, return_dict=return_dict))
     assert type(outputs[0]) is type(outputs[1])
     assert max_diff(outputs[0][0], outputs[1][0]) <= 1e-5
+
+
+def test_vmapped_members_may_differ_in_requires_grad():
+    """A member the user made (trainable by default) beside one a Blend loaded from a folder (frozen)."""
+    members = {"ir": tiny.unet(1), "aes": tiny.unet(2).requires_grad_(False)}
+    denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True)
+    denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+    sample, t, context = _cfg_inputs()
+    with torch.no_grad():
+        blended = denoiser(sample, t, encoder_hidden_states=context).sample
+        outputs = [module(sample, t, encoder_hidden_states=context).sample
+                   for module in (denoiser.base, members["ir"], members["aes"])]
+    assert max_diff(blended, blend_predictions(outputs[0], outputs[1:], [0.3, 0.5], 1.5)) <= 1e-5
 
 
 def test_vmapped_members_follow_weight_changes():

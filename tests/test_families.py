@@ -101,6 +101,30 @@ def _kandinsky22_inputs(g):
                 added_cond_kwargs={"image_embeds": _randn(ROWS, 32, generator=g)})
 
 
+def _flux3_inputs(g):
+    """A reference image of 3 tokens (as many as the rows): its (3, 4) position ids are not rows."""
+    def ids(height, width, layer=0):
+        return torch.cartesian_prod(*(torch.arange(float(size)) for size in (1, height, width)), torch.tensor([float(layer)]))
+
+    return dict(hidden_states=_randn(ROWS, 16, 8, generator=g), encoder_hidden_states=_randn(ROWS, 5, 12, generator=g),
+                timestep=torch.tensor([0.7] * ROWS), img_ids=ids(4, 4), txt_ids=torch.zeros(5, 4),
+                image_cond_hidden_states=_randn(1, 3, 8, generator=g).repeat(ROWS, 1, 1), image_cond_ids=ids(1, 3, -1))
+
+
+def _kandinsky6_inputs(g, frames=2):
+    """Video with an image condition (a tail frame: 3 frames, as many as the rows, located by shared rotary
+    positions) and audio; the latents carry the condition and mask channels."""
+    latents = _randn(ROWS, frames + 1, 4, 4, 4, generator=g)
+    token_types = torch.zeros(ROWS, frames + 1, dtype=torch.long)
+    token_types[:, -1] = 1
+    return dict(hidden_states=torch.cat([latents, torch.zeros_like(latents), torch.zeros(*latents.shape[:-1], 1)], -1),
+                encoder_hidden_states=_randn(ROWS, 5, 12, generator=g), pooled_projections=_randn(ROWS, 8, generator=g),
+                timestep=torch.tensor([700.0] * ROWS), audio_hidden_states=_randn(ROWS, 7, 4, generator=g),
+                visual_token_type_ids=token_types,
+                visual_rope_pos=(torch.cat([torch.arange(frames), torch.zeros(1, dtype=torch.long)]), torch.arange(2),
+                                 torch.arange(2)))
+
+
 def _cosmos_inputs(g, rows=ROWS):
     """The padding mask as every Cosmos pipeline makes it: (1, 1, height, width) whatever the batch."""
     return dict(hidden_states=_randn(rows, 4, 1, 8, 8, generator=g), timestep=torch.tensor([500.0] * rows),
@@ -184,6 +208,8 @@ FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes 
     "mochi": (tiny.mochi_transformer, _mochi_inputs),
     "hunyuan_video15": (tiny.hunyuan_video15_transformer, _hunyuan_video15_inputs),
     "chroma": (tiny.chroma_transformer, _chroma_inputs),
+    "flux3": (tiny.flux3_transformer, _flux3_inputs),
+    "kandinsky6": (tiny.kandinsky6_transformer, _kandinsky6_inputs),
     "cogview4": (tiny.cogview4_transformer, _cogview4_inputs),
     "kandinsky22": (tiny.kandinsky22_unet, _kandinsky22_inputs),
     "sana": (tiny.sana_transformer, _sana_inputs),
@@ -207,10 +233,15 @@ def _cosmos_mask_resize(monkeypatch):
             functional=functional, InterpolationMode=SimpleNamespace(NEAREST="nearest")), raising=False)
 
 
+#: LoRA targets of families whose attention projections are not named to_q, to_k, to_v, to_out.0
+LORA_TARGETS_OF = {"kandinsky6": ["to_query", "to_key", "to_value"]}
+
+
 def _with_two_loras(family):
     base = FAMILIES[family][0]()
+    config = tiny.lora_config(targets=LORA_TARGETS_OF[family]) if family in LORA_TARGETS_OF else None
     for seed, name in enumerate("ab", start=1):
-        tiny.add_lora(base, name, seed)
+        tiny.add_lora(base, name, seed, config)
     base.set_adapter([])
     return base
 
@@ -281,11 +312,15 @@ def test_arguments_whose_first_size_is_not_the_batch_follow_the_rows(family, row
     assert _max_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
 
 
-def test_flux2_reference_key_value_cache_is_refused():
-    """FLUX.2 Klein's KV pipeline keeps the reference tokens' keys and values of its first step: one model's."""
+@pytest.mark.parametrize("cache", [{"kv_cache_mode": "extract", "num_ref_tokens": 0}, {"kv_caches": object()}],
+                         ids=["FLUX.2 Klein KV", "GLM-Image"])
+def test_a_key_value_cache_of_the_model_is_refused(cache):
+    """FLUX.2 Klein's KV pipeline keeps the reference tokens' keys and values of its first step, GLM-Image its
+    condition image's: one model's."""
     denoiser = BlendedDenoiser(_with_two_loras("flux2"), {"a": "a", "b": "b"})
-    with pytest.raises(ValueError, match=r"kv_cache_mode='extract': the reference tokens' key/value cache"):
-        _blended(denoiser, _inputs("flux2") | {"kv_cache_mode": "extract", "num_ref_tokens": 0}, WEIGHTS, KL_SCALE)
+    with pytest.raises(ValueError, match=rf"called with {next(iter(cache))}: a key/value cache of a condition image "
+                                         "is one model's"):
+        _blended(denoiser, _inputs("flux2") | cache, WEIGHTS, KL_SCALE)
 
 
 def test_zimage_compiled_blend_equals_the_equation():
@@ -331,6 +366,42 @@ def test_zimage_full_members_blend_sample_by_sample(max_batch_size):
     expected = [blend_predictions(o, [o_a, o_b], list(WEIGHTS.values()), KL_SCALE) for o, o_a, o_b in zip(*outputs)]
     denoiser = BlendedDenoiser(base, {"a": a, "b": b}, max_batch_size=max_batch_size)
     assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+
+
+def _allegro_inputs(samples=2, frames=2):
+    """Two samples, two latent frames: the rotary tables' first size (frames, 2×2 tokens per frame) is the batch's."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    *tables, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=12, crops_coords=((0, 0), (4, 4)), grid_size=(4, 4), temporal_size=frames,
+        interpolation_scale=(2.2, 2.0, 2.0))
+    positions = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long()).T.reshape(3, 1, -1).contiguous()
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=_randn(samples, 4, frames, 8, 8, generator=g), timestep=torch.tensor([500] * samples),
+                encoder_hidden_states=_randn(samples, 6, 16, generator=g), encoder_attention_mask=torch.ones(samples, 6),
+                image_rotary_emb=(tuple(tables), tuple(positions)))
+
+
+@pytest.mark.parametrize("mode", ["mix", "stochastic"])
+def test_precomputed_rotary_tables_are_not_rows(mode):
+    """Allegro's rotary tables and positions, shared by the batch, on calls of some samples only (full members one
+    row at a time; the stochastic draws)."""
+    base, a, b = (tiny.allegro_transformer(seed) for seed in range(3))
+    inputs = _allegro_inputs()
+    with torch.no_grad():
+        outputs = [_samples(module(**inputs, return_dict=False)) for module in (base, a, b)]
+    denoiser = BlendedDenoiser(base, {"a": a, "b": b}, max_batch_size=1)
+    weights = WEIGHTS if mode == "mix" else {"a": 0.5, "b": 0.5}
+    blended = _blended(denoiser, inputs, weights, KL_SCALE, mode=mode, seed=2)
+    if mode == "mix":
+        expected = [blend_predictions(o, [o_a, o_b], list(WEIGHTS.values()), KL_SCALE) for o, o_a, o_b in zip(*outputs)]
+    else:
+        denoiser.set_blend(weights, kl_scale=KL_SCALE, mode=mode, generator=torch.Generator().manual_seed(2))
+        drawn = denoiser.draw_members(inputs["hidden_states"]).tolist()
+        assert set(drawn) == {0, 1}
+        expected = [blend_predictions(outputs[0][row], [outputs[1 + member][row]], [1.0], KL_SCALE)
+                    for row, member in enumerate(drawn)]
+    assert _max_diff(blended, expected) <= 1e-5
 
 
 def test_zimage_full_members_cannot_be_vmapped():

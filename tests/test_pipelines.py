@@ -214,6 +214,33 @@ def test_stochastic_is_reproducible(sd_loras):
     assert max_diff(first, second) == 0.0
 
 
+def test_stochastic_without_a_generator_follows_torchs_global_seed(sd_loras):
+    """As diffusers draws its noise from torch's global generator when given none."""
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    kwargs = dict(weights={"ir": 0.5, "aes": 0.5}, mode="stochastic", num_images_per_prompt=3)
+    images = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        images.append(blend.blend(**kwargs, **call_kwargs(generator=None)).images)
+    assert max_diff(*images) == 0.0
+
+
+def _recorded_draws(blend):
+    """Every draw of the blend's stochastic mode, in order."""
+    draws, draw = [], blend.denoiser.draw_members
+    blend.denoiser.draw_members = lambda *args: draws.append(draw(*args).tolist()) or torch.tensor(draws[-1])
+    return draws
+
+
+def test_a_generator_reused_for_the_next_call_draws_anew(sd_loras):
+    """(A data set generated prompt by prompt with one generator must not use the same member at every step.)"""
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    generator, draws = torch.Generator().manual_seed(1), _recorded_draws(blend)
+    for _ in range(2):
+        blend.blend(weights={"ir": 0.5, "aes": 0.5}, mode="stochastic", **call_kwargs(steps=8, generator=generator))
+    assert draws[:8] != draws[8:]
+
+
 def test_stochastic_with_identical_members_equals_the_mix(sd_loras):
     twins = {"ir": sd_loras["ir"], "twin": sd_loras["ir"]}
     blend = Blend(tiny.sd_pipeline("ddim"), twins)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AllegroTransformer3DModel,
     AutoencoderKL,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
@@ -24,12 +25,14 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2Transformer2DModel,
+    Flux3Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     HiDreamImageTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoFramepackTransformer3DModel,
     HunyuanVideoTransformer3DModel,
+    Kandinsky6Transformer3DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     Lumina2Transformer2DModel,
@@ -350,6 +353,35 @@ def kandinsky22_unet(seed: int = 0) -> UNet2DConditionModel:
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
         encoder_hid_dim=32, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
         resnet_time_scale_shift="scale_shift", class_embed_type=None,
+    )
+
+
+def flux3_transformer(seed: int = 0) -> Flux3Transformer2DModel:
+    """FLUX.3: (sequence, 4) position ids for text, image and an optional reference image's tokens."""
+    return _seeded(
+        seed, Flux3Transformer2DModel,
+        in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=12, timestep_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+    )
+
+
+def kandinsky6_transformer(seed: int = 0) -> Kandinsky6Transformer3DModel:
+    """Kandinsky 6: video (channels last) and audio predicted together; an image condition adds a tail frame located
+    by shared rotary positions."""
+    return _seeded(
+        seed, Kandinsky6Transformer3DModel,
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=12, in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 4, 4), visual_cond=True,
+        in_audio_dim=4, out_audio_dim=4, visual_token_type_num_embeddings=2,
+    )
+
+
+def allegro_transformer(seed: int = 0) -> AllegroTransformer3DModel:
+    """Allegro (no peft support: full-module members): rotary tables and positions given precomputed."""
+    return _seeded(
+        seed, AllegroTransformer3DModel,
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=4, caption_channels=16,
     )
 
 

@@ -27,7 +27,7 @@ import torch
 from diffusers import ModelMixin
 from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import nn
-from torch.func import functional_call, stack_module_state
+from torch.func import functional_call
 
 from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
 from .blend import base_coefficient, blend_predictions, validate_kl_scale, validate_weights
@@ -38,12 +38,17 @@ MODES = ("mix", "stochastic")
 #: ``max_batch_size`` that caps a call at the rows the denoiser was called with (a single model's call)
 INPUT_ROWS = "input"
 #: Arguments of known denoisers that carry no batch dimension even when their first size equals the batch size
-#: (Flux's positional ids are (sequence, 3); Wan VACE's control scales are one per VACE layer; Cosmos's padding mask
-#: is (1, 1, height, width) whatever the batch, repeated inside; HunyuanVideo-Framepack's frame indices are 1-D).
+#: (Flux's positional ids are (sequence, 3), FLUX.3's reference ids too; rotary tables and positions — Allegro's
+#: ``image_rotary_emb``, Kandinsky 6's ``visual_rope_pos`` — are per position; Wan VACE's control scales are one per
+#: VACE layer; Cosmos's padding mask is (1, 1, height, width) whatever the batch, repeated inside;
+#: HunyuanVideo-Framepack's frame indices are 1-D).
 UNBATCHED_ARGUMENTS = frozenset({
-    "img_ids", "txt_ids", "control_hidden_states_scale", "padding_mask", "indices_latents", "indices_latents_clean",
-    "indices_latents_history_2x", "indices_latents_history_4x",
+    "img_ids", "txt_ids", "image_cond_ids", "image_rotary_emb", "visual_rope_pos", "control_hidden_states_scale",
+    "padding_mask", "indices_latents", "indices_latents_clean", "indices_latents_history_2x",
+    "indices_latents_history_4x",
 })
+#: Arguments in which known denoisers take or make a cache of their own activations (one model's: refused)
+MODEL_CACHE_ARGUMENTS = ("kv_cache_mode", "kv_cache", "kv_caches")
 #: Tensor arguments of known denoisers that may hold several consecutive rows per sample: Wan's first-and-last-frame
 #: models (FLF2V, SkyReels-V2, ChronoEdit) take two image embeddings per sample and fold each pair into one.
 GROUPED_ROWS = frozenset({"encoder_hidden_states_image"})
@@ -107,7 +112,7 @@ class BlendedDenoiser(nn.Module):
             full members count their rows each), or ``"input"``: at most the rows the denoiser is called with, so
             that a blend's peak memory is a single model's (docs/performance.md).
         vmap_full_members: evaluate the full-module members needed on all rows in one ``torch.vmap`` call over
-            their stacked weights (``torch.func.stack_module_state``) instead of one call each. It keeps a stacked
+            their stacked weights (as ``torch.func.stack_module_state`` stacks them) instead of one call each. It keeps a stacked
             copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes. Members that
             carry hooks are refused (a vmapped call runs a weightless copy, not the member), and so, at their first
             call, are denoisers with an operation ``torch.vmap`` cannot batch (Z-Image's).
@@ -495,8 +500,7 @@ class BlendedDenoiser(nn.Module):
         if cached is None or cached[0] != key:
             self._vmap_cache = {  # groups sharing a member with this one are superseded
                 group: entry for group, entry in self._vmap_cache.items() if not set(group) & set(names)}
-            with torch.no_grad():
-                params, buffers = stack_module_state(modules)
+            params, buffers = _stacked_state(modules)
             if self.compile_options is not None:  # weights, not inputs: CUDA graphs must not copy them every replay
                 for tensor in (*params.values(), *buffers.values()):
                     torch._dynamo.mark_static_address(tensor)
@@ -599,12 +603,15 @@ class BlendedDenoiser(nn.Module):
 
 
 def _check_no_model_cache(kwargs: dict) -> None:
-    """Refuse calls that make or reuse a cache of the model's own activations: FLUX.2 Klein's KV pipeline keeps the
-    reference image's attention keys and values from its first step, and each member computes its own."""
-    if kwargs.get("kv_cache_mode") is not None:
+    """Refuse calls that make or read a cache of the model's own activations: the reference or condition image's
+    attention keys and values kept from one call for the next (FLUX.2 Klein's KV pipeline, Qwen-Image 2.1's
+    ``use_kv_cache``, GLM-Image's image-to-image). Each member computes its own, and a cache holds one model's."""
+    given = [name for name in MODEL_CACHE_ARGUMENTS if kwargs.get(name) is not None]
+    if given:
         raise ValueError(
-            f"kv_cache_mode={kwargs['kv_cache_mode']!r}: the reference tokens' key/value cache (Flux2KleinKVPipeline) is "
-            "one model's, and a blend has one per member; use the pipeline without the cache (Flux2KleinPipeline)")
+            f"the denoiser is called with {given[0]}: a key/value cache of a condition image is one model's, and a "
+            "blend has one per member; call the pipeline without its cache (Qwen-Image 2.1: use_kv_cache=False; "
+            "FLUX.2 Klein: Flux2KleinPipeline rather than Flux2KleinKVPipeline)")
 
 
 def _check_offloaded(name: str, base_device: torch.device, member_device: torch.device, vmapped: bool) -> None:
@@ -633,6 +640,18 @@ def _check_unhooked(name: str, member: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- compilation
+def _stacked_state(modules: list[nn.Module]) -> tuple[dict, dict]:
+    """The modules' parameters and buffers stacked along a new first axis, for a vmapped call: what
+    ``torch.func.stack_module_state`` makes, for inference (it refuses members whose parameters differ in
+    ``requires_grad``: a module the user made beside ones the blend loaded frozen)."""
+    states = []
+    with torch.no_grad():
+        for named in (nn.Module.named_parameters, nn.Module.named_buffers):
+            per_module = [dict(named(module)) for module in modules]
+            states.append({name: torch.stack([tensors[name] for tensors in per_module]) for name in per_module[0]})
+    return states[0], states[1]
+
+
 def call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """A plain denoiser call (compiled by :meth:`BlendedDenoiser._compiled_call`)."""
     return module(*args, **kwargs)

@@ -9,6 +9,7 @@ returns the blended prediction.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -485,7 +486,10 @@ def _attention_processors_kept(denoiser: BlendedDenoiser) -> Iterator[None]:
 
 
 def _member_generator(pipeline_generator: Any) -> torch.Generator:
-    """A generator for the stochastic draws, seeded from the pipeline's generator but not consuming from it."""
+    """A generator for the stochastic draws, seeded from the current state of the pipeline's generator (of torch's
+    global one where none is given, as diffusers then draws its noise) without consuming from it: the same seed
+    gives the same draws, a generator reused for the next call gives new ones, and the noise stays the pipeline's."""
     first = pipeline_generator[0] if isinstance(pipeline_generator, (list, tuple)) else pipeline_generator
-    seed = first.initial_seed() if isinstance(first, torch.Generator) else int.from_bytes(os.urandom(8), "little")
-    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + 1) % 2**63)
+    state = first.get_state() if isinstance(first, torch.Generator) else torch.get_rng_state()
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"db-members").digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
