@@ -4,6 +4,7 @@ raised before anything is loaded into the pipeline or denoised."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import safetensors.torch
@@ -147,6 +148,31 @@ def test_basis_name_colliding_with_a_pipeline_adapter_raises(sd_loras):
 def test_denoiser_folder_with_other_in_channels_raises(tmp_path):
     tiny.unet(1, in_channels=8).save_pretrained(tmp_path / "ft")
     with pytest.raises(ValueError, match="in_channels: 8 vs base 4"):
+        Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"})
+
+
+def test_folder_of_another_model_class_raises(tmp_path):
+    tiny.sd_pipeline().vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match=r"basis 'ft': .*vae holds a AutoencoderKL, but the pipeline's unet is a "
+                                         "UNet2DConditionModel"):
+        Blend(tiny.sd_pipeline(), {"ft": tmp_path / "vae"})
+
+
+def test_pipeline_folder_without_the_denoiser_raises(tmp_path):
+    tiny.sd_pipeline().save_pretrained(tmp_path / "other")
+    shutil.rmtree(tmp_path / "other" / "unet")
+    with pytest.raises(ValueError, match=r"basis 'ft': the pipeline folder .*other has no unet"):
+        Blend(tiny.sd_pipeline(), {"ft": tmp_path / "other"})
+
+
+def test_denoiser_folder_missing_weights_raises(tmp_path):
+    """(Loaded, diffusers would leave them uninitialised on the meta device.)"""
+    tiny.unet(1).save_pretrained(tmp_path / "ft")
+    weights = safetensors.torch.load_file(tmp_path / "ft" / "diffusion_pytorch_model.safetensors")
+    safetensors.torch.save_file({key: value for key, value in weights.items() if not key.startswith("conv_out.")},
+              tmp_path / "ft" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match=r"basis 'ft': the weights in .*ft lack 2 of the UNet2DConditionModel's "
+                                         r"parameters \(conv_out.bias, conv_out.weight, ...\)"):
         Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"})
 
 

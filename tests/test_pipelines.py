@@ -324,11 +324,24 @@ def test_from_pretrained_loads_a_pipeline_folder(sd_pipeline_folder, sd_loras):
     assert max_diff(out, plain) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype_argument", ["torch_dtype", "dtype"])  # diffusers' old name and its current one
+def test_from_pretrained_loads_in_the_dtype_given(sd_pipeline_folder, sd_loras, dtype_argument):
+    blend = Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras, **{dtype_argument: torch.bfloat16})
+    assert blend.pipe.unet.dtype == torch.bfloat16 and blend.pipe.vae.dtype == torch.bfloat16
+
+
+def test_from_pretrained_refuses_two_dtypes(sd_pipeline_folder, sd_loras):
+    with pytest.raises(ValueError, match="torch_dtype or dtype, not both"):
+        Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras, torch_dtype=torch.float32, dtype=torch.bfloat16)
+
+
 def test_blend_after_unload_raises(sd_loras):
     blend = Blend(tiny.sd_pipeline(), sd_loras)
     blend.unload()
     with pytest.raises(ValueError, match="was unloaded"):
         blend.blend(weights={"ir": 1.0}, **call_kwargs())
+    with pytest.raises(ValueError, match="was unloaded"):
+        blend.names
 
 
 def test_blend_after_the_pipeline_unloaded_the_loras_raises(sd_loras):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -141,9 +142,14 @@ class Blend:
         """Load the base pipeline with diffusers' ``DiffusionPipeline.from_pretrained`` and attach the basis.
 
         The basis paths are checked first, so a missing file is reported before a large model is loaded.
+        ``dtype`` (diffusers' current name for ``torch_dtype``) is accepted too.
         """
         from diffusers import DiffusionPipeline
 
+        if "dtype" in kwargs:
+            if torch_dtype is not None:
+                raise ValueError("give the pipeline's dtype once: torch_dtype or dtype, not both")
+            torch_dtype = kwargs.pop("dtype")
         _check_basis_names(basis)
         for name, source in basis.items():
             for folder, part in (source.items() if isinstance(source, Mapping) else [(denoiser, source)]):
@@ -156,6 +162,7 @@ class Blend:
     @property
     def names(self) -> list[str]:
         """The basis names, in the order they were given."""
+        self._check_loaded()
         return list(self.denoiser.names)
 
     @property
@@ -238,9 +245,12 @@ class Blend:
         """This denoiser's attachment and those of the pipeline's other denoisers blended alike."""
         return [self, *self.experts]
 
-    def _check_usable(self) -> None:
+    def _check_loaded(self) -> None:
         if self.denoiser is None:
             raise ValueError("this Blend was unloaded; make a new one")
+
+    def _check_usable(self) -> None:
+        self._check_loaded()
         if getattr(self.pipe, self.denoiser_name) is not self.held:
             raise ValueError(
                 f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
@@ -264,12 +274,18 @@ class Blend:
 
     def _read_denoiser(self, name: str, path: Path) -> nn.Module:
         subfolder = self.denoiser_name if (path / "model_index.json").is_file() else None
+        self._check_denoiser_folder(name, path / subfolder if subfolder else path)
         base_kind = scheduler_prediction_type(dict(self.pipe.scheduler.config))
         member_kind = read_scheduler_prediction_type(path) if subfolder else None
         try:
-            module = type(self.base).from_pretrained(path, subfolder=subfolder, dtype=self.base.dtype)
+            module, loading = type(self.base).from_pretrained(path, subfolder=subfolder, dtype=self.base.dtype,
+                                                              output_loading_info=True)
         except Exception as error:
             raise ValueError(f"basis {name!r}: cannot load a {type(self.base).__name__} from {path} ({error})") from error
+        missing = loading.get("missing_keys") or []
+        if missing:
+            raise ValueError(f"basis {name!r}: the weights in {path} lack {len(missing)} of the "
+                             f"{type(self.base).__name__}'s parameters ({', '.join(sorted(missing)[:3])}, ...)")
         member_kind = member_kind or declared_prediction_type(module)
         if base_kind and member_kind and base_kind != member_kind:
             raise ValueError(
@@ -277,6 +293,20 @@ class Blend:
             )
         self.owned[name] = module.to(self.base.device).eval().requires_grad_(False)
         return self.owned[name]
+
+    def _check_denoiser_folder(self, name: str, folder: Path) -> None:
+        """A denoiser folder (or a pipeline's denoiser subfolder) exists and holds the base's model class."""
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"basis {name!r}: the pipeline folder {folder.parent} has no {folder.name} "
+                             f"(no {folder.name}/config.json)")
+        try:
+            declared = json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"basis {name!r}: {config} is not a readable model config ({error})") from error
+        if declared is not None and declared != type(self.base).__name__:
+            raise ValueError(f"basis {name!r}: {folder} holds a {declared}, but the pipeline's {self.denoiser_name} "
+                             f"is a {type(self.base).__name__}")
 
     def _pipeline_format(self, name: str, lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict | None]:
         """Let the pipeline's own ``lora_state_dict`` convert formats it knows (kohya, A1111, ...)."""
