@@ -130,6 +130,8 @@ def test_generate_compiled_gives_the_eager_image(sd_pipeline_folder, sd_loras, t
         (["--weights", "ir=1", "--max-batch-size", "half"], "--max-batch-size must be"),
         (["--weights", "ir=1", "--lora-scale", "nan"], "--lora-scale must be a finite number"),
         (["--weights", "ir=1", "--denoiser", "nope"], "has no module 'nope' to blend"),
+        (["--weights", "ir=1", "--guidance", "nan"], "--guidance must be a finite number"),
+        (["--weights", "ir=1", "--seed", str(2**64)], "--seed must be in [0, 2**64)"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, tmp_path, extra, message):
@@ -138,6 +140,48 @@ def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_height_without_width_is_refused(sd_pipeline_folder, sd_loras, tmp_path):
+    """(diffusers would silently use its default size for both.)"""
+    result = runner.invoke(app, ["generate", "--base", str(sd_pipeline_folder), "--basis", f"ir={sd_loras['ir']}",
+                                 "--weights", "ir=1", "--prompt", "a", "--height", "32", "--out", str(tmp_path / "o.png")])
+    assert result.exit_code != 0 and "--height and --width go together" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out, message", [
+    ("car.txt", "is neither an image file (.png, .jpg, .jpeg, .webp) nor a folder"),
+    ("earlier", "holds an earlier run's outputs (image-000.png, settings.json)"),
+    ("clash.png", "the settings file"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_generating(sd_pipeline_folder, sd_loras, tmp_path, out,
+                                                                       message):
+    """A folder holding an earlier run's images (its stale ones would mix with the new ones), a settings file
+    that is a folder, a file that is neither an image nor a folder."""
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "image-000.png").write_bytes(b"")
+    (tmp_path / "earlier" / "settings.json").write_text("{}")
+    (tmp_path / "clash.json").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / out, "--weights", "ir=1")
+    assert result.exit_code != 0 and message in result.stderr, result.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_jpeg_grid_and_paths_alone_on_stdout(sd_pipeline_folder, sd_loras, tmp_path):
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "car.jpg", "--weights", "ir=1", "--num-images", "2")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "car.jpg").format == "JPEG"
+    assert result.stdout.splitlines() == [str(tmp_path / "car.jpg"), str(tmp_path / "car.json")]
+
+
+def test_the_settings_record_local_paths_absolute(sd_pipeline_folder, sd_loras, tmp_path, monkeypatch):
+    """(So that a run can be redone from another folder.)"""
+    monkeypatch.chdir(sd_loras["ir"].parent)
+    result = _generate(sd_pipeline_folder, {"ir": sd_loras["ir"].name}, tmp_path / "o.png", "--weights", "ir=1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o.json").read_text())["basis"] == {"ir": str(sd_loras["ir"].resolve())}
 
 
 def test_missing_basis_path_is_one_line(sd_pipeline_folder, tmp_path):

@@ -141,6 +141,7 @@ def test_lab_run_prints_a_table_without_json():
     result = runner.invoke(app, ["lab", "run", "--weights", "r1=1", "--samples", "300", "--steps", "10"])
     assert result.exit_code == 0, result.output
     assert "oracle" in result.stdout and "db-mpa" in result.stdout and "Jensen gap" in result.stdout
+    assert "E[r1]" in result.stdout and "E[r2]" in result.stdout  # (not taken for rich markup)
 
 
 def test_lab_run_bad_weights_is_one_line():
@@ -158,9 +159,20 @@ def test_lab_sweep_writes_table_and_plots(tmp_path):
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert {row["scenario"] for row in rows} == {"grid-2d", "grid-3d"}
     assert (tmp_path / "sweep" / "sweep.csv").read_text().startswith("scenario,alpha,kl_scale")
-    assert "| grid-2d | 0.5 | 1 | db-mpa |" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| grid-2d | 0.5 | 1 | r1=0.5, r2=0.5 | db-mpa |" in (tmp_path / "sweep" / "summary.md").read_text()
     for plot in ("fronts.png", "gap_vs_alpha.png"):
         assert (tmp_path / "sweep" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lab_sweep_summary_of_a_grid_without_equal_weights_has_the_nearest(tmp_path):
+    """Four points along two rewards: (2/3, 1/3) and (1/3, 2/3) beside the missing middle."""
+    result = runner.invoke(app, ["lab", "sweep", "--out", str(tmp_path / "sweep"), "--alphas", "1", "--kl-scales", "1",
+                                 "--points", "4", "--no-three-rewards", "--samples", "300", "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| grid-2d | 1 | 1 | r1=0.667, r2=0.333 | db-mpa |" in summary
+    assert "| grid-2d | 1 | 1 | r1=0.333, r2=0.667 | db-mpa |" in summary
+    assert "r1=1, r2=0 |" not in summary
 
 
 def test_scenario_from_yaml(tmp_path):

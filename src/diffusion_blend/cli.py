@@ -129,26 +129,53 @@ def image_grid(images: list) -> Any:
     return grid
 
 
+#: Image files ``--out`` may name (a grid of all images); any other ``--out`` is a folder (one PNG per image)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+#: What ``generate`` writes into an output folder (an earlier run's would mix with a new one's)
+FOLDER_OUTPUTS = ("image-*.png", "settings.json")
+
+
 def save_images(images: list, out: Path, settings: dict) -> list[Path]:
-    """A grid PNG at ``out`` (when it ends in .png) or one PNG per image in the folder ``out``; plus a JSON sidecar."""
-    if out.suffix.lower() == ".png":
-        targets = [(out, image_grid(images))]
-        sidecar = out.with_suffix(".json")
+    """A grid image at ``out`` (when it names an image file) or one PNG per image in the folder ``out``; plus a JSON
+    sidecar."""
+    if out.suffix.lower() in IMAGE_FORMATS:
+        targets = [(out, image_grid(images), IMAGE_FORMATS[out.suffix.lower()])]
     else:
-        targets = [(out / f"image-{index:03d}.png", image) for index, image in enumerate(images)]
-        sidecar = out / "settings.json"
-    settings = {**settings, "outputs": [path.name for path, _ in targets]}
-    for path, image in targets:
-        write_atomically(path, lambda temp, image=image: image.save(temp, format="PNG"))
-    write_atomically(sidecar, lambda temp: temp.write_text(json.dumps(settings, indent=2) + "\n"))
-    return [path for path, _ in targets] + [sidecar]
+        targets = [(out / f"image-{index:03d}.png", image, "PNG") for index, image in enumerate(images)]
+    settings = {**settings, "outputs": [path.name for path, _, _ in targets]}
+    for path, image, image_format in targets:
+        write_atomically(path, lambda temp, image=image, image_format=image_format: image.save(temp, format=image_format))
+    sidecar = sidecar_of(out)
+    write_atomically(sidecar, lambda temp: temp.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n"))
+    return [path for path, _, _ in targets] + [sidecar]
+
+
+def sidecar_of(out: Path) -> Path:
+    """The settings file beside a grid image (``car.json`` for ``car.png``), or in an output folder."""
+    return out.with_suffix(".json") if out.suffix.lower() in IMAGE_FORMATS else out / "settings.json"
 
 
 def _check_out(out: Path) -> None:
-    if out.suffix.lower() != ".png" and out.exists() and not out.is_dir():
-        raise CommandError(f"--out: {out} exists and is not a folder (give a .png file or a folder)")
-    if out.suffix.lower() == ".png" and out.is_dir():
+    """``--out`` can be written, before any model is loaded: an image file (not a folder) or a folder without an
+    earlier run's outputs, its settings file not a folder, somewhere writable."""
+    image_file = out.suffix.lower() in IMAGE_FORMATS
+    if image_file and out.is_dir():
         raise CommandError(f"--out: {out} is a folder")
+    if not image_file:
+        if out.suffix and not out.is_dir():
+            raise CommandError(f"--out: {out} is neither an image file ({', '.join(IMAGE_FORMATS)}) nor a folder "
+                               "(an existing one, or a name without a suffix)")
+        if out.exists() and not out.is_dir():
+            raise CommandError(f"--out: {out} exists and is not a folder")
+        earlier = sorted(path.name for pattern in FOLDER_OUTPUTS for path in out.glob(pattern)) if out.is_dir() else []
+        if earlier:
+            raise CommandError(f"--out: {out} holds an earlier run's outputs ({', '.join(earlier[:3])}"
+                               f"{', ...' if len(earlier) > 3 else ''}); give a new or empty folder")
+    if sidecar_of(out).is_dir():
+        raise CommandError(f"--out: the settings file {sidecar_of(out)} would replace a folder")
+    existing = next(parent for parent in (out if not image_file else out.parent, *out.parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"--out: cannot write under {existing}")
 
 
 # ----------------------------------------------------------------------------------------------------- generate
@@ -161,7 +188,8 @@ def generate(
              "denoiser unchanged).")],
     weights: Annotated[str, typer.Option(help="NAME=W,... blend weights; names left out count as 0.")],
     prompt: Annotated[str, typer.Option(help="The prompt.")],
-    out: Annotated[Path, typer.Option(help="A .png file (grid of all images) or a folder (one PNG per image).")],
+    out: Annotated[Path, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
+                                            "(one PNG per image).")],
     kl_scale: Annotated[float, typer.Option(help="λ: 1 = the basis models' KL strength, 0 = the base.")] = 1.0,
     mode: Annotated[str, typer.Option(help="mix (DB-MPA/DB-KLA) or stochastic (DB-MPA-LS).")] = "mix",
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
@@ -224,6 +252,12 @@ def _generate(
     for option, value in (("--num-images", num_images), ("--steps", steps), ("--height", height), ("--width", width)):
         if value is not None and value < 1:
             raise CommandError(f"{option} must be >= 1, got {value}")
+    if (height is None) != (width is None):  # diffusers would drop the one given and use its defaults for both
+        raise CommandError("--height and --width go together: give both, or neither for the pipeline's size")
+    if guidance is not None and not math.isfinite(guidance):
+        raise CommandError(f"--guidance must be a finite number, got {guidance}")
+    if not 0 <= seed < 2**64:
+        raise CommandError(f"--seed must be in [0, 2**64), got {seed}")
     compile_setting = compile_option(compile)
     rows_per_call = max_batch_size_option(max_batch_size)
     if lora_scale is not None:
@@ -259,8 +293,9 @@ def _generate(
     import diffusers
 
     settings = {
-        "base": base,
-        "basis": basis_sources,
+        "base": _reproducible_source(base),
+        "basis": {name: {denoiser: _reproducible_source(path) for denoiser, path in source.items()}
+                  if isinstance(source, dict) else _reproducible_source(source) for name, source in basis_sources.items()},
         "weights": blend_weights,
         "kl_scale": kl_scale,
         "mode": mode,
@@ -284,6 +319,14 @@ def _generate(
     }
     for path in save_images(images, out, _jsonable(settings)):
         typer.echo(str(path))
+
+
+def _reproducible_source(source: str | None) -> str | None:
+    """A model source as the settings file records it: a local path made absolute (the run can be redone from
+    anywhere), a hub id as given."""
+    if source is None or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def compile_option(mode: str | None) -> bool | dict:
@@ -367,11 +410,12 @@ def quiet_libraries() -> None:
 
 
 def _run_with_progress(blend, pipe, kwargs, weights, kl_scale, mode, steps) -> list:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     pipe.set_progress_bar_config(disable=True)
     with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=True) as progress:
+                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as progress:  # stdout: the paths
         task = progress.add_task("denoising", total=steps)
 
         def on_step_end(_pipe, _step, _timestep, callback_kwargs):

@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,14 +25,15 @@ def run_table(report: dict) -> str:
     """One lab run as a plain-text table: per method, each reward's mean (and its error against the exact value),
     the distance to the exact target; then the noise floor and the Jensen gap."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     rewards = list(report["exact"])
-    table = Table(title=f"{report['scenario']}: α = {report['alpha']:g}, λ = {report['kl_scale']:g}, weights "
-                        + ", ".join(f"{k}={v:g}" for k, v in report["weights"].items()))
+    table = Table(title=escape(f"{report['scenario']}: α = {report['alpha']:g}, λ = {report['kl_scale']:g}, weights "
+                               + ", ".join(f"{k}={v:g}" for k, v in report["weights"].items())))
     table.add_column("method")
     for reward in rewards:
-        table.add_column(f"E[{reward}]", justify="right")
+        table.add_column(escape(f"E[{reward}]"), justify="right")  # (not rich markup)
         table.add_column("error", justify="right")
     table.add_column("SW₂ to exact target", justify="right")
     table.add_row("exact target", *[cell for r in rewards for cell in (f"{report['exact'][r]:.4f}", "")],
@@ -109,19 +111,40 @@ def rows_as_json(rows: list[dict]) -> str:
 
 
 def rows_as_markdown(rows: list[dict]) -> str:
-    """The equal-weight rows as a Markdown table: per scenario, α and λ, each method's reward errors against the
-    exact target, its distance to it (and the sampling-noise floor), and the blend's Jensen gap."""
-    lines = ["| scenario | α | λ | method | mean reward error | SW₂ to target (floor) | Jensen gap |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """The rows of the weights nearest equal ones (equal where the grid has them; with an even number of points
+    along two rewards, the two beside the middle) as a Markdown table: per scenario, α and λ, each method's reward
+    errors against the exact target, its distance to it (and the sampling-noise floor), and the blend's Jensen gap."""
+    lines = ["| scenario | α | λ | weights | method | mean reward error | SW₂ to target (floor) | Jensen gap |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    nearest = _nearest_equal_weights(rows)
     for row in rows:
-        names = [key[2:] for key in row if key.startswith("w_")]
-        if any(abs(row[f"w_{name}"] - 1 / len(names)) > 1e-9 for name in names):
+        names = _weight_names(row)
+        if _off_equal_weights(row) > nearest[row["scenario"]] + 1e-9:
             continue
+        weights = ", ".join(f"{n}={row[f'w_{n}']:.3g}" for n in names)
         errors = ", ".join(f"{row[f'E_{n}'] - row[f'exact_{n}']:+.3f}" for n in names)
         gap = f"{row['jensen_gap']:.2e}" if row["jensen_gap"] != "" else ""
-        lines.append(f"| {row['scenario']} | {row['alpha']:g} | {row['kl_scale']:g} | {row['method']} | {errors} | "
-                     f"{row['distance']:.3f} ({row['distance_floor']:.3f}) | {gap} |")
+        lines.append(f"| {row['scenario']} | {row['alpha']:g} | {row['kl_scale']:g} | {weights} | {row['method']} | "
+                     f"{errors} | {row['distance']:.3f} ({row['distance_floor']:.3f}) | {gap} |")
     return "\n".join(lines) + "\n"
+
+
+def _weight_names(row: dict) -> list[str]:
+    return [key[2:] for key in row if key.startswith("w_") and row[key] != ""]
+
+
+def _off_equal_weights(row: dict) -> float:
+    """How far a row's weights lie from equal ones (the largest difference)."""
+    names = _weight_names(row)
+    return max(abs(row[f"w_{name}"] - 1 / len(names)) for name in names)
+
+
+def _nearest_equal_weights(rows: list[dict]) -> dict[str, float]:
+    """Per scenario, the smallest distance of its rows' weights from equal ones."""
+    nearest: dict[str, float] = {}
+    for row in rows:
+        nearest[row["scenario"]] = min(nearest.get(row["scenario"], math.inf), _off_equal_weights(row))
+    return nearest
 
 
 def exact_front(scenario: Scenario, kl_scale: float, grid: int = 101) -> torch.Tensor:
