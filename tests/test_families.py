@@ -312,15 +312,139 @@ def test_arguments_whose_first_size_is_not_the_batch_follow_the_rows(family, row
     assert _max_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
 
 
-@pytest.mark.parametrize("cache", [{"kv_cache_mode": "extract", "num_ref_tokens": 0}, {"kv_caches": object()}],
-                         ids=["FLUX.2 Klein KV", "GLM-Image"])
-def test_a_key_value_cache_of_the_model_is_refused(cache):
-    """FLUX.2 Klein's KV pipeline keeps the reference tokens' keys and values of its first step, GLM-Image its
-    condition image's: one model's."""
+def _flux2_reference_steps(g, steps=3, reference=4):
+    """FLUX.2 Klein's KV pipeline: at the first step a reference image's 4 tokens precede the latents (their keys and
+    values are extracted into a cache), later steps take the latents alone and the cache."""
+    inputs = _flux2_inputs(g)
+    reference_ids = torch.cartesian_prod(torch.ones(1), torch.zeros(1), torch.arange(4.0), torch.zeros(1))
+    first = inputs | dict(hidden_states=torch.cat([_randn(ROWS, reference, 4, generator=g), inputs["hidden_states"]], 1),
+                          img_ids=torch.cat([reference_ids.expand(ROWS, -1, -1), inputs["img_ids"]], 1),
+                          kv_cache_mode="extract", num_ref_tokens=reference)
+    later = [inputs | dict(hidden_states=_randn(ROWS, 16, 4, generator=g), kv_cache_mode="cached")
+             for _ in range(steps - 1)]
+    return first, later
+
+
+def _with_reference_cache(denoiser, first, later):
+    """Each step's prediction of a denoiser run as the pipeline runs it: the first step's cache passed to the others."""
+    with torch.no_grad():
+        prediction, cache = denoiser(**first, return_dict=False)
+        return [_samples((prediction,))] + [_samples(denoiser(**step, kv_cache=cache, return_dict=False))
+                                            for step in later]
+
+
+def _with_kv_processors(transformer):
+    """As FLUX.2 Klein's KV pipeline sets up its transformer: attention processors that fill and read the cache."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in transformer.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    return transformer
+
+
+@pytest.mark.parametrize("batch_members", [True, False])
+def test_a_reference_key_value_cache_is_each_members_own(batch_members):
+    """Every step after the first equals the equation on peft's outputs where each adapter made its own cache."""
+    base = _with_kv_processors(_with_two_loras("flux2"))
+    first, later = _flux2_reference_steps(torch.Generator().manual_seed(0))
+    outputs = {}
+    for name in ("a", "b", []):
+        base.set_adapter(name)
+        outputs[name or "base"] = _with_reference_cache(base, first, later)
+    base.set_adapter([])
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=batch_members)
+    denoiser.set_blend(WEIGHTS, kl_scale=KL_SCALE)
+    blended = _with_reference_cache(denoiser, first, later)
+    for step, samples in enumerate(blended):
+        expected = _equation({name: per_step[step] for name, per_step in outputs.items()}, WEIGHTS, KL_SCALE)
+        assert _max_diff(samples, expected) <= 1e-5
+    assert _max_diff(outputs["a"][-1], outputs["b"][-1]) > 1e-2
+
+
+def test_full_members_keep_their_own_reference_cache():
+    base, a, b = (_with_kv_processors(tiny.flux2_transformer(seed)) for seed in range(3))
+    first, later = _flux2_reference_steps(torch.Generator().manual_seed(0))
+    outputs = {name: _with_reference_cache(module, first, later) for name, module in (("base", base), ("a", a), ("b", b))}
+    denoiser = BlendedDenoiser(base, {"a": a, "b": b})
+    denoiser.set_blend(WEIGHTS, kl_scale=KL_SCALE)
+    expected = _equation({name: per_step[-1] for name, per_step in outputs.items()}, WEIGHTS, KL_SCALE)
+    assert _max_diff(_with_reference_cache(denoiser, first, later)[-1], expected) <= 1e-5
+
+
+def test_a_full_member_without_the_cache_processors_is_refused():
+    """(FLUX.2 Klein's KV pipeline sets them on its own transformer; a member without them would ignore the cache.)"""
+    denoiser = BlendedDenoiser(_with_kv_processors(tiny.flux2_transformer(0)), {"a": tiny.flux2_transformer(1)})
+    first, _ = _flux2_reference_steps(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="member 'a' has key/value-cache processors on 2 attention layer.s. where the base"):
+        _blended(denoiser, first, {"a": 1.0}, 1.0)
+
+
+def _qwen21_steps(g, steps=3, text=6):
+    """Qwen-Image 2.1 with a condition image (2×2 tokens before the target's 4×4) as its pipeline calls it at every
+    step: the same condition, new latents, the cache filled at the first step ("extract") and read after."""
+    slots = torch.cat([torch.zeros(text + 1, dtype=torch.bool), torch.ones(4, dtype=torch.bool)])
+    slots[3] = True  # the condition image's slot among the prompt's tokens
+    condition, prompt = _randn(1, 4, 8, generator=g).repeat(ROWS, 1, 1), _randn(ROWS, text + 1, 12, generator=g)
+    return [dict(hidden_states=torch.cat([condition, _randn(ROWS, 16, 8, generator=g)], 1),
+                 timestep=torch.tensor([0.9 - 0.2 * step] * ROWS), encoder_hidden_states=prompt,
+                 encoder_hidden_states_mask=None, img_shapes=[[(1, 2, 2), (1, 4, 4)]] * ROWS,
+                 img_mask=slots[None].repeat(ROWS, 1), kv_cache_mode="extract" if step == 0 else "cached")
+            for step in range(steps)]
+
+
+def _with_given_cache(denoiser, steps, layers=2):
+    """Each step's prediction with one cache object passed at every step, as Qwen-Image 2.1's pipeline passes it."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    cache = QwenImage21KVCache(layers)
+    with torch.no_grad():
+        return [_samples(denoiser(**step, kv_cache=cache, return_dict=False)) for step in steps]
+
+
+@pytest.mark.parametrize("batch_members", [True, False])
+def test_a_cache_the_pipeline_passes_is_filled_for_each_member(batch_members):
+    base = tiny.qwen21_transformer(0)
+    for seed, name in enumerate("ab", start=1):
+        tiny.add_lora(base, name, seed)
+    base.set_adapter([])
+    steps = _qwen21_steps(torch.Generator().manual_seed(0))
+    outputs = {}
+    for name in ("a", "b", []):
+        base.set_adapter(name)
+        outputs[name or "base"] = _with_given_cache(base, steps)
+    base.set_adapter([])
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=batch_members)
+    denoiser.set_blend(WEIGHTS, kl_scale=KL_SCALE)
+    blended = _with_given_cache(denoiser, steps)
+    expected = _equation({name: per_step[-1] for name, per_step in outputs.items()}, WEIGHTS, KL_SCALE)
+    assert _max_diff(blended[-1], expected) <= 1e-5
+    assert _max_diff(outputs["a"][-1], outputs["base"][-1]) > 1e-2
+
+
+def test_a_key_value_cache_is_refused_in_stochastic_mode():
+    """(A member drawn at a later step would read another member's cache.)"""
+    denoiser = BlendedDenoiser(_with_kv_processors(_with_two_loras("flux2")), {"a": "a", "b": "b"})
+    first, _ = _flux2_reference_steps(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="the stochastic mode draws another member at every step: use mode='mix'"):
+        _blended(denoiser, first, {"a": 0.5, "b": 0.5}, 1.0, mode="stochastic")
+
+
+def test_a_cache_the_blend_did_not_make_is_refused():
+    base = _with_kv_processors(_with_two_loras("flux2"))
+    first, later = _flux2_reference_steps(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, plain_cache = base(**first, return_dict=False)
+    denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"})
+    with pytest.raises(ValueError, match="with a cache this blend did not make"):
+        _blended(denoiser, later[0] | {"kv_cache": plain_cache}, WEIGHTS, KL_SCALE)
+
+
+def test_glm_images_key_value_caches_are_refused():
     denoiser = BlendedDenoiser(_with_two_loras("flux2"), {"a": "a", "b": "b"})
-    with pytest.raises(ValueError, match=rf"called with {next(iter(cache))}: a key/value cache of a condition image "
-                                         "is one model's"):
-        _blended(denoiser, _inputs("flux2") | cache, WEIGHTS, KL_SCALE)
+    with pytest.raises(ValueError, match="kv_caches .GLM-Image's image-to-image.: a key/value cache"):
+        _blended(denoiser, _inputs("flux2") | {"kv_caches": object()}, WEIGHTS, KL_SCALE)
 
 
 def test_zimage_compiled_blend_equals_the_equation():

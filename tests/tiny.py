@@ -37,6 +37,7 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     Lumina2Transformer2DModel,
     MochiTransformer3DModel,
+    QwenImage21Transformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
@@ -382,6 +383,16 @@ def allegro_transformer(seed: int = 0) -> AllegroTransformer3DModel:
         seed, AllegroTransformer3DModel,
         patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
         num_layers=2, cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=4, caption_channels=16,
+    )
+
+
+def qwen21_transformer(seed: int = 0) -> QwenImage21Transformer2DModel:
+    """Qwen-Image 2.1: one stream; text and condition-image tokens modulated from t = 0 (``causal_condition``), so
+    their keys and values can be cached from the first step."""
+    return _seeded(
+        seed, QwenImage21Transformer2DModel,
+        in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2, context_in_dim=12,
+        mlp_ratio=2, axes_dims_rope=(4, 6, 6),
     )
 
 

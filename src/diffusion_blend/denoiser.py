@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
 from .blend import base_coefficient, blend_predictions, validate_kl_scale, validate_weights
+from .caches import ConditionCaches
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
 BASE = NO_ADAPTER
@@ -47,8 +48,6 @@ UNBATCHED_ARGUMENTS = frozenset({
     "padding_mask", "indices_latents", "indices_latents_clean", "indices_latents_history_2x",
     "indices_latents_history_4x",
 })
-#: Arguments in which known denoisers take or make a cache of their own activations (one model's: refused)
-MODEL_CACHE_ARGUMENTS = ("kv_cache_mode", "kv_cache", "kv_caches")
 #: Tensor arguments of known denoisers that may hold several consecutive rows per sample: Wan's first-and-last-frame
 #: models (FLF2V, SkyReels-V2, ChronoEdit) take two image embeddings per sample and fold each pair into one.
 GROUPED_ROWS = frozenset({"encoder_hidden_states_image"})
@@ -182,6 +181,7 @@ class BlendedDenoiser(nn.Module):
         self._draw_probabilities: torch.Tensor | None = None
         self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
         self._rows_reshaped = False  # the base reshapes its batch inside: LoRA members cannot share its calls
+        self._caches = ConditionCaches()  # each denoiser call's own condition keys and values, where a pipeline caches them
         self.forward = SignedForward(self, signature)
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
@@ -247,6 +247,7 @@ class BlendedDenoiser(nn.Module):
         self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
         self._draws = None
         self._draw_probabilities = self._probabilities() if mode == "stochastic" else None
+        self._caches.clear()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Called exactly like the base denoiser (each instance reports the base's signature); returns the blend."""
@@ -256,8 +257,8 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
-        _check_no_model_cache(kwargs)
-        self._check_rows_split_alike()
+        self._begin_condition_caches(kwargs)
+        self._check_attention_alike()
         if self.settings.mode == "mix":
             blend = self._mix
         else:  # drawn once per call: a call redone below must not draw again (the seed's later draws would shift)
@@ -265,12 +266,28 @@ class BlendedDenoiser(nn.Module):
             blend = functools.partial(self._stochastic, drawn=drawn)
         with self.routing(), self._lora_scaled(kwargs):
             try:
-                return blend(latent, args, kwargs)
+                result = blend(latent, args, kwargs)
             except RowsReshaped:
                 if not self._members_share_calls():
                     raise
                 self._rows_reshaped = True  # found at the first call: from now on, one call per member
-            return blend(latent, args, kwargs)
+                result = blend(latent, args, kwargs)
+        self._caches.end(result)
+        return result
+
+    def _begin_condition_caches(self, kwargs: dict) -> None:
+        """Condition caches (:mod:`~diffusion_blend.caches`) are kept per denoiser call, which needs the same calls
+        at every step: a mix blend's. Refused where that does not hold, or where a cache is not of that protocol."""
+        if kwargs.get("kv_caches") is not None:
+            raise ValueError("the denoiser is called with kv_caches (GLM-Image's image-to-image): a key/value cache of "
+                             "a condition image is one model's, and a blend has one per member; it cannot be blended yet")
+        self._caches.begin(kwargs)
+        if self._caches.active and self.settings.mode == "stochastic":
+            raise ValueError("condition caches (kv_cache_mode) hold one model's keys and values, and the stochastic "
+                             "mode draws another member at every step: use mode='mix', or the pipeline without its "
+                             "cache (Qwen-Image 2.1: use_kv_cache=False; Flux2KleinPipeline for FLUX.2 Klein)")
+        if self._caches.active and self.compile_options is not None:
+            raise ValueError("condition caches (kv_cache_mode) are not blended compiled yet: use compile=False")
 
     def routing(self) -> contextlib.AbstractContextManager:
         """Keep the LoRA routing installed across many forward calls (e.g. a whole pipeline call): what each layer
@@ -379,7 +396,7 @@ class BlendedDenoiser(nn.Module):
         template = None
         split = self._rows_are_split()
         calls = self._calls(plan, together=self._members_share_calls(split))
-        vmapped = [c[0] for c in calls if self.vmap_full_members and not split
+        vmapped = [c[0] for c in calls if self.vmap_full_members and not split and not self._caches.active
                    and plan[c[0]].member in self.modules_by_name and plan[c[0]].rows is None]
         cap = self._rows_per_call(len(latent))
         per_call = len(vmapped) if cap is None else cap // len(latent)  # members whose rows fit in one call
@@ -447,7 +464,10 @@ class BlendedDenoiser(nn.Module):
                 call_args, call_kwargs = self._call_rows(args, kwargs, index[start : start + chunk], batch,
                                                          isinstance(latent, list))
             chunk_routes = None if routes is None else routes[start : start + chunk]
+            call = (tuple(e.member for e in evaluations), tuple(sizes), start)  # its place in the plan
+            call_kwargs = self._caches.for_call(call, call_kwargs)
             output = self._call(module, chunk_routes, call_args, call_kwargs)
+            self._caches.after_call(call, output)
             template = output if template is None else template
             pieces.append(prediction_of(output))
         stacked = _joined(pieces) if len(pieces) > 1 else pieces[0]
@@ -571,22 +591,32 @@ class BlendedDenoiser(nn.Module):
             have = ", ".join(sorted(present)) or "none"
             raise ValueError(f"LoRA member(s) {', '.join(missing)} are not loaded on the base (loaded: {have})")
 
-    def _check_rows_split_alike(self) -> None:
-        """Every full member splits its rows where the base does. Perturbed-attention guidance installs its
-        processors for the call on the layers whose names match a pattern (``pag_applied_layers``), and the wrapper's
-        members are named ``modules_by_name.<basis>.…``: a pattern that matches a basis's name ("mid" in "humid")
-        puts them on every attention layer of that member, which would silently blend another model."""
-        base = [splits_its_rows(type(layer.processor)) for layer in self._attention_layers[BASE]]
+    def _check_attention_alike(self) -> None:
+        """Every full member's attention layers work as the base's where that changes what they compute.
+
+        Perturbed-attention guidance installs its processors for the call on the layers whose names match a pattern
+        (``pag_applied_layers``), and the wrapper's members are named ``modules_by_name.<basis>.…``: a pattern that
+        matches a basis's name ("mid" in "humid") puts them on every attention layer of that member. FLUX.2 Klein's
+        KV pipeline installs processors that read its condition cache on its own transformer only: a member without
+        them would ignore the cache. Either way the member would silently be another model."""
         for name in self.modules_by_name:
-            layers = self._attention_layers[name]
-            differing = [index for index, layer in enumerate(layers) if splits_its_rows(type(layer.processor)) != base[index]]
-            if differing:
-                raise ValueError(
-                    f"member {name!r} has perturbed-attention-guidance processors on {len(differing)} attention "
-                    f"layer(s) where the base has none, or the reverse (e.g. its layer {differing[0]}: "
-                    f"{type(layers[differing[0]].processor).__name__}): a pag_applied_layers pattern of the pipeline "
-                    "matches the basis's name in the blend (modules_by_name.<basis>.…); choose a basis name no "
-                    "pattern matches")
+            self._check_layers_alike(name, splits_its_rows, (
+                "perturbed-attention-guidance processors", "a pag_applied_layers pattern of the pipeline matches the "
+                "basis's name in the blend (modules_by_name.<basis>.…); choose a basis name no pattern matches"))
+            self._check_layers_alike(name, reads_condition_cache, (
+                "key/value-cache processors", "give the member the base's processor classes (FLUX.2 Klein KV: "
+                "Flux2KVAttnProcessor and Flux2KVParallelSelfAttnProcessor, as the pipeline gives its transformer)"))
+
+    def _check_layers_alike(self, name: str, kind: Any, description: tuple[str, str]) -> None:
+        """Member ``name``'s attention processors are of ``kind`` exactly where the base's are."""
+        base = [kind(type(layer.processor)) for layer in self._attention_layers[BASE]]
+        layers = self._attention_layers[name]
+        differing = [index for index, layer in enumerate(layers) if kind(type(layer.processor)) != base[index]]
+        if differing:
+            what, remedy = description
+            raise ValueError(
+                f"member {name!r} has {what} on {len(differing)} attention layer(s) where the base has none, or the "
+                f"reverse (e.g. its layer {differing[0]}: {type(layers[differing[0]].processor).__name__}): {remedy}")
 
     def _check_placement(self) -> None:
         device, dtype = _placement(self.base)
@@ -600,18 +630,6 @@ class BlendedDenoiser(nn.Module):
                     f"member {name!r} is on {member_device} in {member_dtype}, the base on {device} in {dtype}; "
                     "move it with .to(...) first"
                 )
-
-
-def _check_no_model_cache(kwargs: dict) -> None:
-    """Refuse calls that make or read a cache of the model's own activations: the reference or condition image's
-    attention keys and values kept from one call for the next (FLUX.2 Klein's KV pipeline, Qwen-Image 2.1's
-    ``use_kv_cache``, GLM-Image's image-to-image). Each member computes its own, and a cache holds one model's."""
-    given = [name for name in MODEL_CACHE_ARGUMENTS if kwargs.get(name) is not None]
-    if given:
-        raise ValueError(
-            f"the denoiser is called with {given[0]}: a key/value cache of a condition image is one model's, and a "
-            "blend has one per member; call the pipeline without its cache (Qwen-Image 2.1: use_kv_cache=False; "
-            "FLUX.2 Klein: Flux2KleinPipeline rather than Flux2KleinKVPipeline)")
 
 
 def _check_offloaded(name: str, base_device: torch.device, member_device: torch.device, vmapped: bool) -> None:
@@ -966,6 +984,12 @@ def splits_its_rows(processor_class: type) -> bool:
     attention-guidance processors (``PAG…``) take the rows as [unconditional;] conditional; perturbed thirds or
     halves. Stacking members' rows in one call would mix those parts up."""
     return processor_class.__name__.startswith("PAG")
+
+
+def reads_condition_cache(processor_class: type) -> bool:
+    """Whether an attention processor reads or fills a condition key/value cache (FLUX.2 Klein's ``…KV…``
+    processors); others ignore the cache the denoiser is given."""
+    return "KV" in processor_class.__name__
 
 
 def lora_scale_parameter(parameters: Iterable[str]) -> str | None:

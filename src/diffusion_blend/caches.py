@@ -1,0 +1,94 @@
+"""Condition caches per member.
+
+Some pipelines compute the attention keys and values of their condition tokens (a reference or input image, the
+prompt) at the first denoising step and reuse them at every later one: FLUX.2 Klein's KV pipeline
+(``kv_cache_mode="extract"`` returns the cache it made, ``"cached"`` takes it back) and Qwen-Image 2.1
+(``use_kv_cache``: the pipeline's cache object is filled at ``"extract"`` and read at ``"cached"``). A cache holds
+one model's keys and values, and a blend evaluates several models on the same input: so each denoiser call the blend
+makes keeps a cache of its own, found again at the next step by the call's place in the blend's plan. The pipeline
+only ever sees one cache (the one it passed, or the first call's), which stands for all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+#: The denoiser arguments of the protocol: the cache, and whether the call makes it or reads it
+CACHE_ARGUMENT, MODE_ARGUMENT = "kv_cache", "kv_cache_mode"
+EXTRACT, CACHED = "extract", "cached"
+
+
+class ConditionCaches:
+    """The condition caches of a blend's denoiser calls: per cache the pipeline holds, each call's own."""
+
+    def __init__(self) -> None:
+        self._kept: dict[int, dict[Hashable, Any]] = {}  # id of a cache the pipeline holds → {call: the call's own}
+        self._mode: str | None = None
+        self._given: Any = None
+        self._made: dict[Hashable, Any] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether the blended call in progress makes or reads condition caches."""
+        return self._mode is not None
+
+    def begin(self, kwargs: Mapping[str, Any]) -> None:
+        """Start a blended denoiser call with the pipeline's arguments."""
+        self._mode, self._given, self._made = kwargs.get(MODE_ARGUMENT), kwargs.get(CACHE_ARGUMENT), {}
+        if self._mode not in (None, EXTRACT, CACHED):
+            raise ValueError(f"{MODE_ARGUMENT}={self._mode!r} is not one the blend knows ({EXTRACT!r} or {CACHED!r})")
+        if self._mode is None and self._given is not None:
+            raise ValueError(f"{CACHE_ARGUMENT} is given without {MODE_ARGUMENT}: the blend cannot tell whether the "
+                             "call makes it or reads it")
+        if self._mode == CACHED and id(self._given) not in self._kept:
+            raise ValueError(f"{MODE_ARGUMENT}='cached' with a cache this blend did not make: the cache must come "
+                             f"from a call of the same blend with {MODE_ARGUMENT}='extract' (each member has its own)")
+
+    def for_call(self, call: Hashable, kwargs: dict) -> dict:
+        """A denoiser call's arguments with its own cache: a new empty one of the pipeline's kind where caches are
+        made, the one the same call made where they are read."""
+        if self._mode == EXTRACT and self._given is not None:
+            own = copy.deepcopy(self._given)  # (empty until the call fills it)
+        elif self._mode == CACHED:
+            own = self._kept[id(self._given)].get(call)
+            if own is None:
+                raise ValueError("the blend's denoiser calls changed since its condition caches were made (another "
+                                 "blend, row cap or batch between the extract step and this one)")
+        else:
+            return kwargs
+        self._made[call] = own
+        return {**kwargs, CACHE_ARGUMENT: own}
+
+    def after_call(self, call: Hashable, output: Any) -> None:
+        """Keep the cache a call returned (FLUX.2 returns the one it made instead of filling one given)."""
+        if self._mode == EXTRACT and self._given is None:
+            self._made[call] = returned_cache(output)
+
+    def end(self, result: Any) -> None:
+        """Finish the blended call: after an extract step, its calls' caches are kept under the cache the pipeline
+        holds (the one it passed, or the one the blended output returns), for as long as the pipeline holds it."""
+        if self._mode != EXTRACT:
+            return
+        visible = self._given if self._given is not None else returned_cache(result)
+        key = id(visible)
+        self._kept[key] = self._made
+        try:
+            weakref.finalize(visible, self._kept.pop, key, None)
+        except TypeError:  # a cache that cannot be weakly referenced: kept until the next set_blend
+            pass
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache in a denoiser output of the extract step: FLUX.2's ``(prediction, kv_cache)`` or its ``kv_cache``
+    field."""
+    if isinstance(output, Mapping):
+        return output.get(CACHE_ARGUMENT)
+    if isinstance(output, (tuple, list)) and len(output) > 1:
+        return output[1]
+    return None
