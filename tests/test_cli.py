@@ -169,6 +169,22 @@ def test_an_output_that_cannot_be_written_is_refused_before_generating(sd_pipeli
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_failure_while_writing_leaves_nothing(sd_pipeline_folder, sd_loras, tmp_path, monkeypatch):
+    """The second of three images fails to save: neither the first, nor the settings, nor the new folder remain."""
+    saved, save = [], Image.Image.save
+
+    def save_twice_then_fail(image, *args, **kwargs):
+        saved.append(1)
+        if len(saved) == 2:
+            raise OSError("disk full")
+        return save(image, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_twice_then_fail)
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "new" / "run", "--weights", "ir=1", "--num-images", "3")
+    assert result.exit_code != 0 and "disk full" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_jpeg_grid_and_paths_alone_on_stdout(sd_pipeline_folder, sd_loras, tmp_path):
     result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "car.jpg", "--weights", "ir=1", "--num-images", "2")
     assert result.exit_code == 0, result.output

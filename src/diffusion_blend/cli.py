@@ -6,11 +6,13 @@ non-zero exit code, and writes its outputs only once everything succeeded (temp 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -100,19 +102,29 @@ def scheduler_class(name: str) -> type:
 
 
 # ------------------------------------------------------------------------------------------------------- output
-def write_atomically(path: Path, write: Any) -> None:
-    """Write through ``write(temp_path)`` into a temp file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
+def write_atomically(files: Mapping[Path, Any]) -> None:
+    """Write each file through ``write(temp_path)`` into a temp file beside it; only once all are written are they
+    renamed into place, so a failure leaves none of them (nor a folder made for them)."""
+    made_folders = [folder for path in files for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    temps: list[tuple[Path, Path]] = []
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        write(Path(temp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private to its writer
-        os.replace(temp, path)
+        for path, write in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+            os.close(handle)
+            temps.append((Path(temp), path))
+            write(Path(temp))
+            os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private to its writer
+        for temp, path in temps:
+            os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        for temp, _ in temps:
+            temp.unlink(missing_ok=True)
+        for folder in sorted(set(made_folders), key=lambda folder: len(folder.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 
@@ -143,11 +155,11 @@ def save_images(images: list, out: Path, settings: dict) -> list[Path]:
     else:
         targets = [(out / f"image-{index:03d}.png", image, "PNG") for index, image in enumerate(images)]
     settings = {**settings, "outputs": [path.name for path, _, _ in targets]}
-    for path, image, image_format in targets:
-        write_atomically(path, lambda temp, image=image, image_format=image_format: image.save(temp, format=image_format))
-    sidecar = sidecar_of(out)
-    write_atomically(sidecar, lambda temp: temp.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n"))
-    return [path for path, _, _ in targets] + [sidecar]
+    files = {path: lambda temp, image=image, image_format=image_format: image.save(temp, format=image_format)
+             for path, image, image_format in targets}
+    files[sidecar_of(out)] = lambda temp: temp.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n")
+    write_atomically(files)
+    return list(files)
 
 
 def sidecar_of(out: Path) -> Path:
@@ -509,6 +521,7 @@ def lab_sweep(
 
 
 def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples, steps, seed) -> None:
+    from rich.console import Console
     from rich.progress import Progress
 
     from .lab.report import plot_fronts, plot_gap, rows_as_csv, rows_as_json, rows_as_markdown, sweep, sweep_size
@@ -525,7 +538,7 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out: {out} exists and is not a folder")
     scenarios = [_lab_scenario(scenario, None)] + ([_lab_scenario(None, None, dim=3)] if three_rewards else [])
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("sweeping", total=sweep_size(scenarios, alpha_values, kl_values, points))
         rows = sweep(scenarios, alpha_values, kl_values, points, samples=samples, steps=steps, seed=seed,
                      progress=lambda: progress.advance(task))
@@ -536,8 +549,8 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
         out / "fronts.png": lambda temp: plot_fronts(rows, scenarios[0], alpha_values, temp),
         out / "gap_vs_alpha.png": lambda temp: plot_gap(rows, scenarios[0], temp),
     }
-    for path, write in writers.items():
-        write_atomically(path, write)
+    write_atomically(writers)
+    for path in writers:
         typer.echo(str(path))
 
 
