@@ -335,6 +335,17 @@ def test_from_pretrained_refuses_two_dtypes(sd_pipeline_folder, sd_loras):
         Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras, torch_dtype=torch.float32, dtype=torch.bfloat16)
 
 
+def test_a_blend_called_from_its_own_callback_says_so(sd_loras):
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+
+    def blend_again(pipe, step, timestep, tensors):
+        blend.blend(weights={"ir": 1.0}, **call_kwargs())
+
+    with pytest.raises(ValueError, match="in the middle of a call"):
+        blend.blend(weights={"ir": 1.0}, **call_kwargs(callback_on_step_end=blend_again))
+    assert blend.pipe.unet is blend.base
+
+
 def test_blend_after_unload_raises(sd_loras):
     blend = Blend(tiny.sd_pipeline(), sd_loras)
     blend.unload()

@@ -251,6 +251,9 @@ class Blend:
 
     def _check_usable(self) -> None:
         self._check_loaded()
+        if getattr(self.pipe, self.denoiser_name) is self.denoiser:
+            raise ValueError("this Blend is in the middle of a call (blend() from a callback of its own call?): "
+                             "one call at a time")
         if getattr(self.pipe, self.denoiser_name) is not self.held:
             raise ValueError(
                 f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
