@@ -121,12 +121,37 @@ def blend_predictions(
     return base + kl_scale * _weighted_sum([(member - base, weight) for member, weight in terms])
 
 
-def _weighted_sum(terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+def blend_per_row(
+    base: torch.Tensor | None,
+    members: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    kl_scale: float = 1.0,
+) -> torch.Tensor:
+    """The equation with weights of their own for every row of the batch (a sweep over weights in one batch):
+    row r is ``base[r] + kl_scale · Σ_i weights[r, i] (members[i][r] − base[r])``.
+
+    ``weights`` is a (rows, members) tensor on the predictions' device. ``base`` may be ``None`` where
+    ``kl_scale · Σ_i weights[r, i] = 1`` on every row, which the caller knows (checking it here would read the
+    weights back from the device).
+    """
+    members = list(members)
+    if weights.ndim != 2 or weights.shape[1] != len(members):
+        raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(members)} member predictions")
+    _check_shapes(base, members)
+    def per_row(scaled: torch.Tensor) -> list[torch.Tensor]:  # each member's column, broadcast over its rows
+        return list(scaled.to(members[0].dtype).T.reshape(len(members), -1, *[1] * (members[0].ndim - 1)))
+
+    if base is None:
+        return _weighted_sum(list(zip(members, per_row(kl_scale * weights))))
+    return base + kl_scale * _weighted_sum([(member - base, weight) for member, weight in zip(members, per_row(weights))])
+
+
+def _weighted_sum(terms: list[tuple[torch.Tensor, float | torch.Tensor]]) -> torch.Tensor:
     """Σ weight · tensor, a new tensor, with no multiplication by a weight of 1 beside other terms (x · 1 = x
     exactly; on a GPU every operation saved is a kernel launch saved)."""
     if len(terms) == 1:
         return terms[0][0] * terms[0][1]
-    scaled = [tensor if weight == 1 else tensor * weight for tensor, weight in terms]
+    scaled = [tensor if isinstance(weight, float) and weight == 1 else tensor * weight for tensor, weight in terms]
     total = scaled[0]
     for tensor in scaled[1:]:
         total = total + tensor

@@ -128,11 +128,11 @@ def write_atomically(files: Mapping[Path, Any]) -> None:
         raise
 
 
-def image_grid(images: list) -> Any:
-    """The images side by side in a near-square grid."""
+def image_grid(images: list, columns: int | None = None) -> Any:
+    """The images side by side in a grid of ``columns`` (default: near-square)."""
     from PIL import Image
 
-    columns = math.ceil(math.sqrt(len(images)))
+    columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
     grid = Image.new("RGB", (columns * width, rows * height))
@@ -147,11 +147,11 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 FOLDER_OUTPUTS = ("image-*.png", "settings.json")
 
 
-def save_images(images: list, out: Path, settings: dict) -> list[Path]:
+def save_images(images: list, out: Path, settings: dict, columns: int | None = None) -> list[Path]:
     """A grid image at ``out`` (when it names an image file) or one PNG per image in the folder ``out``; plus a JSON
     sidecar."""
     if out.suffix.lower() in IMAGE_FORMATS:
-        targets = [(out, image_grid(images), IMAGE_FORMATS[out.suffix.lower()])]
+        targets = [(out, image_grid(images, columns), IMAGE_FORMATS[out.suffix.lower()])]
     else:
         targets = [(out / f"image-{index:03d}.png", image, "PNG") for index, image in enumerate(images)]
     settings = {**settings, "outputs": [path.name for path, _, _ in targets]}
@@ -198,7 +198,9 @@ def generate(
         help="NAME=PATH of a basis model (LoRA or denoiser); repeat it. NAME@DENOISER=PATH gives one per denoiser of "
              "a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...; PATH 'base': that "
              "denoiser unchanged).")],
-    weights: Annotated[str, typer.Option(help="NAME=W,... blend weights; names left out count as 0.")],
+    weights: Annotated[list[str], typer.Option(
+        help="NAME=W,... blend weights; names left out count as 0. Repeat it for a sweep in one batch: a grid row of "
+             "--num-images images per setting, the same noise in every row.")],
     prompt: Annotated[str, typer.Option(help="The prompt.")],
     out: Annotated[Path, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
                                             "(one PNG per image).")],
@@ -207,7 +209,8 @@ def generate(
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the pipeline's).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same images.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the first image (image j: seed + j); the same seed gives "
+                                           "the same images.")] = 0,
     num_images: Annotated[int, typer.Option(help="Images to generate.")] = 1,
     height: Annotated[int | None, typer.Option(help="Image height in pixels.")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels.")] = None,
@@ -256,8 +259,8 @@ def _generate(
     if mode not in ("mix", "stochastic"):
         raise CommandError(f"--mode must be mix or stochastic, got {mode!r}")
     basis_sources = parse_basis(basis)
-    blend_weights = validate_weights(parse_named_numbers(weights, "--weights"), basis_sources,
-                                     simplex=mode == "stochastic")
+    sweep = [validate_weights(parse_named_numbers(setting, "--weights"), basis_sources, simplex=mode == "stochastic")
+             for setting in weights]
     kl_scale = validate_kl_scale(kl_scale)
     if dtype not in DTYPES:
         raise CommandError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -268,8 +271,8 @@ def _generate(
         raise CommandError("--height and --width go together: give both, or neither for the pipeline's size")
     if guidance is not None and not math.isfinite(guidance):
         raise CommandError(f"--guidance must be a finite number, got {guidance}")
-    if not 0 <= seed < 2**64:
-        raise CommandError(f"--seed must be in [0, 2**64), got {seed}")
+    if not 0 <= seed <= 2**64 - num_images:
+        raise CommandError(f"--seed must be in [0, 2**64 - --num-images], got {seed}")
     compile_setting = compile_option(compile)
     rows_per_call = max_batch_size_option(max_batch_size)
     if lora_scale is not None:
@@ -287,8 +290,11 @@ def _generate(
     call_defaults = call_defaults_of(pipe)
     steps = steps if steps is not None else call_defaults.get("num_inference_steps")
     guidance_argument, guidance = guidance_setting(guidance, negative_prompt, pipe, call_defaults, blend.base)
-    kwargs = dict(prompt=prompt, num_inference_steps=steps, num_images_per_prompt=num_images,
-                  generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
+    # image j of every setting from seed + j: a sweep's rows differ by their weights alone, each as its own run
+    generators = [torch.Generator(device="cpu").manual_seed(seed + image) for _ in sweep for image in range(num_images)]
+    kwargs = dict(prompt=prompt if len(sweep) == 1 else [prompt] * len(sweep), num_inference_steps=steps,
+                  num_images_per_prompt=num_images, generator=generators, output_type="pil")
+    blend_weights = sweep[0] if len(sweep) == 1 else [setting for setting in sweep for _ in range(num_images)]
     kwargs[guidance_argument] = guidance
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
@@ -308,7 +314,7 @@ def _generate(
         "base": _reproducible_source(base),
         "basis": {name: {denoiser: _reproducible_source(path) for denoiser, path in source.items()}
                   if isinstance(source, dict) else _reproducible_source(source) for name, source in basis_sources.items()},
-        "weights": blend_weights,
+        "weights": sweep[0] if len(sweep) == 1 else sweep,
         "kl_scale": kl_scale,
         "mode": mode,
         "prompt": prompt,
@@ -329,7 +335,7 @@ def _generate(
         "denoiser": blend.denoiser_names if blend.experts else blend.denoiser_name,
         "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
-    for path in save_images(images, out, _jsonable(settings)):
+    for path in save_images(images, out, _jsonable(settings), columns=num_images if len(sweep) > 1 else None):
         typer.echo(str(path))
 
 

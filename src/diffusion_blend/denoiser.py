@@ -20,7 +20,7 @@ import inspect
 import itertools
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
-from .blend import base_coefficient, blend_predictions, validate_kl_scale, validate_weights
+from .blend import base_coefficient, blend_per_row, blend_predictions, validate_kl_scale, validate_weights
 from .caches import ConditionCaches
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
@@ -90,7 +90,8 @@ class Evaluation(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class BlendSettings:
-    weights: dict[str, float]
+    #: basis name → w_i: one mapping for every sample, or one per sample of the batch (a sweep in one batch)
+    weights: tuple[dict[str, float], ...]
     kl_scale: float
     mode: str
     generator: torch.Generator | None
@@ -182,6 +183,7 @@ class BlendedDenoiser(nn.Module):
         self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
         self._rows_reshaped = False  # the base reshapes its batch inside: LoRA members cannot share its calls
         self._caches = ConditionCaches()  # each denoiser call's own condition keys and values, where a pipeline caches them
+        self._row_weights: dict[tuple, torch.Tensor] = {}  # per-sample weights as (rows, members) tables, per call shape
         self.forward = SignedForward(self, signature)
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
@@ -220,7 +222,7 @@ class BlendedDenoiser(nn.Module):
     # ------------------------------------------------------------------------------------------------------- the blend
     def set_blend(
         self,
-        weights: Mapping[str, float],
+        weights: Mapping[str, float] | Sequence[Mapping[str, float]],
         kl_scale: float = 1.0,
         mode: str = "mix",
         generator: torch.Generator | None = None,
@@ -229,7 +231,9 @@ class BlendedDenoiser(nn.Module):
 
         Args:
             weights: basis name → w_i; names left out count as 0. In ``"stochastic"`` mode they must lie on the
-                simplex.
+                simplex. A sequence of such mappings gives each sample of the batch its own (a sweep over weights
+                in one batch): the denoiser's rows are then that many samples, repeated (classifier-free
+                guidance's halves), and sample s's rows are s, s + S, s + 2S, ...
             kl_scale: λ ≥ 0, the KL-strength multiplier (DB-KLA): λ > 1 regularises less, λ < 1 stays nearer the base.
             mode: ``"mix"`` evaluates every member with non-zero weight and combines them; ``"stochastic"``
                 (DB-MPA-LS) lets each sample draw one member I with probability w_I at every denoising step and
@@ -239,7 +243,8 @@ class BlendedDenoiser(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        checked = validate_weights(weights, self.names, simplex=mode == "stochastic")
+        checked = tuple(validate_weights(sample_weights, self.names, simplex=mode == "stochastic")
+                        for sample_weights in _weights_per_sample(weights))
         for name, module in self.modules_by_name.items():  # again: the base may have changed (an IP-Adapter loaded)
             _check_same_architecture(name, self.base, module)
             _check_same_settings(name, self.base, module, self._attention_layers[BASE], self._attention_layers[name])
@@ -248,6 +253,7 @@ class BlendedDenoiser(nn.Module):
         self._draws = None
         self._draw_probabilities = self._probabilities() if mode == "stochastic" else None
         self._caches.clear()
+        self._row_weights = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Called exactly like the base denoiser (each instance reports the base's signature); returns the blend."""
@@ -302,12 +308,14 @@ class BlendedDenoiser(nn.Module):
         return self.router.scaled(scale) if self.router is not None and scale != 1 else contextlib.nullcontext()
 
     def plan_mix(self) -> list[Evaluation]:
-        """What the mix formula needs: members with λ·w ≠ 0, and the base unless 1 − λΣw = 0 (a member that is the
-        base adds nothing to the sum: w (base − base))."""
+        """What the mix formula needs: members with λ·w ≠ 0 (for some sample), and the base unless 1 − λΣw = 0 (for
+        every sample; a member that is the base adds nothing to the sum: w (base − base))."""
         kl_scale = self.settings.kl_scale
-        weights = {name: w for name, w in self.settings.weights.items() if name not in self.same_as_base}
-        members = [Evaluation(name) for name, weight in weights.items() if kl_scale * weight != 0]
-        needs_base = base_coefficient(weights.values(), kl_scale) != 0
+        per_sample = [{name: w for name, w in weights.items() if name not in self.same_as_base}
+                      for weights in self.settings.weights]
+        members = [Evaluation(name) for name in per_sample[0]
+                   if any(kl_scale * weights[name] != 0 for weights in per_sample)]
+        needs_base = any(base_coefficient(weights.values(), kl_scale) != 0 for weights in per_sample)
         return ([Evaluation(BASE)] if needs_base else []) + members
 
     def _mix(self, latent: Rows, args: tuple, kwargs: dict) -> Any:
@@ -315,13 +323,25 @@ class BlendedDenoiser(nn.Module):
         predictions, template = self.evaluate(plan, latent, args, kwargs)
         by_member = dict(zip((evaluation.member for evaluation in plan), predictions))
         members = [name for name in by_member if name != BASE]
-        blended = blend_rows(
-            by_member.get(BASE),
-            [by_member[name] for name in members],
-            [self.settings.weights[name] for name in members],
-            self.settings.kl_scale,
-        )
+        base, member_predictions = by_member.get(BASE), [by_member[name] for name in members]
+        if len(self.settings.weights) == 1:
+            weights = [self.settings.weights[0][name] for name in members]
+            blended = blend_rows(base, member_predictions, weights, self.settings.kl_scale)
+        else:
+            weights = self._weights_per_row(members, len(latent), _like(latent).device)
+            blended = blend_rows_per_row(base, member_predictions, weights, self.settings.kl_scale)
         return with_prediction(template, blended)
+
+    def _weights_per_row(self, members: list[str], rows: int, device: torch.device) -> torch.Tensor:
+        """(rows, members) weights of per-sample blends, row r taking sample r mod S's (the rows are the S samples
+        repeated); made on the host and copied without waiting (on a GPU a blocking copy would)."""
+        key = (tuple(members), rows, device)
+        if key not in self._row_weights:  # (the same every step of a pipeline call)
+            table = torch.tensor([[weights[name] for name in members] for weights in self.settings.weights],
+                                 dtype=torch.float64)
+            table = _per_row(table, rows)
+            self._row_weights[key] = (table.pin_memory() if device.type == "cuda" else table).to(device, non_blocking=True)
+        return self._row_weights[key]
 
     def _stochastic(self, latent: Rows, args: tuple, kwargs: dict, drawn: torch.Tensor | None) -> Any:
         """DB-MPA-LS with the call's draws (one member index per row; None where λ = 0)."""
@@ -372,10 +392,13 @@ class BlendedDenoiser(nn.Module):
         return self._draws.draw(latent, timestep, self._draw_probabilities, self.settings.generator)
 
     def _probabilities(self) -> torch.Tensor:
-        """w as a tensor on the generator's device, made once per :meth:`set_blend` (on a GPU, making it waits)."""
+        """w as a tensor on the generator's device, made once per :meth:`set_blend` (on a GPU, making it waits): one
+        row per sample for per-sample weights, else a vector."""
         generator = self.settings.generator
         device = generator.device if generator is not None else torch.device("cpu")
-        return torch.tensor([self.settings.weights[name] for name in self.names], dtype=torch.float64, device=device)
+        table = torch.tensor([[weights[name] for name in self.names] for weights in self.settings.weights],
+                             dtype=torch.float64, device=device)
+        return table[0] if len(table) == 1 else table
 
     def _timestep(self, args: tuple, kwargs: dict) -> Any:
         if self._timestep_parameter is None:
@@ -768,6 +791,16 @@ def _holds_rows(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(item, (torch.Tensor, list)) for item in value)
 
 
+def _weights_per_sample(weights: Mapping[str, float] | Sequence[Mapping[str, float]]) -> list[Mapping[str, float]]:
+    """``set_blend``'s weights as a list of mappings: one shared by every sample, or one per sample."""
+    if isinstance(weights, Mapping):
+        return [weights]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or not weights:
+        raise ValueError("weights must be a mapping of basis name to weight, or a non-empty list of them (one per "
+                         f"sample), got {weights!r}")
+    return list(weights)
+
+
 def _stacked_rows(evaluations: list[Evaluation], batch: int, device: torch.device) -> torch.Tensor:
     """The batch row of every stacked row, evaluations one after another."""
     if all(evaluation.rows is None for evaluation in evaluations):  # a mix blend: the same every step
@@ -798,6 +831,21 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- batches of predictions
+def blend_rows_per_row(base: Prediction | None, members: list[Prediction], weights: torch.Tensor,
+                       kl_scale: float) -> Prediction:
+    """:func:`~diffusion_blend.blend.blend_per_row` of batched predictions, sample by sample for lists, field by
+    field for several-output denoisers."""
+    first = base if base is not None else members[0]
+    if isinstance(first, Fields):
+        return Fields(blend_rows_per_row(None if base is None else base[index], [member[index] for member in members],
+                                         weights, kl_scale) for index in range(len(first)))
+    if not isinstance(first, list):
+        return blend_per_row(base, members, weights, kl_scale)
+    bases = base if base is not None else [None] * len(first)
+    return [blend_per_row(None if b is None else b[None], [sample[None] for sample in samples], weights[row : row + 1],
+                          kl_scale)[0] for row, (b, *samples) in enumerate(zip(bases, *members))]
+
+
 def _like(batch: Rows) -> torch.Tensor:
     """A tensor of the batch's device and dtype (its first; lists of lists in Z-Image's omni mode)."""
     return _tensors_of(batch)[0]
@@ -889,7 +937,10 @@ class _DrawCache:
         known = self.previous if timestep is not None else None
         same_step = known is not None and known[2] is not None and known[2] == timestep  # (a tensor on a GPU)
         known = known if same_step is not False else None
-        fresh = torch.multinomial(probabilities, len(hashes), replacement=True, generator=generator)
+        if probabilities.ndim == 1:
+            fresh = torch.multinomial(probabilities, len(hashes), replacement=True, generator=generator)
+        else:  # one row per sample: row r is sample r mod S's
+            fresh = torch.multinomial(_per_row(probabilities, len(hashes)), 1, generator=generator).squeeze(1)
         keys, candidates = hashes, fresh.to(hashes.device, non_blocking=True)
         if known is not None:  # the previous rows first: an identical one then comes before this call's rows
             previous = known[0]
@@ -901,6 +952,14 @@ class _DrawCache:
         draws = candidates[first]
         self.previous = (hashes, draws, timestep)
         return draws
+
+
+def _per_row(per_sample: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (samples, …) table repeated for ``rows`` rows: the rows are the samples, repeated."""
+    if rows % len(per_sample):
+        raise ValueError(f"weights are given for {len(per_sample)} samples, but the denoiser is called with {rows} "
+                         "rows (not that many samples, repeated): give one weight mapping per image")
+    return per_sample.repeat(rows // len(per_sample), 1)
 
 
 #: XORed into the previous call's row hashes at a new step: they then match no row of this call (a salted hash

@@ -186,7 +186,7 @@ class Blend:
     def blend(
         self,
         *args: Any,
-        weights: Mapping[str, float],
+        weights: Mapping[str, float] | Sequence[Mapping[str, float]],
         kl_scale: float = 1.0,
         mode: str = "mix",
         member_generator: torch.Generator | None = None,
@@ -195,7 +195,8 @@ class Blend:
         """Call the pipeline with its denoiser replaced by the blend; returns the pipeline's own output.
 
         Args:
-            weights: basis name → w_i (names left out count as 0).
+            weights: basis name → w_i (names left out count as 0), or a list of them with one per image of the call
+                (a sweep over weights in one batch: ``prompt=[p] * 3, weights=[w1, w2, w3]``).
             kl_scale: λ; 1 is the basis models' own KL strength, 0 the base model.
             mode: ``"mix"`` (DB-MPA / DB-KLA / joint) or ``"stochastic"`` (DB-MPA-LS: one member per sample
                 and step, drawn with probability w; weights on the simplex).

@@ -1,0 +1,90 @@
+"""Weights per sample: a sweep over weights in one batch. Each sample's rows (both guidance halves) blend with its
+own weights, exactly as a blend of that sample alone with those weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from diffusion_blend import Blend, BlendedDenoiser, blend_per_row, blend_predictions
+from test_batching import _cfg_inputs, _lora_base
+from test_pipelines import PROMPT, call_kwargs, max_diff
+
+SWEEP = [{"ir": 1.0, "aes": 0.0}, {"ir": 0.3, "aes": 0.7}, {"ir": -0.2, "aes": 0.9}]
+
+
+def _members(kind):
+    """LoRA members on one base, or full modules."""
+    if kind == "lora":
+        return _lora_base(), {"ir": "ir", "aes": "aes"}
+    return tiny.unet(0), {"ir": tiny.unet(1), "aes": tiny.unet(2)}
+
+
+def _blended(denoiser, weights, sample, t, context, **blend):
+    denoiser.set_blend(weights, **blend)
+    with torch.no_grad():
+        return denoiser(sample, t, encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("batch_members", [True, False])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kl_scale", [1.0, 1.5])
+def test_each_samples_rows_blend_with_its_own_weights(kind, batch_members, kl_scale):
+    base, members = _members(kind)
+    denoiser = BlendedDenoiser(base, members, batch_members=batch_members)
+    sample, t, context = _cfg_inputs(samples=len(SWEEP))
+    swept = _blended(denoiser, SWEEP, sample, t, context, kl_scale=kl_scale)
+    for index, weights in enumerate(SWEEP):
+        rows = [index, len(SWEEP) + index]  # its unconditional and conditional rows
+        alone = _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=kl_scale)
+        assert max_diff(swept[rows], alone) <= 1e-6
+
+
+def test_per_sample_stochastic_draws_with_each_samples_weights():
+    """Sample 0 always draws ir, sample 1 always aes: each is that member's blend alone."""
+    base, members = _members("lora")
+    denoiser = BlendedDenoiser(base, members)
+    sample, t, context = _cfg_inputs(samples=2)
+    one_hot = [{"ir": 1.0, "aes": 0.0}, {"ir": 0.0, "aes": 1.0}]
+    swept = _blended(denoiser, one_hot, sample, t, context, kl_scale=0.5, mode="stochastic",
+                     generator=torch.Generator().manual_seed(0))
+    for index, weights in enumerate(one_hot):
+        rows = [index, 2 + index]
+        alone = _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=0.5)
+        assert max_diff(swept[rows], alone) <= 1e-6
+
+
+def test_weights_for_other_than_the_calls_samples_are_refused():
+    denoiser = BlendedDenoiser(*_members("lora"))
+    sample, t, context = _cfg_inputs(samples=2)  # 4 rows: not 3 samples repeated
+    with pytest.raises(ValueError, match="weights are given for 3 samples, but the denoiser is called with 4 rows"):
+        _blended(denoiser, SWEEP, sample, t, context)
+
+
+@pytest.mark.parametrize("weights", [[], "ir=1", [{"ir": 1.0}, {"style": 1.0}]])
+def test_bad_per_sample_weights_are_refused(weights):
+    denoiser = BlendedDenoiser(*_members("lora"))
+    with pytest.raises(ValueError, match="weights must be|unknown weight name"):
+        denoiser.set_blend(weights)
+
+
+def test_blend_per_row_is_each_rows_blend():
+    generator = torch.Generator().manual_seed(0)
+    base, first, second = (torch.randn(3, 4, 5, generator=generator) for _ in range(3))
+    weights = torch.tensor([[1.0, 0.0], [0.3, 0.7], [-0.2, 0.9]], dtype=torch.float64)
+    per_row = blend_per_row(base, [first, second], weights, kl_scale=1.5)
+    for row in range(3):
+        expected = blend_predictions(base[row], [first[row], second[row]], weights[row].tolist(), kl_scale=1.5)
+        assert torch.equal(per_row[row], expected)
+
+
+def test_a_pipeline_call_sweeps_weights_over_its_images(sd_loras):
+    """Two images of one prompt, each with its own weights and generator: each is the image blended alone."""
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    sweep = SWEEP[1:]
+    generators = [torch.Generator().manual_seed(seed) for seed in (3, 4)]
+    swept = blend.blend(weights=sweep, kl_scale=1.2, **call_kwargs(prompt=[PROMPT] * 2, generator=generators))
+    for index, (weights, seed) in enumerate(zip(sweep, (3, 4))):
+        alone = blend.blend(weights=weights, kl_scale=1.2, **call_kwargs(seed=seed)).images
+        assert max_diff(swept.images[index : index + 1], alone) <= 1e-5
