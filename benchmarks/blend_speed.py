@@ -24,6 +24,8 @@ Reported ratios:
                           the GPU waited for Python, so per-call host work shows in the ratios)
   launches_*              operations launched per denoising step (views excluded; a kernel each on a GPU) over the
                           single model's: what (a) and (b) tend to when the host is the bottleneck (any device)
+  --sweep N               also (e) sweep_over_separate: the joint blend at N weight mixes in one batch (weights per
+                          sample) / N joint blends, one per mix (a sweep over weights)
   --no-sequential         skip the joint blend with one call per member (sequential_overhead)
   --summarize FILE        only print the runs saved in a JSON-lines file (gpu_check.sh's results.jsonl) as a table
 
@@ -83,6 +85,7 @@ RATIOS = {
     "peak_memory_chunked": "(d) the same, chunked to the single's rows",
     "full_sequential_overhead": "(c) full members one by one / M+1 calls",
     "full_vmap_overhead": "(c) full members vmapped / M+1 calls",
+    "sweep_over_separate": "(e) N mixes in one batch / one blend each",
     "compiled_mpa_over_single": "(a) compiled",
     "compiled_ls_over_single": "(b) compiled",
     "compiled_overhead": "(c) compiled",
@@ -369,10 +372,39 @@ def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup:
     }
 
 
+def sweep_ratio(unet, names, config: str, batch: int, size: int, mixes: int, steps: int, repeats: int, warmup: int,
+                device: str) -> dict[str, float]:
+    """(e) The joint blend (λ = 1.5) at ``mixes`` weight mixes, from all weight on the first member to all on the
+    others, in one batch of ``mixes`` times the rows (weights per sample) / one blend per mix on its own rows."""
+    spread = [k / (mixes - 1) for k in range(mixes)] if mixes > 1 else [0.0]
+    settings = [{name: 1 - s if i == 0 else s / (len(names) - 1) for i, name in enumerate(names)} for s in spread]
+    context = CONFIGS[config]["context"]
+    swept_args, swept_kwargs = inputs(unet, mixes * batch, size, context)
+    args, kwargs = inputs(unet, batch, size, context)
+    denoiser = BlendedDenoiser(unet, {name: name for name in names})
+
+    def swept(steps: int):
+        denoiser.set_blend([mix for mix in settings for _ in range(batch)], kl_scale=1.5)
+        with denoiser.routing():
+            for _ in range(steps):
+                denoiser(*swept_args, **swept_kwargs)
+
+    def separate(steps: int):
+        for mix in settings:
+            denoiser.set_blend(mix, kl_scale=1.5)
+            with denoiser.routing():
+                for _ in range(steps):
+                    denoiser(*args, **kwargs)
+
+    functions = {name: (lambda: unet.set_adapter([]), call) for name, call in (("sweep", swept), ("separate", separate))}
+    times = time_variants(functions, repeats, warmup, device, steps)
+    return {"sweep_over_separate": median_ratio(times, "sweep", "separate"), "sweep_mixes": mixes}
+
+
 def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 20, warmup: int = 3,
         dtype: str = "fp32", device: str = "cpu", latent: int | None = None, steps: int = 1,
         full: bool = False, compile: str | None = None, compile_backend: str = "inductor",
-        sequential: bool = True) -> dict:
+        sequential: bool = True, sweep: int | None = None) -> dict:
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     unet, names, size = build(config, members, torch_dtype, device, latent)
     args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
@@ -388,6 +420,8 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     memory.update(peak_memory_ratios(unet, names, args, kwargs, device))
     if device.startswith("cuda"):
         memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant) for key, variant in compared.items()})
+    if sweep:
+        memory.update(sweep_ratio(unet, names, config, batch, size, sweep, steps, repeats, warmup, device))
     if full:
         memory.update(full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps))
     if compile:
@@ -423,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the joint blend with one call per member (default: yes)")
+    parser.add_argument("--sweep", type=int, metavar="N", help="also time N weight mixes in one batch (e)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the runs saved in this file")
     options = parser.parse_args(argv)
@@ -431,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = run(options.config, options.members, options.batch, options.repeats, options.warmup, options.dtype,
                  options.device, options.latent, options.steps, options.full, options.compile, options.compile_backend,
-                 options.sequential)
+                 options.sequential, options.sweep)
     if options.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")

@@ -10,7 +10,8 @@
 #   pip download --no-deps -d benchmarks/wheels diffusers==0.42.1 peft==0.21.2
 # Then it runs the SD1.5-sized benchmark (blend_speed.py) at 512² (64² latents), 50 steps with CFG, fp16, for
 # M ∈ {2, 4} and batch ∈ {1, 4}, the most important first (batch 1 carries the targets), with the full-module
-# comparison at M = 2, batch 1, and counts the host synchronisations of blended steps (host_sync_check.py).
+# comparison and a sweep of 4 weight mixes in one batch at M = 2, batch 1, and counts the host synchronisations of
+# blended steps (host_sync_check.py).
 # It writes three files into OUT_DIR, each as soon as it has something: environment.txt (GPU, versions),
 # results.jsonl (one JSON object per benchmark run) and log.txt (everything printed, with each run's duration), so
 # a run stopped early still leaves what it measured. About 4-6 minutes on an H100 (estimated, not yet measured).
@@ -66,7 +67,7 @@ bench() {  # a label, then blend_speed.py's arguments; appends the run's JSON li
     --repeats "$repeats" --warmup 1 --json "$@" | tee -a "$out/results.jsonl"
   echo "# $label: $((SECONDS - begun)) s (check so far: $((SECONDS - started)) s)"
 }
-bench "M=2, batch 1, LoRA and full members" --members 2 --batch 1 --full
+bench "M=2, batch 1, LoRA and full members, a sweep of 4 mixes" --members 2 --batch 1 --full --sweep 4
 bench "M=4, batch 1" --members 4 --batch 1
 if [[ $device == cuda* ]]; then
   "$python" "$here/host_sync_check.py" --config "$config" --json | tee -a "$out/results.jsonl"

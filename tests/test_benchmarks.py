@@ -90,5 +90,6 @@ def test_gpu_check_script_runs_end_to_end_on_a_cpu(tmp_path):
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(run["members"], run["batch"]) for run in runs] == [(2, 1), (4, 1), (2, 4), (4, 4)]
     assert "full_vmap_overhead" in runs[0] and "sequential_overhead" not in runs[3]
+    assert runs[0]["sweep_mixes"] == 4 and runs[0]["sweep_over_separate"] > 0
     assert "device cpu" in (out / "environment.txt").read_text()
     assert "tiny, fp32, cpu, 1 steps per timed run" in (out / "log.txt").read_text()  # the closing summary table

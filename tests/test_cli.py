@@ -202,6 +202,12 @@ def test_a_failure_while_writing_leaves_nothing(sd_pipeline_folder, sd_loras, tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_name_ending_in_a_slash_is_a_folder_whatever_its_suffix(sd_pipeline_folder, sd_loras, tmp_path):
+    result = _generate(sd_pipeline_folder, sd_loras, f"{tmp_path / 'w0.5'}/", "--weights", "ir=1")
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in (tmp_path / "w0.5").iterdir()) == ["image-000.png", "settings.json"]
+
+
 def test_a_jpeg_grid_and_paths_alone_on_stdout(sd_pipeline_folder, sd_loras, tmp_path):
     result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "car.jpg", "--weights", "ir=1", "--num-images", "2")
     assert result.exit_code == 0, result.output

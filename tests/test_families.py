@@ -373,6 +373,29 @@ def test_full_members_keep_their_own_reference_cache():
     assert _max_diff(_with_reference_cache(denoiser, first, later)[-1], expected) <= 1e-5
 
 
+def test_the_blends_caches_go_with_the_one_the_pipeline_holds():
+    """(FLUX.2 hands back the first call's cache: the blend keeps the other calls' only as long as the pipeline
+    keeps that one.)"""
+    import gc
+
+    denoiser = BlendedDenoiser(_with_kv_processors(_with_two_loras("flux2")), {"a": "a", "b": "b"}, batch_members=False)
+    denoiser.set_blend(WEIGHTS, kl_scale=KL_SCALE)
+    for _ in range(2):
+        _with_reference_cache(denoiser, *_flux2_reference_steps(torch.Generator().manual_seed(0)))
+        gc.collect()
+        assert denoiser._caches._kept == {}
+
+
+def test_a_full_member_without_the_cache_processors_blends_where_no_cache_is_used():
+    """(Without a cache the key/value-cache processors compute plain attention.)"""
+    base, a = _with_kv_processors(tiny.flux2_transformer(0)), tiny.flux2_transformer(1)
+    inputs = _inputs("flux2")
+    with torch.no_grad():
+        expected = _equation({"base": _samples(base(**inputs, return_dict=False)),
+                              "a": _samples(a(**inputs, return_dict=False)), "b": [0] * ROWS}, {"a": 1.0, "b": 0.0}, 1.0)
+    assert _max_diff(_blended(BlendedDenoiser(base, {"a": a}), inputs, {"a": 1.0}, 1.0), expected) <= 1e-5
+
+
 def test_a_full_member_without_the_cache_processors_is_refused():
     """(FLUX.2 Klein's KV pipeline sets them on its own transformer; a member without them would ignore the cache.)"""
     denoiser = BlendedDenoiser(_with_kv_processors(tiny.flux2_transformer(0)), {"a": tiny.flux2_transformer(1)})

@@ -164,8 +164,14 @@ def test_lab_sweep_writes_table_and_plots(tmp_path):
         assert (tmp_path / "sweep" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_lab_sweep_summary_of_a_grid_without_equal_weights_has_the_nearest(tmp_path):
-    """Four points along two rewards: (2/3, 1/3) and (1/3, 2/3) beside the missing middle."""
+def test_lab_sweep_summary_of_a_grid_without_equal_weights_has_the_nearest(tmp_path, monkeypatch):
+    """Four points along two rewards: (2/3, 1/3) and (1/3, 2/3) beside the missing middle; the gap plot draws the
+    first of them."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: figures.append(figure) or save(figure, *args,
+                                                                                                           **kwargs))
     result = runner.invoke(app, ["lab", "sweep", "--out", str(tmp_path / "sweep"), "--alphas", "1", "--kl-scales", "1",
                                  "--points", "4", "--no-three-rewards", "--samples", "300", "--steps", "10"])
     assert result.exit_code == 0, result.output
@@ -173,6 +179,8 @@ def test_lab_sweep_summary_of_a_grid_without_equal_weights_has_the_nearest(tmp_p
     assert "| grid-2d | 1 | 1 | r1=0.667, r2=0.333 | db-mpa |" in summary
     assert "| grid-2d | 1 | 1 | r1=0.333, r2=0.667 | db-mpa |" in summary
     assert "r1=1, r2=0 |" not in summary
+    gap = next(figure.axes[0] for figure in figures if figure.axes[0].get_title().startswith("grid-2d, weights"))
+    assert gap.get_title() == "grid-2d, weights r1=0.333, r2=0.667" and len(gap.get_lines()) >= 1
 
 
 def test_scenario_from_yaml(tmp_path):

@@ -158,6 +158,27 @@ def test_folder_of_another_model_class_raises(tmp_path):
         Blend(tiny.sd_pipeline(), {"ft": tmp_path / "vae"})
 
 
+def test_a_pixart_fine_tune_saved_under_its_old_class_name_loads(tmp_path):
+    """PixArt-α checkpoints declare Transformer2DModel, which diffusers loads as PixArtTransformer2DModel."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+
+    def pixart(seed):
+        torch.manual_seed(seed)
+        return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                        caption_channels=16)
+
+    pixart(1).save_pretrained(tmp_path / "ft")
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    (tmp_path / "ft" / "config.json").write_text(json.dumps(config | {"_class_name": "Transformer2DModel"}))
+    base = pixart(0)  # (the parts of a PixArt pipeline a Blend reads)
+    pipe = SimpleNamespace(transformer=base, scheduler=DDIMScheduler(), components={"transformer": base})
+    blend = Blend(pipe, {"ft": tmp_path / "ft"})
+    assert all(torch.equal(a, b) for a, b in zip(blend.owned["ft"].state_dict().values(), pixart(1).state_dict().values()))
+
+
 def test_pipeline_folder_without_the_denoiser_raises(tmp_path):
     tiny.sd_pipeline().save_pretrained(tmp_path / "other")
     shutil.rmtree(tmp_path / "other" / "unet")

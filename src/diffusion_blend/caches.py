@@ -26,6 +26,7 @@ class ConditionCaches:
 
     def __init__(self) -> None:
         self._kept: dict[int, dict[Hashable, Any]] = {}  # id of a cache the pipeline holds → {call: the call's own}
+        #: (None where a call's own is that cache itself)
         self._mode: str | None = None
         self._given: Any = None
         self._made: dict[Hashable, Any] = {}
@@ -53,10 +54,11 @@ class ConditionCaches:
         if self._mode == EXTRACT and self._given is not None:
             own = copy.deepcopy(self._given)  # (empty until the call fills it)
         elif self._mode == CACHED:
-            own = self._kept[id(self._given)].get(call)
-            if own is None:
+            kept = self._kept[id(self._given)]
+            if call not in kept:
                 raise ValueError("the blend's denoiser calls changed since its condition caches were made (another "
                                  "blend, row cap or batch between the extract step and this one)")
+            own = kept[call] if kept[call] is not None else self._given  # None: the cache the pipeline holds
         else:
             return kwargs
         self._made[call] = own
@@ -70,17 +72,25 @@ class ConditionCaches:
     def end(self, result: Any) -> None:
         """Finish the blended call: after an extract step, its calls' caches are kept under the cache the pipeline
         holds (the one it passed, or the one the blended output returns), for as long as the pipeline holds it."""
-        if self._mode != EXTRACT:
+        mode, given, made = self._mode, self._given, self._made
+        self.reset()
+        if mode != EXTRACT:
             return
-        visible = self._given if self._given is not None else returned_cache(result)
+        visible = given if given is not None else returned_cache(result)
         key = id(visible)
-        self._kept[key] = self._made
+        # the cache the pipeline holds is kept by the pipeline, not here (kept here, it would never be let go)
+        self._kept[key] = {call: None if own is visible else own for call, own in made.items()}
         try:
             weakref.finalize(visible, self._kept.pop, key, None)
         except TypeError:  # a cache that cannot be weakly referenced: kept until the next set_blend
             pass
 
+    def reset(self) -> None:
+        """Forget the blended call in progress (at its end, or when it failed): nothing of it is held."""
+        self._mode, self._given, self._made = None, None, {}
+
     def clear(self) -> None:
+        self.reset()
         self._kept.clear()
 
 

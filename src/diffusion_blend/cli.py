@@ -7,6 +7,7 @@ non-zero exit code, and writes its outputs only once everything succeeded (temp 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -147,45 +148,63 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 FOLDER_OUTPUTS = ("image-*.png", "settings.json")
 
 
-def save_images(images: list, out: Path, settings: dict, columns: int | None = None) -> list[Path]:
-    """A grid image at ``out`` (when it names an image file) or one PNG per image in the folder ``out``; plus a JSON
-    sidecar."""
-    if out.suffix.lower() in IMAGE_FORMATS:
-        targets = [(out, image_grid(images, columns), IMAGE_FORMATS[out.suffix.lower()])]
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Where ``generate`` writes: a grid image file (and its settings beside it), or a folder of one PNG per image
+    (and ``settings.json``)."""
+
+    path: Path
+    image: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Output:
+        """``--out``: an image file by its suffix, a folder where it ends in a slash, has no suffix or exists."""
+        path = Path(text).expanduser()
+        if text.endswith(("/", os.sep)):
+            return cls(path, image=False)
+        if path.suffix.lower() in IMAGE_FORMATS:
+            return cls(path, image=True)
+        if path.suffix and not path.is_dir():
+            raise CommandError(f"--out: {text} is neither an image file ({', '.join(IMAGE_FORMATS)}) nor a folder "
+                               "(end it with / for a folder)")
+        return cls(path, image=False)
+
+    @property
+    def sidecar(self) -> Path:
+        """The settings file: beside a grid image (``car.json`` for ``car.png``), or in the output folder."""
+        return self.path.with_suffix(".json") if self.image else self.path / "settings.json"
+
+
+def save_images(images: list, out: Output, settings: dict, columns: int | None = None) -> list[Path]:
+    """A grid image, or one PNG per image in a folder; plus the settings file."""
+    if out.image:
+        targets = [(out.path, image_grid(images, columns), IMAGE_FORMATS[out.path.suffix.lower()])]
     else:
-        targets = [(out / f"image-{index:03d}.png", image, "PNG") for index, image in enumerate(images)]
+        targets = [(out.path / f"image-{index:03d}.png", image, "PNG") for index, image in enumerate(images)]
     settings = {**settings, "outputs": [path.name for path, _, _ in targets]}
     files = {path: lambda temp, image=image, image_format=image_format: image.save(temp, format=image_format)
              for path, image, image_format in targets}
-    files[sidecar_of(out)] = lambda temp: temp.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n")
+    files[out.sidecar] = lambda temp: temp.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n")
     write_atomically(files)
     return list(files)
 
 
-def sidecar_of(out: Path) -> Path:
-    """The settings file beside a grid image (``car.json`` for ``car.png``), or in an output folder."""
-    return out.with_suffix(".json") if out.suffix.lower() in IMAGE_FORMATS else out / "settings.json"
-
-
-def _check_out(out: Path) -> None:
+def _check_out(out: Output) -> None:
     """``--out`` can be written, before any model is loaded: an image file (not a folder) or a folder without an
     earlier run's outputs, its settings file not a folder, somewhere writable."""
-    image_file = out.suffix.lower() in IMAGE_FORMATS
-    if image_file and out.is_dir():
-        raise CommandError(f"--out: {out} is a folder")
-    if not image_file:
-        if out.suffix and not out.is_dir():
-            raise CommandError(f"--out: {out} is neither an image file ({', '.join(IMAGE_FORMATS)}) nor a folder "
-                               "(an existing one, or a name without a suffix)")
-        if out.exists() and not out.is_dir():
-            raise CommandError(f"--out: {out} exists and is not a folder")
-        earlier = sorted(path.name for pattern in FOLDER_OUTPUTS for path in out.glob(pattern)) if out.is_dir() else []
+    path = out.path
+    if out.image and path.is_dir():
+        raise CommandError(f"--out: {path} is a folder")
+    if not out.image:
+        if path.exists() and not path.is_dir():
+            raise CommandError(f"--out: {path} exists and is not a folder")
+        earlier = sorted(found.name for pattern in FOLDER_OUTPUTS for found in path.glob(pattern)) if path.is_dir() else []
         if earlier:
-            raise CommandError(f"--out: {out} holds an earlier run's outputs ({', '.join(earlier[:3])}"
+            raise CommandError(f"--out: {path} holds an earlier run's outputs ({', '.join(earlier[:3])}"
                                f"{', ...' if len(earlier) > 3 else ''}); give a new or empty folder")
-    if sidecar_of(out).is_dir():
-        raise CommandError(f"--out: the settings file {sidecar_of(out)} would replace a folder")
-    existing = next(parent for parent in (out if not image_file else out.parent, *out.parents) if parent.exists())
+    if out.sidecar.is_dir():
+        raise CommandError(f"--out: the settings file {out.sidecar} would replace a folder")
+    existing = next(parent for parent in (path.parent if out.image else path, *path.parents) if parent.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise CommandError(f"--out: cannot write under {existing}")
 
@@ -202,8 +221,8 @@ def generate(
         help="NAME=W,... blend weights; names left out count as 0. Repeat it for a sweep in one batch: a grid row of "
              "--num-images images per setting, the same noise in every row.")],
     prompt: Annotated[str, typer.Option(help="The prompt.")],
-    out: Annotated[Path, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
-                                            "(one PNG per image).")],
+    out: Annotated[str, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
+                                           "(one PNG per image; a name ending in /).")],
     kl_scale: Annotated[float, typer.Option(help="λ: 1 = the basis models' KL strength, 0 = the base.")] = 1.0,
     mode: Annotated[str, typer.Option(help="mix (DB-MPA/DB-KLA) or stochastic (DB-MPA-LS).")] = "mix",
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
@@ -267,7 +286,7 @@ def _generate(
     for option, value in (("--num-images", num_images), ("--steps", steps), ("--height", height), ("--width", width)):
         if value is not None and value < 1:
             raise CommandError(f"{option} must be >= 1, got {value}")
-    if (height is None) != (width is None):  # diffusers would drop the one given and use its defaults for both
+    if (height is None) != (width is None):  # diffusers' SD pipelines would drop the one given for their defaults
         raise CommandError("--height and --width go together: give both, or neither for the pipeline's size")
     if guidance is not None and not math.isfinite(guidance):
         raise CommandError(f"--guidance must be a finite number, got {guidance}")
@@ -277,6 +296,7 @@ def _generate(
     rows_per_call = max_batch_size_option(max_batch_size)
     if lora_scale is not None:
         _check_lora_scale(lora_scale, basis_sources)
+    out = Output.parse(out)
     _check_out(out)
     scheduler_cls = scheduler_class(scheduler) if scheduler else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

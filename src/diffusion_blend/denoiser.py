@@ -263,21 +263,25 @@ class BlendedDenoiser(nn.Module):
         if self.settings is None:
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
-        self._begin_condition_caches(kwargs)
-        self._check_attention_alike()
-        if self.settings.mode == "mix":
-            blend = self._mix
-        else:  # drawn once per call: a call redone below must not draw again (the seed's later draws would shift)
-            drawn = self.draw_members(latent, self._timestep(args, kwargs)) if self.settings.kl_scale != 0 else None
-            blend = functools.partial(self._stochastic, drawn=drawn)
-        with self.routing(), self._lora_scaled(kwargs):
-            try:
-                result = blend(latent, args, kwargs)
-            except RowsReshaped:
-                if not self._members_share_calls():
-                    raise
-                self._rows_reshaped = True  # found at the first call: from now on, one call per member
-                result = blend(latent, args, kwargs)
+        try:  # (whatever fails, the call's condition caches are let go)
+            self._begin_condition_caches(kwargs)
+            self._check_attention_alike()
+            if self.settings.mode == "mix":
+                blend = self._mix
+            else:  # drawn once per call: a call redone below must not draw again (the seed's later draws would shift)
+                drawn = self.draw_members(latent, self._timestep(args, kwargs)) if self.settings.kl_scale != 0 else None
+                blend = functools.partial(self._stochastic, drawn=drawn)
+            with self.routing(), self._lora_scaled(kwargs):
+                try:
+                    result = blend(latent, args, kwargs)
+                except RowsReshaped:
+                    if not self._members_share_calls():
+                        raise
+                    self._rows_reshaped = True  # found at the first call: from now on, one call per member
+                    result = blend(latent, args, kwargs)
+        except BaseException:
+            self._caches.reset()
+            raise
         self._caches.end(result)
         return result
 
@@ -626,6 +630,8 @@ class BlendedDenoiser(nn.Module):
             self._check_layers_alike(name, splits_its_rows, (
                 "perturbed-attention-guidance processors", "a pag_applied_layers pattern of the pipeline matches the "
                 "basis's name in the blend (modules_by_name.<basis>.…); choose a basis name no pattern matches"))
+            if not self._caches.active:  # (without a cache those processors compute plain attention)
+                continue
             self._check_layers_alike(name, reads_condition_cache, (
                 "key/value-cache processors", "give the member the base's processor classes (FLUX.2 Klein KV: "
                 "Flux2KVAttnProcessor and Flux2KVParallelSelfAttnProcessor, as the pipeline gives its transformer)"))

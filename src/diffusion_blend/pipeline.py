@@ -214,7 +214,7 @@ class Blend:
                 "pipe.to(device) instead of enable_model_cpu_offload()"
             )
         if mode == "stochastic" and member_generator is None:
-            member_generator = _member_generator(pipeline_kwargs.get("generator"))
+            member_generator = _member_generator(pipeline_kwargs.get("generator"), self._execution_device())
         for stage in stages:
             stage._follow_base()
             stage.denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=member_generator)
@@ -245,6 +245,11 @@ class Blend:
     def _stages(self) -> list[Blend]:
         """This denoiser's attachment and those of the pipeline's other denoisers blended alike."""
         return [self, *self.experts]
+
+    def _execution_device(self) -> torch.device:
+        """Where the pipeline computes (its denoiser's device, or the offload target)."""
+        device = getattr(self.pipe, "_execution_device", None)
+        return torch.device(device) if device is not None else self.base.device
 
     def _check_loaded(self) -> None:
         if self.denoiser is None:
@@ -305,7 +310,8 @@ class Blend:
             raise ValueError(f"basis {name!r}: the pipeline folder {folder.parent} has no {folder.name} "
                              f"(no {folder.name}/config.json)")
         try:
-            declared = json.loads(config.read_text()).get("_class_name")
+            settings = json.loads(config.read_text())
+            declared = _loaded_class_name(settings.get("_class_name"), settings)
         except (OSError, ValueError, AttributeError) as error:
             raise ValueError(f"basis {name!r}: {config} is not a readable model config ({error})") from error
         if declared is not None and declared != type(self.base).__name__:
@@ -500,6 +506,16 @@ def _find_denoiser_name(pipe: Any) -> str:
     return present[0]
 
 
+def _loaded_class_name(declared: str | None, config: dict) -> str | None:
+    """The model class diffusers loads a config's ``_class_name`` as: older PixArt and DiT checkpoints declare
+    ``Transformer2DModel``, which diffusers remaps by their ``norm_type``."""
+    try:
+        from diffusers.models.model_loading_utils import _CLASS_REMAPPING_DICT
+    except ImportError:  # (a diffusers without the remapping: names are taken as they are)
+        return declared
+    return _CLASS_REMAPPING_DICT.get(declared, {}).get(config.get("norm_type"), declared)
+
+
 def _family(denoiser_name: str) -> str:
     """``transformer`` for ``transformer_2``: the name its LoRA keys and folders carry in a one-denoiser pipeline."""
     return re.sub(r"_\d+$", "", denoiser_name)
@@ -519,11 +535,25 @@ def _attention_processors_kept(denoiser: BlendedDenoiser) -> Iterator[None]:
             member.set_attn_processor(processors)
 
 
-def _member_generator(pipeline_generator: Any) -> torch.Generator:
-    """A generator for the stochastic draws, seeded from the current state of the pipeline's generator (of torch's
-    global one where none is given, as diffusers then draws its noise) without consuming from it: the same seed
-    gives the same draws, a generator reused for the next call gives new ones, and the noise stays the pipeline's."""
+def _member_generator(pipeline_generator: Any, device: torch.device) -> torch.Generator:
+    """A generator for the stochastic draws, seeded from the current state of the pipeline's generator (where none is
+    given, of torch's global generators: the CPU's and that of the device, whose diffusers then draws its noise
+    from) without consuming from it: the same seed gives the same draws, a generator reused for the next call gives
+    new ones, and the noise stays the pipeline's."""
     first = pipeline_generator[0] if isinstance(pipeline_generator, (list, tuple)) else pipeline_generator
-    state = first.get_state() if isinstance(first, torch.Generator) else torch.get_rng_state()
-    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"db-members").digest()
+    if isinstance(first, torch.Generator):
+        states = [first.get_state()]
+    else:
+        states = [torch.get_rng_state(), *_device_rng_state(device)]
+    digest = hashlib.blake2b(b"".join(state.numpy().tobytes() for state in states), digest_size=8,
+                             person=b"db-members").digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
+
+
+def _device_rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The state of torch's default generator of an accelerator (none for the CPU)."""
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        return [torch.cuda.get_rng_state(device)]
+    if device.type == "mps":
+        return [torch.mps.get_rng_state()]
+    return []

@@ -186,23 +186,26 @@ def plot_fronts(rows: list[dict], scenario: Scenario, alphas: list[float], path:
 
 
 def plot_gap(rows: list[dict], scenario: Scenario, path: Path) -> None:
-    """The Jensen gap of the mix blend against α, at equal weights, one line per λ."""
+    """The Jensen gap of the mix blend against α, at equal weights (the grid's nearest: an even number of points has
+    none), one line per λ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(scenario.rewards)
-    equal = {f"w_{name}": 1 / len(names) for name in names}
+    in_scenario = [r for r in rows if r["scenario"] == scenario.name]
+    nearest = min(in_scenario, key=lambda r: (_off_equal_weights(r), [r[f"w_{name}"] for name in names]))
+    weights = {name: nearest[f"w_{name}"] for name in names}
     figure, axis = plt.subplots(figsize=(5.5, 4))
     exact_lines = []
     for kl_scale in sorted({r["kl_scale"] for r in rows}):
         points = sorted(
-            (r["alpha"], r["jensen_gap"]) for r in rows
-            if r["scenario"] == scenario.name and r["kl_scale"] == kl_scale and r["jensen_gap"] != ""
-            and all(abs(r[key] - value) < 1e-9 for key, value in equal.items())
+            (r["alpha"], r["jensen_gap"]) for r in in_scenario
+            if r["kl_scale"] == kl_scale and r["jensen_gap"] != ""
+            and all(abs(r[f"w_{name}"] - value) < 1e-9 for name, value in weights.items())
         )
-        label = f"λ = {kl_scale:g} ({blend_method_name(dict.fromkeys(names, 1 / len(names)), kl_scale)})"
+        label = f"λ = {kl_scale:g} ({blend_method_name(weights, kl_scale)})"
         if points and max(gap for _, gap in points) < EXACT_GAP:
             exact_lines.append((points, label))  # at numerical noise: drawn at the bottom, not on a 1e-30 scale
         elif points:
@@ -218,7 +221,7 @@ def plot_gap(rows: list[dict], scenario: Scenario, path: Path) -> None:
                   label=f"{label}: exact (gap < {EXACT_GAP:g})")
     axis.set_xlabel("α (KL weight)")
     axis.set_ylabel("Jensen gap: mean ‖ε*_oracle − ε_blend‖²")
-    axis.set_title(f"{scenario.name}, equal weights")
+    axis.set_title(f"{scenario.name}, weights " + ", ".join(f"{name}={value:.3g}" for name, value in weights.items()))
     axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
