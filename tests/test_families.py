@@ -396,6 +396,20 @@ def test_a_full_member_without_the_cache_processors_blends_where_no_cache_is_use
     assert _max_diff(_blended(BlendedDenoiser(base, {"a": a}), inputs, {"a": 1.0}, 1.0), expected) <= 1e-5
 
 
+def test_a_fine_tune_a_blend_loads_gets_the_pipelines_cache_processors(tmp_path):
+    """(FLUX.2 Klein's KV pipeline gives them to its own transformer when it is made, before the Blend loads.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusion_blend import Blend
+
+    tiny.flux2_transformer(1).save_pretrained(tmp_path / "ft")
+    base = _with_kv_processors(tiny.flux2_transformer(0))  # (the parts of the pipeline a Blend reads)
+    pipe = SimpleNamespace(transformer=base, scheduler=FlowMatchEulerDiscreteScheduler(), components={"transformer": base})
+    member = Blend(pipe, {"ft": tmp_path / "ft"}).owned["ft"]
+    assert ({name: type(processor) for name, processor in member.attn_processors.items()}
+            == {name: type(processor) for name, processor in base.attn_processors.items()})
+
+
 def test_a_full_member_without_the_cache_processors_is_refused():
     """(FLUX.2 Klein's KV pipeline sets them on its own transformer; a member without them would ignore the cache.)"""
     denoiser = BlendedDenoiser(_with_kv_processors(tiny.flux2_transformer(0)), {"a": tiny.flux2_transformer(1)})

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .adapters import ActivationSnapshot, loaded_adapters
-from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type
+from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type, reads_condition_cache
 from .loading import (
     DENOISER_FOLDERS,
     LoraFile,
@@ -301,6 +301,7 @@ class Blend:
                 f"basis {name!r} predicts {member_kind} but the pipeline's scheduler expects {base_kind}"
             )
         self.owned[name] = module.to(self.base.device).eval().requires_grad_(False)
+        _take_cache_processors(self.base, module)
         return self.owned[name]
 
     def _check_denoiser_folder(self, name: str, folder: Path) -> None:
@@ -504,6 +505,19 @@ def _find_denoiser_name(pipe: Any) -> str:
         raise ValueError(f"cannot tell the denoiser of {type(pipe).__name__} (it has neither a unet nor a transformer); "
                          "pass denoiser='<attribute name>'")
     return present[0]
+
+
+def _take_cache_processors(base: nn.Module, member: nn.Module) -> None:
+    """A member loaded for a pipeline gets the key/value-cache attention processors the pipeline gave its own
+    denoiser (FLUX.2 Klein's KV pipeline sets them at its construction): without them it would ignore the cache."""
+    processors = getattr(member, "attn_processors", None)
+    if not processors:
+        return
+    base_processors = base.attn_processors
+    taken = {name: type(base_processors[name])() if reads_condition_cache(type(base_processors[name])) else processor
+             for name, processor in processors.items()}
+    if any(taken[name] is not processors[name] for name in processors):
+        member.set_attn_processor(taken)
 
 
 def _loaded_class_name(declared: str | None, config: dict) -> str | None:
