@@ -464,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     if options.summarize:
         summarize(options.summarize)
         return
+    if options.sweep is not None and (options.sweep < 1 or options.members < 2):
+        parser.error("--sweep N needs N >= 1 and --members >= 2 (the mixes move weight from one member to the others)")
     result = run(options.config, options.members, options.batch, options.repeats, options.warmup, options.dtype,
                  options.device, options.latent, options.steps, options.full, options.compile, options.compile_backend,
                  options.sequential, options.sweep)

@@ -41,11 +41,15 @@ def test_each_samples_rows_blend_with_its_own_weights(kind, batch_members, kl_sc
         assert max_diff(swept[rows], alone) <= 1e-6
 
 
-def test_per_sample_stochastic_draws_with_each_samples_weights():
-    """Sample 0 always draws ir, sample 1 always aes: each is that member's blend alone."""
+@pytest.mark.parametrize("same_noise", [False, True], ids=["own noise", "same noise"])
+def test_per_sample_stochastic_draws_with_each_samples_weights(same_noise):
+    """Sample 0 always draws ir, sample 1 always aes: each is that member's blend alone — also where both start
+    from the same noise (a sweep's settings do), which must not make them one sample."""
     base, members = _members("lora")
     denoiser = BlendedDenoiser(base, members)
     sample, t, context = _cfg_inputs(samples=2)
+    if same_noise:
+        sample = sample[[0, 0, 0, 0]]
     one_hot = [{"ir": 1.0, "aes": 0.0}, {"ir": 0.0, "aes": 1.0}]
     swept = _blended(denoiser, one_hot, sample, t, context, kl_scale=0.5, mode="stochastic",
                      generator=torch.Generator().manual_seed(0))
@@ -53,6 +57,16 @@ def test_per_sample_stochastic_draws_with_each_samples_weights():
         rows = [index, 2 + index]
         alone = _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=0.5)
         assert max_diff(swept[rows], alone) <= 1e-6
+
+
+@pytest.mark.parametrize("weights, kl_scale", [(SWEEP, 0.0), ([{"ir": 0.0}, {"aes": 0.0}, {}], 1.0)],
+                         ids=["λ = 0", "no weight on any member"])
+def test_per_sample_blends_needing_no_member_are_the_base(weights, kl_scale):
+    base, members = _members("lora")
+    sample, t, context = _cfg_inputs(samples=3)
+    swept = _blended(BlendedDenoiser(base, members), weights, sample, t, context, kl_scale=kl_scale)
+    with torch.no_grad():
+        assert torch.equal(swept, base(sample, t, encoder_hidden_states=context).sample)
 
 
 def test_weights_for_other_than_the_calls_samples_are_refused():
@@ -69,6 +83,13 @@ def test_bad_per_sample_weights_are_refused(weights):
         denoiser.set_blend(weights)
 
 
+def test_weights_for_each_prompt_rather_than_each_image_are_refused(sd_loras):
+    """Two prompts of two images each make four images: two weight mappings would be spread over them wrongly."""
+    blend = Blend(tiny.sd_pipeline(), sd_loras)
+    with pytest.raises(ValueError, match=r"weights are given for 2 images, but the call makes 4 \(prompts × images"):
+        blend.blend(weights=SWEEP[:2], **call_kwargs(prompt=[PROMPT, PROMPT], num_images_per_prompt=2))
+
+
 def test_blend_per_row_is_each_rows_blend():
     generator = torch.Generator().manual_seed(0)
     base, first, second = (torch.randn(3, 4, 5, generator=generator) for _ in range(3))
@@ -77,6 +98,14 @@ def test_blend_per_row_is_each_rows_blend():
     for row in range(3):
         expected = blend_predictions(base[row], [first[row], second[row]], weights[row].tolist(), kl_scale=1.5)
         assert torch.equal(per_row[row], expected)
+
+
+def test_per_row_weights_are_not_rounded_to_half_precision():
+    """0.1 + 0.9 of one bf16 prediction is that prediction (rounded to bf16, the weights would sum to 0.9985)."""
+    member = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    weights = torch.tensor([[0.1, 0.9], [0.9, 0.1]], dtype=torch.float64)
+    blended = blend_per_row(None, [member, member], weights)
+    assert blended.dtype == torch.bfloat16 and torch.equal(blended, member)
 
 
 def test_a_pipeline_call_sweeps_weights_over_its_images(sd_loras):

@@ -137,13 +137,20 @@ def blend_per_row(
     members = list(members)
     if weights.ndim != 2 or weights.shape[1] != len(members):
         raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(members)} member predictions")
+    if not members:  # (λ = 0, or no weight on any member for any row)
+        return base
     _check_shapes(base, members)
+    dtype = members[0].dtype
+    # the weights at least in float32 (as Python-float weights are applied), the result in the predictions' dtype
+    weight_dtype = torch.promote_types(dtype, torch.float32)
+
     def per_row(scaled: torch.Tensor) -> list[torch.Tensor]:  # each member's column, broadcast over its rows
-        return list(scaled.to(members[0].dtype).T.reshape(len(members), -1, *[1] * (members[0].ndim - 1)))
+        return list(scaled.to(weight_dtype).T.reshape(len(members), -1, *[1] * (members[0].ndim - 1)))
 
     if base is None:
-        return _weighted_sum(list(zip(members, per_row(kl_scale * weights))))
-    return base + kl_scale * _weighted_sum([(member - base, weight) for member, weight in zip(members, per_row(weights))])
+        return _weighted_sum(list(zip(members, per_row(kl_scale * weights)))).to(dtype)
+    update = _weighted_sum([(member - base, weight) for member, weight in zip(members, per_row(weights))])
+    return (base + kl_scale * update).to(dtype)
 
 
 def _weighted_sum(terms: list[tuple[torch.Tensor, float | torch.Tensor]]) -> torch.Tensor:

@@ -219,7 +219,7 @@ def generate(
              "denoiser unchanged).")],
     weights: Annotated[list[str], typer.Option(
         help="NAME=W,... blend weights; names left out count as 0. Repeat it for a sweep in one batch: a grid row of "
-             "--num-images images per setting, the same noise in every row.")],
+             "--num-images images per setting, the same starting noise in every row.")],
     prompt: Annotated[str, typer.Option(help="The prompt.")],
     out: Annotated[str, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
                                            "(one PNG per image; a name ending in /).")],

@@ -841,6 +841,8 @@ def blend_rows_per_row(base: Prediction | None, members: list[Prediction], weigh
                        kl_scale: float) -> Prediction:
     """:func:`~diffusion_blend.blend.blend_per_row` of batched predictions, sample by sample for lists, field by
     field for several-output denoisers."""
+    if not members:  # (λ = 0, or no weight on any member for any sample)
+        return base
     first = base if base is not None else members[0]
     if isinstance(first, Fields):
         return Fields(blend_rows_per_row(None if base is None else base[index], [member[index] for member in members],
@@ -939,6 +941,8 @@ class _DrawCache:
 
     def draw(self, latent: Rows, timestep: Any, probabilities: torch.Tensor, generator) -> torch.Tensor:
         hashes = _sample_hashes(latent)
+        if probabilities.ndim == 2:  # weights per sample: samples of identical latents (a sweep from one noise) differ
+            hashes = hashes ^ _per_row(_sample_salts(len(probabilities), hashes.device), len(hashes))
         timestep = _comparable_timestep(timestep, hashes.device)
         known = self.previous if timestep is not None else None
         same_step = known is not None and known[2] is not None and known[2] == timestep  # (a tensor on a GPU)
@@ -965,7 +969,7 @@ def _per_row(per_sample: torch.Tensor, rows: int) -> torch.Tensor:
     if rows % len(per_sample):
         raise ValueError(f"weights are given for {len(per_sample)} samples, but the denoiser is called with {rows} "
                          "rows (not that many samples, repeated): give one weight mapping per image")
-    return per_sample.repeat(rows // len(per_sample), 1)
+    return per_sample.repeat(rows // len(per_sample), *[1] * (per_sample.ndim - 1))
 
 
 #: XORed into the previous call's row hashes at a new step: they then match no row of this call (a salted hash
@@ -991,6 +995,13 @@ def _row_hashes(rows: torch.Tensor) -> torch.Tensor:
     bits = (bits ^ (bits >> 29)) * -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
     bits = bits ^ (bits >> 32)
     return (bits * _hash_multipliers(rows.shape[1], rows.device)).sum(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_salts(samples: int, device: torch.device) -> torch.Tensor:
+    """A fixed random 64-bit salt per sample index, XORed into its rows' hashes."""
+    generator = torch.Generator().manual_seed(0x2545F491)
+    return torch.randint(-(2**62), 2**62, (samples,), generator=generator, dtype=torch.int64).to(device)
 
 
 @functools.lru_cache(maxsize=16)

@@ -207,6 +207,7 @@ class Blend:
         stages = self._stages()
         for stage in stages:
             stage._check_usable()
+        _check_weights_per_image(weights, args, pipeline_kwargs)
         offloaded = bool(getattr(self.pipe, "_all_hooks", None))
         if offloaded and any(stage.denoiser.modules_by_name for stage in stages):
             raise ValueError(
@@ -507,6 +508,34 @@ def _find_denoiser_name(pipe: Any) -> str:
     return present[0]
 
 
+def _check_weights_per_image(weights: Any, args: tuple, pipeline_kwargs: dict) -> None:
+    """Weights given per sample are one per image of the call, where its arguments tell how many it makes."""
+    if isinstance(weights, Mapping) or not isinstance(weights, Sequence) or isinstance(weights, str) or len(weights) < 2:
+        return
+    images = _images_of_call(args, pipeline_kwargs)
+    if images is not None and images != len(weights):
+        raise ValueError(f"weights are given for {len(weights)} images, but the call makes {images} (prompts × images "
+                         "per prompt): give one weight mapping per image, in the pipeline's order (each prompt's "
+                         "images together)")
+
+
+def _images_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
+    """How many images (or videos) a pipeline call makes, where its arguments tell: prompts (or rows of prompt
+    embeddings) × images per prompt."""
+    prompt = pipeline_kwargs.get("prompt", args[0] if args else None)
+    if isinstance(prompt, str):
+        prompts = 1
+    elif isinstance(prompt, list):
+        prompts = len(prompt)
+    elif isinstance(pipeline_kwargs.get("prompt_embeds"), torch.Tensor):
+        prompts = len(pipeline_kwargs["prompt_embeds"])
+    else:
+        return None
+    per_prompt = next((pipeline_kwargs[name] for name in ("num_images_per_prompt", "num_videos_per_prompt")
+                       if pipeline_kwargs.get(name) is not None), 1)
+    return prompts * per_prompt
+
+
 def _take_cache_processors(base: nn.Module, member: nn.Module) -> None:
     """A member loaded for a pipeline gets the key/value-cache attention processors the pipeline gave its own
     denoiser (FLUX.2 Klein's KV pipeline sets them at its construction): without them it would ignore the cache."""
@@ -514,8 +543,8 @@ def _take_cache_processors(base: nn.Module, member: nn.Module) -> None:
     if not processors:
         return
     base_processors = base.attn_processors
-    taken = {name: type(base_processors[name])() if reads_condition_cache(type(base_processors[name])) else processor
-             for name, processor in processors.items()}
+    taken = {name: type(base_processors[name])() if reads_condition_cache(type(base_processors.get(name))) else processor
+             for name, processor in processors.items()}  # (a layer the base lacks: the architecture check says so)
     if any(taken[name] is not processors[name] for name in processors):
         member.set_attn_processor(taken)
 
