@@ -197,6 +197,12 @@ def test_denoiser_folder_missing_weights_raises(tmp_path):
         Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"})
 
 
+def test_denoiser_folder_with_more_layers_raises(tmp_path):
+    tiny.unet(1, layers_per_block=2).save_pretrained(tmp_path / "ft")
+    with pytest.raises(ValueError, match="member 'ft' has a different architecture"):
+        Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"})
+
+
 def test_pipeline_folder_with_other_prediction_type_raises(tmp_path):
     pipe = tiny.sd_pipeline(denoiser_seed=7)
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
