@@ -83,11 +83,13 @@ def test_bad_per_sample_weights_are_refused(weights):
         denoiser.set_blend(weights)
 
 
-def test_weights_for_each_prompt_rather_than_each_image_are_refused(sd_loras):
-    """Two prompts of two images each make four images: two weight mappings would be spread over them wrongly."""
+@pytest.mark.parametrize("per_prompt, what", [({"weights": SWEEP[:2]}, "weights"),
+                                               ({"weights": SWEEP[0], "kl_scale": [1.0, 0.5]}, "kl_scale values")])
+def test_values_for_each_prompt_rather_than_each_image_are_refused(sd_loras, per_prompt, what):
+    """Two prompts of two images each make four images: two values would be spread over them wrongly."""
     blend = Blend(tiny.sd_pipeline(), sd_loras)
-    with pytest.raises(ValueError, match=r"weights are given for 2 images, but the call makes 4 \(prompts × images"):
-        blend.blend(weights=SWEEP[:2], **call_kwargs(prompt=[PROMPT, PROMPT], num_images_per_prompt=2))
+    with pytest.raises(ValueError, match=rf"{what} are given for 2 images, but the call makes 4 \(prompts × images"):
+        blend.blend(**per_prompt, **call_kwargs(prompt=[PROMPT, PROMPT], num_images_per_prompt=2))
 
 
 def test_blend_per_row_is_each_rows_blend():
@@ -117,3 +119,30 @@ def test_a_pipeline_call_sweeps_weights_over_its_images(sd_loras):
     for index, (weights, seed) in enumerate(zip(sweep, (3, 4))):
         alone = blend.blend(weights=weights, kl_scale=1.2, **call_kwargs(seed=seed)).images
         assert max_diff(swept.images[index : index + 1], alone) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["mix", "stochastic"])
+def test_each_sample_may_have_its_own_kl_scale(mode):
+    """A sweep over λ (DB-KLA's curve) in one batch: each sample's rows are its blend alone."""
+    base, members = _members("lora")
+    denoiser = BlendedDenoiser(base, members)
+    sample, t, context = _cfg_inputs(samples=3)
+    weights = {"ir": 1.0, "aes": 0.0}  # (one member: the stochastic mode draws it for every sample)
+    blend = dict(mode=mode, generator=torch.Generator().manual_seed(0))
+    swept = _blended(denoiser, weights, sample, t, context, kl_scale=[0.0, 0.5, 2.0], **blend)
+    for index, kl_scale in enumerate([0.0, 0.5, 2.0]):
+        rows = [index, 3 + index]
+        alone = _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=kl_scale, **blend)
+        assert max_diff(swept[rows], alone) <= 1e-5  # (λ·w per row: another rounding than λ·(w·…))
+
+
+def test_weights_and_kl_scale_per_sample_go_together():
+    base, members = _members("lora")
+    denoiser = BlendedDenoiser(base, members)
+    sample, t, context = _cfg_inputs(samples=3)
+    swept = _blended(denoiser, SWEEP, sample, t, context, kl_scale=[1.0, 0.5, 2.0])
+    for index, (weights, kl_scale) in enumerate(zip(SWEEP, [1.0, 0.5, 2.0])):
+        rows = [index, 3 + index]
+        assert max_diff(swept[rows], _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=kl_scale)) <= 1e-5
+    with pytest.raises(ValueError, match="kl_scale must be a number or one per sample .3 with the weights given"):
+        denoiser.set_blend(SWEEP, kl_scale=[1.0, 0.5])

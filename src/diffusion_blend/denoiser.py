@@ -92,9 +92,22 @@ class Evaluation(NamedTuple):
 class BlendSettings:
     #: basis name → w_i: one mapping for every sample, or one per sample of the batch (a sweep in one batch)
     weights: tuple[dict[str, float], ...]
-    kl_scale: float
+    #: λ: one for every sample, or one per sample
+    kl_scales: tuple[float, ...]
     mode: str
     generator: torch.Generator | None
+
+    @property
+    def samples(self) -> list[tuple[dict[str, float], float]]:
+        """(weights, λ) per sample: one pair where every sample shares them."""
+        count = max(len(self.weights), len(self.kl_scales))
+        return [(self.weights[index % len(self.weights)], self.kl_scales[index % len(self.kl_scales)])
+                for index in range(count)]
+
+    @property
+    def kl_scale(self) -> float | None:
+        """λ where every sample shares it, else None."""
+        return self.kl_scales[0] if len(self.kl_scales) == 1 else None
 
 
 class BlendedDenoiser(nn.Module):
@@ -223,7 +236,7 @@ class BlendedDenoiser(nn.Module):
     def set_blend(
         self,
         weights: Mapping[str, float] | Sequence[Mapping[str, float]],
-        kl_scale: float = 1.0,
+        kl_scale: float | Sequence[float] = 1.0,
         mode: str = "mix",
         generator: torch.Generator | None = None,
     ) -> None:
@@ -234,7 +247,8 @@ class BlendedDenoiser(nn.Module):
                 simplex. A sequence of such mappings gives each sample of the batch its own (a sweep over weights
                 in one batch): the denoiser's rows are then that many samples, repeated (classifier-free
                 guidance's halves), and sample s's rows are s, s + S, s + 2S, ...
-            kl_scale: λ ≥ 0, the KL-strength multiplier (DB-KLA): λ > 1 regularises less, λ < 1 stays nearer the base.
+            kl_scale: λ ≥ 0, the KL-strength multiplier (DB-KLA): λ > 1 regularises less, λ < 1 stays nearer the base;
+                or one per sample, as weights may be (a sweep over λ; with weights per sample, as many).
             mode: ``"mix"`` evaluates every member with non-zero weight and combines them; ``"stochastic"``
                 (DB-MPA-LS) lets each sample draw one member I with probability w_I at every denoising step and
                 returns ``base + λ (member_I − base)``: the same expectation at the cost of one member (plus the
@@ -249,7 +263,7 @@ class BlendedDenoiser(nn.Module):
             _check_same_architecture(name, self.base, module)
             _check_same_settings(name, self.base, module, self._attention_layers[BASE], self._attention_layers[name])
         self._check_placement()
-        self.settings = BlendSettings(checked, validate_kl_scale(kl_scale), mode, generator)
+        self.settings = BlendSettings(checked, _kl_scales_per_sample(kl_scale, len(checked)), mode, generator)
         self._draws = None
         self._draw_probabilities = self._probabilities() if mode == "stochastic" else None
         self._caches.clear()
@@ -269,7 +283,8 @@ class BlendedDenoiser(nn.Module):
             if self.settings.mode == "mix":
                 blend = self._mix
             else:  # drawn once per call: a call redone below must not draw again (the seed's later draws would shift)
-                drawn = self.draw_members(latent, self._timestep(args, kwargs)) if self.settings.kl_scale != 0 else None
+                drawn = (self.draw_members(latent, self._timestep(args, kwargs))
+                         if any(self.settings.kl_scales) else None)
                 blend = functools.partial(self._stochastic, drawn=drawn)
             with self.routing(), self._lora_scaled(kwargs):
                 try:
@@ -314,12 +329,11 @@ class BlendedDenoiser(nn.Module):
     def plan_mix(self) -> list[Evaluation]:
         """What the mix formula needs: members with λ·w ≠ 0 (for some sample), and the base unless 1 − λΣw = 0 (for
         every sample; a member that is the base adds nothing to the sum: w (base − base))."""
-        kl_scale = self.settings.kl_scale
-        per_sample = [{name: w for name, w in weights.items() if name not in self.same_as_base}
-                      for weights in self.settings.weights]
-        members = [Evaluation(name) for name in per_sample[0]
-                   if any(kl_scale * weights[name] != 0 for weights in per_sample)]
-        needs_base = any(base_coefficient(weights.values(), kl_scale) != 0 for weights in per_sample)
+        per_sample = [({name: w for name, w in weights.items() if name not in self.same_as_base}, kl_scale)
+                      for weights, kl_scale in self.settings.samples]
+        members = [Evaluation(name) for name in per_sample[0][0]
+                   if any(kl_scale * weights[name] != 0 for weights, kl_scale in per_sample)]
+        needs_base = any(base_coefficient(weights.values(), kl_scale) != 0 for weights, kl_scale in per_sample)
         return ([Evaluation(BASE)] if needs_base else []) + members
 
     def _mix(self, latent: Rows, args: tuple, kwargs: dict) -> Any:
@@ -328,41 +342,48 @@ class BlendedDenoiser(nn.Module):
         by_member = dict(zip((evaluation.member for evaluation in plan), predictions))
         members = [name for name in by_member if name != BASE]
         base, member_predictions = by_member.get(BASE), [by_member[name] for name in members]
-        if len(self.settings.weights) == 1:
+        if len(self.settings.samples) == 1:
             weights = [self.settings.weights[0][name] for name in members]
             blended = blend_rows(base, member_predictions, weights, self.settings.kl_scale)
-        else:
-            weights = self._weights_per_row(members, len(latent), _like(latent).device)
-            blended = blend_rows_per_row(base, member_predictions, weights, self.settings.kl_scale)
+        else:  # λ·w per row, so that λ too may differ from sample to sample
+            table = [[kl_scale * weights[name] for name in members] for weights, kl_scale in self.settings.samples]
+            blended = blend_rows_per_row(base, member_predictions, self._per_row_table(table, len(latent), latent), 1.0)
         return with_prediction(template, blended)
 
-    def _weights_per_row(self, members: list[str], rows: int, device: torch.device) -> torch.Tensor:
-        """(rows, members) weights of per-sample blends, row r taking sample r mod S's (the rows are the S samples
-        repeated); made on the host and copied without waiting (on a GPU a blocking copy would)."""
-        key = (tuple(members), rows, device)
+    def _per_row_table(self, table: list[list[float]], rows: int, latent: Rows) -> torch.Tensor:
+        """A per-sample table (samples × columns) for a call of ``rows`` rows on the latents' device, row r taking
+        sample r mod S's (the rows are the S samples repeated); made on the host once per call shape and copied
+        without waiting (on a GPU a blocking copy would)."""
+        device = _like(latent).device
+        key = (str(table), rows, device)
         if key not in self._row_weights:  # (the same every step of a pipeline call)
-            table = torch.tensor([[weights[name] for name in members] for weights in self.settings.weights],
-                                 dtype=torch.float64)
-            table = _per_row(table, rows)
-            self._row_weights[key] = (table.pin_memory() if device.type == "cuda" else table).to(device, non_blocking=True)
+            host = _per_row(torch.tensor(table, dtype=torch.float64), rows)
+            self._row_weights[key] = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
         return self._row_weights[key]
+
+    def _towards_drawn(self, base: Prediction | None, drawn: Prediction, latent: Rows) -> Prediction:
+        """DB-MPA-LS's ``base + λ (member_I − base)`` with the drawn members' predictions (λ per sample or shared)."""
+        if self.settings.kl_scale is not None:
+            return blend_rows(base, [drawn], [1.0], self.settings.kl_scale)
+        table = [[kl_scale] for kl_scale in self.settings.kl_scales]
+        return blend_rows_per_row(base, [drawn], self._per_row_table(table, len(latent), latent), 1.0)
 
     def _stochastic(self, latent: Rows, args: tuple, kwargs: dict, drawn: torch.Tensor | None) -> Any:
         """DB-MPA-LS with the call's draws (one member index per row; None where λ = 0)."""
-        kl_scale = self.settings.kl_scale
-        if kl_scale == 0:  # the blend is the base, whichever member is drawn
+        kl_scales = self.settings.kl_scales
+        if not any(kl_scales):  # the blend is the base, whichever member is drawn
             predictions, template = self.evaluate([Evaluation(BASE)], latent, args, kwargs)
             return with_prediction(template, predictions[0])
         if self.router is not None and not self.modules_by_name and self._members_share_calls():
             return self._stochastic_routed(drawn, latent, args, kwargs)
         plan = [Evaluation(name, rows) for name, rows in _rows_by_member(drawn, self.names, _like(latent).device)]
-        if kl_scale != 1:
+        if any(kl_scale != 1 for kl_scale in kl_scales):
             plan.insert(0, Evaluation(BASE))
         predictions, template = self.evaluate(plan, latent, args, kwargs)
         drawn_prediction = _placed_rows(len(latent), [(evaluation.rows, prediction) for evaluation, prediction
                                                       in zip(plan, predictions) if evaluation.rows is not None])
         base = predictions[0] if plan[0].member == BASE else None
-        return with_prediction(template, blend_rows(base, [drawn_prediction], [1.0], kl_scale))
+        return with_prediction(template, self._towards_drawn(base, drawn_prediction, latent))
 
     def _stochastic_routed(self, drawn: torch.Tensor, latent: Rows, args: tuple, kwargs: dict) -> Any:
         """LoRA members only: every row goes through its drawn adapter in one call on the shared base (after the
@@ -370,14 +391,13 @@ class BlendedDenoiser(nn.Module):
         back to the host, so a GPU is never made to wait (row lists per member would need that)."""
         mask = self.router.member_mask([self.adapter_of.get(name) for name in self.names], drawn, like=_like(latent))
         plan = [Evaluation(self.names[0])]  # its rows are routed by the mask: each to its drawn adapter
-        if self.settings.kl_scale != 1:
-            plan.insert(0, Evaluation(BASE))
-            mask = torch.cat([torch.zeros_like(mask), mask])
-        predictions, template = self._run_stacked(plan, latent, args, kwargs, mask=mask)
-        if self.settings.kl_scale == 1:  # the drawn members' predictions are the blend
+        if all(kl_scale == 1 for kl_scale in self.settings.kl_scales):  # the drawn members' predictions are the blend
+            predictions, template = self._run_stacked(plan, latent, args, kwargs, mask=mask)
             return with_prediction(template, predictions[-1])
-        blended = blend_rows(predictions[0], [predictions[-1]], [1.0], self.settings.kl_scale)
-        return with_prediction(template, blended)
+        plan.insert(0, Evaluation(BASE))
+        mask = torch.cat([torch.zeros_like(mask), mask])
+        predictions, template = self._run_stacked(plan, latent, args, kwargs, mask=mask)
+        return with_prediction(template, self._towards_drawn(predictions[0], predictions[-1], latent))
 
     def draw_members(self, latent: Rows, timestep: Any = None) -> torch.Tensor:
         """DB-MPA-LS: one member index per row, drawn with probability w per *sample and denoising step*, as a
@@ -795,6 +815,16 @@ def _holds_rows(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.ndim > 0
     return isinstance(value, list) and bool(value) and all(isinstance(item, (torch.Tensor, list)) for item in value)
+
+
+def _kl_scales_per_sample(kl_scale: float | Sequence[float], weight_samples: int) -> tuple[float, ...]:
+    """``set_blend``'s λ as one shared by every sample or one per sample (as many as weights given per sample)."""
+    if isinstance(kl_scale, Sequence) and not isinstance(kl_scale, str):
+        if not kl_scale or (weight_samples > 1 and len(kl_scale) != weight_samples):
+            raise ValueError(f"kl_scale must be a number or one per sample ({weight_samples} with the weights given), "
+                             f"got {len(kl_scale)} values")
+        return tuple(validate_kl_scale(value) for value in kl_scale)
+    return (validate_kl_scale(kl_scale),)
 
 
 def _weights_per_sample(weights: Mapping[str, float] | Sequence[Mapping[str, float]]) -> list[Mapping[str, float]]:

@@ -187,7 +187,7 @@ class Blend:
         self,
         *args: Any,
         weights: Mapping[str, float] | Sequence[Mapping[str, float]],
-        kl_scale: float = 1.0,
+        kl_scale: float | Sequence[float] = 1.0,
         mode: str = "mix",
         member_generator: torch.Generator | None = None,
         **pipeline_kwargs: Any,
@@ -197,7 +197,8 @@ class Blend:
         Args:
             weights: basis name → w_i (names left out count as 0), or a list of them with one per image of the call
                 (a sweep over weights in one batch: ``prompt=[p] * 3, weights=[w1, w2, w3]``).
-            kl_scale: λ; 1 is the basis models' own KL strength, 0 the base model.
+            kl_scale: λ; 1 is the basis models' own KL strength, 0 the base model; or one per image of the call
+                (a sweep over λ in one batch).
             mode: ``"mix"`` (DB-MPA / DB-KLA / joint) or ``"stochastic"`` (DB-MPA-LS: one member per sample
                 and step, drawn with probability w; weights on the simplex).
             member_generator: generator for the stochastic draws; by default one seeded from the pipeline's
@@ -207,7 +208,8 @@ class Blend:
         stages = self._stages()
         for stage in stages:
             stage._check_usable()
-        _check_weights_per_image(weights, args, pipeline_kwargs)
+        for per_image in (weights, kl_scale):
+            _check_one_per_image(per_image, args, pipeline_kwargs)
         offloaded = bool(getattr(self.pipe, "_all_hooks", None))
         if offloaded and any(stage.denoiser.modules_by_name for stage in stages):
             raise ValueError(
@@ -508,15 +510,15 @@ def _find_denoiser_name(pipe: Any) -> str:
     return present[0]
 
 
-def _check_weights_per_image(weights: Any, args: tuple, pipeline_kwargs: dict) -> None:
-    """Weights given per sample are one per image of the call, where its arguments tell how many it makes."""
-    if isinstance(weights, Mapping) or not isinstance(weights, Sequence) or isinstance(weights, str) or len(weights) < 2:
+def _check_one_per_image(values: Any, args: tuple, pipeline_kwargs: dict) -> None:
+    """Weights or λ given per sample are one per image of the call, where its arguments tell how many it makes."""
+    if isinstance(values, (Mapping, str)) or not isinstance(values, Sequence) or len(values) < 2:
         return
     images = _images_of_call(args, pipeline_kwargs)
-    if images is not None and images != len(weights):
-        raise ValueError(f"weights are given for {len(weights)} images, but the call makes {images} (prompts × images "
-                         "per prompt): give one weight mapping per image, in the pipeline's order (each prompt's "
-                         "images together)")
+    if images is not None and images != len(values):
+        what = "weights" if isinstance(values[0], Mapping) else "kl_scale values"
+        raise ValueError(f"{what} are given for {len(values)} images, but the call makes {images} (prompts × images "
+                         "per prompt): give one per image, in the pipeline's order (each prompt's images together)")
 
 
 def _images_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
