@@ -51,6 +51,22 @@ def test_repeated_weights_sweep_in_one_batch_a_row_each(sd_pipeline_folder, sd_l
     assert json.loads((tmp_path / "sweep.json").read_text())["weights"][1] == {"ir": 0.2, "aes": 0.8}
 
 
+def test_repeated_kl_scales_sweep_with_the_weights_a_row_per_pair(sd_pipeline_folder, sd_loras, tmp_path):
+    """Rows in the order of the (weights, λ) pairs: weights first, then λ; each the run of that pair alone."""
+    pairs = [("ir=1", "0.5"), ("ir=1", "2"), ("aes=1", "0.5"), ("aes=1", "2")]
+    args = ("--weights", "ir=1", "--weights", "aes=1", "--kl-scale", "0.5", "--kl-scale", "2", "--seed", "1")
+    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "sweep.png", *args)
+    assert result.exit_code == 0, result.output
+    sweep = np.asarray(Image.open(tmp_path / "sweep.png")).astype(int)
+    assert sweep.shape[:2] == (4 * 16, 16)
+    for row, (weights, kl_scale) in enumerate(pairs):
+        alone_args = ("--weights", weights, "--kl-scale", kl_scale, "--seed", "1")
+        assert _generate(sd_pipeline_folder, sd_loras, tmp_path / f"{row}.png", *alone_args).exit_code == 0
+        alone = np.asarray(Image.open(tmp_path / f"{row}.png")).astype(int)
+        assert np.abs(sweep[16 * row : 16 * (row + 1)] - alone).max() <= 1
+    assert json.loads((tmp_path / "sweep.json").read_text())["kl_scale"] == [0.5, 2.0]
+
+
 def test_folder_output_is_reproducible(sd_pipeline_folder, sd_loras, tmp_path):
     for run in ("first", "second"):
         result = _generate(sd_pipeline_folder, sd_loras, tmp_path / run, "--weights", "ir=0.5,aes=0.5",

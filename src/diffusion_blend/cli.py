@@ -223,7 +223,9 @@ def generate(
     prompt: Annotated[str, typer.Option(help="The prompt.")],
     out: Annotated[str, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
                                            "(one PNG per image; a name ending in /).")],
-    kl_scale: Annotated[float, typer.Option(help="λ: 1 = the basis models' KL strength, 0 = the base.")] = 1.0,
+    kl_scale: Annotated[list[float] | None, typer.Option(
+        help="λ: 1 = the basis models' KL strength, 0 = the base (default 1). Repeat it to sweep λ too: a grid row per "
+             "(weights, λ) pair.")] = None,
     mode: Annotated[str, typer.Option(help="mix (DB-MPA/DB-KLA) or stochastic (DB-MPA-LS).")] = "mix",
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the pipeline's).")] = None,
@@ -278,9 +280,10 @@ def _generate(
     if mode not in ("mix", "stochastic"):
         raise CommandError(f"--mode must be mix or stochastic, got {mode!r}")
     basis_sources = parse_basis(basis)
-    sweep = [validate_weights(parse_named_numbers(setting, "--weights"), basis_sources, simplex=mode == "stochastic")
-             for setting in weights]
-    kl_scale = validate_kl_scale(kl_scale)
+    settings_weights = [validate_weights(parse_named_numbers(setting, "--weights"), basis_sources,
+                                         simplex=mode == "stochastic") for setting in weights]
+    kl_scales = [validate_kl_scale(value) for value in (kl_scale or [1.0])]
+    sweep = [(setting, value) for setting in settings_weights for value in kl_scales]  # a grid row each
     if dtype not in DTYPES:
         raise CommandError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     for option, value in (("--num-images", num_images), ("--steps", steps), ("--height", height), ("--width", width)):
@@ -314,7 +317,9 @@ def _generate(
     generators = [torch.Generator(device="cpu").manual_seed(seed + image) for _ in sweep for image in range(num_images)]
     kwargs = dict(prompt=prompt if len(sweep) == 1 else [prompt] * len(sweep), num_inference_steps=steps,
                   num_images_per_prompt=num_images, generator=generators, output_type="pil")
-    blend_weights = sweep[0] if len(sweep) == 1 else [setting for setting in sweep for _ in range(num_images)]
+    per_image = [pair for pair in sweep for _ in range(num_images)]
+    blend_weights = settings_weights[0] if len(settings_weights) == 1 else [setting for setting, _ in per_image]
+    blend_kl_scale = kl_scales[0] if len(kl_scales) == 1 else [value for _, value in per_image]
     kwargs[guidance_argument] = guidance
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
@@ -326,7 +331,7 @@ def _generate(
         if not blend.has_lora_members:  # (a hub id is known to be a LoRA or a denoiser once it is read)
             raise CommandError(NO_LORA_TO_SCALE)
         kwargs[_lora_scale_argument(pipe, call_defaults)] = {"scale": lora_scale}
-    images = _run_with_progress(blend, pipe, kwargs, blend_weights, kl_scale, mode, steps)
+    images = _run_with_progress(blend, pipe, kwargs, blend_weights, blend_kl_scale, mode, steps)
 
     import diffusers
 
@@ -334,8 +339,8 @@ def _generate(
         "base": _reproducible_source(base),
         "basis": {name: {denoiser: _reproducible_source(path) for denoiser, path in source.items()}
                   if isinstance(source, dict) else _reproducible_source(source) for name, source in basis_sources.items()},
-        "weights": sweep[0] if len(sweep) == 1 else sweep,
-        "kl_scale": kl_scale,
+        "weights": settings_weights[0] if len(settings_weights) == 1 else settings_weights,
+        "kl_scale": kl_scales[0] if len(kl_scales) == 1 else kl_scales,
         "mode": mode,
         "prompt": prompt,
         "negative_prompt": negative_prompt,
