@@ -146,3 +146,24 @@ def test_weights_and_kl_scale_per_sample_go_together():
         assert max_diff(swept[rows], _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=kl_scale)) <= 1e-5
     with pytest.raises(ValueError, match="kl_scale must be a number or one per sample .3 with the weights given"):
         denoiser.set_blend(SWEEP, kl_scale=[1.0, 0.5])
+
+
+def test_samples_of_one_noise_in_a_sweep_over_kl_scale_draw_apart():
+    """(Shared weights, λ per sample: the samples are still as many blends, told apart by their index.)"""
+    denoiser = BlendedDenoiser(*_members("lora"))
+    denoiser.set_blend({"ir": 0.5, "aes": 0.5}, kl_scale=[1.0] * 8, mode="stochastic",
+                       generator=torch.Generator().manual_seed(0))
+    drawn = denoiser.draw_members(torch.randn(1, 4, 8, 8).repeat(16, 1, 1, 1)).tolist()
+    assert drawn[:8] == drawn[8:] and len(set(drawn[:8])) == 2  # guidance halves together, samples apart
+
+
+def test_draws_per_sample_follow_each_samples_weights():
+    """20 000 samples: half drawing ir with probability 0.25, half with 0.9 (one 8-sample call, 2 500 times)."""
+    denoiser = BlendedDenoiser(*_members("lora"))
+    weights = [{"ir": 0.25, "aes": 0.75}, {"ir": 0.9, "aes": 0.1}] * 4
+    denoiser.set_blend(weights, mode="stochastic", generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(8)
+    for step in range(2500):
+        counts += (denoiser.draw_members(torch.randn(8, 4, 2, 2), timestep=step) == 0).float()
+    assert torch.allclose(counts[0::2] / 2500, torch.tensor(0.25), atol=0.03)
+    assert torch.allclose(counts[1::2] / 2500, torch.tensor(0.9), atol=0.03)

@@ -354,10 +354,12 @@ class BlendedDenoiser(nn.Module):
         """A per-sample table (samples × columns) for a call of ``rows`` rows on the latents' device, row r taking
         sample r mod S's (the rows are the S samples repeated); made on the host once per call shape and copied
         without waiting (on a GPU a blocking copy would)."""
-        device = _like(latent).device
+        like = _like(latent)
+        device = like.device
         key = (str(table), rows, device)
         if key not in self._row_weights:  # (the same every step of a pipeline call)
-            host = _per_row(torch.tensor(table, dtype=torch.float64), rows)
+            dtype = torch.float64 if like.dtype == torch.float64 else torch.float32  # (no float64 on every device)
+            host = _per_row(torch.tensor(table, dtype=torch.float64), rows).to(dtype)
             self._row_weights[key] = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
         return self._row_weights[key]
 
@@ -413,7 +415,8 @@ class BlendedDenoiser(nn.Module):
             raise RuntimeError("draw_members needs set_blend(..., mode='stochastic') first")
         if self._draws is None:
             self._draws = _DrawCache()
-        return self._draws.draw(latent, timestep, self._draw_probabilities, self.settings.generator)
+        return self._draws.draw(latent, timestep, self._draw_probabilities, self.settings.generator,
+                                samples=len(self.settings.samples))
 
     def _probabilities(self) -> torch.Tensor:
         """w as a tensor on the generator's device, made once per :meth:`set_blend` (on a GPU, making it waits): one
@@ -969,10 +972,12 @@ class _DrawCache:
     def __init__(self):
         self.previous: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (row hashes, draws, timestep)
 
-    def draw(self, latent: Rows, timestep: Any, probabilities: torch.Tensor, generator) -> torch.Tensor:
+    def draw(self, latent: Rows, timestep: Any, probabilities: torch.Tensor, generator, samples: int = 1) -> torch.Tensor:
+        """One member index per row; ``probabilities`` is w, or one row of it per sample where ``samples`` blends
+        differ (weights or λ per sample: their samples are told apart even where a sweep gives them one noise)."""
         hashes = _sample_hashes(latent)
-        if probabilities.ndim == 2:  # weights per sample: samples of identical latents (a sweep from one noise) differ
-            hashes = hashes ^ _per_row(_sample_salts(len(probabilities), hashes.device), len(hashes))
+        if samples > 1:
+            hashes = hashes ^ _per_row(_sample_salts(samples, hashes.device), len(hashes))
         timestep = _comparable_timestep(timestep, hashes.device)
         known = self.previous if timestep is not None else None
         same_step = known is not None and known[2] is not None and known[2] == timestep  # (a tensor on a GPU)
@@ -980,7 +985,7 @@ class _DrawCache:
         if probabilities.ndim == 1:
             fresh = torch.multinomial(probabilities, len(hashes), replacement=True, generator=generator)
         else:  # one row per sample: row r is sample r mod S's
-            fresh = torch.multinomial(_per_row(probabilities, len(hashes)), 1, generator=generator).squeeze(1)
+            fresh = _drawn_per_row(_per_row(probabilities, len(hashes)), generator)
         keys, candidates = hashes, fresh.to(hashes.device, non_blocking=True)
         if known is not None:  # the previous rows first: an identical one then comes before this call's rows
             previous = known[0]
@@ -992,6 +997,15 @@ class _DrawCache:
         draws = candidates[first]
         self.previous = (hashes, draws, timestep)
         return draws
+
+
+def _drawn_per_row(probabilities: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of a (rows × members) probability table, by inverse transform sampling: a uniform number
+    against the row's cumulative probabilities (``torch.multinomial`` with one draw per row checks its input with
+    host reads, which make a GPU wait)."""
+    uniform = torch.rand(len(probabilities), 1, generator=generator, device=probabilities.device,
+                         dtype=probabilities.dtype)
+    return (uniform >= probabilities.cumsum(1)).sum(1).clamp_max(probabilities.shape[1] - 1)
 
 
 def _per_row(per_sample: torch.Tensor, rows: int) -> torch.Tensor:
