@@ -232,7 +232,7 @@ def generate(
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the first image (image j: seed + j); the same seed gives "
                                            "the same images.")] = 0,
-    num_images: Annotated[int, typer.Option(help="Images to generate (per --weights setting).")] = 1,
+    num_images: Annotated[int, typer.Option(help="Images to generate (per --weights and --kl-scale pair).")] = 1,
     height: Annotated[int | None, typer.Option(help="Image height in pixels.")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels.")] = None,
     scheduler: Annotated[str | None, typer.Option(help=f"Scheduler: {', '.join(SCHEDULERS)} or a class name.")] = None,

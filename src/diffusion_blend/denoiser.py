@@ -196,7 +196,7 @@ class BlendedDenoiser(nn.Module):
         self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
         self._rows_reshaped = False  # the base reshapes its batch inside: LoRA members cannot share its calls
         self._caches = ConditionCaches()  # each denoiser call's own condition keys and values, where a pipeline caches them
-        self._row_weights: dict[tuple, torch.Tensor] = {}  # per-sample weights as (rows, members) tables, per call shape
+        self._row_tables: dict[tuple, torch.Tensor] = {}  # per-sample λ·w (or λ) as (rows, columns) tables, per call shape
         self.forward = SignedForward(self, signature)
 
     # ----------------------------------------------------------------------------------------------- what pipelines read
@@ -267,7 +267,7 @@ class BlendedDenoiser(nn.Module):
         self._draws = None
         self._draw_probabilities = self._probabilities() if mode == "stochastic" else None
         self._caches.clear()
-        self._row_weights = {}
+        self._row_tables = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Called exactly like the base denoiser (each instance reports the base's signature); returns the blend."""
@@ -346,29 +346,29 @@ class BlendedDenoiser(nn.Module):
             weights = [self.settings.weights[0][name] for name in members]
             blended = blend_rows(base, member_predictions, weights, self.settings.kl_scale)
         else:  # λ·w per row, so that λ too may differ from sample to sample
-            table = [[kl_scale * weights[name] for name in members] for weights, kl_scale in self.settings.samples]
-            blended = blend_rows_per_row(base, member_predictions, self._per_row_table(table, len(latent), latent), 1.0)
+            blended = blend_rows(base, member_predictions, self._per_row_table(tuple(members), latent), 1.0)
         return with_prediction(template, blended)
 
-    def _per_row_table(self, table: list[list[float]], rows: int, latent: Rows) -> torch.Tensor:
-        """A per-sample table (samples × columns) for a call of ``rows`` rows on the latents' device, row r taking
-        sample r mod S's (the rows are the S samples repeated); made on the host once per call shape and copied
-        without waiting (on a GPU a blocking copy would)."""
+    def _per_row_table(self, members: tuple[str, ...] | None, latent: Rows) -> torch.Tensor:
+        """Per sample λ·w of ``members`` (or λ alone: None) as a (rows, columns) table for a call on ``latent``, row
+        r taking sample r mod S's (the rows are the S samples repeated); made on the host once per call shape (the
+        same every step of a pipeline call) and copied without waiting (on a GPU a blocking copy would)."""
         like = _like(latent)
-        device = like.device
-        key = (str(table), rows, device)
-        if key not in self._row_weights:  # (the same every step of a pipeline call)
+        key = (members, len(latent), like.device)
+        if key not in self._row_tables:
+            table = [[kl_scale * weights[name] for name in members] if members is not None else [kl_scale]
+                     for weights, kl_scale in self.settings.samples]
             dtype = torch.float64 if like.dtype == torch.float64 else torch.float32  # (no float64 on every device)
-            host = _per_row(torch.tensor(table, dtype=torch.float64), rows).to(dtype)
-            self._row_weights[key] = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-        return self._row_weights[key]
+            host = _per_row(torch.tensor(table, dtype=torch.float64), len(latent)).to(dtype)
+            self._row_tables[key] = (host.pin_memory() if like.device.type == "cuda" else host).to(like.device,
+                                                                                                   non_blocking=True)
+        return self._row_tables[key]
 
     def _towards_drawn(self, base: Prediction | None, drawn: Prediction, latent: Rows) -> Prediction:
         """DB-MPA-LS's ``base + λ (member_I − base)`` with the drawn members' predictions (λ per sample or shared)."""
         if self.settings.kl_scale is not None:
             return blend_rows(base, [drawn], [1.0], self.settings.kl_scale)
-        table = [[kl_scale] for kl_scale in self.settings.kl_scales]
-        return blend_rows_per_row(base, [drawn], self._per_row_table(table, len(latent), latent), 1.0)
+        return blend_rows(base, [drawn], self._per_row_table(None, latent), 1.0)
 
     def _stochastic(self, latent: Rows, args: tuple, kwargs: dict, drawn: torch.Tensor | None) -> Any:
         """DB-MPA-LS with the call's draws (one member index per row; None where λ = 0)."""
@@ -649,26 +649,25 @@ class BlendedDenoiser(nn.Module):
         matches a basis's name ("mid" in "humid") puts them on every attention layer of that member. FLUX.2 Klein's
         KV pipeline installs processors that read its condition cache on its own transformer only: a member without
         them would ignore the cache. Either way the member would silently be another model."""
-        for name in self.modules_by_name:
-            self._check_layers_alike(name, splits_its_rows, (
-                "perturbed-attention-guidance processors", "a pag_applied_layers pattern of the pipeline matches the "
-                "basis's name in the blend (modules_by_name.<basis>.…); choose a basis name no pattern matches"))
-            if not self._caches.active:  # (without a cache those processors compute plain attention)
-                continue
-            self._check_layers_alike(name, reads_condition_cache, (
-                "key/value-cache processors", "give the member the base's processor classes (FLUX.2 Klein KV: "
-                "Flux2KVAttnProcessor and Flux2KVParallelSelfAttnProcessor, as the pipeline gives its transformer)"))
-
-    def _check_layers_alike(self, name: str, kind: Any, description: tuple[str, str]) -> None:
-        """Member ``name``'s attention processors are of ``kind`` exactly where the base's are."""
-        base = [kind(type(layer.processor)) for layer in self._attention_layers[BASE]]
-        layers = self._attention_layers[name]
-        differing = [index for index, layer in enumerate(layers) if kind(type(layer.processor)) != base[index]]
-        if differing:
-            what, remedy = description
-            raise ValueError(
-                f"member {name!r} has {what} on {len(differing)} attention layer(s) where the base has none, or the "
-                f"reverse (e.g. its layer {differing[0]}: {type(layers[differing[0]].processor).__name__}): {remedy}")
+        if not self.modules_by_name:
+            return
+        checks = [(splits_its_rows, "perturbed-attention-guidance processors", "a pag_applied_layers pattern of the "
+                   "pipeline matches the basis's name in the blend (modules_by_name.<basis>.…); choose a basis name "
+                   "no pattern matches")]
+        if self._caches.active:  # (without a cache those processors compute plain attention)
+            checks.append((reads_condition_cache, "key/value-cache processors", "give the member the base's processor "
+                           "classes (FLUX.2 Klein KV: Flux2KVAttnProcessor and Flux2KVParallelSelfAttnProcessor, as the "
+                           "pipeline gives its transformer)"))
+        for kind, what, remedy in checks:
+            base = [kind(type(layer.processor)) for layer in self._attention_layers[BASE]]
+            for name in self.modules_by_name:
+                layers = self._attention_layers[name]
+                differing = [index for index, layer in enumerate(layers) if kind(type(layer.processor)) != base[index]]
+                if differing:
+                    raise ValueError(
+                        f"member {name!r} has {what} on {len(differing)} attention layer(s) where the base has none, "
+                        f"or the reverse (e.g. its layer {differing[0]}: "
+                        f"{type(layers[differing[0]].processor).__name__}): {remedy}")
 
     def _check_placement(self) -> None:
         device, dtype = _placement(self.base)
@@ -870,23 +869,6 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- batches of predictions
-def blend_rows_per_row(base: Prediction | None, members: list[Prediction], weights: torch.Tensor,
-                       kl_scale: float) -> Prediction:
-    """:func:`~diffusion_blend.blend.blend_per_row` of batched predictions, sample by sample for lists, field by
-    field for several-output denoisers."""
-    if not members:  # (λ = 0, or no weight on any member for any sample)
-        return base
-    first = base if base is not None else members[0]
-    if isinstance(first, Fields):
-        return Fields(blend_rows_per_row(None if base is None else base[index], [member[index] for member in members],
-                                         weights, kl_scale) for index in range(len(first)))
-    if not isinstance(first, list):
-        return blend_per_row(base, members, weights, kl_scale)
-    bases = base if base is not None else [None] * len(first)
-    return [blend_per_row(None if b is None else b[None], [sample[None] for sample in samples], weights[row : row + 1],
-                          kl_scale)[0] for row, (b, *samples) in enumerate(zip(bases, *members))]
-
-
 def _like(batch: Rows) -> torch.Tensor:
     """A tensor of the batch's device and dtype (its first; lists of lists in Z-Image's omni mode)."""
     return _tensors_of(batch)[0]
@@ -899,17 +881,26 @@ def _tensors_of(sample: Any) -> list[torch.Tensor]:
     return [tensor for item in sample for tensor in _tensors_of(item)]
 
 
-def blend_rows(base: Prediction | None, members: list[Prediction], weights: list[float], kl_scale: float) -> Prediction:
-    """:func:`~diffusion_blend.blend.blend_predictions` of batched predictions, sample by sample for lists, field by
-    field for several-output denoisers."""
+def blend_rows(base: Prediction | None, members: list[Prediction], weights: list[float] | torch.Tensor,
+               kl_scale: float) -> Prediction:
+    """:func:`~diffusion_blend.blend.blend_predictions` of batched predictions — with ``weights`` a (rows, members)
+    table, :func:`~diffusion_blend.blend.blend_per_row` — sample by sample for lists, field by field for
+    several-output denoisers."""
+    if not members:  # (λ = 0, or no weight on any member)
+        return base
     first = base if base is not None else members[0]
     if isinstance(first, Fields):
         return Fields(blend_rows(None if base is None else base[index], [member[index] for member in members],
                                  weights, kl_scale) for index in range(len(first)))
-    if not isinstance(base if base is not None else members[0], list):
-        return blend_predictions(base, members, weights, kl_scale)
-    bases = base if base is not None else [None] * len(members[0])
-    return [blend_predictions(b, list(samples), weights, kl_scale) for b, *samples in zip(bases, *members)]
+    per_row = isinstance(weights, torch.Tensor)
+    if not isinstance(first, list):
+        return (blend_per_row if per_row else blend_predictions)(base, members, weights, kl_scale)
+    if not per_row:
+        bases = base if base is not None else [None] * len(first)
+        return [blend_predictions(b, list(samples), weights, kl_scale) for b, *samples in zip(bases, *members)]
+    bases = base if base is not None else [None] * len(first)  # each sample as a batch of one row
+    return [blend_per_row(None if b is None else b[None], [sample[None] for sample in samples], weights[row : row + 1],
+                          kl_scale)[0] for row, (b, *samples) in enumerate(zip(bases, *members))]
 
 
 def _joined(pieces: list[Prediction]) -> Prediction:
