@@ -1,19 +1,27 @@
-"""Condition caches per member.
+"""Caches per denoiser call of the blend: condition caches, and the contexts of diffusers' step caches.
 
-Some pipelines compute the attention keys and values of their condition tokens (a reference or input image, the
+Condition caches. Some pipelines compute the attention keys and values of their condition tokens (a reference or input image, the
 prompt) at the first denoising step and reuse them at every later one: FLUX.2 Klein's KV pipeline
 (``kv_cache_mode="extract"`` returns the cache it made, ``"cached"`` takes it back) and Qwen-Image 2.1
 (``use_kv_cache``: the pipeline's cache object is filled at ``"extract"`` and read at ``"cached"``). A cache holds
 one model's keys and values, and a blend evaluates several models on the same input: so each denoiser call the blend
 makes keeps a cache of its own, found again at the next step by the call's place in the blend's plan. The pipeline
 only ever sees one cache (the one it passed, or the first call's), which stands for all of them.
+
+Step caches. diffusers' caches enabled on a denoiser (``enable_cache``: First Block Cache, TaylorSeer, MagCache,
+FasterCache, pyramid attention broadcast) keep one state per *cache context* — the name a pipeline gives each of its
+denoiser calls, ``"cond"`` or ``"uncond"`` — and reuse at a step what the same context computed at earlier steps. The
+blend calls the denoiser on other rows than the pipeline does (members stacked in one call, one call per member,
+chunks): each of its calls gets a context of its own within the pipeline's, named after the call's place in the plan,
+so that no call reuses what another one computed (a member's residuals for another member's rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
 #: The denoiser arguments of the protocol: the cache, and whether the call makes it or reads it
@@ -102,3 +110,38 @@ def returned_cache(output: Any) -> Any:
     if isinstance(output, (tuple, list)) and len(output) > 1:
         return output[1]
     return None
+
+
+class StepCacheContexts:
+    """The cache contexts of a blend's denoiser calls: the pipeline names its call's context on the blend (the
+    blended denoiser's ``cache_context``); each of the blend's own calls of a module runs in a context of its own."""
+
+    def __init__(self) -> None:
+        self._given: tuple[str, dict] | None = None  # the pipeline's context: name and step information
+
+    @contextlib.contextmanager
+    def given(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """The pipeline's context for the denoiser calls inside (diffusers' ``cache_context(name, **kwargs)``)."""
+        previous, self._given = self._given, (name, kwargs)
+        try:
+            yield
+        finally:
+            self._given = previous
+
+    def for_call(self, module: Any, call: Hashable) -> contextlib.AbstractContextManager:
+        """The context of one of the blend's calls of ``module``: the pipeline's, named apart by the call's place in
+        the plan. Where the pipeline names none, a module with a cache enabled gets one named as diffusers' caches
+        name theirs then (``"inference"``)."""
+        if not hasattr(module, "cache_context") or (self._given is None and not uses_step_cache(module)):
+            return contextlib.nullcontext()
+        name, kwargs = self._given or (DEFAULT_CONTEXT, {})
+        return module.cache_context(f"{name}/blend{call}", **kwargs)
+
+
+#: The context diffusers' caches use where a pipeline names none
+DEFAULT_CONTEXT = "inference"
+
+
+def uses_step_cache(module: Any) -> bool:
+    """Whether ``module`` has one of diffusers' step caches enabled (``enable_cache``)."""
+    return bool(getattr(module, "is_cache_enabled", False))

@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
 from .blend import base_coefficient, blend_per_row, blend_predictions, validate_kl_scale, validate_weights
-from .caches import ConditionCaches
+from .caches import ConditionCaches, StepCacheContexts, uses_step_cache
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
 BASE = NO_ADAPTER
@@ -196,6 +196,7 @@ class BlendedDenoiser(nn.Module):
         self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
         self._rows_reshaped = False  # the base reshapes its batch inside: LoRA members cannot share its calls
         self._caches = ConditionCaches()  # each denoiser call's own condition keys and values, where a pipeline caches them
+        self._step_contexts = StepCacheContexts()  # each denoiser call's own context for diffusers' step caches
         self._row_tables: dict[tuple, torch.Tensor] = {}  # per-sample λ·w (or λ) as (rows, columns) tables, per call shape
         self.forward = SignedForward(self, signature)
 
@@ -219,6 +220,31 @@ class BlendedDenoiser(nn.Module):
         restore them through this method: on the base alone, the members would keep the call's processors."""
         for module in (self.base, *self.modules_by_name.values()):
             module.set_attn_processor(dict(processor) if isinstance(processor, Mapping) else processor)  # (it pops)
+
+    def cache_context(self, name: str, **kwargs: Any) -> contextlib.AbstractContextManager:
+        """diffusers' ``cache_context``: the context a pipeline names for its denoiser call (``"cond"``,
+        ``"uncond"``) for the step caches of the base and of the members (``enable_cache``). Each denoiser call of the
+        blend runs in a context of its own within it (:class:`~diffusion_blend.caches.StepCacheContexts`)."""
+        return self._step_contexts.given(name, **kwargs)
+
+    def enable_cache(self, config: Any) -> None:
+        """diffusers' ``enable_cache`` (First Block Cache, TaylorSeer, MagCache, ...) on the base and on every full
+        member: each module keeps its own cache state. LoRA members are cached with the base they share."""
+        for module in (self.base, *self.modules_by_name.values()):
+            module.enable_cache(config)
+
+    def disable_cache(self) -> None:
+        """diffusers' ``disable_cache`` on the base and on every full member that has a cache enabled."""
+        for module in (self.base, *self.modules_by_name.values()):
+            if uses_step_cache(module):
+                module.disable_cache()
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Forget what the step caches of the base and of the members computed (diffusers' pipelines call it at the
+        end of their call, so that the next call starts afresh)."""
+        for module in (self.base, *self.modules_by_name.values()):
+            if hasattr(module, "_reset_stateful_cache"):
+                module._reset_stateful_cache(recurse=recurse)
 
     def __getattr__(self, name: str) -> Any:
         """Public attributes the wrapper lacks come from the base (``add_embedding``, ``encoder_hid_proj``, ...).
@@ -278,7 +304,7 @@ class BlendedDenoiser(nn.Module):
             raise RuntimeError("call set_blend(weights, ...) before using the BlendedDenoiser")
         latent = args[0] if args else kwargs[self._latent_name]
         try:  # (whatever fails, the call's condition caches are let go)
-            self._begin_condition_caches(kwargs)
+            self._begin_caches(kwargs)
             self._check_attention_alike()
             if self.settings.mode == "mix":
                 blend = self._mix
@@ -300,9 +326,10 @@ class BlendedDenoiser(nn.Module):
         self._caches.end(result)
         return result
 
-    def _begin_condition_caches(self, kwargs: dict) -> None:
-        """Condition caches (:mod:`~diffusion_blend.caches`) are kept per denoiser call, which needs the same calls
-        at every step: a mix blend's. Refused where that does not hold, or where a cache is not of that protocol."""
+    def _begin_caches(self, kwargs: dict) -> None:
+        """Condition caches and step caches (:mod:`~diffusion_blend.caches`) are kept per denoiser call, which needs
+        the same calls, on the same members' rows, at every step: a mix blend's. Refused where that does not hold, or
+        where a cache is not of a protocol the blend knows."""
         if kwargs.get("kv_caches") is not None:
             raise ValueError("the denoiser is called with kv_caches (GLM-Image's image-to-image): a key/value cache of "
                              "a condition image is one model's, and a blend has one per member; it cannot be blended yet")
@@ -313,6 +340,9 @@ class BlendedDenoiser(nn.Module):
                              "cache (Qwen-Image 2.1: use_kv_cache=False; Flux2KleinPipeline for FLUX.2 Klein)")
         if self._caches.active and self.compile_options is not None:
             raise ValueError("condition caches (kv_cache_mode) are not blended compiled yet: use compile=False")
+        if self.settings.mode == "stochastic":
+            _refuse_step_caches({"the base": self.base, **{f"member {name!r}": module
+                                                          for name, module in self.modules_by_name.items()}})
 
     def routing(self) -> contextlib.AbstractContextManager:
         """Keep the LoRA routing installed across many forward calls (e.g. a whole pipeline call): what each layer
@@ -516,7 +546,8 @@ class BlendedDenoiser(nn.Module):
             chunk_routes = None if routes is None else routes[start : start + chunk]
             call = (tuple(e.member for e in evaluations), tuple(sizes), start)  # its place in the plan
             call_kwargs = self._caches.for_call(call, call_kwargs)
-            output = self._call(module, chunk_routes, call_args, call_kwargs)
+            with self._step_contexts.for_call(module or self.base, call):
+                output = self._call(module, chunk_routes, call_args, call_kwargs)
             self._caches.after_call(call, output)
             template = output if template is None else template
             pieces.append(prediction_of(output))
@@ -696,6 +727,17 @@ def _check_offloaded(name: str, base_device: torch.device, member_device: torch.
         raise ValueError(f"{parked}; vmap_full_members reads the members' weights: use vmap_full_members=False")
     if len(offloaded) == 1:
         raise ValueError(f"{parked} and the other is not: offload the base and every full member alike, or none")
+
+
+def _refuse_step_caches(modules: Mapping[str, nn.Module]) -> None:
+    """The stochastic mode draws another member for a sample at every step: a step cache would reuse at a step what
+    another member computed at an earlier one."""
+    cached = [name for name, module in modules.items() if uses_step_cache(module)]
+    if cached:
+        raise ValueError(f"{', '.join(cached)} {'has' if len(cached) == 1 else 'have'} a step cache enabled "
+                         "(enable_cache), which reuses at a step what a call computed at earlier steps, and the "
+                         "stochastic mode draws another member for a sample at every step (a member would reuse "
+                         "another's results): use mode='mix', or disable_cache() for the stochastic mode")
 
 
 def _check_unhooked(name: str, member: nn.Module) -> None:
