@@ -175,6 +175,13 @@ def test_bad_member_names_raise(name):
         BlendedDenoiser(tiny.unet(0), {name: tiny.unet(1)})
 
 
+@pytest.mark.parametrize("name", ["train", "to", "keys"])
+def test_member_names_that_torch_modules_use_raise(name):
+    """(A module dictionary keyed by it, the members' or peft's adapters', would fail with a KeyError.)"""
+    with pytest.raises(ValueError, match=f"basis name '{name}' is the name of a torch module attribute"):
+        BlendedDenoiser(tiny.unet(0), {name: tiny.unet(1)})
+
+
 def _with_style():
     """A base with LoRA members "ir" and "aes" and the user's own "style" adapter, active."""
     base = tiny.unet(0)

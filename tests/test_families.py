@@ -1,10 +1,14 @@
 """The blend on the denoisers of other model families, each called as its pipeline calls it: video transformers
 (Wan, Wan VACE, Wan first-and-last-frame, HunyuanVideo and 1.5, HunyuanVideo-Framepack, Cosmos, Mochi, LTX-Video,
-LTX-2 — two predictions, video and audio —, CogVideoX), Sana, Chroma, CogView4, FLUX.2 (batched position ids), HiDream
-(Llama-3 states with the batch second), Lumina 2, Kandinsky 2.2's UNet (image embeddings), Qwen-Image-Edit-2511
-(per-sample ``img_shapes`` choosing each token's timestep) and Z-Image (a list with one tensor per sample, of
-different sizes, in and out). The reference is peft's own forward with one adapter active, combined by the equation
-sample by sample."""
+LTX-2 — two predictions, video and audio —, CogVideoX, SkyReels-V2 image-to-video and diffusion forcing — a timestep
+per frame —, ChronoEdit, Wan-Animate — pose latents and a face video —, Helios — compressed history latents), Sana,
+Chroma, CogView4, FLUX.2 (batched position ids), HiDream (Llama-3 states with the batch second), Lumina 2, Kandinsky
+2.2's UNet (image embeddings), Qwen-Image-Edit-2511 (per-sample ``img_shapes`` choosing each token's timestep), Z-Image
+(a list with one tensor per sample, of different sizes, in and out), AuraFlow, Bria, Bria FIBO (a list of per-block
+text states, an attention mask in ``joint_attention_kwargs``), LongCat-Image, Ovis-Image and the SD x4 upscaler's UNet
+(the noise level as ``class_labels``). The reference is peft's own forward with one adapter active, combined by the
+equation sample by sample. PixArt-Σ (``added_cond_kwargs``), Stable Video Diffusion (``added_time_ids``) and
+I2VGen-XL (image latents and embeddings, fps), on which diffusers loads no LoRA, blend full members instead."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny
-from diffusion_blend import BlendedDenoiser, blend_predictions
+from diffusion_blend import Blend, BlendedDenoiser, blend_predictions
 from test_loading import _forward_calls as _calls
 
 ROWS = 3
@@ -195,6 +199,116 @@ def _zimage_inputs(g):
                 cap_feats=[_randn(6, 16, generator=g), _randn(9, 16, generator=g), _randn(3, 16, generator=g)])
 
 
+def _auraflow_inputs(g):
+    return dict(hidden_states=_randn(ROWS, 4, 8, 8, generator=g), timestep=torch.tensor([0.7] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 6, 16, generator=g))
+
+
+def _pixart_sigma_inputs(g):
+    """PixArt-Σ's pipeline passes its size conditions as None in ``added_cond_kwargs``; one caption shorter."""
+    mask = torch.ones(ROWS, 6)
+    mask[1, 4:] = 0
+    return dict(hidden_states=_randn(ROWS, 4, 8, 8, generator=g), timestep=torch.tensor([500] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 6, 16, generator=g), encoder_attention_mask=mask,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def _wan_i2v_inputs(g):
+    """Wan image-to-video's call (SkyReels-V2 I2V, ChronoEdit): the latents beside the frame mask and the image's
+    latents (12 channels), the image's CLIP tokens repeated for each sample."""
+    return dict(hidden_states=_randn(ROWS, 12, 2, 8, 8, generator=g), timestep=torch.tensor([500] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 12, 16, generator=g),
+                encoder_hidden_states_image=_randn(1, 17, 4, generator=g).repeat(ROWS, 1, 1))
+
+
+def _skyreels_df_inputs(g, rows=ROWS):
+    """Diffusion forcing: a timestep per latent frame (the first block's frames less noisy), fps as a list of one
+    flag per sample."""
+    timestep = torch.tensor([[100, 100, 700, 700]] * rows)
+    return dict(hidden_states=_randn(rows, 4, 4, 8, 8, generator=g), timestep=timestep, enable_diffusion_forcing=True,
+                encoder_hidden_states=_randn(rows, 12, 16, generator=g), fps=[1] * rows)
+
+
+def _wan_animate_inputs(g, frames=2):
+    """A reference frame before 2 latent frames, pose latents of those 2, and 4·(2 − 1) + 1 face frames in pixels."""
+    return dict(hidden_states=_randn(ROWS, 12, frames + 1, 8, 8, generator=g), timestep=torch.tensor([500] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 12, 16, generator=g),
+                encoder_hidden_states_image=_randn(1, 17, 4, generator=g).repeat(ROWS, 1, 1),
+                pose_hidden_states=_randn(ROWS, 4, frames, 8, 8, generator=g),
+                face_pixel_values=_randn(ROWS, 3, 4 * (frames - 1) + 1, 8, 8, generator=g),
+                motion_encode_batch_size=None)
+
+
+def _helios_inputs(g, rows=ROWS):
+    """A window of 2 latent frames after history of 4 (long), 2 (mid) and 2 (short: the first frame and the last)
+    frames, indexed as the pipeline splits ``arange``: (1, frames) indices, whatever the batch."""
+    prefix, long, mid, short_1x, window = torch.arange(10).split([1, 4, 2, 1, 2])
+    return dict(hidden_states=_randn(rows, 4, 2, 8, 8, generator=g), timestep=torch.tensor([700.0] * rows),
+                encoder_hidden_states=_randn(rows, 12, 16, generator=g), indices_hidden_states=window[None],
+                indices_latents_history_short=torch.cat([prefix, short_1x])[None],
+                indices_latents_history_mid=mid[None], indices_latents_history_long=long[None],
+                latents_history_short=_randn(rows, 4, 2, 8, 8, generator=g),
+                latents_history_mid=_randn(rows, 4, 2, 8, 8, generator=g),
+                latents_history_long=_randn(rows, 4, 4, 8, 8, generator=g))
+
+
+def _image_ids(height=4, width=4, modality=0.0, start=0.0):
+    """FLUX.1-style (tokens, 3) position ids of a height × width image, unbatched."""
+    rows, columns = start + torch.arange(float(height)), start + torch.arange(float(width))
+    return torch.cartesian_prod(torch.tensor([modality]), rows, columns)
+
+
+def _bria_inputs(g):
+    return dict(hidden_states=_randn(ROWS, 16, 4, generator=g), encoder_hidden_states=_randn(ROWS, 6, 32, generator=g),
+                timestep=torch.tensor([700.0] * ROWS), txt_ids=torch.zeros(6, 3), img_ids=_image_ids())
+
+
+def _bria_fibo_inputs(g):
+    """One text-encoder layer per block (a list), and the attention mask over text and image tokens FIBO's pipeline
+    passes in ``joint_attention_kwargs`` when a prompt is padded."""
+    mask = torch.ones(ROWS, 6 + 16, dtype=torch.bool)
+    mask[1, 4:6] = False
+    return dict(hidden_states=_randn(ROWS, 16, 4, generator=g), encoder_hidden_states=_randn(ROWS, 6, 32, generator=g),
+                text_encoder_layers=[_randn(ROWS, 6, 16, generator=g) for _ in range(2)],
+                timestep=torch.tensor([700.0] * ROWS), txt_ids=torch.zeros(6, 3), img_ids=_image_ids(),
+                joint_attention_kwargs={"attention_mask": mask[:, None, None, :]})
+
+
+def _longcat_image_inputs(g):
+    """Text ids of modality 0 along the diagonal, image ids of modality 1 after the tokenizer's length (6)."""
+    text_ids = torch.stack([torch.zeros(6), torch.arange(6.0), torch.arange(6.0)], -1)
+    return dict(hidden_states=_randn(ROWS, 16, 4, generator=g), timestep=torch.tensor([0.7] * ROWS), guidance=None,
+                encoder_hidden_states=_randn(ROWS, 6, 32, generator=g), txt_ids=text_ids,
+                img_ids=_image_ids(modality=1.0, start=6.0))
+
+
+def _ovis_image_inputs(g):
+    text_ids = torch.stack([torch.zeros(6), torch.arange(6.0), torch.arange(6.0)], -1)
+    return dict(hidden_states=_randn(ROWS, 16, 4, generator=g), timestep=torch.tensor([0.7] * ROWS),
+                encoder_hidden_states=_randn(ROWS, 6, 32, generator=g), txt_ids=text_ids, img_ids=_image_ids(),
+                joint_attention_kwargs={})
+
+
+def _svd_inputs(g):
+    """Two frames of latents beside the image's latents (channels), a 0-d timestep (an EDM noise level)."""
+    return dict(sample=_randn(ROWS, 2, 8, 8, 8, generator=g), timestep=torch.tensor(0.9),
+                encoder_hidden_states=_randn(ROWS, 1, 16, generator=g),
+                added_time_ids=torch.tensor([[6.0, 127.0, 0.02]]).repeat(ROWS, 1))
+
+
+def _i2vgen_xl_inputs(g):
+    """The image's latents and frame-position mask as 2 frames, its CLIP embedding, fps per row, a 0-d timestep."""
+    return dict(sample=_randn(ROWS, 4, 2, 8, 8, generator=g), timestep=torch.tensor(500),
+                encoder_hidden_states=_randn(ROWS, 6, 16, generator=g), fps=torch.tensor([16] * ROWS),
+                image_latents=_randn(ROWS, 4, 2, 8, 8, generator=g), image_embeddings=_randn(ROWS, 1, 16, generator=g))
+
+
+def _sd_upscaler_inputs(g):
+    """The noisy low-resolution image beside the latents, its noise level as ``class_labels``."""
+    return dict(sample=_randn(ROWS, 7, 8, 8, generator=g), timestep=torch.tensor(500),
+                encoder_hidden_states=_randn(ROWS, 6, 8, generator=g), class_labels=torch.tensor([20] * ROWS))
+
+
 FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes them)
     "wan": (tiny.wan_transformer, _wan_inputs),
     "wan_vace": (tiny.wan_vace_transformer, _wan_vace_inputs),
@@ -218,6 +332,24 @@ FAMILIES = {  # name: (builder, the denoiser's arguments as its pipeline passes 
     "lumina2": (tiny.lumina2_transformer, _lumina2_inputs),
     "qwen_image_edit": (lambda seed=0: tiny.qwen_transformer(seed, zero_cond_t=True), _qwen_edit_inputs),
     "zimage": (tiny.zimage_transformer, _zimage_inputs),
+    "auraflow": (tiny.auraflow_transformer, _auraflow_inputs),
+    "skyreels_v2_i2v": (tiny.skyreels_v2_transformer, _wan_i2v_inputs),
+    "skyreels_v2_df": (lambda seed=0: tiny.skyreels_v2_df_transformer(seed, fps_embedding=False), _skyreels_df_inputs),
+    "chronoedit": (tiny.chronoedit_transformer, _wan_i2v_inputs),
+    "wan_animate": (tiny.wan_animate_transformer, _wan_animate_inputs),
+    "helios": (tiny.helios_transformer, _helios_inputs),
+    "bria": (tiny.bria_transformer, _bria_inputs),
+    "bria_fibo": (tiny.bria_fibo_transformer, _bria_fibo_inputs),
+    "longcat_image": (tiny.longcat_image_transformer, _longcat_image_inputs),
+    "ovis_image": (tiny.ovis_image_transformer, _ovis_image_inputs),
+    "sd_upscaler": (tiny.sd_upscaler_unet, _sd_upscaler_inputs),
+}
+
+#: Families whose denoiser diffusers cannot load LoRAs on (no PeftAdapterMixin): their members are full modules.
+FULL_MEMBER_FAMILIES = {
+    "pixart_sigma": (tiny.pixart_sigma_transformer, _pixart_sigma_inputs),
+    "svd": (tiny.svd_unet, _svd_inputs),
+    "i2vgen_xl": (tiny.i2vgen_xl_unet, _i2vgen_xl_inputs),
 }
 
 
@@ -233,8 +365,10 @@ def _cosmos_mask_resize(monkeypatch):
             functional=functional, InterpolationMode=SimpleNamespace(NEAREST="nearest")), raising=False)
 
 
-#: LoRA targets of families whose attention projections are not named to_q, to_k, to_v, to_out.0
-LORA_TARGETS_OF = {"kandinsky6": ["to_query", "to_key", "to_value"]}
+#: LoRA targets of families whose attention projections are not named to_q, to_k, to_v, to_out.0, or whose random
+#: attention barely moves the prediction (AuraFlow's is gated by ~0.03: its feed-forwards and timestep MLP too)
+LORA_TARGETS_OF = {"kandinsky6": ["to_query", "to_key", "to_value"],
+                   "auraflow": [*tiny.LORA_TARGETS, "linear_1", "linear_2"]}
 
 
 def _with_two_loras(family):
@@ -302,10 +436,11 @@ def test_lora_mix_equals_the_equation_on_peft_outputs(family, batch_members):
     assert len(calls) == (1 if batch_members else 3)
 
 
-@pytest.mark.parametrize("family, rows", [("cosmos", 1), ("framepack", 2), ("wan_flf2v", 1)])
+@pytest.mark.parametrize("family, rows", [("cosmos", 1), ("framepack", 2), ("wan_flf2v", 1), ("helios", 1)])
 def test_arguments_whose_first_size_is_not_the_batch_follow_the_rows(family, rows):
     """At the batch sizes their pipelines call them with: Cosmos's (1, 1, H, W) padding mask at batch 1 (each
-    guidance half alone), Framepack's 1-D frame indices of length 2 at batch 2, FLF2V's two image rows per sample."""
+    guidance half alone), Framepack's 1-D frame indices of length 2 at batch 2, FLF2V's two image rows per sample,
+    Helios's (1, frames) indices at batch 1 (each guidance half alone)."""
     base = _with_two_loras(family)
     inputs = FAMILIES[family][1](torch.Generator().manual_seed(0), rows=rows)
     expected = _equation(_peft_outputs(base, inputs), WEIGHTS, KL_SCALE)
@@ -468,6 +603,24 @@ def test_a_key_value_cache_is_refused_in_stochastic_mode():
         _blended(denoiser, first, {"a": 0.5, "b": 0.5}, 1.0, mode="stochastic")
 
 
+@pytest.mark.parametrize("use_kv_cache", [None, True])
+def test_qwen_image_21_stochastic_with_its_cache_is_refused_before_the_pipeline_runs(use_kv_cache):
+    """Qwen-Image 2.1 caches its condition by default: refused before the prompt is encoded or noise drawn. (The
+    pipeline is made without its constructor, which reads the chat template of a Qwen3-VL processor.)"""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
+
+    pipe = QwenImage21Pipeline.__new__(QwenImage21Pipeline)
+    DiffusionPipeline.__init__(pipe)
+    pipe.register_modules(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, processor=None,
+                          transformer=tiny.qwen21_transformer(0))
+    blend = Blend(pipe, {"a": tiny.qwen21_transformer(1), "b": tiny.qwen21_transformer(2)})
+    generator = torch.Generator().manual_seed(0)
+    cache = {} if use_kv_cache is None else {"use_kv_cache": use_kv_cache}
+    with pytest.raises(ValueError, match="the stochastic mode draws another member at every step: use mode='mix'"):
+        blend.blend(prompt="a cat", weights={"a": 0.5, "b": 0.5}, mode="stochastic", generator=generator, **cache)
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
 def test_a_cache_the_blend_did_not_make_is_refused():
     base = _with_kv_processors(_with_two_loras("flux2"))
     first, later = _flux2_reference_steps(torch.Generator().manual_seed(0))
@@ -563,6 +716,47 @@ def test_precomputed_rotary_tables_are_not_rows(mode):
         expected = [blend_predictions(outputs[0][row], [outputs[1 + member][row]], [1.0], KL_SCALE)
                     for row, member in enumerate(drawn)]
     assert _max_diff(blended, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["mix", "stochastic"])
+@pytest.mark.parametrize("family", FULL_MEMBER_FAMILIES)
+def test_full_members_of_families_without_lora_support(family, mode):
+    """Fine-tuned copies as members, called on chunks of 2 rows (mix) or on the rows each drew (stochastic): every
+    argument with a batch axis follows the rows."""
+    builder, make_inputs = FULL_MEMBER_FAMILIES[family]
+    base, a, b = (builder(seed) for seed in range(3))
+    inputs = make_inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = [_samples(module(**inputs, return_dict=False)) for module in (base, a, b)]
+    denoiser = BlendedDenoiser(base, {"a": a, "b": b}, max_batch_size=2 if mode == "mix" else None)
+    weights = WEIGHTS if mode == "mix" else {"a": 0.5, "b": 0.5}
+    blended = _blended(denoiser, inputs, weights, KL_SCALE, mode=mode)
+    if mode == "mix":
+        expected = [blend_predictions(o, [o_a, o_b], list(WEIGHTS.values()), KL_SCALE) for o, o_a, o_b in zip(*outputs)]
+    else:
+        denoiser.set_blend(weights, kl_scale=KL_SCALE, mode=mode, generator=torch.Generator().manual_seed(3))
+        drawn = denoiser.draw_members(next(iter(inputs.values()))).tolist()
+        assert set(drawn) == {0, 1}
+        expected = [blend_predictions(outputs[0][row], [outputs[1 + member][row]], [1.0], KL_SCALE)
+                    for row, member in enumerate(drawn)]
+    assert _max_diff(blended, expected) <= 1e-5
+    assert _max_diff(outputs[1], outputs[0]) > 1e-2
+
+
+def test_skyreels_df_fps_embedding_at_the_one_sample_its_pipeline_passes():
+    """SkyReels-V2 diffusion forcing with its fps embedding, called as its pipeline calls it (one sample per guidance
+    half, fps a list of one flag: diffusers adds the embedding right only to a batch of one), in one stacked call."""
+    base = tiny.skyreels_v2_df_transformer()
+    for seed, name in enumerate("ab", start=1):
+        tiny.add_lora(base, name, seed)
+    base.set_adapter([])
+    inputs = _skyreels_df_inputs(torch.Generator().manual_seed(0), rows=1)
+    outputs = _peft_outputs(base, inputs)
+    calls = _calls(base)
+    blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE)
+    assert _max_diff(blended, _equation(outputs, WEIGHTS, KL_SCALE)) <= 1e-5
+    assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
+    assert len(calls) == 1
 
 
 def test_zimage_full_members_cannot_be_vmapped():

@@ -92,6 +92,33 @@ def test_values_for_each_prompt_rather_than_each_image_are_refused(sd_loras, per
         blend.blend(**per_prompt, **call_kwargs(prompt=[PROMPT, PROMPT], num_images_per_prompt=2))
 
 
+def test_one_value_in_a_list_for_several_images_is_refused(sd_loras):
+    with pytest.raises(ValueError, match=r"weights are given for 1 images, but the call makes 3"):
+        Blend(tiny.sd_pipeline(), sd_loras).blend(weights=SWEEP[:1], **call_kwargs(num_images_per_prompt=3))
+
+
+def test_values_per_image_of_a_call_that_does_not_tell_its_images_are_refused(sd_loras):
+    """Without a prompt or embeddings per prompt, the denoiser's rows cannot tell images from guidance halves."""
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="weights are given per image, but the call's arguments do not tell how many"):
+        Blend(tiny.sd_pipeline(), sd_loras).blend(weights=SWEEP[:2], **call_kwargs(prompt=None, generator=generator))
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing ran
+
+
+def test_per_prompt_embeddings_in_a_list_count_the_images(zimage_loras):
+    """Z-Image takes its prompts' embeddings as a list, one tensor per prompt: two prompts of two images, four."""
+    embeds = [torch.randn(5, tiny.ZIMAGE_CONTEXT, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    with pytest.raises(ValueError, match=r"weights are given for 2 images, but the call makes 4"):
+        Blend(tiny.zimage_pipeline(), zimage_loras).blend(weights=SWEEP[:2], **call_kwargs(
+            prompt=None, prompt_embeds=embeds, num_images_per_prompt=2))
+
+
+def test_blend_per_row_refuses_weights_for_other_rows():
+    member = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="weights for 3 rows, predictions of 2"):
+        blend_per_row(None, [member], torch.ones(3, 1))
+
+
 def test_blend_per_row_is_each_rows_blend():
     generator = torch.Generator().manual_seed(0)
     base, first, second = (torch.randn(3, 4, 5, generator=generator) for _ in range(3))

@@ -242,11 +242,13 @@ def test_a_generator_reused_for_the_next_call_draws_anew(sd_loras):
 
 
 def test_stochastic_with_identical_members_equals_the_mix(sd_loras):
+    """(Up to float rounding: the mix stacks twice the rows in its call, and on some CPUs a layer's result
+    depends on the batch size in the last bits.)"""
     twins = {"ir": sd_loras["ir"], "twin": sd_loras["ir"]}
     blend = Blend(tiny.sd_pipeline("ddim"), twins)
     stochastic = blend.blend(weights={"ir": 0.5, "twin": 0.5}, mode="stochastic", **call_kwargs(eta=1.0)).images
     mixed = blend.blend(weights={"ir": 0.5, "twin": 0.5}, **call_kwargs(eta=1.0)).images
-    assert max_diff(stochastic, mixed) == 0.0
+    assert max_diff(stochastic, mixed) <= 1e-6
 
 
 def test_stochastic_one_hot_equals_the_mix(sd_loras):

@@ -115,6 +115,8 @@ def test_disable_cache_disables_every_members_cache(flux_loras):
     assert not any(module.is_cache_enabled for module in (blend.base, *fused.values()))
 
 
-def test_stochastic_mode_with_a_step_cache_is_refused(flux_loras):
+def test_stochastic_mode_with_a_step_cache_is_refused_before_the_pipeline_runs(flux_loras):
+    call = _call()
     with pytest.raises(ValueError, match=r"the base has a step cache enabled \(enable_cache\).*use mode='mix'"):
-        Blend(_cached_pipeline(), flux_loras).blend(weights={"ir": 0.5, "aes": 0.5}, mode="stochastic", **_call())
+        Blend(_cached_pipeline(), flux_loras).blend(weights={"ir": 0.5, "aes": 0.5}, mode="stochastic", **call)
+    assert torch.equal(call["generator"].get_state(), torch.Generator().manual_seed(0).get_state())

@@ -194,3 +194,10 @@ def test_weights_off_the_simplex_raise(weights):
     base, members = _members()
     with pytest.raises(ValueError, match="stochastic mode needs"):
         BlendedDenoiser(base, members).set_blend(weights, mode="stochastic")
+
+
+@pytest.mark.parametrize("generator", [123, "cpu"])
+def test_a_draw_generator_that_is_not_a_generator_raises(generator):
+    denoiser = BlendedDenoiser(tiny.unet(0), {"a": tiny.unet(1), "b": tiny.unet(2)})
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None"):
+        denoiser.set_blend({"a": 0.5, "b": 0.5}, mode="stochastic", generator=generator)

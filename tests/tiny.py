@@ -12,10 +12,14 @@ from pathlib import Path
 import torch
 from diffusers import (
     AllegroTransformer3DModel,
+    AuraFlowTransformer2DModel,
     AutoencoderKL,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    BriaFiboTransformer2DModel,
+    BriaTransformer2DModel,
     ChromaTransformer2DModel,
+    ChronoEditTransformer3DModel,
     CogVideoXTransformer3DModel,
     CogView4Transformer2DModel,
     ControlNetModel,
@@ -28,20 +32,26 @@ from diffusers import (
     Flux3Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    HeliosTransformer3DModel,
     HiDreamImageTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoFramepackTransformer3DModel,
     HunyuanVideoTransformer3DModel,
+    I2VGenXLUNet,
     Kandinsky6Transformer3DModel,
+    LongCatImageTransformer2DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     Lumina2Transformer2DModel,
     MochiTransformer3DModel,
+    OvisImageTransformer2DModel,
+    PixArtTransformer2DModel,
     QwenImage21Transformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
+    SkyReelsV2Transformer3DModel,
     StableDiffusion3PAGPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
@@ -51,6 +61,8 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UNetSpatioTemporalConditionModel,
+    WanAnimateTransformer3DModel,
     WanPipeline,
     WanTransformer3DModel,
     WanVACETransformer3DModel,
@@ -425,6 +437,144 @@ def sana_transformer(seed: int = 0) -> SanaTransformer2DModel:
         num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
         sample_size=8,
     )
+
+
+def auraflow_transformer(seed: int = 0) -> AuraFlowTransformer2DModel:
+    """AuraFlow: joint (MMDiT) and single DiT blocks, register tokens, a learned position table cropped to the image."""
+    return _seeded(
+        seed, AuraFlowTransformer2DModel,
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+        pos_embed_max_size=64,
+    )
+
+
+def pixart_sigma_transformer(seed: int = 0) -> PixArtTransformer2DModel:
+    """PixArt-Σ: adaLN-single DiT with cross-attention to the caption, learned variance (twice the channels out)."""
+    return _seeded(
+        seed, PixArtTransformer2DModel,
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, norm_num_groups=1,
+        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=16, use_additional_conditions=False,
+    )
+
+
+def skyreels_v2_transformer(seed: int = 0) -> SkyReelsV2Transformer3DModel:
+    """SkyReels-V2 image-to-video: Wan's blocks, an image's CLIP tokens before the caption's."""
+    return _seeded(
+        seed, SkyReelsV2Transformer3DModel,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=1, image_dim=4, rope_max_seq_len=32,
+    )
+
+
+def skyreels_v2_df_transformer(seed: int = 0, fps_embedding: bool = True) -> SkyReelsV2Transformer3DModel:
+    """SkyReels-V2 diffusion forcing: a timestep per latent frame, causal blocks of frames, an fps embedding (the
+    released models' ``inject_sample_info``; diffusers adds it right only to a batch of one sample)."""
+    return _seeded(
+        seed, SkyReelsV2Transformer3DModel,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=1, rope_max_seq_len=32, inject_sample_info=fps_embedding,
+        num_frame_per_block=2,
+    )
+
+
+def chronoedit_transformer(seed: int = 0) -> ChronoEditTransformer3DModel:
+    """ChronoEdit: Wan image-to-video's blocks (the input image's CLIP tokens, its latents beside the video's), rotary
+    positions that skip frames for temporal reasoning."""
+    return _seeded(
+        seed, ChronoEditTransformer3DModel,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=1, image_dim=4, rope_max_seq_len=32,
+    )
+
+
+def wan_animate_transformer(seed: int = 0) -> WanAnimateTransformer3DModel:
+    """Wan-Animate: pose latents added to the video's, a face video encoded by a motion encoder and attended to
+    frame by frame (a face adapter after every block)."""
+    return _seeded(
+        seed, WanAnimateTransformer3DModel,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=1, image_dim=4, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"4": 8, "8": 8}, motion_encoder_size=8, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=8, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1,
+    )
+
+
+def helios_transformer(seed: int = 0) -> HeliosTransformer3DModel:
+    """Helios: a window of latents after short, mid (2×) and long (4×) compressed history latents, each located by
+    frame indices; history tokens modulated from t = 0."""
+    return _seeded(
+        seed, HeliosTransformer3DModel,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=1, rope_dim=(4, 4, 4),
+    )
+
+
+def bria_transformer(seed: int = 0) -> BriaTransformer2DModel:
+    """Bria 3.x: FLUX.1's double- and single-stream blocks without pooled text, unbatched position ids."""
+    return _seeded(
+        seed, BriaTransformer2DModel,
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+
+
+def bria_fibo_transformer(seed: int = 0) -> BriaFiboTransformer2DModel:
+    """Bria FIBO: FLUX.1's blocks, each fed its own text-encoder layer (a list, one tensor per block)."""
+    return _seeded(
+        seed, BriaFiboTransformer2DModel,
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=[4, 4, 8], text_encoder_dim=16,
+    )
+
+
+def longcat_image_transformer(seed: int = 0) -> LongCatImageTransformer2DModel:
+    """LongCat-Image: FLUX.1's blocks; text and image position ids of different modalities."""
+    return _seeded(
+        seed, LongCatImageTransformer2DModel,
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+
+
+def ovis_image_transformer(seed: int = 0) -> OvisImageTransformer2DModel:
+    """Ovis-Image: FLUX.1's double- and single-stream blocks, no pooled text nor guidance."""
+    return _seeded(
+        seed, OvisImageTransformer2DModel,
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+
+
+def svd_unet(seed: int = 0) -> UNetSpatioTemporalConditionModel:
+    """Stable Video Diffusion: latents (batch, frames, channels, height, width) beside the image's latents, one image
+    embedding as the context, (fps, motion bucket, noise augmentation) as ``added_time_ids``; one resolution level
+    (its GroupNorms have 32 groups)."""
+    return _seeded(
+        seed, UNetSpatioTemporalConditionModel,
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal",), up_block_types=("CrossAttnUpBlockSpatioTemporal",),
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=3 * 4, layers_per_block=1,
+        cross_attention_dim=16, num_attention_heads=(2,), num_frames=2,
+    )
+
+
+def i2vgen_xl_unet(seed: int = 0) -> I2VGenXLUNet:
+    """I2VGen-XL: the first frame's latents encoded into context tokens and beside every frame, a CLIP image
+    embedding projected to context tokens, an fps embedding; one resolution level."""
+    return _seeded(
+        seed, I2VGenXLUNet,
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8,), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D",), up_block_types=("CrossAttnUpBlock3D",), norm_num_groups=2,
+        cross_attention_dim=16, attention_head_dim=4,
+    )
+
+
+def sd_upscaler_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SD x4 upscaler: the low-resolution image beside the latents (7 channels), its noise level a class label."""
+    return unet(seed, in_channels=7, num_class_embeds=1000, use_linear_projection=True, block_out_channels=(8,),
+                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
 
 
 SCHEDULERS = {

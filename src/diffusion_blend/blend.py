@@ -140,6 +140,8 @@ def blend_per_row(
     if not members:  # (λ = 0, or no weight on any member for any row)
         return base
     _check_shapes(base, members)
+    if weights.shape[0] != len(members[0]):
+        raise ValueError(f"weights for {weights.shape[0]} rows, predictions of {len(members[0])}")
     dtype = members[0].dtype
     # the weights at least in float32 (as Python-float weights are applied), the result in the predictions' dtype
     weight_dtype = torch.promote_types(dtype, torch.float32)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import weakref
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
@@ -27,6 +28,10 @@ from typing import Any
 #: The denoiser arguments of the protocol: the cache, and whether the call makes it or reads it
 CACHE_ARGUMENT, MODE_ARGUMENT = "kv_cache", "kv_cache_mode"
 EXTRACT, CACHED = "extract", "cached"
+CONDITION_CACHES_IN_STOCHASTIC_MODE = (
+    "condition caches (kv_cache_mode) hold one model's keys and values, and the stochastic mode draws another member "
+    "at every step: use mode='mix', or the pipeline without its cache (Qwen-Image 2.1: use_kv_cache=False; "
+    "Flux2KleinPipeline for FLUX.2 Klein)")
 
 
 class ConditionCaches:
@@ -100,6 +105,24 @@ class ConditionCaches:
     def clear(self) -> None:
         self.reset()
         self._kept.clear()
+
+
+def caches_conditions(pipe: Any, denoiser: Any, pipeline_kwargs: Mapping[str, Any]) -> bool:
+    """Whether a pipeline call will make condition caches, as far as its arguments tell before it runs: Qwen-Image
+    2.1's ``use_kv_cache`` (on by default) with a causal-condition transformer, FLUX.2 Klein's KV pipeline (its
+    key/value attention processors on the denoiser) given a reference image. (A call that makes them anyway is
+    found at its first denoiser call.)"""
+    parameter = inspect.signature(pipe.__call__).parameters.get("use_kv_cache")
+    if parameter is not None and pipeline_kwargs.get("use_kv_cache", parameter.default):
+        return bool(getattr(denoiser.config, "causal_condition", True))
+    processors = getattr(denoiser, "attn_processors", {})
+    return pipeline_kwargs.get("image") is not None and any(map(reads_condition_cache, map(type, processors.values())))
+
+
+def reads_condition_cache(processor_class: type) -> bool:
+    """Whether an attention processor reads or fills a condition key/value cache (FLUX.2 Klein's ``…KV…``
+    processors); others ignore the cache the denoiser is given."""
+    return "KV" in processor_class.__name__
 
 
 def returned_cache(output: Any) -> Any:

@@ -29,9 +29,27 @@ from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import nn
 from torch.func import functional_call
 
-from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
-from .blend import base_coefficient, blend_per_row, blend_predictions, validate_kl_scale, validate_weights
-from .caches import ConditionCaches, StepCacheContexts, uses_step_cache
+from .adapters import (
+    NO_ADAPTER,
+    AdapterRouter,
+    RowsReshaped,
+    loaded_adapters,
+    weights_placed_on_call,
+)
+from .blend import (
+    base_coefficient,
+    blend_per_row,
+    blend_predictions,
+    validate_kl_scale,
+    validate_weights,
+)
+from .caches import (
+    CONDITION_CACHES_IN_STOCHASTIC_MODE,
+    ConditionCaches,
+    StepCacheContexts,
+    reads_condition_cache,
+    uses_step_cache,
+)
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
 BASE = NO_ADAPTER
@@ -289,6 +307,10 @@ class BlendedDenoiser(nn.Module):
             _check_same_architecture(name, self.base, module)
             _check_same_settings(name, self.base, module, self._attention_layers[BASE], self._attention_layers[name])
         self._check_placement()
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if mode == "stochastic":
+            self._refuse_step_caches()
         self.settings = BlendSettings(checked, _kl_scales_per_sample(kl_scale, len(checked)), mode, generator)
         self._draws = None
         self._draw_probabilities = self._probabilities() if mode == "stochastic" else None
@@ -335,14 +357,23 @@ class BlendedDenoiser(nn.Module):
                              "a condition image is one model's, and a blend has one per member; it cannot be blended yet")
         self._caches.begin(kwargs)
         if self._caches.active and self.settings.mode == "stochastic":
-            raise ValueError("condition caches (kv_cache_mode) hold one model's keys and values, and the stochastic "
-                             "mode draws another member at every step: use mode='mix', or the pipeline without its "
-                             "cache (Qwen-Image 2.1: use_kv_cache=False; Flux2KleinPipeline for FLUX.2 Klein)")
+            raise ValueError(CONDITION_CACHES_IN_STOCHASTIC_MODE)
         if self._caches.active and self.compile_options is not None:
             raise ValueError("condition caches (kv_cache_mode) are not blended compiled yet: use compile=False")
-        if self.settings.mode == "stochastic":
-            _refuse_step_caches({"the base": self.base, **{f"member {name!r}": module
-                                                          for name, module in self.modules_by_name.items()}})
+        if self.settings.mode == "stochastic":  # (again: a cache may have been enabled since set_blend)
+            self._refuse_step_caches()
+
+    def _refuse_step_caches(self) -> None:
+        """The stochastic mode draws another member for a sample at every step: a step cache would reuse at a step
+        what another member computed at an earlier one."""
+        cached = [name for name, module in {"the base": self.base, **{
+            f"member {name!r}": module for name, module in self.modules_by_name.items()}}.items()
+            if uses_step_cache(module)]
+        if cached:
+            raise ValueError(f"{', '.join(cached)} {'has' if len(cached) == 1 else 'have'} a step cache enabled "
+                             "(enable_cache), which reuses at a step what a call computed at earlier steps, and the "
+                             "stochastic mode draws another member for a sample at every step (a member would reuse "
+                             "another's results): use mode='mix', or disable_cache() for the stochastic mode")
 
     def routing(self) -> contextlib.AbstractContextManager:
         """Keep the LoRA routing installed across many forward calls (e.g. a whole pipeline call): what each layer
@@ -727,17 +758,6 @@ def _check_offloaded(name: str, base_device: torch.device, member_device: torch.
         raise ValueError(f"{parked}; vmap_full_members reads the members' weights: use vmap_full_members=False")
     if len(offloaded) == 1:
         raise ValueError(f"{parked} and the other is not: offload the base and every full member alike, or none")
-
-
-def _refuse_step_caches(modules: Mapping[str, nn.Module]) -> None:
-    """The stochastic mode draws another member for a sample at every step: a step cache would reuse at a step what
-    another member computed at an earlier one."""
-    cached = [name for name, module in modules.items() if uses_step_cache(module)]
-    if cached:
-        raise ValueError(f"{', '.join(cached)} {'has' if len(cached) == 1 else 'have'} a step cache enabled "
-                         "(enable_cache), which reuses at a step what a call computed at earlier steps, and the "
-                         "stochastic mode draws another member for a sample at every step (a member would reuse "
-                         "another's results): use mode='mix', or disable_cache() for the stochastic mode")
 
 
 def _check_unhooked(name: str, member: nn.Module) -> None:
@@ -1139,12 +1159,6 @@ def splits_its_rows(processor_class: type) -> bool:
     return processor_class.__name__.startswith("PAG")
 
 
-def reads_condition_cache(processor_class: type) -> bool:
-    """Whether an attention processor reads or fills a condition key/value cache (FLUX.2 Klein's ``…KV…``
-    processors); others ignore the cache the denoiser is given."""
-    return "KV" in processor_class.__name__
-
-
 def lora_scale_parameter(parameters: Iterable[str]) -> str | None:
     """Which of a function's parameters (a denoiser's, a pipeline's) carries the LoRA scale (None: none does)."""
     return next((name for name in LORA_SCALE_ARGUMENTS if name in parameters), None)
@@ -1175,8 +1189,12 @@ def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def check_member_name(name: object) -> None:
+    """A basis name keys module dictionaries (the members', peft's adapters): it cannot hold a '.', nor be a name
+    torch modules already have (``train``, ``to``, ...)."""
     if not isinstance(name, str) or not name or any(c in name for c in ".,=") or name == BASE or name.isspace():
         raise ValueError(f"basis name {name!r} must be a non-empty string without '.', ',' or '='")
+    if hasattr(nn.ModuleDict, name):
+        raise ValueError(f"basis name {name!r} is the name of a torch module attribute: choose another")
 
 
 def _comparable_config(module: nn.Module) -> dict | None:

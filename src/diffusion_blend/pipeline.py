@@ -24,7 +24,12 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .adapters import ActivationSnapshot, loaded_adapters
-from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type, reads_condition_cache
+from .caches import (
+    CONDITION_CACHES_IN_STOCHASTIC_MODE,
+    caches_conditions,
+    reads_condition_cache,
+)
+from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type
 from .loading import (
     DENOISER_FOLDERS,
     LoraFile,
@@ -216,6 +221,8 @@ class Blend:
                 "model CPU offload with full-module members is not supported yet: use LoRA members, or call "
                 "pipe.to(device) instead of enable_model_cpu_offload()"
             )
+        if mode == "stochastic" and any(caches_conditions(self.pipe, stage.base, pipeline_kwargs) for stage in stages):
+            raise ValueError(CONDITION_CACHES_IN_STOCHASTIC_MODE)
         if mode == "stochastic" and member_generator is None:
             member_generator = _member_generator(pipeline_kwargs.get("generator"), self._execution_device())
         for stage in stages:
@@ -511,31 +518,51 @@ def _find_denoiser_name(pipe: Any) -> str:
 
 
 def _check_one_per_image(values: Any, args: tuple, pipeline_kwargs: dict) -> None:
-    """Weights or λ given per sample are one per image of the call, where its arguments tell how many it makes."""
-    if isinstance(values, (Mapping, str)) or not isinstance(values, Sequence) or len(values) < 2:
+    """Weights or λ given per sample are one per image of the call. Where the call's arguments do not tell how many
+    images it makes, a list of several is refused: the denoiser's rows alone cannot tell images from the halves of
+    classifier-free guidance (4 weights on 2 images × 2 halves would blend each image's halves apart)."""
+    if isinstance(values, (Mapping, str)) or not isinstance(values, Sequence):
         return
+    what = "weights" if values and isinstance(values[0], Mapping) else "kl_scale values"
     images = _images_of_call(args, pipeline_kwargs)
+    if images is None and len(values) > 1:
+        raise ValueError(f"{what} are given per image, but the call's arguments do not tell how many images it makes: "
+                         "pass prompt (or prompt_embeds / pooled_prompt_embeds with one row per prompt)")
     if images is not None and images != len(values):
-        what = "weights" if isinstance(values[0], Mapping) else "kl_scale values"
         raise ValueError(f"{what} are given for {len(values)} images, but the call makes {images} (prompts × images "
                          "per prompt): give one per image, in the pipeline's order (each prompt's images together)")
+
+
+#: Pipeline arguments with one item per prompt where the prompt is not given (embeddings computed beforehand;
+#: Z-Image's prompt_embeds are a list with one tensor per prompt, Kandinsky 2.2's image embeddings a tensor or a list
+#: of tensors that the pipeline concatenates)
+PROMPT_ROWS = ("prompt_embeds", "pooled_prompt_embeds", "image_embeds")
 
 
 def _images_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
     """How many images (or videos) a pipeline call makes, where its arguments tell: prompts (or rows of prompt
     embeddings) × images per prompt."""
-    prompt = pipeline_kwargs.get("prompt", args[0] if args else None)
-    if isinstance(prompt, str):
-        prompts = 1
-    elif isinstance(prompt, list):
-        prompts = len(prompt)
-    elif isinstance(pipeline_kwargs.get("prompt_embeds"), torch.Tensor):
-        prompts = len(pipeline_kwargs["prompt_embeds"])
-    else:
+    prompts = _prompts_of_call(args, pipeline_kwargs)
+    if prompts is None:
         return None
     per_prompt = next((pipeline_kwargs[name] for name in ("num_images_per_prompt", "num_videos_per_prompt")
                        if pipeline_kwargs.get(name) is not None), 1)
     return prompts * per_prompt
+
+
+def _prompts_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
+    prompt = pipeline_kwargs.get("prompt", args[0] if args else None)
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list) and all(isinstance(item, str) for item in prompt):
+        return len(prompt)
+    for name in PROMPT_ROWS:
+        value = pipeline_kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.ndim >= 2:
+            return len(value)
+        if isinstance(value, list) and value and all(isinstance(item, torch.Tensor) for item in value):
+            return len(value) if name == "prompt_embeds" else sum(len(item) for item in value)
+    return None
 
 
 def _take_cache_processors(base: nn.Module, member: nn.Module) -> None:
