@@ -1,7 +1,7 @@
 """Caches per denoiser call of the blend: condition caches, and the contexts of diffusers' step caches.
 
-Condition caches. Some pipelines compute the attention keys and values of their condition tokens (a reference or input image, the
-prompt) at the first denoising step and reuse them at every later one: FLUX.2 Klein's KV pipeline
+Condition caches. Some pipelines compute the attention keys and values of their condition tokens (a reference or
+input image, the prompt) at the first denoising step and reuse them at every later one: FLUX.2 Klein's KV pipeline
 (``kv_cache_mode="extract"`` returns the cache it made, ``"cached"`` takes it back) and Qwen-Image 2.1
 (``use_kv_cache``: the pipeline's cache object is filled at ``"extract"`` and read at ``"cached"``). A cache holds
 one model's keys and values, and a blend evaluates several models on the same input: so each denoiser call the blend
@@ -32,6 +32,8 @@ CONDITION_CACHES_IN_STOCHASTIC_MODE = (
     "condition caches (kv_cache_mode) hold one model's keys and values, and the stochastic mode draws another member "
     "at every step: use mode='mix', or the pipeline without its cache (Qwen-Image 2.1: use_kv_cache=False; "
     "Flux2KleinPipeline for FLUX.2 Klein)")
+#: The context diffusers' step caches use where a pipeline names none
+DEFAULT_CONTEXT = "inference"
 
 
 class ConditionCaches:
@@ -159,10 +161,6 @@ class StepCacheContexts:
             return contextlib.nullcontext()
         name, kwargs = self._given or (DEFAULT_CONTEXT, {})
         return module.cache_context(f"{name}/blend{call}", **kwargs)
-
-
-#: The context diffusers' caches use where a pipeline names none
-DEFAULT_CONTEXT = "inference"
 
 
 def uses_step_cache(module: Any) -> bool:
