@@ -1,10 +1,13 @@
 """Modular Diffusers: a ``ModularPipeline`` holds its denoiser as an attribute like any pipeline, and its guider
 calls it once per guidance batch (SDXL: the conditional and unconditional halves in separate calls). A blend in it
-equals the same modular pipeline with that LoRA active, and λ = 0 the modular pipeline itself."""
+equals the same modular pipeline with that LoRA active, and λ = 0 the modular pipeline itself. A skip-layer guider
+hooks the blocks of the denoiser it is given for its extra batch: the base's, and each full member's."""
 
 from __future__ import annotations
 
 import torch
+from diffusers.guiders import ClassifierFreeGuidance, SkipLayerGuidance
+from diffusers.hooks import LayerSkipConfig
 from diffusers.modular_pipelines import FluxAutoBlocks, StableDiffusionXLAutoBlocks
 
 import tiny
@@ -16,11 +19,19 @@ FLUX_EMBEDS = dict(prompt_embeds=torch.randn(1, 6, tiny.FLUX_CONTEXT, generator=
                    pooled_prompt_embeds=torch.randn(1, tiny.FLUX_CONTEXT, generator=_generator))
 
 
-def _modular_sdxl():
+def _modular_sdxl(guider=None, unet=None):
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
     pipe.update_components(**{name: component for name, component in tiny.sdxl_pipeline().components.items()
                               if name in pipe._component_specs and component is not None})
+    pipe.update_components(**{name: value for name, value in {"guider": guider, "unet": unet}.items() if value})
     return pipe
+
+
+def _skip_layer_guider():
+    """Skip-layer guidance at every step, skipping the first transformer block of the tiny UNet's second level."""
+    return SkipLayerGuidance(guidance_scale=5.0, skip_layer_guidance_scale=3.0, skip_layer_guidance_start=0.0,
+                             skip_layer_guidance_stop=1.0, skip_layer_config=LayerSkipConfig(
+                                 indices=[0], fqn="down_blocks.1.attentions.0.transformer_blocks"))
 
 
 def _modular_flux():
@@ -63,3 +74,22 @@ def test_a_blend_in_modular_flux_is_the_blend_in_its_classic_pipeline(flux_loras
     classic = Blend(tiny.flux_pipeline(), flux_loras).blend(**blend, **_call(prompt=None, **FLUX_EMBEDS,
                                                                                guidance_scale=3.5)).images
     assert max_diff(out, classic) <= 1e-5
+
+
+def test_a_skip_layer_guider_hooks_the_lora_members_base(sdxl_loras):
+    out = Blend(_modular_sdxl(_skip_layer_guider()), sdxl_loras).blend(weights={"aes": 1.0}, **_sdxl_call())
+    plain = _modular_sdxl(_skip_layer_guider())
+    plain.load_lora_weights(str(sdxl_loras["aes"]), adapter_name="aes")
+    assert max_diff(out, plain(**_sdxl_call())) <= 1e-5
+    guided_apart = _modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    guided_apart.load_lora_weights(str(sdxl_loras["aes"]), adapter_name="aes")
+    assert max_diff(out, guided_apart(**_sdxl_call())) > 1e-3  # (the skip-layer batch matters)
+
+
+def test_a_skip_layer_guider_hooks_each_full_member_and_leaves_none(sdxl_loras):
+    fused = {name: tiny.fused_copy(tiny.sdxl_unet, path) for name, path in sdxl_loras.items()}
+    out = Blend(_modular_sdxl(_skip_layer_guider()), fused).blend(weights={"aes": 1.0}, **_sdxl_call())
+    alone = _modular_sdxl(_skip_layer_guider(), unet=tiny.fused_copy(tiny.sdxl_unet, sdxl_loras["aes"]))
+    assert max_diff(out, alone(**_sdxl_call())) <= 1e-5
+    assert not any(getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+                   for member in fused.values() for module in member.modules())

@@ -9,6 +9,7 @@ returns the blended prediction.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry
 from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
@@ -235,6 +237,7 @@ class Blend:
                 during_the_call.enter_context(stage._swapped())
                 during_the_call.enter_context(stage.denoiser.routing())
                 during_the_call.enter_context(_attention_processors_kept(stage.denoiser))
+            during_the_call.enter_context(_guider_hooks_on_modules(self.pipe, stages))
             return self.pipe(*args, **pipeline_kwargs)
 
     __call__ = blend
@@ -591,6 +594,50 @@ def _loaded_class_name(declared: str | None, config: dict) -> str | None:
 def _family(denoiser_name: str) -> str:
     """``transformer`` for ``transformer_2``: the name its LoRA keys and folders carry in a one-denoiser pipeline."""
     return re.sub(r"_\d+$", "", denoiser_name)
+
+
+@contextlib.contextmanager
+def _guider_hooks_on_modules(pipe: Any, stages: list[Blend]) -> Iterator[None]:
+    """Guiders that hook the denoiser's blocks for their extra batch (diffusers' skip-layer, perturbed-attention and
+    smoothed-energy guiders: modular pipelines, HunyuanVideo 1.5) look the blocks up by name in the module they are
+    given, and the blended denoiser's are its base's and its full members'. For the call, such a guider given the
+    blended denoiser hooks its base (the LoRA members' rows run there) and each full member gets copies of the hooks
+    on its blocks of the same names; the guider's cleanup, given the blended denoiser, removes them from all."""
+    guider = getattr(pipe, "guider", None)
+    prepare = getattr(guider, "prepare_models", None)
+    if prepare is None:
+        yield
+        return
+    blended = {id(stage.denoiser): stage.denoiser for stage in stages}
+
+    def prepare_models(denoiser: Any) -> None:
+        wrapper = blended.get(id(denoiser))
+        if wrapper is None:
+            return prepare(denoiser)
+        before = _diffusers_hooks(wrapper.base)
+        prepare(wrapper.base)
+        added = {(name, hook_name): hook for (name, hook_name), hook in _diffusers_hooks(wrapper.base).items()
+                 if (name, hook_name) not in before}
+        for member in wrapper.modules_by_name.values():
+            for (name, hook_name), hook in added.items():
+                HookRegistry.check_if_exists_or_initialize(member.get_submodule(name)).register_hook(
+                    copy.copy(hook), hook_name)
+
+    own = vars(guider).get("prepare_models")
+    guider.prepare_models = prepare_models
+    try:
+        yield
+    finally:
+        if own is None:
+            del guider.prepare_models  # the class's method again
+        else:
+            guider.prepare_models = own
+
+
+def _diffusers_hooks(module: nn.Module) -> dict[tuple[str, str], Any]:
+    """(submodule name, hook name) → hook, for the diffusers hooks on ``module`` and its submodules."""
+    return {(name, hook_name): hook for name, submodule in module.named_modules()
+            for hook_name, hook in getattr(getattr(submodule, "_diffusers_hook", None), "hooks", {}).items()}
 
 
 @contextlib.contextmanager
