@@ -53,6 +53,7 @@ def test_compiled_lora_blend_equals_the_eager_blend(mode, weights, kl_scale):
     assert max(max_diff(a, b) for a, b in zip(eager, compiled)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_blend_with_lora_and_full_members_equals_the_eager_blend():
     base = _lora_base(("ir",))
     members = {"ir": "ir", "aes": tiny.unet(3)}
@@ -61,6 +62,7 @@ def test_compiled_blend_with_lora_and_full_members_equals_the_eager_blend():
     assert max(max_diff(a, b) for a, b in zip(eager, compiled)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_blend_at_each_lora_scale_equals_the_eager_blend():
     base = _lora_base()
     eager, compiled = BlendedDenoiser(base, MEMBERS), BlendedDenoiser(base, MEMBERS, compile=CAPTURE)
@@ -183,6 +185,7 @@ def test_compiled_blends_made_one_after_another_share_their_graph():
     assert _graphs() == 1
 
 
+@pytest.mark.slow
 def test_hooks_added_after_a_compiled_blend_are_honoured():
     """TorchDynamo skips hook guards by default; the blend's compiled calls guard them, so a graph traced before a
     hook was added is not reused after."""
@@ -205,6 +208,7 @@ def test_compile_options_are_checked():
     assert compile_options(False, given_compiled=True) is None
 
 
+@pytest.mark.slow
 def test_compiled_vmapped_full_members_equal_eager_ones_in_one_graph():
     members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
     weights = {"ir": 0.3, "aes": 0.5}
