@@ -29,27 +29,10 @@ from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import nn
 from torch.func import functional_call
 
-from .adapters import (
-    NO_ADAPTER,
-    AdapterRouter,
-    RowsReshaped,
-    loaded_adapters,
-    weights_placed_on_call,
-)
-from .blend import (
-    base_coefficient,
-    blend_per_row,
-    blend_predictions,
-    validate_kl_scale,
-    validate_weights,
-)
-from .caches import (
-    CONDITION_CACHES_IN_STOCHASTIC_MODE,
-    ConditionCaches,
-    StepCacheContexts,
-    reads_condition_cache,
-    uses_step_cache,
-)
+from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
+from .blend import base_coefficient, blend_per_row, blend_predictions, validate_kl_scale, validate_weights
+from .caches import (CONDITION_CACHES_IN_STOCHASTIC_MODE, ConditionCaches, StepCacheContexts, reads_condition_cache,
+                     uses_step_cache)
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
 BASE = NO_ADAPTER
@@ -236,8 +219,12 @@ class BlendedDenoiser(nn.Module):
         one processor, or one per layer name, the base's names). Pipelines that install processors for their call
         (perturbed-attention guidance) put them on every attention layer of the wrapper, members' included, and
         restore them through this method: on the base alone, the members would keep the call's processors."""
-        for module in (self.base, *self.modules_by_name.values()):
+        for module in self._base_and_full_members():
             module.set_attn_processor(dict(processor) if isinstance(processor, Mapping) else processor)  # (it pops)
+
+    def _base_and_full_members(self) -> tuple[nn.Module, ...]:
+        """The base and every full member: the modules a setting of the wrapper's applies to."""
+        return (self.base, *self.modules_by_name.values())
 
     def cache_context(self, name: str, **kwargs: Any) -> contextlib.AbstractContextManager:
         """diffusers' ``cache_context``: the context a pipeline names for its denoiser call (``"cond"``,
@@ -248,19 +235,19 @@ class BlendedDenoiser(nn.Module):
     def enable_cache(self, config: Any) -> None:
         """diffusers' ``enable_cache`` (First Block Cache, TaylorSeer, MagCache, ...) on the base and on every full
         member: each module keeps its own cache state. LoRA members are cached with the base they share."""
-        for module in (self.base, *self.modules_by_name.values()):
+        for module in self._base_and_full_members():
             module.enable_cache(config)
 
     def disable_cache(self) -> None:
         """diffusers' ``disable_cache`` on the base and on every full member that has a cache enabled."""
-        for module in (self.base, *self.modules_by_name.values()):
+        for module in self._base_and_full_members():
             if uses_step_cache(module):
                 module.disable_cache()
 
     def _reset_stateful_cache(self, recurse: bool = True) -> None:
         """Forget what the step caches of the base and of the members computed (diffusers' pipelines call it at the
         end of their call, so that the next call starts afresh)."""
-        for module in (self.base, *self.modules_by_name.values()):
+        for module in self._base_and_full_members():
             if hasattr(module, "_reset_stateful_cache"):
                 module._reset_stateful_cache(recurse=recurse)
 
@@ -366,9 +353,8 @@ class BlendedDenoiser(nn.Module):
     def _refuse_step_caches(self) -> None:
         """The stochastic mode draws another member for a sample at every step: a step cache would reuse at a step
         what another member computed at an earlier one."""
-        cached = [name for name, module in {"the base": self.base, **{
-            f"member {name!r}": module for name, module in self.modules_by_name.items()}}.items()
-            if uses_step_cache(module)]
+        named = {"the base": self.base} | {f"member {name!r}": module for name, module in self.modules_by_name.items()}
+        cached = [name for name, module in named.items() if uses_step_cache(module)]
         if cached:
             raise ValueError(f"{', '.join(cached)} {'has' if len(cached) == 1 else 'have'} a step cache enabled "
                              "(enable_cache), which reuses at a step what a call computed at earlier steps, and the "

@@ -26,11 +26,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .adapters import ActivationSnapshot, loaded_adapters
-from .caches import (
-    CONDITION_CACHES_IN_STOCHASTIC_MODE,
-    caches_conditions,
-    reads_condition_cache,
-)
+from .caches import CONDITION_CACHES_IN_STOCHASTIC_MODE, caches_conditions, reads_condition_cache
 from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type
 from .loading import (
     DENOISER_FOLDERS,
@@ -554,6 +550,8 @@ def _images_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
 
 
 def _prompts_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
+    """How many prompts a pipeline call has: its prompt (a string or a list of them), else the rows of the first of
+    :data:`PROMPT_ROWS` it is given."""
     prompt = pipeline_kwargs.get("prompt", args[0] if args else None)
     if isinstance(prompt, str):
         return 1
@@ -614,6 +612,8 @@ def _guider_hooks_on_modules(pipe: Any, stages: list[Blend]) -> Iterator[None]:
         wrapper = blended.get(id(denoiser))
         if wrapper is None:
             return prepare(denoiser)
+        if not wrapper.modules_by_name:  # (LoRA members only: the base is all there is to hook, no module walk)
+            return prepare(wrapper.base)
         before = _diffusers_hooks(wrapper.base)
         prepare(wrapper.base)
         added = {(name, hook_name): hook for (name, hook_name), hook in _diffusers_hooks(wrapper.base).items()
