@@ -6,18 +6,17 @@ non-zero exit code, and writes its outputs only once everything succeeded (temp 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import math
 import os
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from .files import write_atomically
 
 app = typer.Typer(
     name="diffusion-blend",
@@ -103,32 +102,6 @@ def scheduler_class(name: str) -> type:
 
 
 # ------------------------------------------------------------------------------------------------------- output
-def write_atomically(files: Mapping[Path, Any]) -> None:
-    """Write each file through ``write(temp_path)`` into a temp file beside it; only once all are written are they
-    renamed into place, so a failure leaves none of them (nor a folder made for them)."""
-    made_folders = [folder for path in files for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    temps: list[tuple[Path, Path]] = []
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        for path, write in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-            os.close(handle)
-            temps.append((Path(temp), path))
-            write(Path(temp))
-            os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private to its writer
-        for temp, path in temps:
-            os.replace(temp, path)
-    except BaseException:
-        for temp, _ in temps:
-            temp.unlink(missing_ok=True)
-        for folder in sorted(set(made_folders), key=lambda folder: len(folder.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
 def image_grid(images: list, columns: int | None = None) -> Any:
     """The images side by side in a grid of ``columns`` (default: near-square)."""
     from PIL import Image
@@ -480,6 +453,85 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# ----------------------------------------------------------------------------------------------------- finetune
+@app.command()
+def finetune(
+    base: Annotated[str, typer.Option(help="Base pipeline (Stable Diffusion 1.x/2.x): a local folder or a hub id.")],
+    reward: Annotated[str, typer.Option(help="Reward: a name, NAME=W,... (a mix: the MORL oracle) or module:function.")],
+    alpha: Annotated[float, typer.Option(help="KL weight α: the basis model samples p_base·exp(r/α).")],
+    prompts: Annotated[Path, typer.Option(help="A text file, one prompt per line.")],
+    out: Annotated[Path, typer.Option(help="Folder for the LoRA (a basis Blend loads), finetune.json, metrics.jsonl.")],
+    method: Annotated[str | None, typer.Option(help="weighted-dsm (default), adjoint-matching or policy-gradient.")] = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
+    steps: Annotated[int, typer.Option(help="Optimizer updates.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Samples per update (rollouts, or regression rows).")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed gives the same adapter).")] = 0,
+    sampler: Annotated[str, typer.Option(help="The sampling path: ddim or ddpm.")] = "ddim",
+    sampler_steps: Annotated[int, typer.Option(help="Steps of the sampling path.")] = 50,
+    eta: Annotated[float, typer.Option(help="DDIM η of the path (1: DDPM's noise; 0 only for weighted-dsm).")] = 1.0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance of the rollouts (1: none).")] = 1.0,
+    option: Annotated[list[str] | None, typer.Option(
+        help="A method option NAME=VALUE (e.g. round_samples=512, regressed_steps=10); repeat for several.")] = None,
+    weights_path: Annotated[list[str] | None, typer.Option(help="Reward weights: PATH or NAME=PATH.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N updates.")] = 50,
+    eval_samples: Annotated[int, typer.Option(help="Samples of the closing evaluation (reward and KL vs the base).")] = 16,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (accelerate's autocast).")] = "no",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute the UNet's activations in backward.")] = False,
+    log_with: Annotated[list[str] | None, typer.Option(help="An accelerate tracker (tensorboard, wandb) for the metrics.")] = None,
+) -> None:
+    """Fine-tune a basis model: a LoRA whose sampler follows p_base·exp(r/α) (runs under accelerate launch too)."""
+    run_reporting_errors(_finetune, **locals())
+
+
+def _finetune(base, reward, alpha, prompts, out, method, lora_rank, steps, batch_size, lr, seed, sampler, sampler_steps,
+              eta, guidance, option, weights_path, checkpoint_every, eval_samples, resume, overwrite, device,
+              mixed_precision, gradient_checkpointing, log_with) -> None:
+    from .finetune import finetune as run_finetune
+    from .rewards import parse_weighted
+
+    quiet_libraries()
+    record = run_finetune(
+        base, reward, alpha, prompts, out, method=method, lora_rank=lora_rank, steps=steps, batch_size=batch_size,
+        lr=lr, seed=seed, sampler=sampler, sampler_steps=sampler_steps, eta=eta, guidance_scale=guidance,
+        weights_paths=parse_weights_paths(weights_path, list(parse_weighted(reward))),
+        options=parse_options(option or []), checkpoint_every=checkpoint_every, eval_samples=eval_samples,
+        resume=resume, overwrite=overwrite, device=device, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing, log_with=tuple(log_with or ()),
+    )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # (under accelerate launch, one process reports)
+        evaluation = record["evaluation"]
+        typer.echo(str(out / "pytorch_lora_weights.safetensors"))
+        typer.echo(f"reward {evaluation['finetuned_reward']:.4g} (base {evaluation['base_reward']:.4g}), path KL "
+                   f"{evaluation['kl']:.4g}", err=True)
+
+
+def parse_options(items: list[str]) -> dict[str, int | float | bool]:
+    """``--option NAME=VALUE`` → a method option (an integer, a number, or true/false)."""
+    options: dict[str, int | float | bool] = {}
+    for item in items:
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value:
+            raise CommandError(f"--option: {item!r} is not NAME=VALUE")
+        name = name.replace("-", "_")
+        if value.lower() in ("true", "false"):
+            options[name] = value.lower() == "true"
+            continue
+        try:
+            options[name] = int(value)
+        except ValueError:
+            try:
+                options[name] = float(value)
+            except ValueError:
+                raise CommandError(f"--option: {name} = {value!r} is not a number") from None
+    return options
+
+
 # ---------------------------------------------------------------------------------------------------------- lab
 lab_app = typer.Typer(
     help="The exact ground truth: a Gaussian-mixture base, quadratic rewards, closed-form targets.",
@@ -583,6 +635,44 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
     write_atomically(writers)
     for path in writers:
         typer.echo(str(path))
+
+
+@lab_app.command("finetune")
+def lab_finetune(
+    reward: Annotated[str, typer.Option(help="NAME=W,... over the scenario's rewards: the reward to fine-tune for "
+                                             "(a mix gives the MORL oracle).")] = "r1=1",
+    alpha: Annotated[float | None, typer.Option(help="KL weight α (default: the scenario's).")] = None,
+    method: Annotated[str | None, typer.Option(help="adjoint-matching (default), policy-gradient or weighted-dsm.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer updates (default: the method's lab default).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the method's lab default).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    scenario: Annotated[Path | None, typer.Option(help="A scenario YAML/JSON file (default: the built-in one).")] = None,
+    samples: Annotated[int, typer.Option(help="Samples measuring what the fine-tuned model reaches.")] = 20_000,
+    out: Annotated[Path | None, typer.Option(help="Folder for the network, finetune.json, metrics and checkpoints.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint the run every N updates.")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Fine-tune a network on the lab's exact base and compare what it reaches with the exact tilted target."""
+    run_reporting_errors(_lab_finetune, **locals())
+
+
+def _lab_finetune(reward, alpha, method, steps, lr, seed, scenario, samples, out, checkpoint_every, resume, overwrite,
+                  json_output) -> None:
+    from .blend import parse_named_numbers
+    from .finetune.lab import lab_finetune as finetune_lab
+    from .lab.report import finetune_table
+
+    if (resume or overwrite) and out is None:
+        raise CommandError("--resume and --overwrite need --out")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise CommandError(f"--alpha must be a finite number > 0, got {alpha}")
+    chosen = _lab_scenario(scenario, alpha)
+    report = finetune_lab(chosen, parse_named_numbers(reward, "--reward"), method=method, steps=steps, lr=lr,
+                          seed=seed, samples=samples, out=out, checkpoint_every=checkpoint_every, resume=resume,
+                          overwrite=overwrite, progress=not json_output)
+    typer.echo(json.dumps(report) if json_output else finetune_table(report), nl=json_output)
 
 
 # ------------------------------------------------------------------------------------------------------ rewards

@@ -39,9 +39,28 @@ class ExactDenoiser(nn.Module):
         return float(1 / (1 + sigma**2))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
-        alpha_bar = self.alpha_bar(timestep)
+        """ε* at one timestep for the whole batch, or at one timestep per row (a tensor of the batch's length)."""
+        timesteps = torch.as_tensor(timestep).reshape(-1)
+        if len(timesteps) > 1 and bool((timesteps != timesteps[0]).any()):
+            return self._per_row(sample, timesteps)
+        alpha_bar = self.alpha_bar(timesteps[0])
         score = self.noised(alpha_bar).score(sample)
         return (-((1 - alpha_bar) ** 0.5) * score).to(sample.dtype)
+
+    def _per_row(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """ε* with a noise level per row: the diffused mixture's score with per-row means √ᾱ μ_k and covariances
+        ᾱ Σ_k + (1 − ᾱ) I, in one batched computation."""
+        if len(timesteps) != len(sample):
+            raise ValueError(f"{len(timesteps)} timesteps for {len(sample)} rows")
+        values, inverse = timesteps.unique(return_inverse=True)
+        alpha_bars = torch.tensor([self.alpha_bar(value) for value in values], dtype=DTYPE)[inverse][:, None, None]
+        eye = torch.eye(self.means.shape[1], dtype=DTYPE)
+        covs = alpha_bars[..., None] * self.covs[None] + (1 - alpha_bars[..., None]) * eye  # (N, K, d, d)
+        diff = alpha_bars.sqrt() * self.means[None] - sample.to(DTYPE)[:, None, :]  # (N, K, d)
+        pulls = torch.linalg.solve(covs, diff)
+        log_probs = torch.log(self.weights) - 0.5 * ((diff * pulls).sum(-1) + torch.logdet(covs))
+        score = (torch.softmax(log_probs, dim=1)[..., None] * pulls).sum(1)
+        return (-(1 - alpha_bars[:, :, 0]).sqrt() * score).to(sample.dtype)
 
     def noised(self, alpha_bar: float) -> GaussianMixture:
         """The data law at noise level ᾱ (kept per level: a sampler visits the same levels for every method)."""

@@ -49,6 +49,28 @@ def run_table(report: dict) -> str:
     return console.file.getvalue()
 
 
+def finetune_table(report: dict) -> str:
+    """A lab fine-tuning run as a table: each reward's exact expectation under the tilted target, what the
+    fine-tuned model reaches, and the relative error; then the path KL against the exact KL(p* ‖ p_base)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    weights = ", ".join(f"{name}={weight:g}" for name, weight in report["reward"].items())
+    table = Table(title=escape(f"{report['method']}: α = {report['alpha']:g}, reward {weights}, "
+                               f"{report['steps']} updates in {report['training_seconds']:.0f} s"))
+    for column in ("reward", "exact", "achieved", "error"):
+        table.add_column(column, justify="left" if column == "reward" else "right")
+    for name, exact in report["exact"].items():
+        achieved = report["achieved"][name]
+        relative = f"{(achieved - exact) / abs(exact):+.2%}" if abs(exact) > 1e-9 else f"{achieved - exact:+.4f}"
+        table.add_row(escape(f"E[{name}]"), f"{exact:.4f}", f"{achieved:.4f}", relative)
+    console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    console.print(table)
+    console.print(f"path KL {report['kl']:.4f} (exact KL(p* ‖ p_base) = {report['exact_kl']:.4f})")
+    return console.file.getvalue()
+
+
 def simplex_points(names: list[str], points: int) -> list[dict[str, float]]:
     """Weights on the simplex: a line of ``points`` for two rewards; corners, midpoints and centre beyond."""
     if len(names) == 2:

@@ -142,6 +142,24 @@ def parse_weighted(spec: str) -> dict[str, float]:
     return parse_named_numbers(spec, f"reward spec {spec!r}", bare=1.0)
 
 
+def check_reward_spec(spec: str) -> bool:
+    """Check every reward a spec names without loading any model (unknown names, user functions that do not import);
+    return whether the reward is differentiable (every part is)."""
+    differentiable = True
+    for name in parse_weighted(spec):
+        if name.startswith(LAB_PREFIX):
+            continue
+        if ":" in name:
+            differentiable &= load_user_reward(name).differentiable
+            continue
+        key = ALIASES.get(name.lower(), name.lower())
+        if key not in REGISTRY:
+            known = ", ".join([*REGISTRY, *ALIASES])
+            raise ValueError(f"unknown reward {name!r}; known: {known}, lab:<name>, or module:function")
+        differentiable &= REGISTRY[key].differentiable
+    return differentiable
+
+
 def parse_reward(spec: str, paths: dict[str, str] | None = None, device=None, dtype=None) -> Reward:
     """A reward from a spec: ``"pickscore"``, ``"ir=0.5,aes=0.5"`` (a weighted sum) or ``"module:function"``.
 
@@ -164,6 +182,7 @@ __all__ = [
     "RewardInfo",
     "RewardWeightsError",
     "WeightedReward",
+    "check_reward_spec",
     "env_variable",
     "get_reward",
     "list_rewards",

@@ -1,0 +1,188 @@
+"""Fine-tuning targets on real denoisers: a peft LoRA adapter on a diffusers pipeline's UNet.
+
+The base is the same module with the adapter switched off, so the base's prediction costs no second copy of the
+weights. Samples are drawn along the path of a DDIM (η > 0) or DDPM scheduler made from the pipeline's own
+scheduler config; prompts are drawn from a list; rewards see decoded images in [0, 1].
+
+Classifier-free guidance (``guidance_scale`` > 1) applies to the sampled trajectories only: rollouts, and the KL
+along them, use the guided predictions of the fine-tuned model and of the base, while the methods' regressions fit
+the conditional prediction. That is the default of the field (DPOK samples with guidance too); with
+``guidance_scale=1`` the fine-tuned sampler is exactly the one the objective is stated for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict
+
+from .path import StochasticPath
+
+#: The attention projections a LoRA adapts unless told otherwise (the method's published basis models do the same).
+LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER = "finetune"
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+class StableDiffusionLoraTarget:
+    """A LoRA on the UNet of a Stable Diffusion 1.x/2.x pipeline (``StableDiffusionPipeline`` and its subclasses).
+
+    Args:
+        pipe: the base pipeline (its UNet gets the adapter; nothing else is trained).
+        reward: a :class:`~diffusion_blend.rewards.Reward` on images in [0, 1] and their prompts.
+        prompts: the prompts rollouts are conditioned on, drawn uniformly.
+        rank, lora_alpha, modules: the adapter (``lora_alpha`` defaults to ``rank``: an update scale of 1).
+        steps, eta, sampler: the sampling path (``sampler`` "ddim" or "ddpm"; DDPM is η = 1).
+        guidance_scale, negative_prompt: classifier-free guidance of the rollouts.
+        seed: initialises the adapter (peft's: A random, B zero, so training starts at the base).
+    """
+
+    def __init__(self, pipe, reward, prompts: Sequence[str], *, rank: int = 4, lora_alpha: float | None = None,
+                 modules: Sequence[str] = LORA_MODULES, steps: int = 50, eta: float = 1.0, sampler: str = "ddim",
+                 guidance_scale: float = 1.0, negative_prompt: str = "", height: int | None = None,
+                 width: int | None = None, seed: int = 0, gradient_checkpointing: bool = False):
+        check_pipeline(pipe)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 1):
+            raise ValueError(f"guidance scale must be a finite number >= 1, got {guidance_scale}")
+        if not prompts:
+            raise ValueError("no prompts to fine-tune on")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        self.pipe, self.reward_model, self.prompts = pipe, reward, list(prompts)
+        self.differentiable = bool(reward.differentiable)
+        self.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+        self.path = StochasticPath.from_scheduler(self.scheduler, steps, eta)
+        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+        self.unet = pipe.unet
+        self.device = self.unet.device
+        scale = pipe.vae_scale_factor
+        height = height or self.unet.config.sample_size * scale
+        width = width or self.unet.config.sample_size * scale
+        if height % scale or width % scale:
+            raise ValueError(f"height and width must be multiples of {scale}, got {height}×{width}")
+        self.shape = (self.unet.config.in_channels, height // scale, width // scale)
+        self.lora = {"rank": rank, "lora_alpha": lora_alpha or rank, "modules": list(modules)}
+        self._add_adapter(rank, lora_alpha or rank, list(modules), seed)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    def _add_adapter(self, rank: int, lora_alpha: float, modules: list[str], seed: int) -> None:
+        if ADAPTER in (getattr(self.unet, "peft_config", None) or {}):
+            raise ValueError(f"the UNet already has an adapter named {ADAPTER!r}")
+        self.pipe.vae.requires_grad_(False)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.unet.requires_grad_(False)
+        torch.manual_seed(seed)
+        try:
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=modules,
+                                             init_lora_weights=True), adapter_name=ADAPTER)
+        except ValueError as error:
+            raise ValueError(f"LoRA modules {modules}: {error}") from error
+        self.unet.set_adapter(ADAPTER)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for name, parameter in self.unet.named_parameters() if f".{ADAPTER}." in name]
+
+    # --------------------------------------------------------------------------------------------- sampling
+    def conditions(self, count: int, generator: torch.Generator) -> list[str]:
+        return [self.prompts[int(i)] for i in torch.randint(len(self.prompts), (count,), generator=generator)]
+
+    def initial_noise(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn((count, *self.shape), generator=generator)
+        return (noise * self.scheduler.init_noise_sigma).to(self.device, self.unet.dtype)
+
+    def predict(self, x: torch.Tensor, timestep, conditions: list[str], *, base: bool = False,
+                guided: bool = True) -> torch.Tensor:
+        with self._adapter_off() if base else contextlib.nullcontext():
+            if not guided or self.guidance_scale == 1:
+                return self._unet(x, timestep, self._embed(conditions))
+            embeddings = torch.cat([self._embed([self.negative_prompt] * len(conditions)), self._embed(conditions)])
+            unconditional, conditional = self._unet(torch.cat([x, x]), timestep, embeddings).chunk(2)
+            return unconditional + self.guidance_scale * (conditional - unconditional)
+
+    def _unet(self, x: torch.Tensor, timestep, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, timestep, encoder_hidden_states=embeddings).sample
+
+    @contextlib.contextmanager
+    def _adapter_off(self):
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        """The text encoder's embeddings, computed once per distinct prompt."""
+        new = sorted(set(prompts) - set(self._embeddings))
+        if new:
+            encoded, _ = self.pipe.encode_prompt(new, self.device, 1, False)
+            self._embeddings.update(zip(new, encoded))
+        return torch.stack([self._embeddings[prompt] for prompt in prompts])
+
+    # ------------------------------------------------------------------------------------------- regression
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, timesteps)
+
+    def regression_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, timesteps)
+        return x0
+
+    @property
+    def train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    # ----------------------------------------------------------------------------------------------- reward
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1] (differentiable), as the pipeline decodes them."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def reward(self, x0: torch.Tensor, conditions: list[str]) -> torch.Tensor:
+        return self.reward_model(self.decode(x0), conditions)
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().cpu().contiguous()
+                for key, value in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
+
+    def outputs(self, folder: Path) -> dict:
+        """The adapter as ``pytorch_lora_weights.safetensors`` (diffusers' format, its LoraConfig in the header):
+        ``Blend`` and ``pipe.load_lora_weights`` read it."""
+        return {folder / "pytorch_lora_weights.safetensors": self._write_lora}
+
+    def _write_lora(self, path: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=path.parent) as staging:
+            type(self.pipe).save_lora_weights(staging, unet_lora_layers=self.lora_state_dict(),
+                                              unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict())
+            os.replace(Path(staging) / "pytorch_lora_weights.safetensors", path)
+
+    def describe(self) -> dict:
+        return {"lora": self.lora, "guidance_scale": self.guidance_scale, "prompts": len(self.prompts),
+                "sampler": type(self.scheduler).__name__, "size": list(self.shape)}
+
+
+def check_pipeline(pipe) -> None:
+    """The fine-tuner trains LoRAs on Stable Diffusion 1.x/2.x pipelines (a UNet conditioned on text embeddings)."""
+    check_pipeline_class(type(pipe), type(pipe).__name__)
+
+
+def check_pipeline_class(cls: type | None, name: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, StableDiffusionPipeline)):
+        raise ValueError(f"fine-tuning supports Stable Diffusion 1.x/2.x pipelines (a UNet taking text embeddings); "
+                         f"got {name}")
