@@ -4,6 +4,7 @@ before any work."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -187,12 +188,30 @@ def _bad(base, prompts, out, **changes) -> list[str]:
     ({"--method": "sgd"}, "unknown method 'sgd'"),
     ({"--prompts": "missing.txt"}, "cannot read missing.txt"),
     ({"--base": "no/such/folder"}, "neither a local folder nor a hub repository"),
+    ({"--log-with": "nosuch"}, "unknown tracker 'nosuch'"),
+    ({"--option": "regressed_steps=3"}, "weighted-dsm takes no option regressed_steps"),
+    ({"--option": "batch_size=0"}, "batch-size must be a positive integer"),
 ])
 def test_bad_input_is_refused_before_any_work(changes, message, sd_pipeline_folder, prompts_file, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, _bad(sd_pipeline_folder, prompts_file, out, **changes))
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_a_tracker_that_is_not_installed_is_refused(sd_pipeline_folder, prompts_file, tmp_path):
+    result = runner.invoke(app, _bad(sd_pipeline_folder, prompts_file, tmp_path / "run", **{"--log-with": "tensorboard"}))
+    assert result.exit_code == 2 and "pip install tensorboard" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_precision_and_gradient_checkpointing_train(sd_pipeline_folder, prompts_file, tmp_path):
+    record = finetune(str(sd_pipeline_folder), "finetune_rewards:brightness", prompts=prompts_file, out=tmp_path,
+                      method="adjoint-matching", mixed_precision="bf16", gradient_checkpointing=True,
+                      **{**SMALL, "steps": 2, "eval_samples": 4})
+    assert record["mixed_precision"] == "bf16" and record["last_metrics"]["grad_norm"] > 0
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_an_empty_prompts_file_is_refused(sd_pipeline_folder, tmp_path):

@@ -71,7 +71,7 @@ class AdjointMatching(OnPolicyMethod):
         """(∂μ_base/∂x)ᵀ ã for step ``index`` at ``x``: a_t ã + k_t (∂out_base/∂x)ᵀ ã."""
         step = self.target.path.steps[index]
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with self.target.base_context(), torch.enable_grad():
             out = self.target.predict(x, torch.tensor(step.timestep, device=x.device), conditions, base=True)
             jacobian_part = torch.autograd.grad(out, x, grad_outputs=adjoint.to(out.dtype))[0]
         return (step.x_coef * adjoint + step.out_coef * jacobian_part).detach()

@@ -89,6 +89,7 @@ class StableDiffusionLoraTarget:
         except ValueError as error:
             raise ValueError(f"LoRA modules {modules}: {error}") from error
         self.unet.set_adapter(ADAPTER)
+        self._adapter_on = True
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [parameter for name, parameter in self.unet.named_parameters() if f".{ADAPTER}." in name]
@@ -103,7 +104,7 @@ class StableDiffusionLoraTarget:
 
     def predict(self, x: torch.Tensor, timestep, conditions: list[str], *, base: bool = False,
                 guided: bool = True) -> torch.Tensor:
-        with self._adapter_off() if base else contextlib.nullcontext():
+        with self.base_context() if base else contextlib.nullcontext():
             if not guided or self.guidance_scale == 1:
                 return self._unet(x, timestep, self._embed(conditions))
             embeddings = torch.cat([self._embed([self.negative_prompt] * len(conditions)), self._embed(conditions)])
@@ -114,12 +115,18 @@ class StableDiffusionLoraTarget:
         return self.unet(x, timestep, encoder_hidden_states=embeddings).sample
 
     @contextlib.contextmanager
-    def _adapter_off(self):
+    def base_context(self):
+        """The adapter switched off (re-entrant: inside, the base stays the base)."""
+        if not self._adapter_on:
+            yield
+            return
         self.unet.disable_adapters()
+        self._adapter_on = False
         try:
             yield
         finally:
             self.unet.enable_adapters()
+            self._adapter_on = True
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:

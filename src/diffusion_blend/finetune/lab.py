@@ -8,6 +8,7 @@ networks can serve as the lab's basis models.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -88,6 +89,9 @@ class LabTarget:
     def predict(self, x: torch.Tensor, timestep, conditions: Any = None, *, base: bool = False,
                 guided: bool = True) -> torch.Tensor:
         return self.model.base(x, timestep) if base else self.model(x, timestep)
+
+    def base_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the base is a module of its own
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         alpha_bars = self.alphas_cumprod[timesteps][:, None]

@@ -9,6 +9,7 @@ diffusers denoisers and small full modules alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,10 @@ class Target(Protocol):
         """The fine-tuned (or, with ``base``, the base) denoiser's prediction; ``guided`` applies the target's
         classifier-free guidance (rollouts), otherwise the conditional prediction alone (regression targets).
         ``timestep`` is a scalar or one per row."""
+
+    def base_context(self) -> AbstractContextManager:
+        """A context in which the base's predictions (``base=True``) can be differentiated: a backward pass through
+        one must run inside it (gradient checkpointing recomputes the base's forward there)."""
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε, one timestep per row."""

@@ -39,6 +39,9 @@ RECORD = "finetune.json"
 RUN_FILES = (RECORD, METRICS, checkpoints.CHECKPOINTS)
 #: seeds of the processes after the first are drawn apart by this stride
 RANK_SEED_STRIDE = 1_000_003
+#: accelerate's trackers and the packages each needs
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
+            "mlflow": ("mlflow",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Settings:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         method_options(self.method, self.options)
+        check_trackers(self.log_with)
 
     def record(self) -> dict:
         return {**dataclasses.asdict(self), "log_with": list(self.log_with)}
@@ -92,6 +96,17 @@ def method_options(method: str, options: dict):
     built = options_class(**options)
     built.check()
     return built
+
+
+def check_trackers(names) -> None:
+    """Every tracker is one accelerate knows and its package is installed (accelerate would drop it with a warning)."""
+    import importlib.util
+
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r}; choose among {', '.join(TRACKERS)}")
+        if not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
+            raise ValueError(f"tracker {name!r} needs {' or '.join(TRACKERS[name])}: pip install {TRACKERS[name][0]}")
 
 
 def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -140,7 +155,10 @@ def train(target: Target, settings: Settings, out: Path | None = None, *, resume
     if out is not None:
         check_run_folder(out, resume=resume, overwrite=overwrite)
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != settings.mixed_precision:
+        AcceleratorState._reset_state()  # one process, several runs (accelerate keeps one precision per process)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision, log_with=list(settings.log_with) or None,
                               project_dir=str(out) if out is not None else None,
                               cpu=not torch.cuda.is_available())
