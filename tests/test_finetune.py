@@ -201,7 +201,8 @@ def test_bad_input_is_refused_before_any_work(changes, message, sd_pipeline_fold
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
 def test_a_tracker_that_is_not_installed_is_refused(sd_pipeline_folder, prompts_file, tmp_path):
-    result = runner.invoke(app, _bad(sd_pipeline_folder, prompts_file, tmp_path / "run", **{"--log-with": "tensorboard"}))
+    arguments = _bad(sd_pipeline_folder, prompts_file, tmp_path / "run", **{"--log-with": "tensorboard"})
+    result = runner.invoke(app, arguments)
     assert result.exit_code == 2 and "pip install tensorboard" in result.output
     assert not (tmp_path / "run").exists()
 
