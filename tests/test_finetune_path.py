@@ -45,6 +45,17 @@ def test_ddpm_path_is_diffusers_step(prediction_type):
         assert torch.allclose(step.sample(step.mean(x, out), noise), expected, atol=STEP_TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_clean_estimate_is_diffusers_predicted_original_sample(prediction_type):
+    scheduler = DDIMScheduler(clip_sample=False, prediction_type=prediction_type, timestep_spacing="trailing")
+    path = StochasticPath.from_scheduler(scheduler, 10)
+    generator = torch.Generator().manual_seed(2)
+    for step, timestep in zip(path.steps, scheduler.timesteps, strict=True):
+        x, out = torch.randn(2, 3, 5, generator=generator, dtype=F64)
+        expected = scheduler.step(out, timestep, x, eta=0.0).pred_original_sample
+        assert torch.allclose(step.clean(x, out), expected, atol=STEP_TOLERANCE, rtol=1e-6)
+
+
 def test_last_ddim_step_towards_the_clean_sample_is_deterministic():
     path = StochasticPath.from_scheduler(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"), 10)
     assert path.steps[-1].deterministic and path.steps[-1].alpha_bar_prev == 1.0

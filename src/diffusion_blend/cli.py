@@ -7,6 +7,7 @@ non-zero exit code, and writes its outputs only once everything succeeded (temp 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -185,15 +186,10 @@ def _check_out(out: Output) -> None:
 # ----------------------------------------------------------------------------------------------------- generate
 @app.command()
 def generate(
-    base: Annotated[str, typer.Option(help="Base pipeline: a local folder or a hub id.")],
-    basis: Annotated[list[str], typer.Option(
-        help="NAME=PATH of a basis model (LoRA or denoiser); repeat it. NAME@DENOISER=PATH gives one per denoiser of "
-             "a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...; PATH 'base': that "
-             "denoiser unchanged).")],
     weights: Annotated[list[str], typer.Option(
         help="NAME=W,... blend weights; names left out count as 0. Repeat it for a sweep in one batch: a grid row of "
              "--num-images images per setting, the same starting noise in every row.")],
-    prompt: Annotated[str, typer.Option(help="The prompt.")],
+    prompt: Annotated[str, typer.Option(help="The prompt (for the embedded digits model: the digit, 0-9).")],
     out: Annotated[str, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
                                            "(one PNG per image; a name ending in /).")],
     kl_scale: Annotated[list[float] | None, typer.Option(
@@ -220,8 +216,14 @@ def generate(
         help="Scale every LoRA basis model's update, as the pipeline's own LoRA scale does (default 1).")] = None,
     denoiser: Annotated[str | None, typer.Option(
         help="The pipeline's denoiser to blend, where it has several (Wan 2.2: transformer or transformer_2).")] = None,
+    base: Annotated[str | None, typer.Option(
+        help="Base pipeline: a local folder or a hub id (default: the embedded digits model).")] = None,
+    basis: Annotated[list[str] | None, typer.Option(
+        help="NAME=PATH of a basis model (LoRA or denoiser); repeat it. NAME@DENOISER=PATH gives one per denoiser of "
+             "a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...; PATH 'base': that "
+             "denoiser unchanged). Default with the embedded model: its legible, bold and stencil.")] = None,
 ) -> None:
-    """Generate images from a blend of basis models."""
+    """Generate images from a blend of basis models (by default the embedded digits model's)."""
     run_reporting_errors(_generate, **locals())
 
 
@@ -252,7 +254,16 @@ def _generate(
 
     if mode not in ("mix", "stochastic"):
         raise CommandError(f"--mode must be mix or stochastic, got {mode!r}")
-    basis_sources = parse_basis(basis)
+    if base is None:
+        from .presets import digits
+
+        digits.digit_labels(prompt)  # the embedded model's prompt is a digit
+    if base is None and not basis:
+        basis_sources = {name: str(path) for name, path in digits.basis_models().items()}
+    else:
+        basis_sources = parse_basis(basis or [])
+    if not basis_sources:
+        raise CommandError("give at least one --basis NAME=PATH")
     settings_weights = [validate_weights(parse_named_numbers(setting, "--weights"), basis_sources,
                                          simplex=mode == "stochastic") for setting in weights]
     kl_scales = [validate_kl_scale(value) for value in (kl_scale or [1.0])]
@@ -277,8 +288,14 @@ def _generate(
     scheduler_cls = scheduler_class(scheduler) if scheduler else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    blend = Blend.from_pretrained(base, basis=basis_sources, torch_dtype=getattr(torch, DTYPES[dtype]),
-                                  compile=compile_setting, max_batch_size=rows_per_call, denoiser=denoiser)
+    if base is None:
+        from .presets import digits
+
+        blend = Blend(digits.load_pipeline().to(dtype=getattr(torch, DTYPES[dtype])), basis=basis_sources,
+                      compile=compile_setting, max_batch_size=rows_per_call, denoiser=denoiser)
+    else:
+        blend = Blend.from_pretrained(base, basis=basis_sources, torch_dtype=getattr(torch, DTYPES[dtype]),
+                                      compile=compile_setting, max_batch_size=rows_per_call, denoiser=denoiser)
     pipe = blend.pipe
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
@@ -309,7 +326,7 @@ def _generate(
     import diffusers
 
     settings = {
-        "base": _reproducible_source(base),
+        "base": _reproducible_source(base) if base is not None else "digits (embedded)",
         "basis": {name: {denoiser: _reproducible_source(path) for denoiser, path in source.items()}
                   if isinstance(source, dict) else _reproducible_source(source) for name, source in basis_sources.items()},
         "weights": settings_weights[0] if len(settings_weights) == 1 else settings_weights,
@@ -453,15 +470,42 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# --------------------------------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for sweep.png and rewards.png.")] = Path("diffusion-blend-demo"),
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed gives the same pictures).")] = 0,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
+) -> None:
+    """Blend the embedded digits model's basis models across weights: a picture of the sweep and one of the rewards."""
+    run_reporting_errors(_demo, out=out, seed=seed, device=device)
+
+
+def _demo(out: Path, seed: int, device: str | None) -> None:
+    import torch
+
+    from .presets.digits.demo import run_demo
+
+    quiet_libraries()
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out: {out} exists and is not a folder")
+    for path in run_demo(out, seed=seed, device=device or ("cuda" if torch.cuda.is_available() else "cpu")):
+        typer.echo(str(path))
+
+
 # ----------------------------------------------------------------------------------------------------- finetune
 @app.command()
 def finetune(
-    base: Annotated[str, typer.Option(help="Base pipeline (Stable Diffusion 1.x/2.x): a local folder or a hub id.")],
-    reward: Annotated[str, typer.Option(help="Reward: a name, NAME=W,... (a mix: the MORL oracle) or module:function.")],
+    reward: Annotated[str, typer.Option(
+        help="Reward: a name, NAME=W,... (a mix: the MORL oracle) or module:function.")],
     alpha: Annotated[float, typer.Option(help="KL weight α: the basis model samples p_base·exp(r/α).")],
-    prompts: Annotated[Path, typer.Option(help="A text file, one prompt per line.")],
     out: Annotated[Path, typer.Option(help="Folder for the LoRA (a basis Blend loads), finetune.json, metrics.jsonl.")],
-    method: Annotated[str | None, typer.Option(help="weighted-dsm (default), adjoint-matching or policy-gradient.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base pipeline (Stable Diffusion 1.x/2.x): a local folder or a hub "
+                                                  "id (default: the embedded digits model).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="A text file, one prompt per line (default with the digits "
+                                                      "model: the ten digits).")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="weighted-dsm (default), adjoint-matching or policy-gradient.")] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
     steps: Annotated[int, typer.Option(help="Optimizer updates.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Samples per update (rollouts, or regression rows).")] = 8,
@@ -475,13 +519,15 @@ def finetune(
         help="A method option NAME=VALUE (e.g. round_samples=512, regressed_steps=10); repeat for several.")] = None,
     weights_path: Annotated[list[str] | None, typer.Option(help="Reward weights: PATH or NAME=PATH.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N updates.")] = 50,
-    eval_samples: Annotated[int, typer.Option(help="Samples of the closing evaluation (reward and KL vs the base).")] = 16,
+    eval_samples: Annotated[int, typer.Option(
+        help="Samples of the closing evaluation (reward and KL vs the base).")] = 16,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (accelerate's autocast).")] = "no",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute the UNet's activations in backward.")] = False,
-    log_with: Annotated[list[str] | None, typer.Option(help="An accelerate tracker (tensorboard, wandb) for the metrics.")] = None,
+    log_with: Annotated[list[str] | None, typer.Option(
+        help="An accelerate tracker (tensorboard, wandb) for the metrics.")] = None,
 ) -> None:
     """Fine-tune a basis model: a LoRA whose sampler follows p_base·exp(r/α) (runs under accelerate launch too)."""
     run_reporting_errors(_finetune, **locals())
@@ -491,11 +537,21 @@ def _finetune(base, reward, alpha, prompts, out, method, lora_rank, steps, batch
               eta, guidance, option, weights_path, checkpoint_every, eval_samples, resume, overwrite, device,
               mixed_precision, gradient_checkpointing, log_with) -> None:
     from .finetune import finetune as run_finetune
+    from .finetune import read_prompts
     from .rewards import parse_weighted
 
     quiet_libraries()
+    if base is None:
+        from .presets.digits.finetune import ALL_DIGITS, finetune_digits
+
+        chosen = read_prompts(prompts) if prompts is not None else ALL_DIGITS
+        run_finetune = functools.partial(finetune_digits, prompts=chosen)  # noqa: F811 (the embedded model's)
+    elif prompts is None:
+        raise CommandError("--prompts: give a prompts file (one prompt per line) for --base")
+    else:
+        run_finetune = functools.partial(run_finetune, base, prompts=prompts)
     record = run_finetune(
-        base, reward, alpha, prompts, out, method=method, lora_rank=lora_rank, steps=steps, batch_size=batch_size,
+        reward, alpha, out=out, method=method, lora_rank=lora_rank, steps=steps, batch_size=batch_size,
         lr=lr, seed=seed, sampler=sampler, sampler_steps=sampler_steps, eta=eta, guidance_scale=guidance,
         weights_paths=parse_weights_paths(weights_path, list(parse_weighted(reward))),
         options=parse_options(option or []), checkpoint_every=checkpoint_every, eval_samples=eval_samples,

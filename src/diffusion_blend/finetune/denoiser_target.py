@@ -31,24 +31,24 @@ ADAPTER = "finetune"
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
-class StableDiffusionLoraTarget:
-    """A LoRA on the UNet of a Stable Diffusion 1.x/2.x pipeline (``StableDiffusionPipeline`` and its subclasses).
+class LoraTarget:
+    """A LoRA on a pipeline's UNet; subclasses say how samples are conditioned (:meth:`condition`) and decoded.
 
     Args:
         pipe: the base pipeline (its UNet gets the adapter; nothing else is trained).
         reward: a :class:`~diffusion_blend.rewards.Reward` on images in [0, 1] and their prompts.
         prompts: the prompts rollouts are conditioned on, drawn uniformly.
+        shape: one sample's shape in the UNet's space (channels, height, width).
         rank, lora_alpha, modules: the adapter (``lora_alpha`` defaults to ``rank``: an update scale of 1).
         steps, eta, sampler: the sampling path (``sampler`` "ddim" or "ddpm"; DDPM is η = 1).
         guidance_scale, negative_prompt: classifier-free guidance of the rollouts.
         seed: initialises the adapter (peft's: A random, B zero, so training starts at the base).
     """
 
-    def __init__(self, pipe, reward, prompts: Sequence[str], *, rank: int = 4, lora_alpha: float | None = None,
-                 modules: Sequence[str] = LORA_MODULES, steps: int = 50, eta: float = 1.0, sampler: str = "ddim",
-                 guidance_scale: float = 1.0, negative_prompt: str = "", height: int | None = None,
-                 width: int | None = None, seed: int = 0, gradient_checkpointing: bool = False):
-        check_pipeline(pipe)
+    def __init__(self, pipe, reward, prompts: Sequence[str], shape: tuple[int, ...], *, rank: int = 4,
+                 lora_alpha: float | None = None, modules: Sequence[str] = LORA_MODULES, steps: int = 50,
+                 eta: float = 1.0, sampler: str = "ddim", guidance_scale: float = 1.0, negative_prompt: str = "",
+                 seed: int = 0, gradient_checkpointing: bool = False):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if not (math.isfinite(guidance_scale) and guidance_scale >= 1):
@@ -64,24 +64,18 @@ class StableDiffusionLoraTarget:
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.unet = pipe.unet
         self.device = self.unet.device
-        scale = pipe.vae_scale_factor
-        height = height or self.unet.config.sample_size * scale
-        width = width or self.unet.config.sample_size * scale
-        if height % scale or width % scale:
-            raise ValueError(f"height and width must be multiples of {scale}, got {height}×{width}")
-        self.shape = (self.unet.config.in_channels, height // scale, width // scale)
+        self.shape = tuple(shape)
         self.lora = {"rank": rank, "lora_alpha": lora_alpha or rank, "modules": list(modules)}
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
         self._add_adapter(rank, lora_alpha or rank, list(modules), seed)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self._embeddings: dict[str, torch.Tensor] = {}
 
     def _add_adapter(self, rank: int, lora_alpha: float, modules: list[str], seed: int) -> None:
         if ADAPTER in (getattr(self.unet, "peft_config", None) or {}):
             raise ValueError(f"the UNet already has an adapter named {ADAPTER!r}")
-        self.pipe.vae.requires_grad_(False)
-        self.pipe.text_encoder.requires_grad_(False)
-        self.unet.requires_grad_(False)
         torch.manual_seed(seed)
         try:
             self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=modules,
@@ -93,6 +87,15 @@ class StableDiffusionLoraTarget:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [parameter for name, parameter in self.unet.named_parameters() if f".{ADAPTER}." in name]
+
+    # ------------------------------------------------------------------------------------------ conditioning
+    def condition(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning arguments for ``prompts`` (one row each)."""
+        raise NotImplementedError
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Samples → images in [0, 1] (differentiable)."""
+        raise NotImplementedError
 
     # --------------------------------------------------------------------------------------------- sampling
     def conditions(self, count: int, generator: torch.Generator) -> list[str]:
@@ -106,13 +109,13 @@ class StableDiffusionLoraTarget:
                 guided: bool = True) -> torch.Tensor:
         with self.base_context() if base else contextlib.nullcontext():
             if not guided or self.guidance_scale == 1:
-                return self._unet(x, timestep, self._embed(conditions))
-            embeddings = torch.cat([self._embed([self.negative_prompt] * len(conditions)), self._embed(conditions)])
-            unconditional, conditional = self._unet(torch.cat([x, x]), timestep, embeddings).chunk(2)
+                return self.unet(x, timestep, **self.condition(conditions)).sample
+            negative = self.condition([self.negative_prompt] * len(conditions))
+            positive = self.condition(conditions)
+            both = {key: None if value is None else torch.cat([negative[key], value])
+                    for key, value in positive.items()}
+            unconditional, conditional = self.unet(torch.cat([x, x]), timestep, **both).sample.chunk(2)
             return unconditional + self.guidance_scale * (conditional - unconditional)
-
-    def _unet(self, x: torch.Tensor, timestep, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, timestep, encoder_hidden_states=embeddings).sample
 
     @contextlib.contextmanager
     def base_context(self):
@@ -127,15 +130,6 @@ class StableDiffusionLoraTarget:
         finally:
             self.unet.enable_adapters()
             self._adapter_on = True
-
-    @torch.no_grad()
-    def _embed(self, prompts: list[str]) -> torch.Tensor:
-        """The text encoder's embeddings, computed once per distinct prompt."""
-        new = sorted(set(prompts) - set(self._embeddings))
-        if new:
-            encoded, _ = self.pipe.encode_prompt(new, self.device, 1, False)
-            self._embeddings.update(zip(new, encoded))
-        return torch.stack([self._embeddings[prompt] for prompt in prompts])
 
     # ------------------------------------------------------------------------------------------- regression
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -153,13 +147,6 @@ class StableDiffusionLoraTarget:
     def train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    # ----------------------------------------------------------------------------------------------- reward
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [0, 1] (differentiable), as the pipeline decodes them."""
-        vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images / 2 + 0.5).clamp(0, 1)
-
     def reward(self, x0: torch.Tensor, conditions: list[str]) -> torch.Tensor:
         return self.reward_model(self.decode(x0), conditions)
 
@@ -175,13 +162,45 @@ class StableDiffusionLoraTarget:
 
     def _write_lora(self, path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=path.parent) as staging:
-            type(self.pipe).save_lora_weights(staging, unet_lora_layers=self.lora_state_dict(),
-                                              unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict())
+            StableDiffusionPipeline.save_lora_weights(
+                staging, unet_lora_layers=self.lora_state_dict(),
+                unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict())
             os.replace(Path(staging) / "pytorch_lora_weights.safetensors", path)
 
     def describe(self) -> dict:
         return {"lora": self.lora, "guidance_scale": self.guidance_scale, "prompts": len(self.prompts),
                 "sampler": type(self.scheduler).__name__, "size": list(self.shape)}
+
+
+class StableDiffusionLoraTarget(LoraTarget):
+    """A LoRA on the UNet of a Stable Diffusion 1.x/2.x pipeline (``StableDiffusionPipeline`` and its subclasses):
+    prompts are text, encoded once each; samples are latents the VAE decodes."""
+
+    def __init__(self, pipe, reward, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
+                 **options):
+        check_pipeline(pipe)
+        scale, unet = pipe.vae_scale_factor, pipe.unet
+        height = height or unet.config.sample_size * scale
+        width = width or unet.config.sample_size * scale
+        if height % scale or width % scale:
+            raise ValueError(f"height and width must be multiples of {scale}, got {height}×{width}")
+        super().__init__(pipe, reward, prompts, (unet.config.in_channels, height // scale, width // scale), **options)
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The text encoder's embeddings, computed once per distinct prompt."""
+        new = sorted(set(prompts) - set(self._embeddings))
+        if new:
+            encoded, _ = self.pipe.encode_prompt(new, self.device, 1, False)
+            self._embeddings.update(zip(new, encoded))
+        return {"encoder_hidden_states": torch.stack([self._embeddings[prompt] for prompt in prompts])}
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1], as the pipeline decodes them."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images / 2 + 0.5).clamp(0, 1)
 
 
 def check_pipeline(pipe) -> None:

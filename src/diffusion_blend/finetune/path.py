@@ -33,7 +33,8 @@ MEMORYLESS_TOLERANCE = 0.01
 @dataclass(frozen=True)
 class Step:
     """One transition x_t → x_{t−1}: mean = ``x_coef`` · x_t + ``out_coef`` · out, noise standard deviation
-    ``sigma``."""
+    ``sigma``; the prediction read as a clean sample (Tweedie's estimate) is x̂₀ = ``clean_x`` · x_t + ``clean_out`` ·
+    out."""
 
     timestep: int
     alpha_bar: float  # ᾱ_t
@@ -41,6 +42,8 @@ class Step:
     x_coef: float
     out_coef: float
     sigma: float
+    clean_x: float
+    clean_out: float
 
     @property
     def deterministic(self) -> bool:
@@ -48,6 +51,10 @@ class Step:
 
     def mean(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return self.x_coef * x + self.out_coef * out
+
+    def clean(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x̂₀, the denoiser's estimate of E[x₀ | x_t]."""
+        return self.clean_x * x + self.clean_out * out
 
     def control(self, out: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """u = k_t (out − out_base) / σ_t: the mean's change in units of the step's noise."""
@@ -143,4 +150,4 @@ def _step(timestep: int, alpha_bar: float, alpha_bar_prev: float, prediction_typ
     direction = math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0))
     root_prev = math.sqrt(alpha_bar_prev)
     return Step(timestep, alpha_bar, alpha_bar_prev, root_prev * x0_x + direction * eps_x,
-                root_prev * x0_out + direction * eps_out, sigma)
+                root_prev * x0_out + direction * eps_out, sigma, x0_x, x0_out)

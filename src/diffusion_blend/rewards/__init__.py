@@ -62,6 +62,15 @@ def _jpeg(path_or_id=None):
     return JpegCompressibility.load(path_or_id)
 
 
+def _digits(kind: str) -> Callable[..., Reward]:
+    def load(path_or_id=None):
+        from ..presets.digits import rewards
+
+        return getattr(rewards, kind).load(path_or_id)
+
+    return load
+
+
 REGISTRY: dict[str, RewardInfo] = {
     "imagereward": RewardInfo(_image_reward, "text-image alignment and quality (human preferences, BLIP)",
                               "THUDM/ImageReward (ImageReward.pt, med_config.json) + bert-base-uncased tokenizer",
@@ -79,6 +88,11 @@ REGISTRY: dict[str, RewardInfo] = {
     "clipscore": RewardInfo(_clip("ClipScore"), "text-image alignment, 2.5·max(cos, 0) (Hessel et al.)",
                             "any CLIP checkpoint (default openai/clip-vit-base-patch32)", True, "MIT (OpenAI CLIP)"),
     "jpeg": RewardInfo(_jpeg, "compressibility: −JPEG size in kB at quality 95", "none", False, "—"),
+    "legible": RewardInfo(_digits("Legible"), "digits model: log-probability of the requested digit (classifier)",
+                          "shipped (presets/digits)", True, "Apache-2.0"),
+    "bold": RewardInfo(_digits("Bold"), "digits model: fraction of the image inked (soft count)", "none", True, "—"),
+    "stencil": RewardInfo(_digits("Stencil"), "digits model: separate ink pieces − 1 (gaps cut into the strokes)",
+                          "none", False, "—"),
 }
 ALIASES = {"ir": "imagereward", "aes": "aesthetic", "laion-aesthetic": "aesthetic", "pick": "pickscore",
            "hps": "hpsv2.1", "compressibility": "jpeg"}
