@@ -101,8 +101,9 @@ class Stencil(Reward):
 
 def pieces(mask: torch.Tensor) -> torch.Tensor:
     """The number of 4-connected components of each boolean image [B, H, W]: every inked pixel takes the largest
-    index among its inked neighbours until nothing changes; each component ends with one index."""
-    batch, height, width = mask.shape
+    index among its inked neighbours until nothing changes; each component ends labelled by its largest index, so
+    it has exactly one pixel whose label is its own index."""
+    height, width = mask.shape[1:]
     index = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float32).view(1, height, width)
     labels = torch.where(mask, index, torch.zeros((), device=mask.device))
     while True:
@@ -112,4 +113,4 @@ def pieces(mask: torch.Tensor) -> torch.Tensor:
         if torch.equal(spread, labels):
             break
         labels = spread
-    return torch.tensor([len(labels[row][mask[row]].unique()) for row in range(batch)], device=mask.device)
+    return ((labels == index) & mask).sum(dim=(1, 2))

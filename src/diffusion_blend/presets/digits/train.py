@@ -60,7 +60,7 @@ def main(
     out: Annotated[Path, typer.Option(help="Where the weights and manifest.json go.")] = WEIGHTS,
     seed: Annotated[int, typer.Option(help="Random seed of every part.")] = 0,
     base_steps: Annotated[int, typer.Option(help="Optimizer updates of the base model.")] = 2500,
-    basis_steps: Annotated[int, typer.Option(help="Optimizer updates of each basis model and oracle.")] = BASIS["steps"],
+    basis_steps: Annotated[int, typer.Option(help="Updates of each basis model and oracle.")] = BASIS["steps"],
 ) -> None:
     """Retrain the embedded digits model's weights and record them in manifest.json."""
     chosen = [part.strip() for part in parts.split(",") if part.strip()]
