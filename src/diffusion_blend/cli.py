@@ -662,20 +662,26 @@ def lab_run(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     scheduler: Annotated[str, typer.Option(help="ddim, ddpm, euler or dpm.")] = "ddim",
     prior: Annotated[str, typer.Option(help="x_T: exact (the target's law at T) or gaussian (N(0, I)).")] = "exact",
+    smc: Annotated[int | None, typer.Option(help="Also run db-smc: the blend corrected by sequential Monte Carlo "
+                                                 "with this many particles per sample (--eta > 0 or ddpm).")] = None,
+    smc_tempering: Annotated[str, typer.Option(help="The SMC potential's tempering: none or sqrt_alpha_bar.")] = "none",
     json_output: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
     """Sample the oracle, the blends and the base, and measure them against the exact target."""
     run_reporting_errors(_lab_run, **locals())
 
 
-def _lab_run(weights, scenario, alpha, kl_scale, samples, steps, eta, seed, scheduler, prior, json_output) -> None:
+def _lab_run(weights, scenario, alpha, kl_scale, samples, steps, eta, seed, scheduler, prior, smc, smc_tempering,
+             json_output) -> None:
     from .blend import parse_named_numbers
     from .lab import run_lab
     from .lab.report import run_table
+    from .smc import SMC
 
     chosen = _lab_scenario(scenario, alpha)
+    corrector = None if smc is None else SMC(particles=smc, tempering=smc_tempering)
     report = run_lab(chosen, parse_named_numbers(weights, "--weights"), kl_scale, samples=samples, steps=steps,
-                     eta=eta, seed=seed, scheduler=scheduler, prior=prior)
+                     eta=eta, seed=seed, scheduler=scheduler, prior=prior, smc=corrector)
     typer.echo(json.dumps(report) if json_output else run_table(report), nl=json_output)
 
 

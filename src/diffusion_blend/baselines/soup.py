@@ -63,10 +63,6 @@ class RewardedSoup:
             self._add_published_adapter()
         self._full_soup: nn.Module | None = None
 
-    @property
-    def label(self) -> str:
-        return "soup" if self.variant == "updates" else "soup (published: A, B averaged)"
-
     def __call__(self, *args: Any, weights: Mapping[str, float], **pipeline_kwargs: Any) -> Any:
         """Call the pipeline with its denoiser replaced by the soup for ``weights`` (names left out count as 0)."""
         chosen = validate_weights(weights, self.names)

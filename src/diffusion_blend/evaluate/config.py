@@ -68,10 +68,6 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)
     weights: tuple[tuple[float, ...], ...] | None = None  # its own points, else the grid's
 
-    @property
-    def label(self) -> str:
-        return self.name
-
 
 @dataclass(frozen=True)
 class SweepConfig:

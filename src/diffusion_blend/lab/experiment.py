@@ -15,7 +15,9 @@ blended trajectories: mean ‖Δ‖² per step and over all steps.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import time
 from collections.abc import Iterable
 
 import torch
@@ -132,12 +134,15 @@ def run_lab(
     scheduler: str = "ddim",
     prior: str = "exact",
     methods: Iterable[str] = METHOD_KINDS,
+    smc=None,
 ) -> dict:
     """Sample the methods for one blend and measure them against the exact target; returns the report dict.
 
     ``methods`` picks among ``oracle``, ``base``, ``blend`` (the mix mode, reported as db-mpa, db-kla or joint) and
     ``stochastic`` (db-mpa-ls, only for weights on the simplex). The Jensen gap needs ``blend``. Every method starts
-    from the same x_T (see :func:`initial_noise` for ``prior``).
+    from the same x_T (see :func:`initial_noise` for ``prior``). With ``smc`` (a :class:`~diffusion_blend.smc.SMC`)
+    the method ``db-smc`` is the blend corrected by sequential Monte Carlo, ``smc.particles`` per sample, with its
+    cost in ``report["smc"]``.
     """
     methods = tuple(methods)
     unknown = set(methods) - set(METHOD_KINDS)
@@ -191,13 +196,72 @@ def run_lab(
         "methods": {},
         "distance_floor": floor,
     }
+    if smc is not None:
+        path = smc_path(scenario, scheduler, steps, eta)
+    timings, rows = {}, {}
     for name, denoiser in denoisers.items():
-        x, gaps = sample(denoiser, make_scheduler(scenario.schedule, scheduler), start, steps, eta=eta,
-                         seed=seed + 4, reference=oracle if name == blend_name else None)
-        report["methods"][name] = {
-            **{reward_name: float(reward(x).mean()) for reward_name, reward in scenario.rewards.items()},
-            "distance": sliced_wasserstein(x, exact_samples),
-        }
+        began = time.perf_counter()
+        with counted_rows([base, *basis.values()]) as evaluated:
+            x, gaps = sample(denoiser, make_scheduler(scenario.schedule, scheduler), start, steps, eta=eta,
+                             seed=seed + 4, reference=oracle if name == blend_name else None)
+        timings[name], rows[name] = time.perf_counter() - began, evaluated[0]
+        report["methods"][name] = measured(x, scenario, exact_samples)
         if name == blend_name:
             report["jensen_gap"] = {"method": name, "mean_sq": sum(gaps) / len(gaps), "per_step": gaps}
+    if smc is not None:
+        from ..smc import smc_sample
+
+        def both(x, timestep):
+            return blended(x, timestep), base(x, timestep)
+
+        def rewards(x0):
+            return torch.stack([reward(x0) for reward in weighted.values()], 1)
+
+        weighted = {name: scenario.rewards[name] for name in weights}
+        began = time.perf_counter()
+        with counted_rows([base, *basis.values()]) as evaluated:
+            x, trace = smc_sample(path, both, rewards, torch.tensor(list(weights.values()), dtype=DTYPE),
+                                  alpha=scenario.alpha, kl_scale=kl_scale, start=start, options=smc,
+                                  generator=torch.Generator().manual_seed(seed + 5))
+        seconds = time.perf_counter() - began
+        report["methods"]["db-smc"] = measured(x, scenario, exact_samples)
+        report["smc"] = {"particles": smc.particles, "ess_threshold": smc.ess_threshold,
+                         "denoiser_rows_per_sample": evaluated[0] / samples,
+                         "blend_denoiser_rows_per_sample": rows[blend_name] / samples,
+                         "time_ratio_to_blend": seconds / timings[blend_name],
+                         "resampling_steps": len(trace.resampled), "min_ess": min(trace.ess),
+                         "log_normaliser": float(trace.log_normaliser.mean())}
     return report
+
+
+@contextlib.contextmanager
+def counted_rows(modules):
+    """Counts the rows the ``modules`` evaluate inside the block (yields a one-element list holding the count)."""
+    count = [0]
+
+    def hook(module, args):
+        count[0] += len(args[0])
+
+    handles = [module.register_forward_pre_hook(hook) for module in modules]
+    try:
+        yield count
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def measured(x: torch.Tensor, scenario: Scenario, exact_samples: torch.Tensor) -> dict:
+    return {**{name: float(reward(x).mean()) for name, reward in scenario.rewards.items()},
+            "distance": sliced_wasserstein(x, exact_samples)}
+
+
+def smc_path(scenario: Scenario, scheduler: str, steps: int, eta: float):
+    """The Gaussian steps SMC reweights: DDPM, or DDIM with η > 0; raise for any other sampler."""
+    from ..finetune.path import StochasticPath
+
+    if scheduler not in ("ddim", "ddpm"):
+        raise ValueError(f"SMC needs a sampler with Gaussian steps (ddim with eta > 0, or ddpm), got {scheduler!r}")
+    path = StochasticPath.from_scheduler(make_scheduler(scenario.schedule, scheduler), steps, eta)
+    if not path.stochastic:
+        raise ValueError("SMC reweights Gaussian steps: with ddim, set eta > 0 (1 is DDPM's posterior)")
+    return path

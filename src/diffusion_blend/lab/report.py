@@ -46,6 +46,12 @@ def run_table(report: dict) -> str:
     gap = report["jensen_gap"]
     console.print(f"Jensen gap of {gap['method']} (mean ‖ε*_oracle − ε_blend‖² over {len(gap['per_step'])} steps): "
                   f"{gap['mean_sq']:.3e}")
+    if "smc" in report:
+        smc = report["smc"]
+        console.print(f"db-smc: {smc['particles']} particles per sample, {smc['denoiser_rows_per_sample']:.0f} "
+                      f"denoiser rows per sample (the blend: {smc['blend_denoiser_rows_per_sample']:.0f}), "
+                      f"{smc['time_ratio_to_blend']:.1f}× the blend's time, resampled at {smc['resampling_steps']} "
+                      f"steps, lowest ESS {smc['min_ess']:.2f}")
     return console.file.getvalue()
 
 
