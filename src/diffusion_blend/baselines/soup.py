@@ -54,8 +54,9 @@ class RewardedSoup:
                      for name in self.names if self.adapters[name] in self.blend.denoiser.modules_by_name}
         if self.full and self.blend.lora_names:
             self.blend.unload()
-            raise ValueError(f"a soup interpolates members of one kind: {sorted(self.blend.lora_names)} are LoRAs, "
-                             f"{sorted(self.full)} full denoisers")
+            loras = sorted(name for name in self.names if name not in self.full)
+            raise ValueError(f"a soup interpolates members of one kind: {loras} are LoRAs, {sorted(self.full)} full "
+                             f"denoisers")
         if variant == "published" and self.full:
             self.blend.unload()
             raise ValueError("the published variant averages LoRA A and B matrices: it needs LoRA members")

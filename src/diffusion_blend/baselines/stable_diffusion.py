@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from ..finetune.denoiser_target import decoded
 from ..finetune.path import StochasticPath
 from .sampler import BaseSampler
 
@@ -33,16 +34,10 @@ def stable_diffusion_sampler(pipe: StableDiffusionPipeline, prompts: Sequence[st
         return unconditional + guidance_scale * (conditional - unconditional)
 
     def score(x0: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        images = decoded(pipe, x0)
+        images = decoded(pipe, x0).float()
         asked = [prompts[int(row)] for row in rows]
         return torch.stack([model(images, asked) for model in models], dim=1)
 
     shape = (unet.config.in_channels, height // scale, width // scale)
     return BaseSampler(path, predict, score, [bool(model.differentiable) for model in models], shape, pipe.device,
                        unet.dtype, float(pipe.scheduler.init_noise_sigma))
-
-
-def decoded(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images [B, 3, H, W] in [0, 1], as the pipeline decodes them (differentiable)."""
-    vae = pipe.vae
-    return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1).float()

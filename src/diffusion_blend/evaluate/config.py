@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from ..blend import validate_weights
+
 PRESETS = Path(__file__).parent / "presets"
 #: the prompt sets of the published experiments (SD 1.5, ImageReward and VILA): ``prompts: NAME`` names one
 PROMPT_SETS = Path(__file__).parent / "prompts"
@@ -55,7 +57,8 @@ KEYS = {"setting", "rewards", "methods", "grid", "weights", "kl_scales", "seeds"
 SETTING_KEYS = {"digits": (), "lab": ("scenario", "basis", "basis_steps"),
                 "diffusers": ("base", "basis", "oracles", "reward_models", "height", "width")}
 LAB_BASIS = ("exact", "learned")
-GRID_TOLERANCE = 1e-9
+#: coordinates closer than this are the same weight point (grid steps, oracles' names, results' entries)
+POINT_TOLERANCE = 1e-9
 
 
 class ConfigError(ValueError):
@@ -139,6 +142,14 @@ def parse_config(raw: dict, base: Path = Path(".")) -> SweepConfig:
     names = [method.name for method in methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"a method is listed twice: {names}")
+    for method in methods:
+        if method.name == "db-mpa-ls":  # one member per step, drawn with probability w
+            for point in method.weights or weights:
+                try:
+                    validate_weights(dict(zip(rewards, point)), rewards, simplex=True)
+                except ValueError as error:
+                    raise ConfigError(f"db-mpa-ls samples one member per step with probability w: its weights must "
+                                      f"sum to 1, got {list(point)} ({error})") from error
     kl_scales = tuple(non_negative(value, "kl_scales") for value in raw.get("kl_scales", [1.0]))
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
@@ -230,10 +241,15 @@ def parse_points(raw: Any, rewards: tuple[str, ...], what: str) -> tuple[tuple[f
     return tuple(points)
 
 
+def same_point(a, b) -> bool:
+    """Whether two weight points (sequences in the rewards' order) are the same."""
+    return all(abs(x - y) <= POINT_TOLERANCE for x, y in zip(a, b, strict=True))
+
+
 def simplex_grid(rewards: int, step: float) -> tuple[tuple[float, ...], ...]:
     """Every point of the probability simplex in ``rewards`` dimensions whose coordinates are multiples of ``step``."""
     count = round(1 / step)
-    if abs(count * step - 1) > GRID_TOLERANCE:
+    if abs(count * step - 1) > POINT_TOLERANCE:
         raise ConfigError(f"grid step must divide 1, got {step}")
     points = [combo for combo in itertools.product(range(count + 1), repeat=rewards - 1) if sum(combo) <= count]
     return tuple(tuple(round(c / count, 12) for c in (*combo, count - sum(combo))) for combo in sorted(points))

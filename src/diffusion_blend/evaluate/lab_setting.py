@@ -102,10 +102,13 @@ class LabSetting:
             torch.manual_seed(0)
             return type(first)(first.base, *network_shape(first))
 
+    def target(self, point: tuple[float, ...]):
+        """The exact target of ``point``: p_base·exp(Σ w_i r_i / α), a Gaussian mixture in closed form."""
+        return self.scenario.base.tilted(weighted_reward(self.scenario.rewards, self.named(point)),
+                                         self.scenario.alpha)
+
     def oracle(self, point: tuple[float, ...]) -> ExactDenoiser:
-        target = self.scenario.base.tilted(weighted_reward(self.scenario.rewards, self.named(point)),
-                                           self.scenario.alpha)
-        return self.counted(ExactDenoiser(target, self.scheduler.alphas_cumprod))
+        return self.counted(ExactDenoiser(self.target(point), self.scheduler.alphas_cumprod))
 
     def counted(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` with its forward calls counted (the blend's members are counted one by one)."""
@@ -117,15 +120,12 @@ class LabSetting:
 
     def exact(self, point: tuple[float, ...]) -> dict[str, float]:
         """Each reward's expectation under the exact target of ``point``: the front every method is measured on."""
-        target = self.scenario.base.tilted(weighted_reward(self.scenario.rewards, self.named(point)),
-                                           self.scenario.alpha)
+        target = self.target(point)
         return {name: target.expected(self.scenario.rewards[name]) for name in self.config.rewards}
 
     def target_samples(self, point: tuple[float, ...], copy_index: int = 0) -> torch.Tensor:
         """Exact samples of ``point``'s target, as many as each method draws at a point."""
-        target = self.scenario.base.tilted(weighted_reward(self.scenario.rewards, self.named(point)),
-                                           self.scenario.alpha)
-        return target.sample(len(self.seeds), torch.Generator().manual_seed(TARGET_SEED + copy_index))
+        return self.target(point).sample(len(self.seeds), torch.Generator().manual_seed(TARGET_SEED + copy_index))
 
     def metrics(self, samples: torch.Tensor, points) -> list[dict[str, float]]:
         """Per point, the sliced Wasserstein-2 distance of its samples to exact samples of its target (the reward

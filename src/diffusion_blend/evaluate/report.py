@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from ..files import write_atomically
-from .config import WEIGHTLESS, SweepConfig
+from .config import WEIGHTLESS, SweepConfig, same_point
 from .sweep import Unit, summary
 
 LABELS = {"base": "base", "db-mpa": "DB-MPA", "db-mpa-ls": "DB-MPA-LS", "joint": "joint (w, λ)", "soup": "soup",
@@ -99,10 +99,8 @@ def middle_point(results: dict) -> dict[str, float]:
 
 
 def at_point(series: list[dict], point: dict[str, float]) -> dict | None:
-    for entry in series:
-        if all(abs(entry["weights"][name] - value) <= 1e-9 for name, value in point.items()):
-            return entry
-    return None
+    return next((entry for entry in series
+                 if same_point([entry["weights"][name] for name in point], point.values())), None)
 
 
 def label(name: str) -> str:
@@ -208,7 +206,7 @@ def draw_grid(config: SweepConfig, units: list[Unit], cells: Path, path: Path) -
 
     columns = list(config.weights)
     for unit in units:
-        columns += [tuple(point) for point in unit.points if not any(_same(point, c) for c in columns)]
+        columns += [tuple(point) for point in unit.points if not any(same_point(point, c) for c in columns)]
     columns.sort()
     rows: dict[str, dict[tuple, torch.Tensor]] = {}
     for unit in units:
@@ -222,7 +220,7 @@ def draw_grid(config: SweepConfig, units: list[Unit], cells: Path, path: Path) -
     canvas = torch.ones(3, len(rows) * size, len(columns) * size)
     for r, tiles in enumerate(rows.values()):
         for c, point in enumerate(columns):
-            found = next((image for key, image in tiles.items() if _same(key, point)), None)
+            found = next((image for key, image in tiles.items() if same_point(key, point)), None)
             if found is not None:
                 canvas[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = found
     figure, axis = plt.subplots(figsize=(1.0 + 0.8 * len(columns), 0.6 + 0.8 * len(rows)), dpi=120)
@@ -253,7 +251,3 @@ def tile(images: torch.Tensor) -> torch.Tensor:
     padded = torch.ones(3, TILE + 2 * pad, TILE + 2 * pad)
     padded[:, pad:-pad, pad:-pad] = block
     return padded
-
-
-def _same(a, b) -> bool:
-    return all(abs(x - y) <= 1e-9 for x, y in zip(a, b))

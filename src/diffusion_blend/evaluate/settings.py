@@ -7,7 +7,6 @@ configuration names is checked (rewards the basis has, oracles at the asked weig
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import torch
 from ..baselines import RewardedSoup, code_sample, guided_sample
 from ..pipeline import Blend
 from ..rewards import get_reward
-from .config import ConfigError, Method, SweepConfig
+from .config import ConfigError, Method, SweepConfig, same_point
 
 #: seeds of different configuration seeds lie this far apart
 SEED_STRIDE = 1_000_000
@@ -64,19 +63,11 @@ class PipelineSetting:
 
     # ------------------------------------------------------------------------------------------------- checks
     def check(self, config: SweepConfig) -> None:
-        missing = [name for name in config.rewards if name not in self.basis]
-        if missing:
-            raise ConfigError(f"the basis has no model for reward(s) {', '.join(missing)}; it has "
-                              f"{', '.join(self.basis)}")
+        """The methods against what the setting has (its subclasses check the basis before loading anything)."""
         for method in config.methods:
             if method.name in ("code", "guidance") and self.base_sampler is None:
                 raise ConfigError(f"method {method.name!r} needs the base sampler as a loop, which this setting "
                                   "does not provide")
-            if method.name == "db-mpa-ls":
-                for point in config.points(method):
-                    if abs(math.fsum(point) - 1) > 1e-6:
-                        raise ConfigError(f"db-mpa-ls samples one member per step with probability w: its weights "
-                                          f"must sum to 1, got {point}")
             if method.name == "oracle" and not self.oracles:
                 raise ConfigError("no MORL oracle to compare with: the setting has none")
             if method.name == "oracle" and method.weights is not None:
@@ -90,10 +81,7 @@ class PipelineSetting:
         return tuple(sorted(self.oracles))
 
     def oracle_for(self, point: Sequence[float]):
-        for key, source in self.oracles.items():
-            if all(abs(a - b) <= 1e-9 for a, b in zip(key, point)):
-                return source
-        return None
+        return next((source for key, source in self.oracles.items() if same_point(key, point)), None)
 
     # ----------------------------------------------------------------------------------------------- sampling
     def images(self, method: Method, points: Sequence[tuple[float, ...]], kl_scale: float = 1.0) -> torch.Tensor:
@@ -191,7 +179,7 @@ class DigitsSetting(PipelineSetting):
 
     def __init__(self, config: SweepConfig, device: str | None = None):
         from ..presets import digits
-        from ..presets.digits.pipeline import digit_labels, to_images
+        from ..presets.digits.pipeline import digit_labels
         from ..presets.digits.sampler import base_sampler
 
         prompts = list(config.prompts or [str(digit) for digit in range(10)])
@@ -200,15 +188,11 @@ class DigitsSetting(PipelineSetting):
                 digit_labels(prompt)
             except ValueError as error:
                 raise ConfigError(f"digits setting: {error}") from error
-        unknown = [name for name in config.rewards if name not in digits.basis_models()]
-        if unknown:
-            raise ConfigError(f"the digits basis has no model for reward(s) {', '.join(unknown)}; it has "
-                              f"{', '.join(digits.basis_models())}")
+        require_basis(config.rewards, digits.basis_models())  # before the reward models load
         pipe = digits.load_pipeline(device)
         rewards = {name: get_reward(name, device=device) for name in config.rewards}
         oracles = {oracle_point(name, config.rewards): folder for name, folder in digits.oracles().items()}
         oracles.pop(None, None)
-        self._to_images = to_images
 
         def sampler(asked: list[str]):
             return base_sampler(pipe, asked, rewards, steps=config.steps, guidance_scale=config.guidance_scale,
@@ -218,7 +202,9 @@ class DigitsSetting(PipelineSetting):
                          {"model": "digits (embedded)", "prompts": prompts})
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        return self._to_images(samples.float())
+        from ..presets.digits.pipeline import to_images
+
+        return to_images(samples.float())
 
 
 class DiffusersSetting(PipelineSetting):
@@ -228,15 +214,12 @@ class DiffusersSetting(PipelineSetting):
     def __init__(self, config: SweepConfig, device: str | None = None):
         from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-        from ..baselines.stable_diffusion import decoded, stable_diffusion_sampler
+        from ..baselines.stable_diffusion import stable_diffusion_sampler
         from ..rewards import parse_reward
         from .config import DEFAULT_PROMPT_SET, read_prompts
 
         options = config.options
-        missing = [name for name in config.rewards if name not in options["basis"]]
-        if missing:
-            raise ConfigError(f"the basis has no model for reward(s) {', '.join(missing)}; it has "
-                              f"{', '.join(options['basis']) or 'none'}")
+        require_basis(config.rewards, options["basis"])  # before the pipeline loads
         oracles = {}
         for name, source in options["oracles"].items():
             try:
@@ -257,7 +240,7 @@ class DiffusersSetting(PipelineSetting):
                    for name in config.rewards}
         prompts = list(config.prompts or read_prompts(DEFAULT_PROMPT_SET))
         size = {key: options[key] for key in ("height", "width") if options[key] is not None}
-        self._size, self._decoded = size, decoded
+        self._size = size
         sampler = None
         if isinstance(pipe, StableDiffusionPipeline):
             def sampler(asked: list[str]):
@@ -270,8 +253,18 @@ class DiffusersSetting(PipelineSetting):
         return super().call(function, repeats, **self._size, **options)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        from ..finetune.denoiser_target import decoded
+
         with torch.no_grad():
-            return self._decoded(self.pipe, samples)
+            return decoded(self.pipe, samples).float()
+
+
+def require_basis(rewards: Sequence[str], basis: dict) -> None:
+    """Every reward swept needs its basis model."""
+    missing = [name for name in rewards if name not in basis]
+    if missing:
+        raise ConfigError(f"the basis has no model for reward(s) {', '.join(missing)}; it has "
+                          f"{', '.join(basis) or 'none'}")
 
 
 def oracle_point(name: str, rewards: Sequence[str]) -> tuple[float, ...] | None:

@@ -197,10 +197,13 @@ class StableDiffusionLoraTarget(LoraTarget):
         return {"encoder_hidden_states": torch.stack([self._embeddings[prompt] for prompt in prompts])}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [0, 1], as the pipeline decodes them."""
-        vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images / 2 + 0.5).clamp(0, 1)
+        return decoded(self.pipe, latents)
+
+
+def decoded(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images [B, 3, H, W] in [0, 1], as a Stable Diffusion pipeline decodes them (differentiable)."""
+    vae = pipe.vae
+    return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
 
 
 def check_pipeline(pipe) -> None:
