@@ -57,17 +57,32 @@ from diffusion_blend import BlendedDenoiser
 CONFIGS = {
     # the tests' tiny UNet: a call's fixed cost dominates
     "tiny": dict(
-        unet=dict(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, down_block_types=("DownBlock2D",
-                  "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                  norm_num_groups=2, attention_head_dim=2),
-        latent=8, context=(77, 8),
+        unet=dict(
+            block_out_channels=(4, 8),
+            layers_per_block=1,
+            sample_size=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=8,
+            norm_num_groups=2,
+            attention_head_dim=2,
+        ),
+        latent=8,
+        context=(77, 8),
     ),
     # a mid-size UNet: FLOPs dominate on a CPU
     "mid": dict(
-        unet=dict(block_out_channels=(64, 128), layers_per_block=1, sample_size=32, down_block_types=("CrossAttnDownBlock2D",
-                  "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
-                  attention_head_dim=8),
-        latent=32, context=(77, 128),
+        unet=dict(
+            block_out_channels=(64, 128),
+            layers_per_block=1,
+            sample_size=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=128,
+            attention_head_dim=8,
+        ),
+        latent=32,
+        context=(77, 128),
     ),
     # Stable Diffusion 1.5's UNet (diffusers' defaults with its 768-wide text context), 512² images
     "sd15": dict(unet=dict(cross_attention_dim=768, sample_size=64), latent=64, context=(77, 768)),
@@ -128,18 +143,26 @@ def inputs(unet, batch: int, size: int, context: tuple[int, int]):
     parameter = next(unet.parameters())
     latents = torch.randn(batch, unet.config.in_channels, size, size, device=parameter.device, dtype=parameter.dtype)
     hidden = torch.randn(2 * batch, *context, device=parameter.device, dtype=parameter.dtype)
-    return (torch.cat([latents, latents]), torch.tensor(500, device=parameter.device)), {"encoder_hidden_states": hidden}
+    return (torch.cat([latents, latents]), torch.tensor(500, device=parameter.device)), {
+        "encoder_hidden_states": hidden
+    }
 
 
 def blended_denoiser(unet, names, batch_members=True, compile=False, max_batch_size=None, **blend) -> BlendedDenoiser:
-    denoiser = BlendedDenoiser(unet, {name: name for name in names}, batch_members=batch_members, compile=compile,
-                               max_batch_size=max_batch_size)
+    denoiser = BlendedDenoiser(
+        unet,
+        {name: name for name in names},
+        batch_members=batch_members,
+        compile=compile,
+        max_batch_size=max_batch_size,
+    )
     denoiser.set_blend({name: 1.0 / len(names) for name in names}, **blend)
     return denoiser
 
 
-def variants(unet, names, args, kwargs, compile: dict | None = None,
-             sequential: bool = True) -> dict[str, tuple[Callable[[], object], Callable[[int], object]]]:
+def variants(
+    unet, names, args, kwargs, compile: dict | None = None, sequential: bool = True
+) -> dict[str, tuple[Callable[[], object], Callable[[int], object]]]:
     """Each timed quantity as (untimed setup, timed call) doing the denoiser work of the given number of denoising
     steps.
 
@@ -152,7 +175,9 @@ def variants(unet, names, args, kwargs, compile: dict | None = None,
     options = compile if compile is not None else False
     denoisers = {
         "mpa": blended_denoiser(unet, names, compile=options),
-        "ls": blended_denoiser(unet, names, compile=options, mode="stochastic", generator=torch.Generator().manual_seed(0)),
+        "ls": blended_denoiser(
+            unet, names, compile=options, mode="stochastic", generator=torch.Generator().manual_seed(0)
+        ),
         "joint": blended_denoiser(unet, names, compile=options, kl_scale=1.5),
     }
     if compile is None and sequential:
@@ -171,7 +196,8 @@ def variants(unet, names, args, kwargs, compile: dict | None = None,
     functions = {}
     for adapter in [None, *names]:
         functions[f"plain:{adapter or 'base'}"] = (
-            lambda adapter=adapter: unet.set_adapter([adapter] if adapter else []), plain_steps
+            lambda adapter=adapter: unet.set_adapter([adapter] if adapter else []),
+            plain_steps,
         )
     for key, denoiser in denoisers.items():
         functions[key] = (lambda: unet.set_adapter([]), functools.partial(blended_steps, denoiser))
@@ -191,7 +217,7 @@ def time_variants(functions: dict, repeats: int, warmup: int, device: str, steps
                 setup()
                 call(WARMUP_STEPS)
         for repeat in range(repeats):
-            for name in order[repeat % len(order):] + order[: repeat % len(order)]:
+            for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
                 setup, call = functions[name]
                 setup()
                 sync()
@@ -256,8 +282,11 @@ def peak_memory_ratios(unet, names, args, kwargs, device: str) -> dict[str, floa
         "peak_memory": blended_denoiser(unet, names),
         "peak_memory_chunked": blended_denoiser(unet, names, max_batch_size="input"),
     }
-    peak = cuda_peak_bytes if device.startswith("cuda") else functools.partial(
-        live_peak_bytes, weights=sum(p.numel() * p.element_size() for p in unet.parameters()))
+    peak = (
+        cuda_peak_bytes
+        if device.startswith("cuda")
+        else functools.partial(live_peak_bytes, weights=sum(p.numel() * p.element_size() for p in unet.parameters()))
+    )
     with torch.no_grad():
         unet.set_adapter([names[0]])
         single = peak(lambda: unet(*args, **kwargs))
@@ -293,13 +322,14 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
-        inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
-                  if isinstance(leaf, torch.Tensor)}
+        inputs = {
+            leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)
+        }
         for tensor in tree_leaves(output):
             if isinstance(tensor, torch.Tensor):
                 address = tensor.untyped_storage().data_ptr()
                 if address in self._tensors or address not in inputs:  # (views and in-place results of tensors
-                    self._track(tensor)                                 # made before the block hold no new bytes)
+                    self._track(tensor)  # made before the block hold no new bytes)
         return output
 
     def _track(self, tensor: torch.Tensor) -> None:
@@ -319,8 +349,9 @@ class LiveBytes(TorchDispatchMode):
             self.live -= size
 
 
-def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, repeats: int, warmup: int,
-                       steps: int) -> dict[str, float]:
+def full_member_ratios(
+    config: str, members: int, args, kwargs, dtype, device, repeats: int, warmup: int, steps: int
+) -> dict[str, float]:
     """Full-module members (separate UNets): the joint blend called member by member, and vmapped over stacked
     weights (``vmap_full_members``), each over the M + 1 separate model calls it replaces."""
     models = []
@@ -334,8 +365,9 @@ def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, r
         for _ in range(steps):
             model(*args, **kwargs)
 
-    functions = {f"model:{index}": (lambda: None, functools.partial(model_steps, model))
-                 for index, model in enumerate(models)}
+    functions = {
+        f"model:{index}": (lambda: None, functools.partial(model_steps, model)) for index, model in enumerate(models)
+    }
     for key, vmap in (("full_sequential", False), ("full_vmap", True)):
         denoiser = BlendedDenoiser(models[0], dict(zip(names, models[1:])), vmap_full_members=vmap)
         denoiser.set_blend(weights, kl_scale=1.5)
@@ -345,8 +377,9 @@ def full_member_ratios(config: str, members: int, args, kwargs, dtype, device, r
     return {f"{key}_overhead": median_ratio(times, key, "raw_calls") for key in ("full_sequential", "full_vmap")}
 
 
-def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup: int, device: str,
-                    mode: str, backend: str = "inductor") -> dict[str, float]:
+def compiled_ratios(
+    unet, names, args, kwargs, steps: int, repeats: int, warmup: int, device: str, mode: str, backend: str = "inductor"
+) -> dict[str, float]:
     """The same quantities with every call compiled (static shapes), timed side by side in their own rotation with
     the eager single model (for the compile speedup)."""
     options = {"dynamic": False, "backend": backend} | ({} if mode == "default" else {"mode": mode})
@@ -372,8 +405,9 @@ def compiled_ratios(unet, names, args, kwargs, steps: int, repeats: int, warmup:
     }
 
 
-def sweep_ratio(unet, names, config: str, batch: int, size: int, mixes: int, steps: int, repeats: int, warmup: int,
-                device: str) -> dict[str, float]:
+def sweep_ratio(
+    unet, names, config: str, batch: int, size: int, mixes: int, steps: int, repeats: int, warmup: int, device: str
+) -> dict[str, float]:
     """(e) The joint blend (λ = 1.5) at ``mixes`` weight mixes, from all weight on the first member to all on the
     others, in one batch of ``mixes`` times the rows (weights per sample) / one blend per mix on its own rows."""
     spread = [k / (mixes - 1) for k in range(mixes)] if mixes > 1 else [0.0]
@@ -396,15 +430,29 @@ def sweep_ratio(unet, names, config: str, batch: int, size: int, mixes: int, ste
                 for _ in range(steps):
                     denoiser(*args, **kwargs)
 
-    functions = {name: (lambda: unet.set_adapter([]), call) for name, call in (("sweep", swept), ("separate", separate))}
+    functions = {
+        name: (lambda: unet.set_adapter([]), call) for name, call in (("sweep", swept), ("separate", separate))
+    }
     times = time_variants(functions, repeats, warmup, device, steps)
     return {"sweep_over_separate": median_ratio(times, "sweep", "separate"), "sweep_mixes": mixes}
 
 
-def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 20, warmup: int = 3,
-        dtype: str = "fp32", device: str = "cpu", latent: int | None = None, steps: int = 1,
-        full: bool = False, compile: str | None = None, compile_backend: str = "inductor",
-        sequential: bool = True, sweep: int | None = None) -> dict:
+def run(
+    config: str = "tiny",
+    members: int = 2,
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    latent: int | None = None,
+    steps: int = 1,
+    full: bool = False,
+    compile: str | None = None,
+    compile_backend: str = "inductor",
+    sequential: bool = True,
+    sweep: int | None = None,
+) -> dict:
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     unet, names, size = build(config, members, torch_dtype, device, latent)
     args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
@@ -425,12 +473,20 @@ def run(config: str = "tiny", members: int = 2, batch: int = 1, repeats: int = 2
     if full:
         memory.update(full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps))
     if compile:
-        memory.update(compiled_ratios(unet, names, args, kwargs, steps, repeats, warmup, device, compile,
-                                      compile_backend))
+        memory.update(
+            compiled_ratios(unet, names, args, kwargs, steps, repeats, warmup, device, compile, compile_backend)
+        )
     return {
-        "config": config, "members": members, "batch": batch, "rows_per_call_cfg": 2 * batch, "latent": size,
+        "config": config,
+        "members": members,
+        "batch": batch,
+        "rows_per_call_cfg": 2 * batch,
+        "latent": size,
         "steps": steps,
-        "dtype": dtype, "device": device, "repeats": repeats, "threads": torch.get_num_threads(),
+        "dtype": dtype,
+        "device": device,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "mpa_over_single": ratio("mpa", "single"),
         "ls_over_single": ratio("ls", "single"),
@@ -452,11 +508,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the config's)")
     parser.add_argument("--steps", type=int, default=1, help="denoising steps per timed run (a sampling loop)")
     parser.add_argument("--full", action="store_true", help="also time full-module members (sequential and vmapped)")
-    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
-                        help="also time everything compiled with torch.compile (this mode)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="also time everything compiled with torch.compile (this mode)",
+    )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
-    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the joint blend with one call per member (default: yes)")
+    parser.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the joint blend with one call per member (default: yes)",
+    )
     parser.add_argument("--sweep", type=int, metavar="N", help="also time N weight mixes in one batch (e)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the runs saved in this file")
@@ -466,9 +531,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     if options.sweep is not None and (options.sweep < 1 or options.members < 2):
         parser.error("--sweep N needs N >= 1 and --members >= 2 (the mixes move weight from one member to the others)")
-    result = run(options.config, options.members, options.batch, options.repeats, options.warmup, options.dtype,
-                 options.device, options.latent, options.steps, options.full, options.compile, options.compile_backend,
-                 options.sequential, options.sweep)
+    result = run(
+        options.config,
+        options.members,
+        options.batch,
+        options.repeats,
+        options.warmup,
+        options.dtype,
+        options.device,
+        options.latent,
+        options.steps,
+        options.full,
+        options.compile,
+        options.compile_backend,
+        options.sequential,
+        options.sweep,
+    )
     if options.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
@@ -502,8 +580,11 @@ def summarize(path: str) -> None:
     runs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     timed = [run for run in runs if "mpa_over_single" in run]
     first = timed[0] if timed else {}
-    print_ratios(runs, f"{first.get('config')}, {first.get('dtype')}, {first.get('gpu') or first.get('device')}, "
-                       f"{first.get('steps')} steps per timed run")
+    print_ratios(
+        runs,
+        f"{first.get('config')}, {first.get('dtype')}, {first.get('gpu') or first.get('device')}, "
+        f"{first.get('steps')} steps per timed run",
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,22 @@ ALPHAS = (1.0, 0.5)
 
 
 def run(method: str, reward: str, alpha: float, seed: int) -> dict:
-    command = [sys.executable, "-m", "diffusion_blend", "lab", "finetune", "--method", method, "--reward", reward,
-               "--alpha", str(alpha), "--seed", str(seed), "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "diffusion_blend",
+        "lab",
+        "finetune",
+        "--method",
+        method,
+        "--reward",
+        reward,
+        "--alpha",
+        str(alpha),
+        "--seed",
+        str(seed),
+        "--json",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
@@ -34,8 +48,10 @@ def row(report: dict, label: str) -> str:
             continue
         achieved = report["achieved"][name]
         cells.append(f"{name}: {achieved:.3f} / {exact:.3f} ({(achieved - exact) / abs(exact):+.1%})")
-    return (f"| {report['method']} | {label} | {report['alpha']:g} | {'; '.join(cells)} | "
-            f"{report['kl']:.3f} / {report['exact_kl']:.3f} | {report['seconds'] / 60:.1f} |")
+    return (
+        f"| {report['method']} | {label} | {report['alpha']:g} | {'; '.join(cells)} | "
+        f"{report['kl']:.3f} / {report['exact_kl']:.3f} | {report['seconds'] / 60:.1f} |"
+    )
 
 
 def main() -> None:

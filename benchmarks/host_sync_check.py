@@ -40,15 +40,17 @@ def run(config: str, members: int) -> dict:
     with torch.no_grad():
         unet(*args, **kwargs)
         results["plain_call"] = count_syncs(lambda: unet(*args, **kwargs))
-        for key, blend in (("mpa", {}), ("joint", {"kl_scale": 1.5}),
-                           ("ls", {"mode": "stochastic", "generator": torch.Generator().manual_seed(0)}),
-                           ("ls_kl_half", {"mode": "stochastic", "kl_scale": 0.5,
-                                           "generator": torch.Generator().manual_seed(0)})):
+        for key, blend in (
+            ("mpa", {}),
+            ("joint", {"kl_scale": 1.5}),
+            ("ls", {"mode": "stochastic", "generator": torch.Generator().manual_seed(0)}),
+            ("ls_kl_half", {"mode": "stochastic", "kl_scale": 0.5, "generator": torch.Generator().manual_seed(0)}),
+        ):
             denoiser = blended_denoiser(unet, names, **blend)
             with denoiser.routing():
                 denoiser(sample, timestep, **kwargs)
-                results[f"{key}_new_step"] = count_syncs(lambda: denoiser(sample, timestep - 1, **kwargs))
-                results[f"{key}_same_step"] = count_syncs(lambda: denoiser(sample.clone(), timestep - 1, **kwargs))
+                results[f"{key}_new_step"] = count_syncs(lambda d=denoiser: d(sample, timestep - 1, **kwargs))
+                results[f"{key}_same_step"] = count_syncs(lambda d=denoiser: d(sample.clone(), timestep - 1, **kwargs))
     return results
 
 

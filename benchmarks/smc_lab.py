@@ -22,9 +22,26 @@ ALPHAS = (1.0, 0.5)
 
 
 def run(alpha: float, particles: int, samples: int, steps: int) -> dict:
-    command = [sys.executable, "-m", "diffusion_blend", "lab", "run", "--weights", "r1=0.5,r2=0.5", "--alpha",
-               str(alpha), "--eta", "1", "--samples", str(samples), "--steps", str(steps), "--smc", str(particles),
-               "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "diffusion_blend",
+        "lab",
+        "run",
+        "--weights",
+        "r1=0.5,r2=0.5",
+        "--alpha",
+        str(alpha),
+        "--eta",
+        "1",
+        "--samples",
+        str(samples),
+        "--steps",
+        str(steps),
+        "--smc",
+        str(particles),
+        "--json",
+    ]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
@@ -34,11 +51,13 @@ def shortfall(values: dict, exact: dict) -> float:
 
 def row(report: dict) -> str:
     blend, corrected, smc = report["methods"]["db-mpa"], report["methods"]["db-smc"], report["smc"]
-    return (f"| {report['alpha']:g} | {smc['particles']} | {shortfall(blend, report['exact']):+.1%} | "
-            f"{shortfall(corrected, report['exact']):+.1%} | {blend['distance']:.3f} | {corrected['distance']:.3f} | "
-            f"{report['distance_floor']:.3f} | {smc['denoiser_rows_per_sample']:.0f} / "
-            f"{smc['blend_denoiser_rows_per_sample']:.0f} | {smc['time_ratio_to_blend']:.1f} | "
-            f"{smc['resampling_steps']} |")
+    return (
+        f"| {report['alpha']:g} | {smc['particles']} | {shortfall(blend, report['exact']):+.1%} | "
+        f"{shortfall(corrected, report['exact']):+.1%} | {blend['distance']:.3f} | {corrected['distance']:.3f} | "
+        f"{report['distance_floor']:.3f} | {smc['denoiser_rows_per_sample']:.0f} / "
+        f"{smc['blend_denoiser_rows_per_sample']:.0f} | {smc['time_ratio_to_blend']:.1f} | "
+        f"{smc['resampling_steps']} |"
+    )
 
 
 def main() -> None:
@@ -47,8 +66,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="also write every report as JSON")
     args = parser.parse_args()
-    print("| α | K | blend | blend + SMC | SW₂ blend | SW₂ SMC | SW₂ floor | denoiser rows per sample (SMC / blend) "
-          "| time ratio | resampling steps |")
+    print(
+        "| α | K | blend | blend + SMC | SW₂ blend | SW₂ SMC | SW₂ floor | denoiser rows per sample (SMC / blend) "
+        "| time ratio | resampling steps |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     reports = []
     for alpha in ALPHAS:

@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchmarks' helpers are tested too
 
-import tiny  # noqa: E402
 from diffusers import (  # noqa: E402
     FluxPipeline,
     QwenImagePipeline,
@@ -20,6 +19,8 @@ from diffusers import (  # noqa: E402
     WanPipeline,
     ZImagePipeline,
 )
+
+import tiny  # noqa: E402
 
 
 def _two_loras(tmp_path_factory, folder: str, seeds: tuple[int, int], **make) -> dict[str, Path]:
@@ -36,39 +37,70 @@ def sd_loras(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def sdxl_loras(tmp_path_factory) -> dict[str, Path]:
-    return _two_loras(tmp_path_factory, "sdxl_loras", (20, 21), builder=tiny.sdxl_unet,
-                      pipe_class=StableDiffusionXLPipeline)
+    return _two_loras(
+        tmp_path_factory, "sdxl_loras", (20, 21), builder=tiny.sdxl_unet, pipe_class=StableDiffusionXLPipeline
+    )
 
 
 @pytest.fixture(scope="session")
 def sd3_loras(tmp_path_factory) -> dict[str, Path]:
-    return _two_loras(tmp_path_factory, "sd3_loras", (30, 31), builder=tiny.sd3_transformer,
-                      pipe_class=StableDiffusion3Pipeline, prefix="transformer")
+    return _two_loras(
+        tmp_path_factory,
+        "sd3_loras",
+        (30, 31),
+        builder=tiny.sd3_transformer,
+        pipe_class=StableDiffusion3Pipeline,
+        prefix="transformer",
+    )
 
 
 @pytest.fixture(scope="session")
 def flux_loras(tmp_path_factory) -> dict[str, Path]:
-    return _two_loras(tmp_path_factory, "flux_loras", (40, 41), builder=tiny.flux_transformer,
-                      pipe_class=FluxPipeline, prefix="transformer")
+    return _two_loras(
+        tmp_path_factory,
+        "flux_loras",
+        (40, 41),
+        builder=tiny.flux_transformer,
+        pipe_class=FluxPipeline,
+        prefix="transformer",
+    )
 
 
 @pytest.fixture(scope="session")
 def qwen_loras(tmp_path_factory) -> dict[str, Path]:
-    return _two_loras(tmp_path_factory, "qwen_loras", (50, 51), builder=tiny.qwen_transformer,
-                      pipe_class=QwenImagePipeline, prefix="transformer")
+    return _two_loras(
+        tmp_path_factory,
+        "qwen_loras",
+        (50, 51),
+        builder=tiny.qwen_transformer,
+        pipe_class=QwenImagePipeline,
+        prefix="transformer",
+    )
 
 
 @pytest.fixture(scope="session")
 def zimage_loras(tmp_path_factory) -> dict[str, Path]:
-    return _two_loras(tmp_path_factory, "zimage_loras", (60, 61), builder=tiny.zimage_transformer,
-                      pipe_class=ZImagePipeline, prefix="transformer")
+    return _two_loras(
+        tmp_path_factory,
+        "zimage_loras",
+        (60, 61),
+        builder=tiny.zimage_transformer,
+        pipe_class=ZImagePipeline,
+        prefix="transformer",
+    )
 
 
 @pytest.fixture(scope="session")
 def wan_loras(tmp_path_factory) -> dict[str, Path]:
     """Two random LoRAs for tiny.wan_transformer(), saved as diffusers saves Wan LoRAs (keys ``transformer.…``)."""
-    return _two_loras(tmp_path_factory, "wan_loras", (70, 71), builder=tiny.wan_transformer, pipe_class=WanPipeline,
-                      prefix="transformer")
+    return _two_loras(
+        tmp_path_factory,
+        "wan_loras",
+        (70, 71),
+        builder=tiny.wan_transformer,
+        pipe_class=WanPipeline,
+        prefix="transformer",
+    )
 
 
 @pytest.fixture(scope="session")

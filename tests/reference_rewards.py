@@ -30,7 +30,11 @@ def _layer_norm(state, x, name, eps):
 
 def blip_vit(state, pixels, heads, prefix="blip.visual_encoder."):
     patch = state[f"{prefix}patch_embed.proj.weight"]
-    x = F.conv2d(pixels, patch, state[f"{prefix}patch_embed.proj.bias"], stride=patch.shape[-1]).flatten(2).transpose(1, 2)
+    x = (
+        F.conv2d(pixels, patch, state[f"{prefix}patch_embed.proj.bias"], stride=patch.shape[-1])
+        .flatten(2)
+        .transpose(1, 2)
+    )
     x = torch.cat([state[f"{prefix}cls_token"].expand(len(x), -1, -1), x], 1) + state[f"{prefix}pos_embed"]
     block = 0
     while f"{prefix}blocks.{block}.norm1.weight" in state:
@@ -70,8 +74,9 @@ def blip_text(state, ids, mask, image, heads, prefix="blip.text_encoder."):
         hidden = _bert_attention(state, hidden, hidden, mask, f"{name}.attention", heads)
         hidden = _bert_attention(state, hidden, image, image_mask, f"{name}.crossattention", heads)
         inner = F.gelu(_linear(state, hidden, f"{name}.intermediate.dense"))
-        hidden = _layer_norm(state, _linear(state, inner, f"{name}.output.dense") + hidden, f"{name}.output.LayerNorm",
-                             1e-12)
+        hidden = _layer_norm(
+            state, _linear(state, inner, f"{name}.output.dense") + hidden, f"{name}.output.LayerNorm", 1e-12
+        )
         layer += 1
     return hidden
 
@@ -88,8 +93,9 @@ class _Block(nn.Module):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
-                                             c_proj=nn.Linear(4 * width, width)))
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), c_proj=nn.Linear(4 * width, width))
+        )
 
     def forward(self, x, mask=None):  # x: [tokens, batch, width], open_clip's classic layout
         y = self.ln_1(x)
@@ -129,8 +135,19 @@ class _Visual(nn.Module):
 class OpenClipReference(nn.Module):
     """open_clip's CLIP (image tower ``visual.*``, text tower at the top level) at a tiny size."""
 
-    def __init__(self, vocab, text_width=16, context=16, text_heads=2, vision_width=24, vision_heads=3, dim=8,
-                 image=32, patch=8, layers=2):
+    def __init__(
+        self,
+        vocab,
+        text_width=16,
+        context=16,
+        text_heads=2,
+        vision_width=24,
+        vision_heads=3,
+        dim=8,
+        image=32,
+        patch=8,
+        layers=2,
+    ):
         super().__init__()
         self.visual = _Visual(vision_width, patch, image, layers, vision_heads, dim)
         self.transformer = _Transformer(text_width, layers, text_heads)

@@ -71,7 +71,9 @@ def stable_diffusion_3(pipe, models, weights, kl_scale, *, prompt, steps, guidan
         x = torch.cat([latents] * 2) if do_cfg else latents
         timestep = t.expand(len(x))
         predictions = {
-            name: model(hidden_states=x, timestep=timestep, encoder_hidden_states=context, pooled_projections=pooled).sample
+            name: model(
+                hidden_states=x, timestep=timestep, encoder_hidden_states=context, pooled_projections=pooled
+            ).sample
             for name, model in models.items()
         }
         velocity = _guided(expanded_blend(predictions, weights, kl_scale), guidance, do_cfg)

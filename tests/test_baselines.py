@@ -68,8 +68,9 @@ def merged_pipe(pipe, deltas: dict[str, torch.Tensor]):
 
 
 def sample(pipeline_call, **options):
-    return pipeline_call(prompt=PROMPTS, num_inference_steps=STEPS, output_type="pt",
-                         generator=generators(), **options).images
+    return pipeline_call(
+        prompt=PROMPTS, num_inference_steps=STEPS, output_type="pt", generator=generators(), **options
+    ).images
 
 
 def test_the_lora_soup_is_the_weighted_sum_of_the_updates(pipe):
@@ -90,11 +91,13 @@ def test_the_published_soup_averages_a_and_b_and_so_differs_by_the_cross_terms(p
         (b1, a1), (b2, a2) = files["bold"][module], files["stencil"][module]
         w1, w2 = weights["bold"], weights["stencil"]
         exact[module] = w1 * update(b1, a1) + w2 * update(b2, a2)
-        cross = (w1 * w2 * (update(b1, a2) + update(b2, a1))
-                 + (w1**2 - w1) * update(b1, a1) + (w2**2 - w2) * update(b2, a2))
+        cross = (
+            w1 * w2 * (update(b1, a2) + update(b2, a1)) + (w1**2 - w1) * update(b1, a1) + (w2**2 - w2) * update(b2, a2)
+        )
         published[module] = exact[module] + cross
-    soup = RewardedSoup(digits.load_pipeline(), {name: digits.basis_models()[name] for name in PAIR},
-                        variant="published")
+    soup = RewardedSoup(
+        digits.load_pipeline(), {name: digits.basis_models()[name] for name in PAIR}, variant="published"
+    )
     got = sample(soup, weights=weights)
     assert torch.allclose(got, sample(merged_pipe(digits.load_pipeline(), published)), atol=1e-5)
     assert not torch.allclose(got, sample(merged_pipe(digits.load_pipeline(), exact)), atol=1e-3)
@@ -126,10 +129,13 @@ def test_a_soup_of_full_members_averages_their_parameters(pipe):
     assert torch.allclose(sample(soup, weights=weights), sample(expected_pipe), atol=1e-5)
 
 
-@pytest.mark.parametrize("variant, basis, message", [
-    ("mean", None, "variant"),
-    ("updates", "mixed", "one kind"),
-])
+@pytest.mark.parametrize(
+    "variant, basis, message",
+    [
+        ("mean", None, "variant"),
+        ("updates", "mixed", "one kind"),
+    ],
+)
 def test_bad_soups_are_refused(pipe, variant, basis, message):
     loras = {name: digits.basis_models()[name] for name in PAIR}
     if basis == "mixed":
@@ -140,8 +146,9 @@ def test_bad_soups_are_refused(pipe, variant, basis, message):
 
 # ---------------------------------------------------------------------------------------------- the base sampler
 def test_the_base_sampler_samples_what_the_pipeline_samples(pipe, sampler):
-    expected = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=1.0, eta=1.0, generator=generators(),
-                    output_type="latent").images
+    expected = pipe(
+        PROMPTS, num_inference_steps=STEPS, guidance_scale=1.0, eta=1.0, generator=generators(), output_type="latent"
+    ).images
     assert torch.allclose(sampler.sample(generators()), expected, atol=SAMPLER_TOLERANCE)
     assert not torch.allclose(sampler.sample(generators(seed=5)), expected, atol=0.1)
 
@@ -175,9 +182,14 @@ def test_more_candidates_reach_higher_rewards():
     assert toy.rewards(many, None).mean() > toy.rewards(few, None).mean() + 0.5
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"candidates": 0}, "candidates"), ({"block": 0}, "block"), ({"branching": "leaf"}, "branching"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"candidates": 0}, "candidates"),
+        ({"block": 0}, "block"),
+        ({"branching": "leaf"}, "branching"),
+    ],
+)
 def test_bad_code_options_are_refused(sampler, options, message):
     with pytest.raises(ValueError, match=message):
         code_sample(sampler, generators(), equal_weights(), **options)

@@ -33,8 +33,9 @@ def _cfg_inputs(samples=2, seed=0):
 
 def _calls(module):
     rows = []
-    module.register_forward_pre_hook(lambda _m, args, kwargs: rows.append(len(args[0] if args else kwargs["sample"])),
-                                     with_kwargs=True)
+    module.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(len(args[0] if args else kwargs["sample"])), with_kwargs=True
+    )
     return rows
 
 
@@ -45,12 +46,15 @@ def _denoise(denoiser, weights, kl_scale=1.0, mode="mix", seed=0):
         return denoiser(sample, t, encoder_hidden_states=context).sample
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale", [
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
-    ("mix", {"ir": 0.3, "aes": 0.7}, 1.0),
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0),
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale",
+    [
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+        ("mix", {"ir": 0.3, "aes": 0.7}, 1.0),
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0),
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+    ],
+)
 def test_batched_lora_members_equal_separate_calls(mode, weights, kl_scale):
     base = _lora_base()
     batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode)
@@ -58,10 +62,13 @@ def test_batched_lora_members_equal_separate_calls(mode, weights, kl_scale):
     assert max_diff(batched, separate) <= 1e-5
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale", [
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale",
+    [
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+    ],
+)
 def test_batched_mixed_lora_and_full_members_equal_separate_calls(mode, weights, kl_scale):
     base = _lora_base(("ir",))
     members = {"ir": "ir", "aes": tiny.unet(3)}
@@ -87,7 +94,9 @@ def test_stochastic_lora_members_take_one_call_of_the_batch_size():
 def test_max_batch_size_chunks_the_stacked_call():
     base = _lora_base()
     rows = _calls(base)
-    chunked = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size=5), {"ir": 0.3, "aes": 0.5}, 1.5)
+    chunked = _denoise(
+        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size=5), {"ir": 0.3, "aes": 0.5}, 1.5
+    )
     assert rows == [5, 5, 2]
     whole = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
     assert max_diff(chunked, whole) <= 1e-5
@@ -96,8 +105,9 @@ def test_max_batch_size_chunks_the_stacked_call():
 def test_max_batch_size_input_caps_each_call_at_the_rows_it_was_called_with():
     base = _lora_base()
     rows = _calls(base)
-    chunked = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size="input"),
-                       {"ir": 0.3, "aes": 0.5}, 1.5)
+    chunked = _denoise(
+        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size="input"), {"ir": 0.3, "aes": 0.5}, 1.5
+    )
     assert rows == [4, 4, 4]  # base, ir, aes: a CFG batch of 2 samples each
     whole = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
     assert max_diff(chunked, whole) <= 1e-5
@@ -109,11 +119,17 @@ def test_max_batch_size_bounds_vmapped_full_members(max_batch_size, member_calls
     third, alone, is called on its own) and "input" none."""
     members = {name: tiny.unet(seed) for name, seed in (("a", 7), ("b", 8), ("c", 9))}
     called, call = [], BlendedDenoiser._call
-    monkeypatch.setattr(BlendedDenoiser, "_call", lambda self, module, *rest: called.extend(
-        name for name, member in members.items() if member is module) or call(self, module, *rest))
+    monkeypatch.setattr(
+        BlendedDenoiser,
+        "_call",
+        lambda self, module, *rest: (
+            called.extend(name for name, member in members.items() if member is module) or call(self, module, *rest)
+        ),
+    )
     weights = {"a": 0.2, "b": 0.3, "c": 0.4}
-    capped = _denoise(BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=max_batch_size),
-                      weights, 1.5)
+    capped = _denoise(
+        BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=max_batch_size), weights, 1.5
+    )
     assert called == member_calls
     separate = _denoise(BlendedDenoiser(tiny.unet(0), members), weights, 1.5)
     assert max_diff(capped, separate) <= 1e-5
@@ -123,8 +139,9 @@ def test_vmapped_groups_keep_their_stacked_weights_from_step_to_step(monkeypatch
     members = {name: tiny.unet(seed) for name, seed in (("a", 7), ("b", 8), ("c", 9), ("d", 10))}
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=8)  # two groups of two
     stacked = []
-    monkeypatch.setattr(denoiser_module, "_stacked_state",
-                        lambda modules: stacked.append(len(modules)) or _stacked_state(modules))
+    monkeypatch.setattr(
+        denoiser_module, "_stacked_state", lambda modules: stacked.append(len(modules)) or _stacked_state(modules)
+    )
     for _ in range(3):
         _denoise(denoiser, {"a": 0.2, "b": 0.3, "c": 0.1, "d": 0.4}, 1.5)
     assert stacked == [2, 2]
@@ -134,8 +151,9 @@ def test_full_members_are_vmapped_whether_or_not_lora_rows_are_batched(monkeypat
     members = {"a": tiny.unet(7), "b": tiny.unet(8)}
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, batch_members=False)
     stacked = []
-    monkeypatch.setattr(denoiser_module, "_stacked_state",
-                        lambda modules: stacked.append(len(modules)) or _stacked_state(modules))
+    monkeypatch.setattr(
+        denoiser_module, "_stacked_state", lambda modules: stacked.append(len(modules)) or _stacked_state(modules)
+    )
     _denoise(denoiser, {"a": 0.4, "b": 0.6})
     assert stacked == [2]
 
@@ -187,16 +205,21 @@ def _conv_and_linear_lora_base():
     return base
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale", [
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale",
+    [
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+    ],
+)
 def test_stacked_conv_and_linear_updates_equal_separate_calls(mode, weights, kl_scale):
     base = _conv_and_linear_lora_base()
-    batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode,
-                       seed=2)
-    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), weights, kl_scale,
-                        mode, seed=2)
+    batched = _denoise(
+        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode, seed=2
+    )
+    separate = _denoise(
+        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), weights, kl_scale, mode, seed=2
+    )
     assert max_diff(batched, separate) <= 1e-5
 
 
@@ -271,8 +294,10 @@ def test_vmapped_members_may_differ_in_requires_grad():
     sample, t, context = _cfg_inputs()
     with torch.no_grad():
         blended = denoiser(sample, t, encoder_hidden_states=context).sample
-        outputs = [module(sample, t, encoder_hidden_states=context).sample
-                   for module in (denoiser.base, members["ir"], members["aes"])]
+        outputs = [
+            module(sample, t, encoder_hidden_states=context).sample
+            for module in (denoiser.base, members["ir"], members["aes"])
+        ]
     assert max_diff(blended, blend_predictions(outputs[0], outputs[1:], [0.3, 0.5], 1.5)) <= 1e-5
 
 
@@ -285,13 +310,18 @@ def test_vmapped_members_follow_weight_changes():
         before = denoiser(sample, t, encoder_hidden_states=context).sample
         member.conv_in.weight.mul_(2.0)
         after = denoiser(sample, t, encoder_hidden_states=context).sample
-        direct = 0.5 * member(sample, t, encoder_hidden_states=context).sample + 0.5 * denoiser.modules_by_name["aes"](
-            sample, t, encoder_hidden_states=context).sample
+        direct = (
+            0.5 * member(sample, t, encoder_hidden_states=context).sample
+            + 0.5 * denoiser.modules_by_name["aes"](sample, t, encoder_hidden_states=context).sample
+        )
     assert max_diff(before, after) > 1e-3 and max_diff(after, direct) <= 1e-5
 
 
-
-BLENDS = [({"ir": 0.3, "aes": 0.5}, 1.5, "mix"), ({"ir": 1.0}, 1.0, "mix"), ({"ir": 0.4, "aes": 0.6}, 0.5, "stochastic")]
+BLENDS = [
+    ({"ir": 0.3, "aes": 0.5}, 1.5, "mix"),
+    ({"ir": 1.0}, 1.0, "mix"),
+    ({"ir": 0.4, "aes": 0.6}, 0.5, "stochastic"),
+]
 
 
 def test_changing_blends_inside_one_routing_context_equals_fresh_contexts():
@@ -313,8 +343,9 @@ def test_lora_members_follow_weight_changes_between_calls():
         for layer in denoiser.router.layers:
             layer.lora_B["aes"].weight.mul_(3.0)
     after = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
-    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False),
-                        {"ir": 0.3, "aes": 0.5}, 1.5)
+    separate = _denoise(
+        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), {"ir": 0.3, "aes": 0.5}, 1.5
+    )
     assert max_diff(before, after) > 1e-3 and max_diff(after, separate) <= 1e-5
 
 
@@ -334,10 +365,10 @@ def test_lora_weights_trained_inside_a_routing_context_are_read_anew():
         denoiser(sample, t, encoder_hidden_states=context).sample.square().mean().backward()
         optimiser.step()
         after = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
-    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False),
-                        {"ir": 0.3, "aes": 0.5}, 1.5)
+    separate = _denoise(
+        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), {"ir": 0.3, "aes": 0.5}, 1.5
+    )
     assert max_diff(before, after) > 1e-4 and max_diff(after, separate) <= 1e-5
-
 
 
 def test_a_lora_layers_own_forward_still_runs_while_routed_and_is_given_back():
@@ -354,8 +385,9 @@ def test_a_lora_layers_own_forward_still_runs_while_routed_and_is_given_back():
     keys = sorted(layer.__dict__) + [ROUTED_FORWARD_ATTRIBUTE]  # made once per layer, kept for compiled graphs
     batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
     assert len(calls) == 1  # one stacked call
-    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False),
-                        {"ir": 0.3, "aes": 0.5}, 1.5)
+    separate = _denoise(
+        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), {"ir": 0.3, "aes": 0.5}, 1.5
+    )
     assert max_diff(batched, separate) <= 1e-5
     assert layer.forward is wrapped and sorted(layer.__dict__) == sorted(keys)
 
@@ -378,8 +410,12 @@ def _dropout_base():
 
     base = tiny.unet(0)
     for seed, name in enumerate(("ir", "aes"), start=10):
-        tiny.add_lora(base, name, seed, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=tiny.LORA_TARGETS,
-                                                   init_lora_weights=False))
+        tiny.add_lora(
+            base,
+            name,
+            seed,
+            LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=tiny.LORA_TARGETS, init_lora_weights=False),
+        )
     base.set_adapter([])
     return base
 
@@ -420,9 +456,20 @@ def test_a_copy_of_the_base_made_while_routed_behaves_as_the_base():
             outputs.append(module(sample, t, encoder_hidden_states=context).sample)
     assert torch.equal(*outputs)
 
+
 # The operations whose result a host must wait for when tensors live on a GPU (item(), nonzero, unique, ...).
-HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
-              "is_nonzero", "equal", "repeat_interleave", "_assert_async"}
+HOST_READS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "masked_select",
+    "is_nonzero",
+    "equal",
+    "repeat_interleave",
+    "_assert_async",
+}
 
 
 class HostReads(TorchDispatchMode):
@@ -480,7 +527,9 @@ def test_a_blended_step_makes_no_host_read_beyond_the_denoisers_own(mode, kl_sca
     with torch.no_grad(), HostReads() as plain:
         base(sample, torch.tensor(400), encoder_hidden_states=context)
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
-    denoiser.set_blend({"ir": 0.4, "aes": 0.6}, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(0))
+    denoiser.set_blend(
+        {"ir": 0.4, "aes": 0.6}, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad(), denoiser.routing():
         denoiser(sample, torch.tensor(500), encoder_hidden_states=context)
         with HostReads() as blended:
@@ -495,8 +544,9 @@ def test_vmapped_members_with_hooks_are_refused(hooked_member):
     members = {"ir": tiny.unet(1), "aes": tiny.unet(2)}
     members[hooked_member].conv_out.register_forward_hook(lambda _module, _args, output: output * 2)
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True)
-    with pytest.raises(ValueError, match=f"member '{hooked_member}' carries hooks \\(on 'conv_out'\\).*"
-                                         "vmap_full_members=False"):
+    with pytest.raises(
+        ValueError, match=f"member '{hooked_member}' carries hooks \\(on 'conv_out'\\).*vmap_full_members=False"
+    ):
         _denoise(denoiser, {"ir": 0.3, "aes": 0.7})
     separate = _denoise(BlendedDenoiser(tiny.unet(0), members), {"ir": 0.3, "aes": 0.7})  # calls run the hook
     members[hooked_member].conv_out._forward_hooks.clear()

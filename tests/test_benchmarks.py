@@ -9,8 +9,17 @@ import torch
 
 import blend_speed
 
-RATIOS = ("mpa_over_single", "ls_over_single", "overhead", "sequential_overhead", "memory", "peak_memory",
-          "peak_memory_chunked", "launches_mpa_over_single", "launches_ls_over_single")
+RATIOS = (
+    "mpa_over_single",
+    "ls_over_single",
+    "overhead",
+    "sequential_overhead",
+    "memory",
+    "peak_memory",
+    "peak_memory_chunked",
+    "launches_mpa_over_single",
+    "launches_ls_over_single",
+)
 
 
 def test_benchmark_reports_every_ratio():
@@ -58,8 +67,10 @@ def test_chunking_to_the_single_models_rows_bounds_the_peak_memory():
 @pytest.mark.slow
 def test_benchmark_reports_the_compiled_ratios():
     result = blend_speed.run("tiny", members=2, repeats=1, warmup=0, compile="default", compile_backend="eager")
-    assert all(result[key] > 0 for key in ("compiled_mpa_over_single", "compiled_ls_over_single",
-                                            "compiled_overhead", "compile_speedup"))
+    assert all(
+        result[key] > 0
+        for key in ("compiled_mpa_over_single", "compiled_ls_over_single", "compiled_overhead", "compile_speedup")
+    )
 
 
 @pytest.mark.benchmark
@@ -82,11 +93,22 @@ def test_gpu_check_script_runs_end_to_end_on_a_cpu(tmp_path):
     import subprocess
 
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
-    environment = os.environ | {"PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_CONFIG": "tiny",
-                                "GPU_CHECK_STEPS": "1", "GPU_CHECK_REPEATS": "1", "GPU_CHECK_DTYPE": "fp32"}
+    environment = os.environ | {
+        "PYTHON": sys.executable,
+        "GPU_CHECK_DEVICE": "cpu",
+        "GPU_CHECK_CONFIG": "tiny",
+        "GPU_CHECK_STEPS": "1",
+        "GPU_CHECK_REPEATS": "1",
+        "GPU_CHECK_DTYPE": "fp32",
+    }
     out = tmp_path / "out"
-    subprocess.run(["bash", str(script), str(out), str(tmp_path / "no-wheels")], env=environment, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        ["bash", str(script), str(out), str(tmp_path / "no-wheels")],
+        env=environment,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(run["members"], run["batch"]) for run in runs] == [(2, 1), (4, 1), (2, 4), (4, 4)]
     assert "full_vmap_overhead" in runs[0] and "sequential_overhead" not in runs[3]

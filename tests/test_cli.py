@@ -16,16 +16,42 @@ runner = CliRunner()
 
 
 def _generate(base, basis, out, *extra):
-    args = ["generate", "--base", str(base), "--prompt", "a red cat", "--steps", "3", "--height", "16",
-            "--width", "16", "--device", "cpu", "--out", str(out)]
+    args = [
+        "generate",
+        "--base",
+        str(base),
+        "--prompt",
+        "a red cat",
+        "--steps",
+        "3",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     for name, path in basis.items():
         args += ["--basis", f"{name}={path}"]
     return runner.invoke(app, args + list(extra))
 
 
 def test_grid_and_sidecar(sd_pipeline_folder, sd_loras, tmp_path):
-    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "grid.png", "--weights", "ir=0.3,aes=0.7",
-                       "--num-images", "3", "--seed", "5", "--guidance", "4")
+    result = _generate(
+        sd_pipeline_folder,
+        sd_loras,
+        tmp_path / "grid.png",
+        "--weights",
+        "ir=0.3,aes=0.7",
+        "--num-images",
+        "3",
+        "--seed",
+        "5",
+        "--guidance",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "grid.png").size == (2 * 16, 2 * 16)  # 3 images in a 2×2 grid
     settings = json.loads((tmp_path / "grid.json").read_text())
@@ -39,13 +65,20 @@ def test_repeated_weights_sweep_in_one_batch_a_row_each(sd_pipeline_folder, sd_l
     """Each row of the grid is the run of that setting alone (image j from seed + j in every row)."""
     settings = ("ir=1,aes=0", "ir=0.2,aes=0.8", "ir=0.6,aes=0.4")
     args = ("--num-images", "2", "--seed", "4", "--kl-scale", "1.3")
-    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "sweep.png", *args,
-                       *(part for setting in settings for part in ("--weights", setting)))
+    result = _generate(
+        sd_pipeline_folder,
+        sd_loras,
+        tmp_path / "sweep.png",
+        *args,
+        *(part for setting in settings for part in ("--weights", setting)),
+    )
     assert result.exit_code == 0, result.output
     sweep = np.asarray(Image.open(tmp_path / "sweep.png")).astype(int)
     assert sweep.shape[:2] == (3 * 16, 2 * 16)  # a row per setting
     for row, setting in enumerate(settings):
-        assert _generate(sd_pipeline_folder, sd_loras, tmp_path / f"{row}.png", *args, "--weights", setting).exit_code == 0
+        assert (
+            _generate(sd_pipeline_folder, sd_loras, tmp_path / f"{row}.png", *args, "--weights", setting).exit_code == 0
+        )
         alone = np.asarray(Image.open(tmp_path / f"{row}.png")).astype(int)
         assert np.abs(sweep[16 * row : 16 * (row + 1)] - alone).max() <= 1  # (8-bit rounding of another batch size)
     assert json.loads((tmp_path / "sweep.json").read_text())["weights"][1] == {"ir": 0.2, "aes": 0.8}
@@ -69,14 +102,27 @@ def test_repeated_kl_scales_sweep_with_the_weights_a_row_per_pair(sd_pipeline_fo
 
 def test_folder_output_is_reproducible(sd_pipeline_folder, sd_loras, tmp_path):
     for run in ("first", "second"):
-        result = _generate(sd_pipeline_folder, sd_loras, tmp_path / run, "--weights", "ir=0.5,aes=0.5",
-                           "--mode", "stochastic", "--num-images", "2", "--scheduler", "euler")
+        result = _generate(
+            sd_pipeline_folder,
+            sd_loras,
+            tmp_path / run,
+            "--weights",
+            "ir=0.5,aes=0.5",
+            "--mode",
+            "stochastic",
+            "--num-images",
+            "2",
+            "--scheduler",
+            "euler",
+        )
         assert result.exit_code == 0, result.output
     for index in range(2):
         first = np.asarray(Image.open(tmp_path / "first" / f"image-{index:03d}.png"))
         second = np.asarray(Image.open(tmp_path / "second" / f"image-{index:03d}.png"))
         assert np.array_equal(first, second)
-    assert json.loads((tmp_path / "first" / "settings.json").read_text())["scheduler"]["class"] == "EulerDiscreteScheduler"
+    assert (
+        json.loads((tmp_path / "first" / "settings.json").read_text())["scheduler"]["class"] == "EulerDiscreteScheduler"
+    )
 
 
 def _with_and_without(folder, loras, tmp_path, option: str, value: str):
@@ -85,7 +131,9 @@ def _with_and_without(folder, loras, tmp_path, option: str, value: str):
     assert _generate(folder, loras, tmp_path / "without.png", *args).exit_code == 0
     result = _generate(folder, loras, tmp_path / "with.png", *args, option, value)
     assert result.exit_code == 0, result.output
-    without, with_option = (np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int) for name in ("without", "with"))
+    without, with_option = (
+        np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int) for name in ("without", "with")
+    )
     return without, with_option, json.loads((tmp_path / "with.json").read_text())
 
 
@@ -100,12 +148,31 @@ def test_cli_image_equals_the_python_api(sd_pipeline_folder, sd_loras, tmp_path)
 
     from diffusion_blend import Blend
 
-    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "one.png", "--weights", "ir=1", "--kl-scale", "0.5",
-                       "--seed", "2", "--guidance", "3")
+    result = _generate(
+        sd_pipeline_folder,
+        sd_loras,
+        tmp_path / "one.png",
+        "--weights",
+        "ir=1",
+        "--kl-scale",
+        "0.5",
+        "--seed",
+        "2",
+        "--guidance",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     blend = Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras)
-    expected = blend.blend(weights={"ir": 1.0}, kl_scale=0.5, prompt="a red cat", num_inference_steps=3,
-                           guidance_scale=3.0, height=16, width=16, generator=torch.Generator().manual_seed(2)).images[0]
+    expected = blend.blend(
+        weights={"ir": 1.0},
+        kl_scale=0.5,
+        prompt="a red cat",
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(2),
+    ).images[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(expected))
 
 
@@ -114,15 +181,30 @@ def test_lora_scale_gives_the_python_api_image_at_that_scale(sd_pipeline_folder,
 
     from diffusion_blend import Blend
 
-    result = _generate(sd_pipeline_folder, sd_loras, tmp_path / "one.png", "--weights", "ir=0.4,aes=0.6",
-                       "--seed", "2", "--lora-scale", "0.5")
+    result = _generate(
+        sd_pipeline_folder,
+        sd_loras,
+        tmp_path / "one.png",
+        "--weights",
+        "ir=0.4,aes=0.6",
+        "--seed",
+        "2",
+        "--lora-scale",
+        "0.5",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "one.json").read_text())["lora_scale"] == 0.5
     blend = Blend.from_pretrained(sd_pipeline_folder, basis=sd_loras)
     kwargs = dict(prompt="a red cat", num_inference_steps=3, height=16, width=16)
-    scaled, unscaled = (blend.blend(weights={"ir": 0.4, "aes": 0.6}, cross_attention_kwargs=attention_kwargs,
-                                    generator=torch.Generator().manual_seed(2), **kwargs).images[0]
-                        for attention_kwargs in ({"scale": 0.5}, None))
+    scaled, unscaled = (
+        blend.blend(
+            weights={"ir": 0.4, "aes": 0.6},
+            cross_attention_kwargs=attention_kwargs,
+            generator=torch.Generator().manual_seed(2),
+            **kwargs,
+        ).images[0]
+        for attention_kwargs in ({"scale": 0.5}, None)
+    )
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(scaled))
     assert not np.array_equal(np.asarray(scaled), np.asarray(unscaled))
 
@@ -131,10 +213,19 @@ def test_lora_scale_without_a_lora_basis_is_one_line_before_loading(tmp_path):
     import tiny
 
     tiny.unet(5).save_pretrained(tmp_path / "member")
-    result = _generate(tmp_path / "no-model", {"ir": tmp_path / "member"}, tmp_path / "out.png", "--weights", "ir=1",
-                       "--lora-scale", "0.5")  # (the base does not exist: the check comes first)
+    result = _generate(
+        tmp_path / "no-model",
+        {"ir": tmp_path / "member"},
+        tmp_path / "out.png",
+        "--weights",
+        "ir=1",
+        "--lora-scale",
+        "0.5",
+    )  # (the base does not exist: the check comes first)
     assert result.exit_code != 0
-    assert result.stderr.strip().splitlines() == ["error: --lora-scale scales LoRA basis models, and no --basis is a LoRA"]
+    assert result.stderr.strip().splitlines() == [
+        "error: --lora-scale scales LoRA basis models, and no --basis is a LoRA"
+    ]
     assert not (tmp_path / "out.png").exists()
 
 
@@ -176,19 +267,39 @@ def test_bad_input_is_one_line_and_writes_nothing(sd_pipeline_folder, sd_loras, 
 
 def test_height_without_width_is_refused(sd_pipeline_folder, sd_loras, tmp_path):
     """(diffusers would silently use its default size for both.)"""
-    result = runner.invoke(app, ["generate", "--base", str(sd_pipeline_folder), "--basis", f"ir={sd_loras['ir']}",
-                                 "--weights", "ir=1", "--prompt", "a", "--height", "32", "--out", str(tmp_path / "o.png")])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--base",
+            str(sd_pipeline_folder),
+            "--basis",
+            f"ir={sd_loras['ir']}",
+            "--weights",
+            "ir=1",
+            "--prompt",
+            "a",
+            "--height",
+            "32",
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+    )
     assert result.exit_code != 0 and "--height and --width go together" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("out, message", [
-    ("car.txt", "is neither an image file (.png, .jpg, .jpeg, .webp) nor a folder"),
-    ("earlier", "holds an earlier run's outputs (image-000.png, settings.json)"),
-    ("clash.png", "the settings file"),
-])
-def test_an_output_that_cannot_be_written_is_refused_before_generating(sd_pipeline_folder, sd_loras, tmp_path, out,
-                                                                       message):
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("car.txt", "is neither an image file (.png, .jpg, .jpeg, .webp) nor a folder"),
+        ("earlier", "holds an earlier run's outputs (image-000.png, settings.json)"),
+        ("clash.png", "the settings file"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_generating(
+    sd_pipeline_folder, sd_loras, tmp_path, out, message
+):
     """A folder holding an earlier run's images (its stale ones would mix with the new ones), a settings file
     that is a folder, a file that is neither an image nor a folder."""
     (tmp_path / "earlier").mkdir()
@@ -247,8 +358,9 @@ def test_missing_basis_path_is_one_line(sd_pipeline_folder, tmp_path):
 
 def test_corrupt_basis_is_one_line(sd_pipeline_folder, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    result = _generate(sd_pipeline_folder, {"ir": tmp_path / "bad.safetensors"}, tmp_path / "out.png",
-                       "--weights", "ir=1")
+    result = _generate(
+        sd_pipeline_folder, {"ir": tmp_path / "bad.safetensors"}, tmp_path / "out.png", "--weights", "ir=1"
+    )
     assert result.exit_code != 0
     assert len(result.stderr.strip().splitlines()) == 1 and "not a valid safetensors file" in result.stderr
     assert not (tmp_path / "out.png").exists()
@@ -265,8 +377,9 @@ def test_a_basis_given_per_denoiser_is_the_basis_on_that_denoiser(sd_pipeline_fo
     """NAME@DENOISER=PATH (how Wan 2.2's two experts each get a LoRA); on a one-denoiser pipeline, the same image."""
     args = ("--weights", "ir=0.4,aes=0.6", "--seed", "3")
     assert _generate(sd_pipeline_folder, sd_loras, tmp_path / "plain.png", *args).exit_code == 0
-    result = _generate(sd_pipeline_folder, {f"{name}@unet": path for name, path in sd_loras.items()},
-                       tmp_path / "per.png", *args)
+    result = _generate(
+        sd_pipeline_folder, {f"{name}@unet": path for name, path in sd_loras.items()}, tmp_path / "per.png", *args
+    )
     assert result.exit_code == 0, result.output
     plain, per = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("plain", "per"))
     assert np.array_equal(plain, per)
@@ -278,29 +391,46 @@ def test_a_basis_path_base_is_the_pipelines_own_denoiser():
     from diffusion_blend.cli import parse_basis
 
     assert parse_basis(["aes@transformer=base", "aes@transformer_2=low", "ir=./base"]) == {
-        "aes": {"transformer": None, "transformer_2": "low"}, "ir": "./base"}
+        "aes": {"transformer": None, "transformer_2": "low"},
+        "ir": "./base",
+    }
 
 
-@pytest.mark.parametrize("item, message", [
-    ("ir@=x", "is not NAME=PATH or NAME@DENOISER=PATH"),
-    ("ir=x --basis ir@unet=y", "'ir' for unet is given twice"),
-    ("ir@unet=base --basis ir@unet=y", "'ir' for unet is given twice"),
-    ("ir@unet=base", "basis 'ir' leaves every denoiser unchanged"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("ir@=x", "is not NAME=PATH or NAME@DENOISER=PATH"),
+        ("ir=x --basis ir@unet=y", "'ir' for unet is given twice"),
+        ("ir@unet=base --basis ir@unet=y", "'ir' for unet is given twice"),
+        ("ir@unet=base", "basis 'ir' leaves every denoiser unchanged"),
+    ],
+)
 def test_bad_per_denoiser_basis_is_one_line(sd_pipeline_folder, tmp_path, item, message):
-    args = ["generate", "--base", str(sd_pipeline_folder), "--prompt", "a", "--out", str(tmp_path / "o.png"),
-            "--weights", "ir=1"]
+    args = [
+        "generate",
+        "--base",
+        str(sd_pipeline_folder),
+        "--prompt",
+        "a",
+        "--out",
+        str(tmp_path / "o.png"),
+        "--weights",
+        "ir=1",
+    ]
     for part in item.split(" --basis "):
         args += ["--basis", part]
     result = runner.invoke(app, args)
     assert result.exit_code != 0 and message in result.stderr
 
 
-@pytest.mark.parametrize("build, expected", [
-    ("sd_pipeline", ("guidance_scale", 4.0)),
-    ("flux_pipeline", ("guidance_scale", 4.0)),  # guidance distilled into FLUX.1-dev's embedding
-    ("qwen_pipeline", ("true_cfg_scale", 4.0)),  # its guidance_scale feeds an embedding only distilled models have
-])
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        ("sd_pipeline", ("guidance_scale", 4.0)),
+        ("flux_pipeline", ("guidance_scale", 4.0)),  # guidance distilled into FLUX.1-dev's embedding
+        ("qwen_pipeline", ("true_cfg_scale", 4.0)),  # its guidance_scale feeds an embedding only distilled models have
+    ],
+)
 def test_guidance_sets_the_pipelines_classifier_free_guidance(build, expected):
     import tiny
     from diffusion_blend.cli import call_defaults_of, guidance_setting

@@ -41,10 +41,13 @@ def _steps(denoiser, weights, kl_scale=1.0, mode="mix", timesteps=(900, 500, 100
         return [denoiser(sample, torch.tensor(t), encoder_hidden_states=context).sample for t in timesteps]
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale", [
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale",
+    [
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+    ],
+)
 def test_compiled_lora_blend_equals_the_eager_blend(mode, weights, kl_scale):
     base = _lora_base()
     eager = _steps(BlendedDenoiser(base, MEMBERS), weights, kl_scale, mode)
@@ -167,8 +170,10 @@ def test_a_compiled_blend_leaves_the_base_as_it_found_it():
     base = _lora_base()
 
     def state():  # (a LoRA layer keeps its routed forward, made once, so that graphs are reused)
-        return [(sorted(set(m.__dict__) - {ROUTED_FORWARD_ATTRIBUTE}), len(m._forward_hooks), len(m._forward_pre_hooks))
-                for m in base.modules()]
+        return [
+            (sorted(set(m.__dict__) - {ROUTED_FORWARD_ATTRIBUTE}), len(m._forward_hooks), len(m._forward_pre_hooks))
+            for m in base.modules()
+        ]
 
     before = state()
     _steps(BlendedDenoiser(base, MEMBERS, compile=CAPTURE), {"ir": 0.5, "aes": 0.5}, timesteps=(400,))

@@ -246,10 +246,14 @@ def test_a_deep_copy_blends_on_its_own(full_members):
     twin.set_blend({"ir": 1.0}, kl_scale=0.0)
     sample, t, context = _inputs()
     with torch.no_grad():
-        assert torch.equal(twin(sample, t, encoder_hidden_states=context).sample,
-                           full_members[0](sample, t, encoder_hidden_states=context).sample)
-        assert torch.equal(denoiser(sample, t, encoder_hidden_states=context).sample,
-                           full_members[1]["ir"](sample, t, encoder_hidden_states=context).sample)
+        assert torch.equal(
+            twin(sample, t, encoder_hidden_states=context).sample,
+            full_members[0](sample, t, encoder_hidden_states=context).sample,
+        )
+        assert torch.equal(
+            denoiser(sample, t, encoder_hidden_states=context).sample,
+            full_members[1]["ir"](sample, t, encoder_hidden_states=context).sample,
+        )
 
 
 def test_private_attributes_are_not_taken_from_the_base(full_members):

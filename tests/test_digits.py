@@ -162,8 +162,13 @@ def test_each_manifest_entry_names_the_command_that_retrains_it():
 
 def test_a_shipped_basis_model_blends_as_it_loads_in_diffusers(pipe):
     blend = Blend(digits.load_pipeline(), basis={"bold": digits.basis_models()["bold"]})
-    blended = blend.blend(prompt="3", weights={"bold": 1.0}, generator=torch.Generator().manual_seed(0),
-                          num_inference_steps=4, output_type="pt").images
+    blended = blend.blend(
+        prompt="3",
+        weights={"bold": 1.0},
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=4,
+        output_type="pt",
+    ).images
     plain = digits.load_pipeline()
     plain.load_lora_weights(str(digits.basis_models()["bold"]))
     assert torch.allclose(blended, _draw(plain, "3"), atol=1e-5)
@@ -173,8 +178,20 @@ def test_a_shipped_basis_model_blends_as_it_loads_in_diffusers(pipe):
 # --------------------------------------------------------------------------------------------------------- CLI
 def test_generate_uses_the_embedded_model_by_default(tmp_path):
     began = time.perf_counter()
-    result = runner.invoke(app, ["generate", "--weights", "legible=0.5,bold=0.5", "--prompt", "3", "--out",
-                                 str(tmp_path / "digits.png"), "--num-images", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--weights",
+            "legible=0.5,bold=0.5",
+            "--prompt",
+            "3",
+            "--out",
+            str(tmp_path / "digits.png"),
+            "--num-images",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert time.perf_counter() - began < 60
     assert Image.open(tmp_path / "digits.png").size == (32, 32)
@@ -182,11 +199,14 @@ def test_generate_uses_the_embedded_model_by_default(tmp_path):
     assert settings["base"] == "digits (embedded)" and set(settings["basis"]) == {"legible", "bold", "stencil"}
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--prompt", "12"], "12' is not one"),
-    (["--weights", "legible=0.5,sparkle=0.5"], "unknown weight name(s) 'sparkle'"),
-    (["--weights", "legible=half"], "'half' (for 'legible') is not a number"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--prompt", "12"], "12' is not one"),
+        (["--weights", "legible=0.5,sparkle=0.5"], "unknown weight name(s) 'sparkle'"),
+        (["--weights", "legible=half"], "'half' (for 'legible') is not a number"),
+    ],
+)
 def test_generate_bad_input_names_it_and_writes_nothing(arguments, message, tmp_path):
     options = {"--weights": "legible=1", "--prompt": "3", "--out": str(tmp_path / "out.png")}
     options.update(dict(zip(arguments[::2], arguments[1::2])))
@@ -219,6 +239,7 @@ def test_retraining_reproduces_the_manifest(tmp_path):
     expected = digits.manifest()["reproduction"]
     measured = reproduce(tmp_path)
     assert measured["classifier"]["held_out_accuracy"] == pytest.approx(
-        expected["classifier"]["held_out_accuracy"], abs=expected["tolerance"]["accuracy"])
+        expected["classifier"]["held_out_accuracy"], abs=expected["tolerance"]["accuracy"]
+    )
     for key in ("finetuned_reward", "reward_gain"):
         assert measured["basis"][key] == pytest.approx(expected["basis"][key], abs=expected["tolerance"]["reward"])

@@ -26,10 +26,24 @@ FILES = ("results.json", "samples.csv", "pareto.png", "grid.png", "report.md")
 #: what differs between two runs of the same units: the clock and the memory
 TIMINGS = ("seconds", "seconds_per_image", "peak_memory_mb")
 SMALL = {
-    "setting": "digits", "rewards": ["bold", "stencil"], "weights": [[0, 1], [0.5, 0.5]],
-    "methods": ["base", "db-mpa", "db-mpa-ls", "soup", "soup-published", {"name": "code", "candidates": 2, "block": 2},
-                {"name": "guidance", "scale": 0.05, "probes": 2}, "oracle", "joint"],
-    "kl_scales": [0.5, 1.5], "prompts": ["3", "7"], "images_per_prompt": 2, "steps": 4,
+    "setting": "digits",
+    "rewards": ["bold", "stencil"],
+    "weights": [[0, 1], [0.5, 0.5]],
+    "methods": [
+        "base",
+        "db-mpa",
+        "db-mpa-ls",
+        "soup",
+        "soup-published",
+        {"name": "code", "candidates": 2, "block": 2},
+        {"name": "guidance", "scale": 0.05, "probes": 2},
+        "oracle",
+        "joint",
+    ],
+    "kl_scales": [0.5, 1.5],
+    "prompts": ["3", "7"],
+    "images_per_prompt": 2,
+    "steps": 4,
 }
 
 
@@ -73,23 +87,34 @@ def test_named_weight_points_fill_in_zeros():
 def test_the_digits_preset_loads():
     config = load_config(preset="digits")
     assert config.setting == "digits" and len(config.weights) == 11
-    assert {m.name for m in config.methods} == {"base", "db-mpa", "db-mpa-ls", "soup", "soup-published", "code",
-                                                "guidance", "oracle"}
+    assert {m.name for m in config.methods} == {
+        "base",
+        "db-mpa",
+        "db-mpa-ls",
+        "soup",
+        "soup-published",
+        "code",
+        "guidance",
+        "oracle",
+    }
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"methods": ["base", "blend"]}, "unknown method 'blend'"),
-    ({"methods": [{"name": "code", "beams": 3}]}, "takes no option"),
-    ({"weights": [[0.5, 0.3, 0.2]]}, "each point needs 2 weights"),
-    ({"weights": [{"bold": 1, "sharp": 0}]}, "unknown reward name"),
-    ({"weights": [[0.5, -0.5]]}, ">= 0"),
-    ({"grid": 0.3, "weights": None}, "divide 1"),
-    ({"prompts": "missing.txt"}, "does not exist"),
-    ({"setting": "sdxl"}, "setting must be"),
-    ({"rewards": ["bold"]}, "two or more"),
-    ({"seeds": [-1]}, "seeds"),
-    ({"steps": 0}, "steps"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"methods": ["base", "blend"]}, "unknown method 'blend'"),
+        ({"methods": [{"name": "code", "beams": 3}]}, "takes no option"),
+        ({"weights": [[0.5, 0.3, 0.2]]}, "each point needs 2 weights"),
+        ({"weights": [{"bold": 1, "sharp": 0}]}, "unknown reward name"),
+        ({"weights": [[0.5, -0.5]]}, ">= 0"),
+        ({"grid": 0.3, "weights": None}, "divide 1"),
+        ({"prompts": "missing.txt"}, "does not exist"),
+        ({"setting": "sdxl"}, "setting must be"),
+        ({"rewards": ["bold"]}, "two or more"),
+        ({"seeds": [-1]}, "seeds"),
+        ({"steps": 0}, "steps"),
+    ],
+)
 def test_bad_configs_are_refused_before_anything_runs(tmp_path, changes, message):
     raw = {**SMALL, **changes}
     raw = {key: value for key, value in raw.items() if value is not None}
@@ -99,12 +124,15 @@ def test_bad_configs_are_refused_before_anything_runs(tmp_path, changes, message
         load_config(path)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"rewards": ["bold", "sharp"]}, "no model for reward"),
-    ({"methods": [{"name": "oracle", "weights": [[0.1, 0.9]]}]}, "no MORL oracle was fine-tuned at weights"),
-    ({"methods": [{"name": "db-mpa-ls", "weights": [[0.5, 0.6]]}]}, "must sum to 1"),
-    ({"prompts": ["3", "x"]}, "digit"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rewards": ["bold", "sharp"]}, "no model for reward"),
+        ({"methods": [{"name": "oracle", "weights": [[0.1, 0.9]]}]}, "no MORL oracle was fine-tuned at weights"),
+        ({"methods": [{"name": "db-mpa-ls", "weights": [[0.5, 0.6]]}]}, "must sum to 1"),
+        ({"prompts": ["3", "x"]}, "digit"),
+    ],
+)
 def test_configs_the_setting_cannot_serve_are_refused_before_sampling(tmp_path, monkeypatch, changes, message):
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before the configuration was checked")
@@ -116,8 +144,9 @@ def test_configs_the_setting_cannot_serve_are_refused_before_sampling(tmp_path, 
 
 
 def test_the_cli_reports_a_bad_config_in_one_line_and_writes_nothing(tmp_path):
-    result = runner.invoke(app, ["sweep", str(write_config(tmp_path, methods=["soups"])), "--out",
-                                 str(tmp_path / "out")])
+    result = runner.invoke(
+        app, ["sweep", str(write_config(tmp_path, methods=["soups"])), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and "unknown method 'soups'" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -126,11 +155,24 @@ def test_the_cli_reports_a_bad_config_in_one_line_and_writes_nothing(tmp_path):
 def test_a_sweep_writes_every_file(swept):
     assert all((swept / name).is_file() for name in FILES)
     results = json.loads((swept / "results.json").read_text())
-    assert set(results["methods"]) == {"base", "db-mpa", "db-mpa-ls", "soup", "soup-published", "code", "guidance",
-                                       "oracle", "joint λ=0.5", "joint λ=1.5"}
+    assert set(results["methods"]) == {
+        "base",
+        "db-mpa",
+        "db-mpa-ls",
+        "soup",
+        "soup-published",
+        "code",
+        "guidance",
+        "oracle",
+        "joint λ=0.5",
+        "joint λ=1.5",
+    }
     assert [entry["kl_scale"] for entry in results["methods"]["joint λ=1.5"]] == [1.5, 1.5]
     assert [entry["weights"] for entry in results["methods"]["oracle"]] == [
-        {"bold": 0.25, "stencil": 0.75}, {"bold": 0.5, "stencil": 0.5}, {"bold": 0.75, "stencil": 0.25}]
+        {"bold": 0.25, "stencil": 0.75},
+        {"bold": 0.5, "stencil": 0.5},
+        {"bold": 0.75, "stencil": 0.25},
+    ]
 
 
 def test_results_summarise_the_samples(swept):
@@ -139,8 +181,10 @@ def test_results_summarise_the_samples(swept):
     for entry in results["methods"]["soup"]:
         mine = [row for row in rows if row["method"] == "soup" and float(row["w_bold"]) == entry["weights"]["bold"]]
         bold = [float(row["bold"]) for row in mine]
-        weighted = [entry["weights"]["bold"] * float(row["bold"]) + entry["weights"]["stencil"] * float(row["stencil"])
-                    for row in mine]
+        weighted = [
+            entry["weights"]["bold"] * float(row["bold"]) + entry["weights"]["stencil"] * float(row["stencil"])
+            for row in mine
+        ]
         assert len(bold) == 4 and math.isclose(entry["rewards"]["bold"]["mean"], sum(bold) / 4, rel_tol=1e-12)
         assert math.isclose(entry["weighted"]["mean"], sum(weighted) / 4, rel_tol=1e-12)
         spread = math.sqrt(sum((b - sum(bold) / 4) ** 2 for b in bold) / 3 / 4)
@@ -150,8 +194,10 @@ def test_results_summarise_the_samples(swept):
 def test_the_soup_and_the_blend_agree_where_one_basis_model_has_all_the_weight(swept):
     """At w = (0, 1) the soup, DB-MPA and the published soup all sample the stencil basis model alone."""
     results = json.loads((swept / "results.json").read_text())
-    at_stencil = [next(e for e in results["methods"][m] if e["weights"]["bold"] == 0) for m in
-                  ("db-mpa", "soup", "soup-published")]
+    at_stencil = [
+        next(e for e in results["methods"][m] if e["weights"]["bold"] == 0)
+        for m in ("db-mpa", "soup", "soup-published")
+    ]
     assert at_stencil[0]["rewards"]["bold"]["mean"] == pytest.approx(at_stencil[1]["rewards"]["bold"]["mean"], abs=1e-3)
     assert at_stencil[1]["rewards"]["bold"]["mean"] == pytest.approx(at_stencil[2]["rewards"]["bold"]["mean"], abs=1e-3)
 
@@ -187,8 +233,9 @@ def test_a_resumed_sweep_runs_only_the_missing_units_and_gets_the_same_numbers(s
             (out / "cells" / cell.with_suffix(suffix).name).write_bytes(cell.with_suffix(suffix).read_bytes())
     ran = []
     original = sweep_module.run_unit
-    monkeypatch.setattr(sweep_module, "run_unit", lambda setting, unit, stem: (ran.append(stem.name),
-                                                                             original(setting, unit, stem)))
+    monkeypatch.setattr(
+        sweep_module, "run_unit", lambda setting, unit, stem: (ran.append(stem.name), original(setting, unit, stem))
+    )
     run_sweep(str(write_config(tmp_path)), str(out), progress=False)
     assert sorted(ran) == sorted(cell.stem for cell in cells[1::2])
     resumed = without_timings(json.loads((out / "results.json").read_text()))
@@ -203,13 +250,42 @@ def cli_env() -> dict:
 @pytest.mark.slow
 def test_two_processes_give_the_results_of_one(tmp_path):
     config = write_config(tmp_path)
-    one = subprocess.run([sys.executable, "-m", "diffusion_blend", "sweep", str(config), "--out",
-                          str(tmp_path / "one")], env=cli_env(), capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "diffusion_blend", "sweep", str(config), "--out", str(tmp_path / "one")],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", "29519", "-m", "diffusion_blend", "sweep", str(config), "--out",
-                          str(tmp_path / "two")], env=cli_env(), capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29519",
+            "-m",
+            "diffusion_blend",
+            "sweep",
+            str(config),
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("results.json") == 1  # the main process writes and reports
     results = [without_timings(json.loads((tmp_path / run / "results.json").read_text())) for run in ("one", "two")]
@@ -225,8 +301,14 @@ def test_the_setting_is_built_before_units_are_planned(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------- lab
-LAB = {"setting": "lab", "rewards": ["r1", "r2"], "weights": [[1, 0], [0.5, 0.5]], "images_per_prompt": 300,
-       "steps": 20, "methods": ["base", "db-mpa", {"name": "code", "candidates": 2, "block": 5}, "guidance", "oracle"]}
+LAB = {
+    "setting": "lab",
+    "rewards": ["r1", "r2"],
+    "weights": [[1, 0], [0.5, 0.5]],
+    "images_per_prompt": 300,
+    "steps": 20,
+    "methods": ["base", "db-mpa", {"name": "code", "candidates": 2, "block": 5}, "guidance", "oracle"],
+}
 
 
 def test_the_lab_front_is_the_closed_form_of_the_tilted_mixture(tmp_path):
@@ -285,8 +367,10 @@ def test_the_lab_soup_averages_the_learned_networks(tmp_path):
         expected = ResidualDenoiser(setting.base)
     with torch.no_grad():
         for name, parameter in expected.net.named_parameters():
-            parameter.copy_(0.25 * dict(members["r1"].net.named_parameters())[name]
-                            + 0.75 * dict(members["r2"].net.named_parameters())[name])
+            parameter.copy_(
+                0.25 * dict(members["r1"].net.named_parameters())[name]
+                + 0.75 * dict(members["r2"].net.named_parameters())[name]
+            )
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     assert torch.allclose(soup(x, 500), expected(x, 500), atol=1e-6)
 
@@ -321,14 +405,28 @@ def test_a_diffusers_pipeline_with_lora_basis_models_is_swept(sd_pipeline_folder
     """The tiny SD pipeline, two random LoRAs, user rewards (one a black box), every method; the soup at a corner
     samples that corner's LoRA alone, as DB-MPA does."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    raw = {"setting": "diffusers", "base": str(sd_pipeline_folder), "rewards": ["ir", "aes"],
-           "basis": {name: str(path) for name, path in sd_loras.items()},
-           "oracles": {"ir=0.5,aes=0.5": str(sd_loras["ir"])},
-           "reward_models": {"ir": "finetune_rewards:brightness", "aes": "finetune_rewards:redness"},
-           "weights": [[1, 0], [0.5, 0.5]], "prompts": ["a cat", "a dog"], "images_per_prompt": 1, "steps": 3,
-           "guidance_scale": 2.0,
-           "methods": ["base", "db-mpa", "soup", "soup-published", {"name": "code", "candidates": 2, "block": 2},
-                       {"name": "guidance", "probes": 2}, "oracle"]}
+    raw = {
+        "setting": "diffusers",
+        "base": str(sd_pipeline_folder),
+        "rewards": ["ir", "aes"],
+        "basis": {name: str(path) for name, path in sd_loras.items()},
+        "oracles": {"ir=0.5,aes=0.5": str(sd_loras["ir"])},
+        "reward_models": {"ir": "finetune_rewards:brightness", "aes": "finetune_rewards:redness"},
+        "weights": [[1, 0], [0.5, 0.5]],
+        "prompts": ["a cat", "a dog"],
+        "images_per_prompt": 1,
+        "steps": 3,
+        "guidance_scale": 2.0,
+        "methods": [
+            "base",
+            "db-mpa",
+            "soup",
+            "soup-published",
+            {"name": "code", "candidates": 2, "block": 2},
+            {"name": "guidance", "probes": 2},
+            "oracle",
+        ],
+    }
     path = tmp_path / "sd.yaml"
     path.write_text(yaml.safe_dump(raw))
     run_sweep(str(path), str(tmp_path / "out"), progress=False)
@@ -339,8 +437,14 @@ def test_a_diffusers_pipeline_with_lora_basis_models_is_swept(sd_pipeline_folder
 
 
 def test_the_diffusers_setting_needs_a_basis_model_per_reward(sd_pipeline_folder, sd_loras, tmp_path):
-    raw = {"setting": "diffusers", "base": str(sd_pipeline_folder), "rewards": ["ir", "sharp"],
-           "basis": {name: str(path) for name, path in sd_loras.items()}, "methods": ["db-mpa"], "prompts": ["a"]}
+    raw = {
+        "setting": "diffusers",
+        "base": str(sd_pipeline_folder),
+        "rewards": ["ir", "sharp"],
+        "basis": {name: str(path) for name, path in sd_loras.items()},
+        "methods": ["db-mpa"],
+        "prompts": ["a"],
+    }
     path = tmp_path / "sd.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="no model for reward"):

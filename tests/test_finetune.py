@@ -32,8 +32,12 @@ SMALL = dict(alpha=1e-2, steps=20, batch_size=8, lr=1e-2, sampler_steps=6, eval_
 
 def _env() -> dict:
     """The environment of a CLI subprocess: the test rewards importable, no hub."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,14 @@ def prompts_file(tmp_path_factory) -> Path:
 def brightness_run(sd_pipeline_folder, prompts_file, tmp_path_factory) -> tuple[Path, dict]:
     """Adjoint matching for a differentiable reward (the images' brightness)."""
     out = tmp_path_factory.mktemp("bright")
-    record = finetune(str(sd_pipeline_folder), "finetune_rewards:brightness", prompts=prompts_file, out=out,
-                      method="adjoint-matching", **SMALL)
+    record = finetune(
+        str(sd_pipeline_folder),
+        "finetune_rewards:brightness",
+        prompts=prompts_file,
+        out=out,
+        method="adjoint-matching",
+        **SMALL,
+    )
     return out, record
 
 
@@ -58,9 +68,15 @@ def test_adjoint_matching_raises_a_differentiable_reward(brightness_run):
 
 
 def test_policy_gradient_raises_a_black_box_reward(sd_pipeline_folder, prompts_file, tmp_path):
-    record = finetune(str(sd_pipeline_folder), "finetune_rewards:redness", prompts=prompts_file, out=tmp_path,
-                      method="policy-gradient", **{**SMALL, "batch_size": 32, "lr": 3e-2, "steps": 24},
-                      options={"updates_per_rollout": 2})
+    record = finetune(
+        str(sd_pipeline_folder),
+        "finetune_rewards:redness",
+        prompts=prompts_file,
+        out=tmp_path,
+        method="policy-gradient",
+        **{**SMALL, "batch_size": 32, "lr": 3e-2, "steps": 24},
+        options={"updates_per_rollout": 2},
+    )
     evaluation = record["evaluation"]
     assert evaluation["reward_gain"] > 3 * evaluation["reward_gain_se"] > 0
 
@@ -96,9 +112,16 @@ def test_reported_kl_matches_a_direct_computation(brightness_run, sd_pipeline_fo
         total = torch.zeros(samples, dtype=torch.float64)
         for timestep in scheduler.timesteps:
             noise = torch.randn(x.shape, generator=generator)
-            means = [scheduler.step(pipe.unet(x, timestep, encoder_hidden_states=embeddings).sample, timestep, x,
-                                    eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
-                     for pipe in (finetuned, base)]
+            means = [
+                scheduler.step(
+                    pipe.unet(x, timestep, encoder_hidden_states=embeddings).sample,
+                    timestep,
+                    x,
+                    eta=1.0,
+                    variance_noise=torch.zeros_like(x),
+                ).prev_sample
+                for pipe in (finetuned, base)
+            ]
             previous = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
             variance = scheduler._get_variance(timestep, previous)
             if variance > 0:
@@ -123,19 +146,52 @@ def test_record_says_what_was_trained(brightness_run, sd_pipeline_folder):
 
 # ------------------------------------------------------------------------------------------- kill and resume
 def _finetune_command(base: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "diffusion_blend", "finetune", "--base", str(base), "--reward",
-            "finetune_rewards:redness", "--alpha", "0.01", "--prompts", str(prompts), "--out", str(out),
-            "--method", "policy-gradient", "--steps", "12", "--batch-size", "4", "--sampler-steps", "4",
-            "--lr", "0.01", "--checkpoint-every", "3", "--option", "updates_per_rollout=2", "--eval-samples", "4",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "diffusion_blend",
+        "finetune",
+        "--base",
+        str(base),
+        "--reward",
+        "finetune_rewards:redness",
+        "--alpha",
+        "0.01",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--method",
+        "policy-gradient",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--sampler-steps",
+        "4",
+        "--lr",
+        "0.01",
+        "--checkpoint-every",
+        "3",
+        "--option",
+        "updates_per_rollout=2",
+        "--eval-samples",
+        "4",
+        *extra,
+    ]
 
 
 def test_a_killed_run_resumes_to_the_same_weights(sd_pipeline_folder, prompts_file, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_finetune_command(sd_pipeline_folder, prompts_file, whole), env=_env(), check=True,
-                   capture_output=True)
-    process = subprocess.Popen(_finetune_command(sd_pipeline_folder, prompts_file, killed), env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _finetune_command(sd_pipeline_folder, prompts_file, whole), env=_env(), check=True, capture_output=True
+    )
+    process = subprocess.Popen(
+        _finetune_command(sd_pipeline_folder, prompts_file, killed),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "step-0000006").is_dir():  # killed between checkpoints 6 and 12
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -143,8 +199,12 @@ def test_a_killed_run_resumes_to_the_same_weights(sd_pipeline_folder, prompts_fi
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "pytorch_lora_weights.safetensors").exists()
-    subprocess.run(_finetune_command(sd_pipeline_folder, prompts_file, killed, "--resume"), env=_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _finetune_command(sd_pipeline_folder, prompts_file, killed, "--resume"),
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
     resumed = safetensors.torch.load_file(killed / "pytorch_lora_weights.safetensors")
     uninterrupted = safetensors.torch.load_file(whole / "pytorch_lora_weights.safetensors")
     assert resumed.keys() == uninterrupted.keys() and resumed
@@ -155,9 +215,23 @@ def test_a_killed_run_resumes_to_the_same_weights(sd_pipeline_folder, prompts_fi
 
 def test_two_processes_hold_the_same_weights_and_write_once(sd_pipeline_folder, prompts_file, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", *_finetune_command(sd_pipeline_folder, prompts_file, out)[1:]]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        *_finetune_command(sd_pipeline_folder, prompts_file, out)[1:],
+    ]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("pytorch_lora_weights.safetensors") == 1  # one process reports
@@ -166,8 +240,9 @@ def test_two_processes_hold_the_same_weights_and_write_once(sd_pipeline_folder, 
     ranks = [safetensors.torch.load_file(checkpoint / f"rank-{rank}.safetensors") for rank in (0, 1)]
     parameters = [json.loads((checkpoint / f"rank-{rank}.json").read_text())["__dict__"] for rank in (0, 1)]
     keys = [dict((k, v) for k, v in state)["parameters"] for state in parameters]
-    assert keys[0] and all(torch.equal(ranks[0][a["__tensor__"]], ranks[1][b["__tensor__"]])
-                           for a, b in zip(keys[0], keys[1], strict=True))
+    assert keys[0] and all(
+        torch.equal(ranks[0][a["__tensor__"]], ranks[1][b["__tensor__"]]) for a, b in zip(keys[0], keys[1], strict=True)
+    )
     rewards = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rewards) == 12  # one metrics file, one line per update
 
@@ -179,19 +254,22 @@ def _bad(base, prompts, out, **changes) -> list[str]:
     return ["finetune", *[item for pair in options.items() for item in pair if pair[1] is not None]]
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"--reward": "jpeg,nonsense=1"}, "unknown reward 'nonsense'"),
-    ({"--alpha": "0"}, "alpha must be a finite number > 0"),
-    ({"--alpha": "nan"}, "alpha must be a finite number > 0"),
-    ({"--method": "policy-gradient", "--eta": "0"}, "needs a stochastic sampler"),
-    ({"--method": "adjoint-matching"}, "needs a differentiable reward"),
-    ({"--method": "sgd"}, "unknown method 'sgd'"),
-    ({"--prompts": "missing.txt"}, "cannot read missing.txt"),
-    ({"--base": "no/such/folder"}, "neither a local folder nor a hub repository"),
-    ({"--log-with": "nosuch"}, "unknown tracker 'nosuch'"),
-    ({"--option": "regressed_steps=3"}, "weighted-dsm takes no option regressed_steps"),
-    ({"--option": "batch_size=0"}, "batch-size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"--reward": "jpeg,nonsense=1"}, "unknown reward 'nonsense'"),
+        ({"--alpha": "0"}, "alpha must be a finite number > 0"),
+        ({"--alpha": "nan"}, "alpha must be a finite number > 0"),
+        ({"--method": "policy-gradient", "--eta": "0"}, "needs a stochastic sampler"),
+        ({"--method": "adjoint-matching"}, "needs a differentiable reward"),
+        ({"--method": "sgd"}, "unknown method 'sgd'"),
+        ({"--prompts": "missing.txt"}, "cannot read missing.txt"),
+        ({"--base": "no/such/folder"}, "neither a local folder nor a hub repository"),
+        ({"--log-with": "nosuch"}, "unknown tracker 'nosuch'"),
+        ({"--option": "regressed_steps=3"}, "weighted-dsm takes no option regressed_steps"),
+        ({"--option": "batch_size=0"}, "batch-size must be a positive integer"),
+    ],
+)
 def test_bad_input_is_refused_before_any_work(changes, message, sd_pipeline_folder, prompts_file, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, _bad(sd_pipeline_folder, prompts_file, out, **changes))
@@ -208,9 +286,16 @@ def test_a_tracker_that_is_not_installed_is_refused(sd_pipeline_folder, prompts_
 
 
 def test_mixed_precision_and_gradient_checkpointing_train(sd_pipeline_folder, prompts_file, tmp_path):
-    record = finetune(str(sd_pipeline_folder), "finetune_rewards:brightness", prompts=prompts_file, out=tmp_path,
-                      method="adjoint-matching", mixed_precision="bf16", gradient_checkpointing=True,
-                      **{**SMALL, "steps": 2, "eval_samples": 4})
+    record = finetune(
+        str(sd_pipeline_folder),
+        "finetune_rewards:brightness",
+        prompts=prompts_file,
+        out=tmp_path,
+        method="adjoint-matching",
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        **{**SMALL, "steps": 2, "eval_samples": 4},
+    )
     assert record["mixed_precision"] == "bf16" and record["last_metrics"]["grad_norm"] > 0
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
 

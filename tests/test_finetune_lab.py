@@ -16,8 +16,14 @@ from diffusion_blend.lab import default_scenario, make_scheduler, sample
 
 runner = CliRunner()
 #: a weighted-dsm run small enough for the default test run
-SMALL_DSM = dict(method="weighted-dsm", steps=12, path_steps=20, samples=500, checkpoint_every=4,
-                 options={"round_samples": 256, "round_updates": 4, "batch_size": 64})
+SMALL_DSM = dict(
+    method="weighted-dsm",
+    steps=12,
+    path_steps=20,
+    samples=500,
+    checkpoint_every=4,
+    options={"round_samples": 256, "round_updates": 4, "batch_size": 64},
+)
 
 
 @pytest.mark.slow
@@ -25,7 +31,7 @@ SMALL_DSM = dict(method="weighted-dsm", steps=12, path_steps=20, samples=500, ch
 def test_default_method_reaches_the_exact_tilt_within_three_percent(weights, exact):
     report = lab_finetune(default_scenario(), weights)
     assert report["seconds"] < 600
-    for name, weight in weights.items():
+    for name in weights:
         assert report["exact"][name] == pytest.approx(exact, abs=1e-3)
         assert report["achieved"][name] == pytest.approx(exact, rel=0.03), report
 
@@ -100,19 +106,23 @@ def test_exact_expectations_of_the_mix_are_the_closed_form():
 
 
 def test_cli_prints_one_json_object():
-    result = runner.invoke(app, ["lab", "finetune", "--method", "adjoint-matching", "--steps", "3", "--samples", "200",
-                                 "--json"])
+    result = runner.invoke(
+        app, ["lab", "finetune", "--method", "adjoint-matching", "--steps", "3", "--samples", "200", "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = __import__("json").loads(result.output)
     assert set(report) >= {"alpha", "reward", "method", "exact", "achieved", "seconds"}
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--reward", "r3=1"], "unknown reward(s) 'r3'"),
-    (["--alpha", "-1"], "--alpha must be a finite number > 0"),
-    (["--method", "sgd"], "unknown method 'sgd'"),
-    (["--resume"], "--resume and --overwrite need --out"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--reward", "r3=1"], "unknown reward(s) 'r3'"),
+        (["--alpha", "-1"], "--alpha must be a finite number > 0"),
+        (["--method", "sgd"], "unknown method 'sgd'"),
+        (["--resume"], "--resume and --overwrite need --out"),
+    ],
+)
 def test_cli_bad_input(arguments, message):
     result = runner.invoke(app, ["lab", "finetune", *arguments])
     assert result.exit_code == 2 and message in result.output, result.output

@@ -68,17 +68,21 @@ def test_eta_zero_is_not_stochastic():
 
 def test_memoryless_reads_the_first_noise_level():
     trailing = StochasticPath.from_scheduler(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"), 50)
-    stable_diffusion = DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085,
-                                     beta_end=0.012, steps_offset=1)
+    stable_diffusion = DDIMScheduler(
+        clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+    )
     assert trailing.memoryless
     assert not StochasticPath.from_scheduler(stable_diffusion, 50).memoryless  # √ᾱ_T ≈ 0.07
 
 
-@pytest.mark.parametrize("scheduler, message", [
-    (EulerDiscreteScheduler(), "DDIM or DDPM"),
-    (DDIMScheduler(clip_sample=True), "clips"),
-    (DDPMScheduler(clip_sample=False, variance_type="fixed_large"), "fixed_small"),
-])
+@pytest.mark.parametrize(
+    "scheduler, message",
+    [
+        (EulerDiscreteScheduler(), "DDIM or DDPM"),
+        (DDIMScheduler(clip_sample=True), "clips"),
+        (DDPMScheduler(clip_sample=False, variance_type="fixed_large"), "fixed_small"),
+    ],
+)
 def test_schedulers_without_a_gaussian_step_are_refused(scheduler, message):
     with pytest.raises(ValueError, match=message):
         StochasticPath.from_scheduler(scheduler, 10)
@@ -86,8 +90,11 @@ def test_schedulers_without_a_gaussian_step_are_refused(scheduler, message):
 
 def test_kl_is_the_gaussian_kl_of_the_two_transitions():
     generator = torch.Generator().manual_seed(2)
-    sigma, base_mean, shift = 0.3, torch.randn(4, 2, 3, generator=generator, dtype=F64), \
-        torch.randn(4, 2, 3, generator=generator, dtype=F64)
+    sigma, base_mean, shift = (
+        0.3,
+        torch.randn(4, 2, 3, generator=generator, dtype=F64),
+        torch.randn(4, 2, 3, generator=generator, dtype=F64),
+    )
     control = shift / sigma
     finetuned, base = Normal(base_mean + shift, sigma), Normal(base_mean, sigma)
     expected = torch.distributions.kl_divergence(finetuned, base).flatten(1).sum(1)
@@ -127,8 +134,14 @@ def test_checkpoint_state_round_trips_exactly():
     parameter.grad = torch.ones_like(parameter)
     optimizer.step()
     generator = torch.Generator().manual_seed(6)
-    state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "pair": (1, "a"),
-             "missing": None, "nan": float("nan"), "buffers": [torch.arange(4), [torch.zeros(2)]]}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "pair": (1, "a"),
+        "missing": None,
+        "nan": float("nan"),
+        "buffers": [torch.arange(4), [torch.zeros(2)]],
+    }
     tensors, skeleton = pack(state)
     restored = unpack(tensors, json.loads(json.dumps(skeleton)))
     assert restored["pair"] == (1, "a") and restored["missing"] is None and math.isnan(restored["nan"])

@@ -18,10 +18,18 @@ from diffusion_blend.loading import basis_files
 from test_pipelines import call_kwargs, max_diff
 
 PIPELINE_REPOSITORY = [
-    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-    "text_encoder/model.safetensors", "tokenizer/vocab.json", "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin", "README.md",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/vocab.json",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "README.md",
 ]
 
 
@@ -31,14 +39,22 @@ def _selected(files, patterns):
 
 def test_of_a_pipeline_repository_only_the_denoiser_and_scheduler_config_are_fetched():
     assert _selected(PIPELINE_REPOSITORY, basis_files("o/p", PIPELINE_REPOSITORY, ("unet",))) == {
-        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors"}
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    }
 
 
 def test_of_a_sharded_denoiser_repository_the_plain_safetensors_shards_are_fetched():
-    files = ["config.json", "diffusion_pytorch_model.safetensors.index.json",
-             "diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors",
-             "diffusion_pytorch_model.fp16-00001-of-00001.safetensors", "diffusion_pytorch_model.bin"]
+    files = [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
+        "diffusion_pytorch_model.bin",
+    ]
     assert _selected(files, basis_files("o/t", files)) == set(files[:4])
 
 
@@ -52,12 +68,20 @@ def test_a_denoiser_repository_without_safetensors_is_fetched_as_bin():
     assert _selected(files, basis_files("o/t", files)) == {"config.json", "diffusion_pytorch_model.bin"}
 
 
-@pytest.mark.parametrize("files, expected", [
-    (["pytorch_lora_weights.safetensors", "samples/0.png", "old/pytorch_lora_weights.safetensors"],
-     {"pytorch_lora_weights.safetensors"}),
-    (["adapter_config.json", "adapter_model.safetensors", "README.md"], {"adapter_config.json", "adapter_model.safetensors"}),
-    (["my_style.safetensors", "preview.png"], {"my_style.safetensors"}),
-])
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        (
+            ["pytorch_lora_weights.safetensors", "samples/0.png", "old/pytorch_lora_weights.safetensors"],
+            {"pytorch_lora_weights.safetensors"},
+        ),
+        (
+            ["adapter_config.json", "adapter_model.safetensors", "README.md"],
+            {"adapter_config.json", "adapter_model.safetensors"},
+        ),
+        (["my_style.safetensors", "preview.png"], {"my_style.safetensors"}),
+    ],
+)
 def test_of_a_lora_repository_its_weights_are_fetched(files, expected):
     assert _selected(files, basis_files("o/l", files)) == expected
 
@@ -102,15 +126,21 @@ def test_a_full_member_from_a_pipeline_repository_blends_without_its_other_compo
     assert max_diff(out, tiny.sd_pipeline(denoiser_seed=7)(**call_kwargs()).images) <= 1e-5
     snapshot = tmp_path / "cache" / "someone/tiny-sd-ft"
     assert {p.relative_to(snapshot).parts[0] for p in snapshot.rglob("*") if p.is_file()} == {
-        "model_index.json", "scheduler", "unet"}
+        "model_index.json",
+        "scheduler",
+        "unet",
+    }
     assert ("list", "someone/tiny-sd-ft") in hub.calls
 
 
 def test_one_lora_file_of_a_repository_can_be_named(monkeypatch, tmp_path, sd_loras):
     shutil.copy(sd_loras["ir"], tmp_path / "ir_v2.safetensors")
     hub = FakeHub(monkeypatch, {"someone/loras": tmp_path}, tmp_path / "cache")
-    out = Blend(tiny.sd_pipeline(), {"ir": "someone/loras/ir_v2.safetensors"}).blend(
-        weights={"ir": 1.0}, **call_kwargs()).images
+    out = (
+        Blend(tiny.sd_pipeline(), {"ir": "someone/loras/ir_v2.safetensors"})
+        .blend(weights={"ir": 1.0}, **call_kwargs())
+        .images
+    )
     local = Blend(tiny.sd_pipeline(), {"ir": sd_loras["ir"]}).blend(weights={"ir": 1.0}, **call_kwargs()).images
     assert max_diff(out, local) == 0
     assert hub.calls == [("file", "someone/loras", "ir_v2.safetensors")]
@@ -120,8 +150,11 @@ def test_a_lora_repository_of_several_files_asks_for_one_before_downloading(monk
     for version in ("v1", "v2"):
         shutil.copy(sd_loras["ir"], tmp_path / f"ir_{version}.safetensors")
     hub = FakeHub(monkeypatch, {"someone/loras": tmp_path}, tmp_path / "cache")
-    with pytest.raises(ValueError, match=r"basis 'ir': someone/loras holds no .*name one of its files as "
-                                         r"someone/loras/FILE \(found: ir_v1.safetensors, ir_v2.safetensors\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"basis 'ir': someone/loras holds no .*name one of its files as "
+        r"someone/loras/FILE \(found: ir_v1.safetensors, ir_v2.safetensors\)",
+    ):
         Blend(tiny.sd_pipeline(), {"ir": "someone/loras"})
     assert [call[0] for call in hub.calls] == ["list"]
 

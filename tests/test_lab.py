@@ -31,7 +31,9 @@ runner = CliRunner()
 
 def _mixture_moments(mixture: GaussianMixture):
     mean = (mixture.weights[:, None] * mixture.means).sum(0)
-    second = (mixture.weights[:, None, None] * (mixture.covs + mixture.means[:, :, None] * mixture.means[:, None, :])).sum(0)
+    second = (
+        mixture.weights[:, None, None] * (mixture.covs + mixture.means[:, :, None] * mixture.means[:, None, :])
+    ).sum(0)
     return mean, second - mean[:, None] * mean[None, :]
 
 
@@ -69,7 +71,9 @@ def test_epsilon_matches_autograd_of_the_log_density(timestep):
     alpha_bar = denoiser.alpha_bar(timestep)
     noised = MixtureSameFamily(  # written independently with torch.distributions
         Categorical(probs=target.weights),
-        MultivariateNormal(math.sqrt(alpha_bar) * target.means, alpha_bar * target.covs + (1 - alpha_bar) * torch.eye(2, dtype=F64)),
+        MultivariateNormal(
+            math.sqrt(alpha_bar) * target.means, alpha_bar * target.covs + (1 - alpha_bar) * torch.eye(2, dtype=F64)
+        ),
     )
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=F64) * 3
     x.requires_grad_(True)
@@ -88,7 +92,8 @@ def test_oracle_sampling_reproduces_exact_expectations():
     """200 DDIM steps, 20 000 samples, the default scenario: every reward within 0.03 of its exact mean."""
     scenario = default_scenario()
     target = scenario.base.tilted(
-        QuadraticReward.linear([0.5, 0.5]), scenario.alpha  # 0.5·r1 + 0.5·r2
+        QuadraticReward.linear([0.5, 0.5]),
+        scenario.alpha,  # 0.5·r1 + 0.5·r2
     )
     oracle = ExactDenoiser(target, make_scheduler(scenario.schedule).alphas_cumprod)
     start = initial_noise(make_scheduler(scenario.schedule), 200, 20_000, target, "exact", seed=0)
@@ -110,8 +115,9 @@ def test_blend_is_exact_for_a_gaussian_base_and_linear_rewards(weights, kl_scale
 
 def test_jensen_gap_grows_as_alpha_shrinks_on_the_default_mixture():
     gaps = [
-        run_lab(default_scenario().with_alpha(alpha), {"r1": 0.5, "r2": 0.5}, samples=2000, steps=50,
-                methods=("blend",))["jensen_gap"]["mean_sq"]
+        run_lab(
+            default_scenario().with_alpha(alpha), {"r1": 0.5, "r2": 0.5}, samples=2000, steps=50, methods=("blend",)
+        )["jensen_gap"]["mean_sq"]
         for alpha in (4.0, 2.0, 1.0, 0.5, 0.25)
     ]
     assert gaps[0] > 1e-6  # far above numerical noise, unlike the Gaussian case
@@ -127,8 +133,24 @@ def test_default_run_of_20000_samples_takes_under_a_minute():
 
 
 def test_lab_run_json_is_one_object_with_the_documented_keys():
-    result = runner.invoke(app, ["lab", "run", "--weights", "r1=0.3,r2=0.7", "--kl-scale", "1.5", "--samples",
-                                 "500", "--steps", "20", "--eta", "1", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "lab",
+            "run",
+            "--weights",
+            "r1=0.3,r2=0.7",
+            "--kl-scale",
+            "1.5",
+            "--samples",
+            "500",
+            "--steps",
+            "20",
+            "--eta",
+            "1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"alpha", "weights", "kl_scale", "exact", "methods", "jensen_gap"} <= set(report)
@@ -147,14 +169,29 @@ def test_lab_run_prints_a_table_without_json():
 def test_lab_run_bad_weights_is_one_line():
     result = runner.invoke(app, ["lab", "run", "--weights", "r1=0.5,r9=0.5", "--samples", "300"])
     assert result.exit_code != 0
-    assert result.stderr.strip().splitlines() == [
-        "error: unknown weight name(s) 'r9'; the basis is r1, r2"
-    ]
+    assert result.stderr.strip().splitlines() == ["error: unknown weight name(s) 'r9'; the basis is r1, r2"]
 
 
 def test_lab_sweep_writes_table_and_plots(tmp_path):
-    result = runner.invoke(app, ["lab", "sweep", "--out", str(tmp_path / "sweep"), "--alphas", "1,0.5", "--kl-scales",
-                                 "1", "--points", "3", "--samples", "300", "--steps", "10"])
+    result = runner.invoke(
+        app,
+        [
+            "lab",
+            "sweep",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--alphas",
+            "1,0.5",
+            "--kl-scales",
+            "1",
+            "--points",
+            "3",
+            "--samples",
+            "300",
+            "--steps",
+            "10",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert {row["scenario"] for row in rows} == {"grid-2d", "grid-3d"}
@@ -170,10 +207,29 @@ def test_lab_sweep_summary_of_a_grid_without_equal_weights_has_the_nearest(tmp_p
     from matplotlib.figure import Figure
 
     figures, save = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: figures.append(figure) or save(figure, *args,
-                                                                                                           **kwargs))
-    result = runner.invoke(app, ["lab", "sweep", "--out", str(tmp_path / "sweep"), "--alphas", "1", "--kl-scales", "1",
-                                 "--points", "4", "--no-three-rewards", "--samples", "300", "--steps", "10"])
+    monkeypatch.setattr(
+        Figure, "savefig", lambda figure, *args, **kwargs: figures.append(figure) or save(figure, *args, **kwargs)
+    )
+    result = runner.invoke(
+        app,
+        [
+            "lab",
+            "sweep",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--alphas",
+            "1",
+            "--kl-scales",
+            "1",
+            "--points",
+            "4",
+            "--no-three-rewards",
+            "--samples",
+            "300",
+            "--steps",
+            "10",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "| grid-2d | 1 | 1 | r1=0.667, r2=0.333 | db-mpa |" in summary
@@ -239,8 +295,10 @@ def test_a_tilt_that_is_not_normalisable_raises():
     [
         ('{"base": {"means": [[0, 0]]}, "rewards": [{"b": [1, 0]}]}', "malformed"),
         ('{"base": {"means": [0, 0]}, "rewards": {"r": {"b": [1, 0]}}}', "list of points"),
-        ('{"base": {"means": [[0, 0]]}, "rewards": {"r": {"b": [1, 0]}}, "schedule": {"train_steps": 0}}',
-         "train_steps"),
+        (
+            '{"base": {"means": [[0, 0]]}, "rewards": {"r": {"b": [1, 0]}}, "schedule": {"train_steps": 0}}',
+            "train_steps",
+        ),
     ],
 )
 def test_malformed_scenarios_raise_value_errors(tmp_path, text, message):

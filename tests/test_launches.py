@@ -74,24 +74,31 @@ def test_a_routed_lora_layer_launches_what_peft_launches_for_its_active_adapter(
     assert routed_launches.count == peft_launches.count
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale", [
-    ("mix", {"ir": 0.5, "aes": 0.5}, 1.0),
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0),
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale",
+    [
+        ("mix", {"ir": 0.5, "aes": 0.5}, 1.0),
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0),
+    ],
+)
 def test_a_blended_step_adds_no_operation_per_lora_layer(mode, weights, kl_scale):
     """What a blended step launches beyond a fine-tuned model's step is the same with 4 or 8 LoRA targets per
     transformer block: the blend's own work is per step, none of it per layer."""
-    extra = [_blended_step(base, mode, weights, kl_scale) - _plain_step(base)
-             for base in (_base(), _base(MORE_TARGETS))]
+    extra = [
+        _blended_step(base, mode, weights, kl_scale) - _plain_step(base) for base in (_base(), _base(MORE_TARGETS))
+    ]
     assert extra[0] == extra[1]
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale, budget", [
-    ("mix", {"ir": 0.5, "aes": 0.5}, 1.0, 5),  # DB-MPA: gather the stacked rows (sample, context), Σ w·ε
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5, 9),  # DB-MPA with the base: + the members' differences to it, λ·
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0, 22),  # DB-MPA-LS: the draws (hash, sort, match) and their mask
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale, budget",
+    [
+        ("mix", {"ir": 0.5, "aes": 0.5}, 1.0, 5),  # DB-MPA: gather the stacked rows (sample, context), Σ w·ε
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5, 9),  # DB-MPA with the base: + the members' differences to it, λ·
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 1.0, 22),  # DB-MPA-LS: the draws (hash, sort, match) and their mask
+    ],
+)
 def test_a_blended_step_launches_a_bounded_number_of_operations_of_its_own(mode, weights, kl_scale, budget):
     """The blend's own operations per step, counted with one LoRA layer per transformer block so that the extra
     rows' products (DB-MPA's two members) weigh least: about twenty at most, against the 1,238 of a step of an SD1.5

@@ -133,7 +133,9 @@ def test_lora_with_unknown_modules_raises(sd_loras, tmp_path):
 
 
 def test_text_encoder_lora_is_refused(sd_loras, tmp_path):
-    lora = _lora_with_extra_module(sd_loras["ir"], tmp_path, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj")
+    lora = _lora_with_extra_module(
+        sd_loras["ir"], tmp_path, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    )
     with pytest.raises(ValueError, match="also adapts a text encoder"):
         Blend(tiny.sd_pipeline(), {"ir": lora})
 
@@ -153,8 +155,11 @@ def test_denoiser_folder_with_other_in_channels_raises(tmp_path):
 
 def test_folder_of_another_model_class_raises(tmp_path):
     tiny.sd_pipeline().vae.save_pretrained(tmp_path / "vae")
-    with pytest.raises(ValueError, match=r"basis 'ft': .*vae holds a AutoencoderKL, but the pipeline's unet is a "
-                                         "UNet2DConditionModel"):
+    with pytest.raises(
+        ValueError,
+        match=r"basis 'ft': .*vae holds a AutoencoderKL, but the pipeline's unet is a "
+        "UNet2DConditionModel",
+    ):
         Blend(tiny.sd_pipeline(), {"ft": tmp_path / "vae"})
 
 
@@ -166,9 +171,17 @@ def test_a_pixart_fine_tune_saved_under_its_old_class_name_loads(tmp_path):
 
     def pixart(seed):
         torch.manual_seed(seed)
-        return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                        num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
-                                        caption_channels=16)
+        return PixArtTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=1,
+            cross_attention_dim=16,
+            sample_size=8,
+            patch_size=2,
+            caption_channels=16,
+        )
 
     pixart(1).save_pretrained(tmp_path / "ft")
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
@@ -176,7 +189,9 @@ def test_a_pixart_fine_tune_saved_under_its_old_class_name_loads(tmp_path):
     base = pixart(0)  # (the parts of a PixArt pipeline a Blend reads)
     pipe = SimpleNamespace(transformer=base, scheduler=DDIMScheduler(), components={"transformer": base})
     blend = Blend(pipe, {"ft": tmp_path / "ft"})
-    assert all(torch.equal(a, b) for a, b in zip(blend.owned["ft"].state_dict().values(), pixart(1).state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(blend.owned["ft"].state_dict().values(), pixart(1).state_dict().values())
+    )
 
 
 def test_pipeline_folder_without_the_denoiser_raises(tmp_path):
@@ -190,10 +205,15 @@ def test_denoiser_folder_missing_weights_raises(tmp_path):
     """(Loaded, diffusers would leave them uninitialised on the meta device.)"""
     tiny.unet(1).save_pretrained(tmp_path / "ft")
     weights = safetensors.torch.load_file(tmp_path / "ft" / "diffusion_pytorch_model.safetensors")
-    safetensors.torch.save_file({key: value for key, value in weights.items() if not key.startswith("conv_out.")},
-              tmp_path / "ft" / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match=r"basis 'ft': the weights in .*ft lack 2 of the UNet2DConditionModel's "
-                                         r"parameters \(conv_out.bias, conv_out.weight, ...\)"):
+    safetensors.torch.save_file(
+        {key: value for key, value in weights.items() if not key.startswith("conv_out.")},
+        tmp_path / "ft" / "diffusion_pytorch_model.safetensors",
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"basis 'ft': the weights in .*ft lack 2 of the UNet2DConditionModel's "
+        r"parameters \(conv_out.bias, conv_out.weight, ...\)",
+    ):
         Blend(tiny.sd_pipeline(), {"ft": tmp_path / "ft"})
 
 
@@ -244,7 +264,9 @@ def test_bad_blend_raises_before_denoising(sd_loras, weights, kl_scale, mode, me
 
 
 def test_lora_for_another_model_size_raises(tmp_path):
-    wider = tiny.make_lora_file(tmp_path / "wide", seed=3, builder=lambda seed=0: tiny.unet(seed, block_out_channels=(4, 16)))
+    wider = tiny.make_lora_file(
+        tmp_path / "wide", seed=3, builder=lambda seed=0: tiny.unet(seed, block_out_channels=(4, 16))
+    )
     pipe = tiny.sd_pipeline()
     with pytest.raises(ValueError, match="does not fit the pipeline's unet"):
         Blend(pipe, {"ir": wider})

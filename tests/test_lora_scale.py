@@ -30,25 +30,32 @@ def _diffusers_scaled_blend(base, weights, kl_scale, scale):
     with torch.no_grad():
         for name in ("base", *weights):
             base.set_adapter([] if name == "base" else name)
-            predictions[name] = base(sample, t, encoder_hidden_states=context,
-                                     cross_attention_kwargs={"scale": scale}).sample
+            predictions[name] = base(
+                sample, t, encoder_hidden_states=context, cross_attention_kwargs={"scale": scale}
+            ).sample
     base.set_adapter([])
     return references.expanded_blend(predictions, weights, kl_scale)
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale, batch_members", [
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5, True),  # one stacked call
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5, False),  # one call per member
-    ("stochastic", {"ir": 1.0, "aes": 0.0}, 1.0, True),  # routed by a mask; every row draws "ir"
-    ("stochastic", {"ir": 1.0, "aes": 0.0}, 0.5, True),
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale, batch_members",
+    [
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5, True),  # one stacked call
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5, False),  # one call per member
+        ("stochastic", {"ir": 1.0, "aes": 0.0}, 1.0, True),  # routed by a mask; every row draws "ir"
+        ("stochastic", {"ir": 1.0, "aes": 0.0}, 0.5, True),
+    ],
+)
 def test_lora_scale_scales_every_lora_member_as_diffusers_does(mode, weights, kl_scale, batch_members):
     base = _lora_base()
-    blended = _blended(BlendedDenoiser(base, MEMBERS, batch_members=batch_members), weights, kl_scale, mode,
-                       {"scale": SCALE})
+    blended = _blended(
+        BlendedDenoiser(base, MEMBERS, batch_members=batch_members), weights, kl_scale, mode, {"scale": SCALE}
+    )
     expected = _diffusers_scaled_blend(base, {n: w for n, w in weights.items() if w}, kl_scale, SCALE)
     assert max_diff(blended, expected) <= 1e-5
-    assert max_diff(expected, _diffusers_scaled_blend(base, {n: w for n, w in weights.items() if w}, kl_scale, 1.0)) > 1e-3
+    assert (
+        max_diff(expected, _diffusers_scaled_blend(base, {n: w for n, w in weights.items() if w}, kl_scale, 1.0)) > 1e-3
+    )
 
 
 def test_a_blend_without_a_scale_is_unscaled_after_one_with_a_scale():
@@ -72,14 +79,18 @@ def test_a_lora_scale_that_is_not_a_finite_number_is_refused(scale):
 def test_sd_one_hot_at_a_lora_scale_reproduces_the_pipeline_with_that_lora(sd_loras, guidance):
     scaled = call_kwargs(guidance=guidance, cross_attention_kwargs={"scale": SCALE})
     out = Blend(tiny.sd_pipeline(), sd_loras).blend(weights={"aes": 1.0}, **scaled).images
-    plain = with_lora(tiny.sd_pipeline(), sd_loras["aes"])(**call_kwargs(guidance=guidance,
-                                                                         cross_attention_kwargs={"scale": SCALE}))
+    plain = with_lora(tiny.sd_pipeline(), sd_loras["aes"])(
+        **call_kwargs(guidance=guidance, cross_attention_kwargs={"scale": SCALE})
+    )
     assert max_diff(out, plain.images) <= 1e-5
 
 
 def test_sd3_one_hot_at_a_lora_scale_reproduces_the_pipeline_with_that_lora(sd3_loras):
-    out = Blend(tiny.sd3_pipeline(), sd3_loras).blend(
-        weights={"aes": 1.0}, **call_kwargs(joint_attention_kwargs={"scale": SCALE})).images
+    out = (
+        Blend(tiny.sd3_pipeline(), sd3_loras)
+        .blend(weights={"aes": 1.0}, **call_kwargs(joint_attention_kwargs={"scale": SCALE}))
+        .images
+    )
     plain = with_lora(tiny.sd3_pipeline(), sd3_loras["aes"])(**call_kwargs(joint_attention_kwargs={"scale": SCALE}))
     assert max_diff(out, plain.images) <= 1e-5
     unscaled = with_lora(tiny.sd3_pipeline(), sd3_loras["aes"])(**call_kwargs())

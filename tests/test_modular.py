@@ -15,23 +15,34 @@ from diffusion_blend import Blend
 from test_pipelines import max_diff
 
 _generator = torch.Generator().manual_seed(5)
-FLUX_EMBEDS = dict(prompt_embeds=torch.randn(1, 6, tiny.FLUX_CONTEXT, generator=_generator),
-                   pooled_prompt_embeds=torch.randn(1, tiny.FLUX_CONTEXT, generator=_generator))
+FLUX_EMBEDS = dict(
+    prompt_embeds=torch.randn(1, 6, tiny.FLUX_CONTEXT, generator=_generator),
+    pooled_prompt_embeds=torch.randn(1, tiny.FLUX_CONTEXT, generator=_generator),
+)
 
 
 def _modular_sdxl(guider=None, unet=None):
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
-    pipe.update_components(**{name: component for name, component in tiny.sdxl_pipeline().components.items()
-                              if name in pipe._component_specs and component is not None})
+    pipe.update_components(
+        **{
+            name: component
+            for name, component in tiny.sdxl_pipeline().components.items()
+            if name in pipe._component_specs and component is not None
+        }
+    )
     pipe.update_components(**{name: value for name, value in {"guider": guider, "unet": unet}.items() if value})
     return pipe
 
 
 def _skip_layer_guider():
     """Skip-layer guidance at every step, skipping the first transformer block of the tiny UNet's second level."""
-    return SkipLayerGuidance(guidance_scale=5.0, skip_layer_guidance_scale=3.0, skip_layer_guidance_start=0.0,
-                             skip_layer_guidance_stop=1.0, skip_layer_config=LayerSkipConfig(
-                                 indices=[0], fqn="down_blocks.1.attentions.0.transformer_blocks"))
+    return SkipLayerGuidance(
+        guidance_scale=5.0,
+        skip_layer_guidance_scale=3.0,
+        skip_layer_guidance_start=0.0,
+        skip_layer_guidance_stop=1.0,
+        skip_layer_config=LayerSkipConfig(indices=[0], fqn="down_blocks.1.attentions.0.transformer_blocks"),
+    )
 
 
 def _modular_flux():
@@ -45,8 +56,9 @@ def _modular_flux():
 
 
 def _call(**extra):
-    return dict(extra, height=16, width=16, num_inference_steps=4, output_type="pt",
-                generator=torch.Generator().manual_seed(0))
+    return dict(
+        extra, height=16, width=16, num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)
+    )
 
 
 def _sdxl_call():
@@ -71,8 +83,11 @@ def test_a_blend_in_modular_flux_is_the_blend_in_its_classic_pipeline(flux_loras
     """(FLUX.1's modular blocks compute what FluxPipeline computes.)"""
     blend = dict(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4)
     out = Blend(_modular_flux(), flux_loras).blend(**blend, **_call(**FLUX_EMBEDS, guidance_scale=3.5, output="images"))
-    classic = Blend(tiny.flux_pipeline(), flux_loras).blend(**blend, **_call(prompt=None, **FLUX_EMBEDS,
-                                                                               guidance_scale=3.5)).images
+    classic = (
+        Blend(tiny.flux_pipeline(), flux_loras)
+        .blend(**blend, **_call(prompt=None, **FLUX_EMBEDS, guidance_scale=3.5))
+        .images
+    )
     assert max_diff(out, classic) <= 1e-5
 
 
@@ -91,5 +106,8 @@ def test_a_skip_layer_guider_hooks_each_full_member_and_leaves_none(sdxl_loras):
     out = Blend(_modular_sdxl(_skip_layer_guider()), fused).blend(weights={"aes": 1.0}, **_sdxl_call())
     alone = _modular_sdxl(_skip_layer_guider(), unet=tiny.fused_copy(tiny.sdxl_unet, sdxl_loras["aes"]))
     assert max_diff(out, alone(**_sdxl_call())) <= 1e-5
-    assert not any(getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
-                   for member in fused.values() for module in member.modules())
+    assert not any(
+        getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+        for member in fused.values()
+        for module in member.modules()
+    )

@@ -20,10 +20,13 @@ from test_pipelines import call_kwargs, max_diff, with_lora
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("mode, weights, kl_scale", [
-    ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
-    ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
-])
+@pytest.mark.parametrize(
+    "mode, weights, kl_scale",
+    [
+        ("mix", {"ir": 0.3, "aes": 0.5}, 1.5),
+        ("stochastic", {"ir": 0.4, "aes": 0.6}, 0.5),
+    ],
+)
 def test_lora_blend_on_a_sequentially_offloaded_base_equals_the_blend_in_memory(mode, weights, kl_scale):
     expected = _denoise(BlendedDenoiser(_lora_base(), {"ir": "ir", "aes": "aes"}), weights, kl_scale, mode)
     base = _lora_base()
@@ -84,8 +87,10 @@ def test_layerwise_cast_blend_one_hot_equals_the_pipeline_with_that_lora(sd_lora
     pipe = tiny.sd_pipeline()
     blend = Blend(pipe, sd_loras)
     _layerwise_cast(pipe)
-    assert pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight.dtype == \
-        torch.float8_e4m3fn
+    assert (
+        pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight.dtype
+        == torch.float8_e4m3fn
+    )
     out = blend.blend(weights={"aes": 1.0}, **call_kwargs()).images
     plain = _layerwise_cast(with_lora(tiny.sd_pipeline(), sd_loras["aes"]))(**call_kwargs()).images
     assert max_diff(out, plain) <= 1e-5
@@ -98,6 +103,7 @@ def test_layerwise_cast_stacked_members_equal_separate_calls(sd_loras):
         pipe = tiny.sd_pipeline()
         blends.append(Blend(pipe, sd_loras, batch_members=batch_members))
         _layerwise_cast(pipe)
-    stacked, separate = (blend.blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4, **call_kwargs()).images
-                         for blend in blends)
+    stacked, separate = (
+        blend.blend(weights={"ir": 0.6, "aes": 0.2}, kl_scale=1.4, **call_kwargs()).images for blend in blends
+    )
     assert max_diff(stacked, separate) <= 1e-5

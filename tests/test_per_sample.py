@@ -51,16 +51,27 @@ def test_per_sample_stochastic_draws_with_each_samples_weights(same_noise):
     if same_noise:
         sample = sample[[0, 0, 0, 0]]
     one_hot = [{"ir": 1.0, "aes": 0.0}, {"ir": 0.0, "aes": 1.0}]
-    swept = _blended(denoiser, one_hot, sample, t, context, kl_scale=0.5, mode="stochastic",
-                     generator=torch.Generator().manual_seed(0))
+    swept = _blended(
+        denoiser,
+        one_hot,
+        sample,
+        t,
+        context,
+        kl_scale=0.5,
+        mode="stochastic",
+        generator=torch.Generator().manual_seed(0),
+    )
     for index, weights in enumerate(one_hot):
         rows = [index, 2 + index]
         alone = _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=0.5)
         assert max_diff(swept[rows], alone) <= 1e-6
 
 
-@pytest.mark.parametrize("weights, kl_scale", [(SWEEP, 0.0), ([{"ir": 0.0}, {"aes": 0.0}, {}], 1.0)],
-                         ids=["λ = 0", "no weight on any member"])
+@pytest.mark.parametrize(
+    "weights, kl_scale",
+    [(SWEEP, 0.0), ([{"ir": 0.0}, {"aes": 0.0}, {}], 1.0)],
+    ids=["λ = 0", "no weight on any member"],
+)
 def test_per_sample_blends_needing_no_member_are_the_base(weights, kl_scale):
     base, members = _members("lora")
     sample, t, context = _cfg_inputs(samples=3)
@@ -83,8 +94,10 @@ def test_bad_per_sample_weights_are_refused(weights):
         denoiser.set_blend(weights)
 
 
-@pytest.mark.parametrize("per_prompt, what", [({"weights": SWEEP[:2]}, "weights"),
-                                               ({"weights": SWEEP[0], "kl_scale": [1.0, 0.5]}, "kl_scale values")])
+@pytest.mark.parametrize(
+    "per_prompt, what",
+    [({"weights": SWEEP[:2]}, "weights"), ({"weights": SWEEP[0], "kl_scale": [1.0, 0.5]}, "kl_scale values")],
+)
 def test_values_for_each_prompt_rather_than_each_image_are_refused(sd_loras, per_prompt, what):
     """Two prompts of two images each make four images: two values would be spread over them wrongly."""
     blend = Blend(tiny.sd_pipeline(), sd_loras)
@@ -109,8 +122,9 @@ def test_per_prompt_embeddings_in_a_list_count_the_images(zimage_loras):
     """Z-Image takes its prompts' embeddings as a list, one tensor per prompt: two prompts of two images, four."""
     embeds = [torch.randn(5, tiny.ZIMAGE_CONTEXT, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
     with pytest.raises(ValueError, match=r"weights are given for 2 images, but the call makes 4"):
-        Blend(tiny.zimage_pipeline(), zimage_loras).blend(weights=SWEEP[:2], **call_kwargs(
-            prompt=None, prompt_embeds=embeds, num_images_per_prompt=2))
+        Blend(tiny.zimage_pipeline(), zimage_loras).blend(
+            weights=SWEEP[:2], **call_kwargs(prompt=None, prompt_embeds=embeds, num_images_per_prompt=2)
+        )
 
 
 def test_blend_per_row_refuses_weights_for_other_rows():
@@ -170,7 +184,10 @@ def test_weights_and_kl_scale_per_sample_go_together():
     swept = _blended(denoiser, SWEEP, sample, t, context, kl_scale=[1.0, 0.5, 2.0])
     for index, (weights, kl_scale) in enumerate(zip(SWEEP, [1.0, 0.5, 2.0])):
         rows = [index, 3 + index]
-        assert max_diff(swept[rows], _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=kl_scale)) <= 1e-5
+        assert (
+            max_diff(swept[rows], _blended(denoiser, weights, sample[rows], t, context[rows], kl_scale=kl_scale))
+            <= 1e-5
+        )
     with pytest.raises(ValueError, match="kl_scale must be a number or one per sample .3 with the weights given"):
         denoiser.set_blend(SWEEP, kl_scale=[1.0, 0.5])
 
@@ -178,8 +195,9 @@ def test_weights_and_kl_scale_per_sample_go_together():
 def test_samples_of_one_noise_in_a_sweep_over_kl_scale_draw_apart():
     """(Shared weights, λ per sample: the samples are still as many blends, told apart by their index.)"""
     denoiser = BlendedDenoiser(*_members("lora"))
-    denoiser.set_blend({"ir": 0.5, "aes": 0.5}, kl_scale=[1.0] * 8, mode="stochastic",
-                       generator=torch.Generator().manual_seed(0))
+    denoiser.set_blend(
+        {"ir": 0.5, "aes": 0.5}, kl_scale=[1.0] * 8, mode="stochastic", generator=torch.Generator().manual_seed(0)
+    )
     drawn = denoiser.draw_members(torch.randn(1, 4, 8, 8).repeat(16, 1, 1, 1)).tolist()
     assert drawn[:8] == drawn[8:] and len(set(drawn[:8])) == 2  # guidance halves together, samples apart
 

@@ -24,8 +24,18 @@ BLENDS = {  # name: (weights, kl_scale)
 
 def call_kwargs(steps=4, guidance=5.0, seed=0, **extra):
     """A short pipeline call's arguments; ``extra`` adds or replaces any of them."""
-    return dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
-                output_type="np", generator=torch.Generator().manual_seed(seed)) | extra
+    return (
+        dict(
+            prompt=PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=SIZE,
+            width=SIZE,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        )
+        | extra
+    )
 
 
 def with_lora(pipe, lora_file, name="basis"):
@@ -208,7 +218,7 @@ def test_full_member_from_a_pipeline_folder(tmp_path):
 # --------------------------------------------------------------------------------------------- stochastic
 def test_stochastic_is_reproducible(sd_loras):
     blend = Blend(tiny.sd_pipeline(), sd_loras)
-    kwargs = dict(weights={"ir": 0.5, "aes": 0.5}, mode="stochastic", **{"num_images_per_prompt": 3})
+    kwargs = dict(weights={"ir": 0.5, "aes": 0.5}, mode="stochastic", num_images_per_prompt=3)
     first = blend.blend(**kwargs, **call_kwargs(seed=3)).images
     second = blend.blend(**kwargs, **call_kwargs(seed=3)).images
     assert max_diff(first, second) == 0.0
@@ -310,8 +320,14 @@ def test_prompt_embeds_and_callbacks_pass_through(sd_loras):
     embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
     steps = []
     out = blend.blend(
-        weights={"ir": 0.3, "aes": 0.7}, prompt_embeds=embeds, negative_prompt_embeds=negative,
-        num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="latent",
+        weights={"ir": 0.3, "aes": 0.7},
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=SIZE,
+        width=SIZE,
+        output_type="latent",
         generator=torch.Generator().manual_seed(0),
         callback_on_step_end=lambda _p, step, _t, kw: steps.append(step) or kw,
     )
@@ -354,7 +370,7 @@ def test_blend_after_unload_raises(sd_loras):
     with pytest.raises(ValueError, match="was unloaded"):
         blend.blend(weights={"ir": 1.0}, **call_kwargs())
     with pytest.raises(ValueError, match="was unloaded"):
-        blend.names
+        _ = blend.names
 
 
 def test_blend_after_the_pipeline_unloaded_the_loras_raises(sd_loras):

@@ -77,7 +77,9 @@ def test_clipscore_is_two_and_a_half_times_the_clipped_cosine_of_the_prefixed_pr
     model = tiny_rewards.clip_model(tiny_rewards.clip_tokenizer())
     with torch.no_grad():
         model.visual_projection.weight.neg_()
-    image, text = _clip_embeddings(model, tiny_rewards.clip_tokenizer(), images, [f"A photo depicts {p}" for p in PROMPTS])
+    image, text = _clip_embeddings(
+        model, tiny_rewards.clip_tokenizer(), images, [f"A photo depicts {p}" for p in PROMPTS]
+    )
     expected = 2.5 * _cos(image, text).clamp(min=0)
     assert (expected > 0).all()  # the clamp does not hide the comparison
     assert torch.allclose(reward(images, PROMPTS), expected, atol=1e-5)
@@ -87,8 +89,9 @@ def test_laion_aesthetic_is_the_head_on_the_normalised_embedding(tmp_path):
     folder = tiny_rewards.save_aesthetic_folder(tmp_path / "aesthetic")
     reward = get_reward("aes", folder)
     images = _images(seed=2)
-    image, _ = _clip_embeddings(tiny_rewards.clip_model(tiny_rewards.clip_tokenizer()), tiny_rewards.clip_tokenizer(),
-                                images, PROMPTS)
+    image, _ = _clip_embeddings(
+        tiny_rewards.clip_model(tiny_rewards.clip_tokenizer()), tiny_rewards.clip_tokenizer(), images, PROMPTS
+    )
     with torch.no_grad():
         expected = tiny_rewards.aesthetic_head()(image / image.norm(dim=-1, keepdim=True)).squeeze(-1)
     assert torch.allclose(reward(images, PROMPTS), expected, atol=1e-5)
@@ -121,9 +124,12 @@ def test_image_reward_is_the_normalised_mlp_on_the_cross_attended_cls(tmp_path):
     tokens = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
         image_embeds = vision(pixel_values=_normalized(images)).last_hidden_state
-        cls = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                   encoder_hidden_states=image_embeds,
-                   encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long)).last_hidden_state[:, 0]
+        cls = text(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long),
+        ).last_hidden_state[:, 0]
         expected = (head(cls).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
     assert torch.allclose(reward(images, PROMPTS), expected, atol=1e-5)
 
@@ -182,7 +188,9 @@ def test_torch_preprocessing_matches_pil_resize_and_crop():
     """Our differentiable resize (bicubic, antialiased) against PIL's bicubic resize + centre crop."""
     image = _images(count=1, size=96, seed=8)[0]
     ours = resize_and_crop(image[None], 32, (32, 32))[0]
-    pil = Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).resize((32, 32), Image.BICUBIC)
+    pil = Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).resize(
+        (32, 32), Image.BICUBIC
+    )
     reference = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255
     assert (ours - reference).abs().mean() < 0.01
 
@@ -221,28 +229,36 @@ def test_folder_without_the_files_says_what_is_missing(tmp_path):
 
 def test_weighted_spec_parses():
     assert parse_weighted("ir=0.5, aes=0.25,jpeg") == {"ir": 0.5, "aes": 0.25, "jpeg": 1.0}
-    for bad, message in (("ir=x", "not a number"), ("ir=1,ir=2", "given twice"), ("ir=nan", "finite"), ("ir,,aes", "empty")):
+    for bad, message in (
+        ("ir=x", "not a number"),
+        ("ir=1,ir=2", "given twice"),
+        ("ir=nan", "finite"),
+        ("ir,,aes", "empty"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_weighted(bad)
 
 
 def test_weighted_sum_equals_the_sum_of_its_parts(every_reward):
     images = _images(seed=9)
-    mix = WeightedReward({"jpeg": every_reward["jpeg"], "pickscore": every_reward["pickscore"]},
-                         {"jpeg": 0.3, "pickscore": -2.0})
+    mix = WeightedReward(
+        {"jpeg": every_reward["jpeg"], "pickscore": every_reward["pickscore"]}, {"jpeg": 0.3, "pickscore": -2.0}
+    )
     expected = 0.3 * every_reward["jpeg"](images, PROMPTS) - 2.0 * every_reward["pickscore"](images, PROMPTS)
     assert torch.allclose(mix(images, PROMPTS), expected, atol=1e-5)
     assert not mix.differentiable  # jpeg is not
 
 
 def test_user_reward_by_module_and_function(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_rewards.py").write_text(
+        textwrap.dedent("""
         import torch
 
         def brightness(images, prompts):
             return images.mean(dim=(1, 2, 3))
         brightness.differentiable = True
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     reward = parse_reward("my_rewards:brightness=2,jpeg=1")
     images = _images(seed=10)
@@ -252,8 +268,9 @@ def test_user_reward_by_module_and_function(tmp_path, monkeypatch):
     sys.modules.pop("my_rewards", None)
 
 
-@pytest.mark.parametrize("spec, message", [("nope_module_xyz:f", "cannot import"), ("math:nothing", "has no"),
-                                           ("math:pi", "not callable")])
+@pytest.mark.parametrize(
+    "spec, message", [("nope_module_xyz:f", "cannot import"), ("math:nothing", "has no"), ("math:pi", "not callable")]
+)
 def test_bad_user_rewards_raise(spec, message):
     with pytest.raises(ValueError, match=message):
         load_user_reward(spec)
@@ -291,8 +308,20 @@ def test_score_command_json(tmp_path, clip_folder):
         path = tmp_path / f"{index}.png"
         Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
-    result = runner.invoke(app, ["score", "--reward", "pickscore", "--weights-path", str(clip_folder), "--prompt",
-                                 "a red cat", "--json", *map(str, paths)])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--reward",
+            "pickscore",
+            "--weights-path",
+            str(clip_folder),
+            "--prompt",
+            "a red cat",
+            "--json",
+            *map(str, paths),
+        ],
+    )
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
     loaded = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1).float() / 255 for p in paths])
@@ -349,8 +378,10 @@ def test_a_hub_id_is_tried_as_a_hub_repository():
 
 
 def test_aesthetic_head_alone_takes_clip_from_the_hub(tmp_path):
-    torch.save({f"layers.{k}": v for k, v in tiny_rewards.aesthetic_head().state_dict().items()},
-               tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    torch.save(
+        {f"layers.{k}": v for k, v in tiny_rewards.aesthetic_head().state_dict().items()},
+        tmp_path / "sac+logos+ava1-l14-linearMSE.pth",
+    )
     with pytest.raises(RewardWeightsError, match="openai/clip-vit-large-patch14"):
         get_reward("aesthetic", tmp_path)
 
@@ -366,8 +397,10 @@ def test_non_finite_images_raise(every_reward):
 def _perturb_norms(state, seed=0):
     """Random layer-norm parameters, so a wrong epsilon or a swapped norm shows in the scores."""
     generator = torch.Generator().manual_seed(seed)
-    return {k: v + 0.3 * torch.randn(v.shape, generator=generator) if "norm" in k.lower() or "ln_" in k else v
-            for k, v in state.items()}
+    return {
+        k: v + 0.3 * torch.randn(v.shape, generator=generator) if "norm" in k.lower() or "ln_" in k else v
+        for k, v in state.items()
+    }
 
 
 def test_image_reward_matches_a_functional_blip_reference(tmp_path):
@@ -379,8 +412,9 @@ def test_image_reward_matches_a_functional_blip_reference(tmp_path):
     images = _images(seed=15)
     tokens = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
-        expected = reference_rewards.blip_image_reward(state, tokens.input_ids, tokens.attention_mask,
-                                                       _normalized(images), vision_heads=2, text_heads=2)
+        expected = reference_rewards.blip_image_reward(
+            state, tokens.input_ids, tokens.attention_mask, _normalized(images), vision_heads=2, text_heads=2
+        )
     assert torch.allclose(get_reward("ir", folder)(images, PROMPTS), expected, atol=1e-5)
 
 
@@ -411,13 +445,40 @@ def test_hpsv2_matches_an_open_clip_style_reference(tmp_path):
 
 def test_score_command_takes_a_path_per_reward_of_a_sum(tmp_path, clip_folder):
     image = tmp_path / "x.png"
-    Image.fromarray((_images(count=1, size=32, seed=18)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(image)
-    result = runner.invoke(app, ["score", "--reward", "pickscore=1,jpeg=0.1", "--weights-path",
-                                 f"pickscore={clip_folder}", "--batch-size", "1", "--json", "--prompt", "a cat",
-                                 str(image), str(image)])
+    Image.fromarray(
+        (_images(count=1, size=32, seed=18)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    ).save(image)
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--reward",
+            "pickscore=1,jpeg=0.1",
+            "--weights-path",
+            f"pickscore={clip_folder}",
+            "--batch-size",
+            "1",
+            "--json",
+            "--prompt",
+            "a cat",
+            str(image),
+            str(image),
+        ],
+    )
     assert result.exit_code == 0, result.output
     first, second = json.loads(result.stdout)
     assert first["score"] == second["score"]
-    bad = runner.invoke(app, ["score", "--reward", "pickscore=1,jpeg=0.1", "--weights-path", str(clip_folder),
-                              "--prompt", "a cat", str(image)])
+    bad = runner.invoke(
+        app,
+        [
+            "score",
+            "--reward",
+            "pickscore=1,jpeg=0.1",
+            "--weights-path",
+            str(clip_folder),
+            "--prompt",
+            "a cat",
+            str(image),
+        ],
+    )
     assert bad.exit_code != 0 and "NAME=PATH" in bad.stderr

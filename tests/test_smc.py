@@ -63,8 +63,10 @@ def lab_problem(scenario: Scenario, weights: dict[str, float], steps: int = 50):
     path = StochasticPath.from_scheduler(scheduler, steps, eta=1.0)
     alphas = scheduler.alphas_cumprod
     base = ExactDenoiser(scenario.base, alphas)
-    basis = {name: ExactDenoiser(scenario.base.tilted(reward, scenario.alpha), alphas)
-             for name, reward in scenario.rewards.items()}
+    basis = {
+        name: ExactDenoiser(scenario.base.tilted(reward, scenario.alpha), alphas)
+        for name, reward in scenario.rewards.items()
+    }
     blended = BlendedDenoiser(base, basis)
     blended.set_blend(weights)
 
@@ -78,10 +80,13 @@ def lab_problem(scenario: Scenario, weights: dict[str, float], steps: int = 50):
 
 
 def gaussian_scenario() -> Scenario:
-    base = GaussianMixture(torch.ones(1, dtype=DTYPE), torch.zeros(1, 2, dtype=DTYPE),
-                           0.5 * torch.eye(2, dtype=DTYPE)[None])
-    rewards = {"r1": QuadraticReward.linear(torch.tensor([1.0, 0.0], dtype=DTYPE)),
-               "r2": QuadraticReward.linear(torch.tensor([0.0, 1.0], dtype=DTYPE))}
+    base = GaussianMixture(
+        torch.ones(1, dtype=DTYPE), torch.zeros(1, 2, dtype=DTYPE), 0.5 * torch.eye(2, dtype=DTYPE)[None]
+    )
+    rewards = {
+        "r1": QuadraticReward.linear(torch.tensor([1.0, 0.0], dtype=DTYPE)),
+        "r2": QuadraticReward.linear(torch.tensor([0.0, 1.0], dtype=DTYPE)),
+    }
     return Scenario(base, rewards, 1.0, name="gaussian")
 
 
@@ -92,8 +97,16 @@ def test_where_the_blend_is_exact_the_weights_stay_uniform():
     lowest = []
     for steps in (50, 200):  # measured: 0.980 and 0.998; the mixture scenario drops to 0.86 at 50 steps
         path, predict, rewards, weights = lab_problem(gaussian_scenario(), {"r1": 0.5, "r2": 0.5}, steps=steps)
-        _, trace = smc_sample(path, predict, rewards, weights, alpha=1.0, start=start, options=SMC(particles=8),
-                              generator=torch.Generator().manual_seed(1))
+        _, trace = smc_sample(
+            path,
+            predict,
+            rewards,
+            weights,
+            alpha=1.0,
+            start=start,
+            options=SMC(particles=8),
+            generator=torch.Generator().manual_seed(1),
+        )
         assert not trace.resampled
         lowest.append(min(trace.ess))
     assert lowest[0] > 0.97 and lowest[1] > 0.995
@@ -102,8 +115,16 @@ def test_where_the_blend_is_exact_the_weights_stay_uniform():
 def test_where_the_blend_is_not_exact_the_weights_move():
     path, predict, rewards, weights = lab_problem(default_scenario(), {"r1": 0.5, "r2": 0.5})
     start = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
-    _, trace = smc_sample(path, predict, rewards, weights, alpha=1.0, start=start, options=SMC(particles=8),
-                          generator=torch.Generator().manual_seed(1))
+    _, trace = smc_sample(
+        path,
+        predict,
+        rewards,
+        weights,
+        alpha=1.0,
+        start=start,
+        options=SMC(particles=8),
+        generator=torch.Generator().manual_seed(1),
+    )
     assert min(trace.ess) < 0.9
 
 
@@ -123,8 +144,16 @@ def test_skipped_potential_evaluations_telescope_into_the_same_final_weights(mon
 
     monkeypatch.setattr(smc_module.torch, "multinomial", capture)
     for every in (1, 3, 7):
-        smc_sample(path, predict, rewards, weights, alpha=1.0, start=start, generator=torch.Generator().manual_seed(2),
-                   options=SMC(particles=4, ess_threshold=0.0, potential_every=every))
+        smc_sample(
+            path,
+            predict,
+            rewards,
+            weights,
+            alpha=1.0,
+            start=start,
+            generator=torch.Generator().manual_seed(2),
+            options=SMC(particles=4, ess_threshold=0.0, potential_every=every),
+        )
     # ψ_T at the first step is evaluated in every run, so the runs differ only in the steps in between
     assert torch.allclose(finals[0], finals[1], atol=1e-9) and torch.allclose(finals[0], finals[2], atol=1e-9)
 
@@ -132,8 +161,16 @@ def test_skipped_potential_evaluations_telescope_into_the_same_final_weights(mon
 def test_one_particle_is_the_blend_itself():
     path, predict, rewards, weights = lab_problem(default_scenario(), {"r1": 0.5, "r2": 0.5}, steps=20)
     start = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
-    corrected, trace = smc_sample(path, predict, rewards, weights, alpha=1.0, start=start, options=SMC(particles=1),
-                                  generator=torch.Generator().manual_seed(2))
+    corrected, trace = smc_sample(
+        path,
+        predict,
+        rewards,
+        weights,
+        alpha=1.0,
+        start=start,
+        options=SMC(particles=1),
+        generator=torch.Generator().manual_seed(2),
+    )
     generator = torch.Generator().manual_seed(2)
     x = start.clone()
     for step in path.steps:
@@ -149,18 +186,30 @@ def test_one_particle_is_the_blend_itself():
 def test_smc_closes_the_lab_gap():
     """Default scenario, DDIM η = 1, w = (0.5, 0.5), α = 0.5: the blend falls ≈ 12% short of the exact expectation;
     16 particles bring it within 2% (measured: −12.7% and −1.7%, docs/lab.md)."""
-    report = run_lab(default_scenario().with_alpha(0.5), {"r1": 0.5, "r2": 0.5}, samples=10_000, steps=100, eta=1.0,
-                     methods=("blend",), smc=SMC(particles=16))
+    report = run_lab(
+        default_scenario().with_alpha(0.5),
+        {"r1": 0.5, "r2": 0.5},
+        samples=10_000,
+        steps=100,
+        eta=1.0,
+        methods=("blend",),
+        smc=SMC(particles=16),
+    )
     exact = report["exact"]["r1"]
     blend = sum(report["methods"]["db-mpa"][r] for r in ("r1", "r2")) / 2
     corrected = sum(report["methods"]["db-smc"][r] for r in ("r1", "r2")) / 2
     assert blend < 0.93 * exact and abs(corrected - exact) < 0.02 * exact
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(particles=0), "particles"), (dict(ess_threshold=1.5), "ess_threshold"),
-    (dict(potential_every=0), "potential_every"), (dict(tempering="cosine"), "tempering"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(particles=0), "particles"),
+        (dict(ess_threshold=1.5), "ess_threshold"),
+        (dict(potential_every=0), "potential_every"),
+        (dict(tempering="cosine"), "tempering"),
+    ],
+)
 def test_bad_settings_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         SMC(**options)
@@ -172,8 +221,7 @@ def test_a_deterministic_sampler_is_refused():
         run_lab(scenario, {"r1": 0.5, "r2": 0.5}, samples=100, steps=50, eta=0.0, smc=SMC(particles=2))
     path = StochasticPath.from_scheduler(make_scheduler(scenario.schedule, "ddim"), 10, eta=0.0)
     with pytest.raises(ValueError, match="stochastic sampler"):
-        smc_sample(path, None, None, torch.ones(2), alpha=1.0, start=torch.zeros(2, 2),
-                   generator=torch.Generator())
+        smc_sample(path, None, None, torch.ones(2), alpha=1.0, start=torch.zeros(2, 2), generator=torch.Generator())
 
 
 def test_a_reward_the_corrector_cannot_evaluate_is_refused():
@@ -183,5 +231,6 @@ def test_a_reward_the_corrector_cannot_evaluate_is_refused():
         return torch.full((len(x0), 2), float("nan"), dtype=DTYPE)
 
     with pytest.raises(ValueError, match="reward"):
-        smc_sample(path, predict, broken, weights, alpha=1.0, start=torch.zeros(4, 2, dtype=DTYPE),
-                   generator=torch.Generator())
+        smc_sample(
+            path, predict, broken, weights, alpha=1.0, start=torch.zeros(4, 2, dtype=DTYPE), generator=torch.Generator()
+        )

@@ -21,15 +21,30 @@ from test_pipelines import lora_denoiser, max_diff
 
 WEIGHTS, KL_SCALE = {"ir": 0.6, "aes": 0.2}, 1.4
 _generator = torch.Generator().manual_seed(5)
-EMBEDS = {name: torch.randn(*shape, generator=_generator) for name, shape in {
-    "prompt_embeds": (1, 6, tiny.FLUX_CONTEXT), "pooled_prompt_embeds": (1, tiny.FLUX_CONTEXT),
-    "negative_prompt_embeds": (1, 6, tiny.FLUX_CONTEXT), "negative_pooled_prompt_embeds": (1, tiny.FLUX_CONTEXT)}.items()}
+EMBEDS = {
+    name: torch.randn(*shape, generator=_generator)
+    for name, shape in {
+        "prompt_embeds": (1, 6, tiny.FLUX_CONTEXT),
+        "pooled_prompt_embeds": (1, tiny.FLUX_CONTEXT),
+        "negative_prompt_embeds": (1, 6, tiny.FLUX_CONTEXT),
+        "negative_pooled_prompt_embeds": (1, tiny.FLUX_CONTEXT),
+    }.items()
+}
 
 
 def _call(seed=0):
     """FLUX.1 with true CFG: its pipeline calls the transformer in a "cond" and an "uncond" cache context."""
-    return dict(prompt=None, **EMBEDS, true_cfg_scale=2.0, guidance_scale=3.5, height=16, width=16,
-                num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(seed))
+    return dict(
+        prompt=None,
+        **EMBEDS,
+        true_cfg_scale=2.0,
+        guidance_scale=3.5,
+        height=16,
+        width=16,
+        num_inference_steps=4,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _cached(module):
@@ -71,17 +86,22 @@ class SeparatelyCachedBlend(torch.nn.Module):
 @pytest.fixture(scope="module")
 def separately_cached(flux_loras):
     """The reference images, and the blend's without any cache (the cache must change them)."""
-    models = {"base": _cached(tiny.flux_transformer(0)),
-              **{name: _cached(lora_denoiser(tiny.flux_transformer, path, prefix="transformer"))
-                 for name, path in flux_loras.items()}}
+    models = {
+        "base": _cached(tiny.flux_transformer(0)),
+        **{
+            name: _cached(lora_denoiser(tiny.flux_transformer, path, prefix="transformer"))
+            for name, path in flux_loras.items()
+        },
+    }
     pipe = tiny.flux_pipeline()
     pipe.transformer = SeparatelyCachedBlend(models, WEIGHTS, KL_SCALE)
     uncached = Blend(tiny.flux_pipeline(), flux_loras).blend(weights=WEIGHTS, kl_scale=KL_SCALE, **_call()).images
     return pipe(**_call()).images, uncached
 
 
-@pytest.mark.parametrize("options", [{}, {"batch_members": False}, {"max_batch_size": 2}],
-                         ids=["stacked", "one-call-per-member", "chunked"])
+@pytest.mark.parametrize(
+    "options", [{}, {"batch_members": False}, {"max_batch_size": 2}], ids=["stacked", "one-call-per-member", "chunked"]
+)
 def test_each_call_of_the_blend_keeps_its_own_step_cache(flux_loras, separately_cached, options):
     expected, uncached = separately_cached
     out = Blend(_cached_pipeline(), flux_loras, **options).blend(weights=WEIGHTS, kl_scale=KL_SCALE, **_call()).images
@@ -92,7 +112,9 @@ def test_each_call_of_the_blend_keeps_its_own_step_cache(flux_loras, separately_
 def test_full_members_with_step_caches_of_their_own(flux_loras, separately_cached):
     """The blended denoiser's enable_cache enables one on the base and on each full member, and each gets the
     pipeline's context (without one, First Block Cache raises)."""
-    fused = {name: tiny.fused_copy(tiny.flux_transformer, path, prefix="transformer") for name, path in flux_loras.items()}
+    fused = {
+        name: tiny.fused_copy(tiny.flux_transformer, path, prefix="transformer") for name, path in flux_loras.items()
+    }
     blend = Blend(tiny.flux_pipeline(), fused)
     _cached(blend.denoiser)
     out = blend.blend(weights=WEIGHTS, kl_scale=KL_SCALE, **_call()).images
@@ -109,7 +131,9 @@ def test_a_pipeline_call_starts_its_step_cache_afresh(flux_loras):
 
 
 def test_disable_cache_disables_every_members_cache(flux_loras):
-    fused = {name: tiny.fused_copy(tiny.flux_transformer, path, prefix="transformer") for name, path in flux_loras.items()}
+    fused = {
+        name: tiny.fused_copy(tiny.flux_transformer, path, prefix="transformer") for name, path in flux_loras.items()
+    }
     blend = Blend(tiny.flux_pipeline(), fused)
     _cached(blend.denoiser).disable_cache()
     assert not any(module.is_cache_enabled for module in (blend.base, *fused.values()))

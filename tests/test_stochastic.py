@@ -41,7 +41,9 @@ def test_same_generator_seed_gives_the_same_draws():
     x = torch.randn(16, 2)
     results = []
     for _ in range(2):
-        denoiser.set_blend({"a": 0.2, "b": 0.3, "c": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(7))
+        denoiser.set_blend(
+            {"a": 0.2, "b": 0.3, "c": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(7)
+        )
         results.append([_drawn(denoiser(x, 0)) for _ in range(5)])
     assert results[0] == results[1]
 
@@ -118,8 +120,9 @@ def test_the_draws_do_not_depend_on_how_timesteps_are_given():
     draws = {}
     for kind in TIMESTEP_KINDS:
         denoiser = _even_coin()
-        draws[kind] = [_drawn(denoiser(latents if step % 2 else torch.randn(4, 2), kind(step // 2)))
-                       for step in range(12)]
+        draws[kind] = [
+            _drawn(denoiser(latents if step % 2 else torch.randn(4, 2), kind(step // 2))) for step in range(12)
+        ]
     assert draws[int] == draws[torch.tensor]
 
 

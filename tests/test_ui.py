@@ -11,8 +11,10 @@ import pytest
 gradio = pytest.importorskip("gradio", reason="the page needs the ui extra: pip install -e '.[ui]'")
 playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (test extra)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install -y chromium")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install -y chromium"),
+]
 #: seconds to wait for a generation (a few on two CPU cores)
 WAIT_MS = 120_000
 
@@ -51,8 +53,9 @@ def set_slider(page, name: str, value: float) -> None:
 def generate(page, expect: str) -> list[bytes]:
     """Press Generate, wait until the status line says ``expect`` and the images are there; return their files."""
     page.click("#generate")
-    page.wait_for_function("(text) => document.querySelector('#status').innerText.includes(text)", arg=expect,
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        "(text) => document.querySelector('#status').innerText.includes(text)", arg=expect, timeout=WAIT_MS
+    )
     page.wait_for_selector("#gallery img", timeout=WAIT_MS)
     return gallery_files(page)
 
@@ -94,8 +97,9 @@ def test_two_pages_generating_at_once_both_get_their_images(server, browser):
     for page in pages:
         page.click("#generate")
     for page, expect in zip(pages, ("bold = 0.333", "bold = 0.9")):
-        page.wait_for_function("(text) => document.querySelector('#status').innerText.includes(text)", arg=expect,
-                               timeout=WAIT_MS)
+        page.wait_for_function(
+            "(text) => document.querySelector('#status').innerText.includes(text)", arg=expect, timeout=WAIT_MS
+        )
         assert page.locator("#gallery img").count() == 8
         page.close()
 
@@ -105,8 +109,9 @@ def test_a_bad_value_is_reported_on_the_page_and_the_server_keeps_serving(server
     page.get_by_label("stochastic").check()
     set_slider(page, "bold", 0.9)  # 0.9 + 0.333 + 0.333: off the simplex the stochastic mode needs
     page.click("#generate")
-    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Not generated')",
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#status').innerText.includes('Not generated')", timeout=WAIT_MS
+    )
     assert "sum to 1" in page.inner_text("#status")
     page.get_by_label("mix").check()
     generate(page, "mix")
@@ -128,4 +133,3 @@ def test_the_page_is_refused_without_gradio_with_the_install_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_gradio)
     with pytest.raises(ImportError, match=r"pip install 'diffusion-blend\[ui\]'"):
         ui.require_gradio()
-

@@ -41,12 +41,27 @@ def clip_tokenizer(eos_last: bool = False) -> CLIPTokenizer:
 def clip_model(tokenizer: CLIPTokenizer, seed: int = 0, legacy_eos: bool = False) -> CLIPModel:
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu",
-                         eos_token_id=2 if legacy_eos else tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE, patch_size=8, hidden_act="gelu"),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            hidden_act="gelu",
+            eos_token_id=2 if legacy_eos else tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE,
+            patch_size=8,
+            hidden_act="gelu",
+        ),
         projection_dim=8,
         logit_scale_init_value=2.0,
     )
@@ -65,9 +80,16 @@ def save_clip_folder(folder: Path, seed: int = 0, flip_image_projection: bool = 
             model.visual_projection.weight.neg_()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": IMAGE}, "crop_size": {"height": IMAGE, "width": IMAGE}, "image_mean": MEAN,
-         "image_std": STD}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "size": {"shortest_edge": IMAGE},
+                "crop_size": {"height": IMAGE, "width": IMAGE},
+                "image_mean": MEAN,
+                "image_std": STD,
+            }
+        )
+    )
     return folder
 
 
@@ -75,8 +97,16 @@ def aesthetic_head(seed: int = 0, width: int = 8) -> torch.nn.Sequential:
     """The released head's layout: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear."""
     torch.manual_seed(seed)
     nn = torch.nn
-    return nn.Sequential(nn.Linear(width, 16), nn.Dropout(0.2), nn.Linear(16, 8), nn.Dropout(0.2), nn.Linear(8, 4),
-                         nn.Dropout(0.1), nn.Linear(4, 2), nn.Linear(2, 1)).eval()
+    return nn.Sequential(
+        nn.Linear(width, 16),
+        nn.Dropout(0.2),
+        nn.Linear(16, 8),
+        nn.Dropout(0.2),
+        nn.Linear(8, 4),
+        nn.Dropout(0.1),
+        nn.Linear(4, 2),
+        nn.Linear(2, 1),
+    ).eval()
 
 
 def save_aesthetic_folder(folder: Path, seed: int = 0) -> Path:
@@ -106,21 +136,29 @@ def transformers_to_open_clip(model: CLIPModel) -> dict[str, torch.Tensor]:
         "visual.ln_post.bias": state["vision_model.post_layernorm.bias"],
         "visual.proj": state["visual_projection.weight"].T,
     }
-    for hf, oc, layers in (("text_model.encoder.layers", "transformer.resblocks", model.config.text_config.num_hidden_layers),
-                           ("vision_model.encoder.layers", "visual.transformer.resblocks",
-                            model.config.vision_config.num_hidden_layers)):
+    for hf, oc, layers in (
+        ("text_model.encoder.layers", "transformer.resblocks", model.config.text_config.num_hidden_layers),
+        ("vision_model.encoder.layers", "visual.transformer.resblocks", model.config.vision_config.num_hidden_layers),
+    ):
         for i in range(layers):
             h, o = f"{hf}.{i}", f"{oc}.{i}"
             out[f"{o}.attn.in_proj_weight"] = torch.cat([state[f"{h}.self_attn.{p}_proj.weight"] for p in "qkv"])
             out[f"{o}.attn.in_proj_bias"] = torch.cat([state[f"{h}.self_attn.{p}_proj.bias"] for p in "qkv"])
-            for new, old in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            for new, old in (
+                ("attn.out_proj", "self_attn.out_proj"),
+                ("ln_1", "layer_norm1"),
+                ("ln_2", "layer_norm2"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+            ):
                 for kind in ("weight", "bias"):
                     out[f"{o}.{new}.{kind}"] = state[f"{h}.{old}.{kind}"]
     return {key: value.clone() for key, value in out.items()}
 
 
-def save_hps_folder(folder: Path, seed: int = 0, version_file: str = "HPS_v2.1_compressed.pt") -> tuple[Path, CLIPModel]:
+def save_hps_folder(
+    folder: Path, seed: int = 0, version_file: str = "HPS_v2.1_compressed.pt"
+) -> tuple[Path, CLIPModel]:
     tokenizer = clip_tokenizer(eos_last=True)
     model = clip_model(tokenizer, seed, legacy_eos=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,15 +178,41 @@ def bert_vocab() -> list[str]:
 
 def blip_models(seed: int = 0) -> tuple[BlipVisionModel, BlipTextModel, torch.nn.Sequential, dict]:
     torch.manual_seed(seed)
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=2, image_size=IMAGE, patch_size=8,
-                                              layer_norm_eps=1e-6)).eval()
-    med = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "max_position_embeddings": 64, "vocab_size": len(bert_vocab()) + 2, "layer_norm_eps": 1e-12,
-           "hidden_act": "gelu", "add_cross_attention": True}
-    text = BlipTextModel(BlipTextConfig(vocab_size=med["vocab_size"], hidden_size=32, encoder_hidden_size=128,
-                                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        max_position_embeddings=64, is_decoder=True), add_pooling_layer=False).eval()
+    vision = BlipVisionModel(
+        BlipVisionConfig(
+            hidden_size=128,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE,
+            patch_size=8,
+            layer_norm_eps=1e-6,
+        )
+    ).eval()
+    med = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "vocab_size": len(bert_vocab()) + 2,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "add_cross_attention": True,
+    }
+    text = BlipTextModel(
+        BlipTextConfig(
+            vocab_size=med["vocab_size"],
+            hidden_size=32,
+            encoder_hidden_size=128,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            is_decoder=True,
+        ),
+        add_pooling_layer=False,
+    ).eval()
     head = aesthetic_head(seed, width=32)  # ImageReward's MLP has the same layout
     return vision, text, head, med
 
@@ -156,8 +220,14 @@ def blip_models(seed: int = 0) -> tuple[BlipVisionModel, BlipTextModel, torch.nn
 def save_image_reward_folder(folder: Path, seed: int = 0):
     vision, text, head, med = blip_models(seed)
     state = {}
-    renames = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
-               "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    renames = {
+        "layer_norm1": "norm1",
+        "layer_norm2": "norm2",
+        "self_attn.qkv": "attn.qkv",
+        "self_attn.projection": "attn.proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     v = vision.state_dict()
     state["blip.visual_encoder.cls_token"] = v["embeddings.class_embedding"]
     state["blip.visual_encoder.pos_embed"] = v["embeddings.position_embedding"]

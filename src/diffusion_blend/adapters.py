@@ -35,8 +35,10 @@ class RowsReshaped(ValueError):
     call cannot be told apart there, and rows of different adapters cannot share a call."""
 
     def __init__(self, routed: int, met: int):
-        super().__init__(f"a routing of {routed} rows met a LoRA layer input with {met} rows: the denoiser reshapes "
-                         "its batch inside, so its rows cannot be routed to different adapters in one call")
+        super().__init__(
+            f"a routing of {routed} rows met a LoRA layer input with {met} rows: the denoiser reshapes "
+            "its batch inside, so its rows cannot be routed to different adapters in one call"
+        )
 
 
 def tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
@@ -65,7 +67,9 @@ class ActivationSnapshot:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.layers = {id(layer): (list(layer.active_adapters), layer.disable_adapters) for layer in tuner_layers(module)}
+        self.layers = {
+            id(layer): (list(layer.active_adapters), layer.disable_adapters) for layer in tuner_layers(module)
+        }
         self.model_active = next(iter(self.layers.values()))[0] if self.layers else []
         self.requires_grad = {id(p): p.requires_grad for p in module.parameters()}
 
@@ -281,15 +285,18 @@ class AdapterRouter:
             routing = self._layer_routings[id(layer)] = _layer_routing(layer, self.order)
         return routing
 
-    def _add_masked_updates(self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor,
-                            output: torch.Tensor) -> torch.Tensor:
+    def _add_masked_updates(
+        self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor:
         """Mask routing (see the class): the same tensor operations whatever the rows' adapters are."""
         row_mask = self.row_mask
         if x.shape[0] != row_mask.shape[0]:
             raise RowsReshaped(row_mask.shape[0], x.shape[0])
         if not _stacks(routing):
-            updates = [(column, lora_update(layer, a, x, self.lora_scale))
-                       for a, (column, _) in zip(routing.adapters, routing.layout)]
+            updates = [
+                (column, lora_update(layer, a, x, self.lora_scale))
+                for a, (column, _) in zip(routing.adapters, routing.layout)
+            ]
             update = sum(_broadcast(row_mask[:, column].to(u.dtype), output.ndim) * u for column, u in updates)
             return output + update.to(output.dtype)
         if torch.compiler.is_compiling():  # traced into the graph: the compiler folds or fuses it
@@ -303,12 +310,14 @@ class AdapterRouter:
             if rank_mask is None:  # shared by every layer of the same ranks during this routing
                 rank_mask = self._rank_masks[1][routing.layout] = _rank_mask(row_mask, routing.layout)
         low_rank = _apply(routing.first_a, x.to(stacked_a.dtype), stacked_a)
-        update = _apply(routing.first_b, low_rank * _on_rank_axis(rank_mask.to(low_rank.dtype), routing, low_rank),
-                        stacked_b)
+        update = _apply(
+            routing.first_b, low_rank * _on_rank_axis(rank_mask.to(low_rank.dtype), routing, low_rank), stacked_b
+        )
         return output + update.to(output.dtype)
 
-    def _add_segment_updates(self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor,
-                             output: torch.Tensor) -> torch.Tensor | None:
+    def _add_segment_updates(
+        self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor | None:
         """Row-segment routing: each adapter's update added to its own slice of rows."""
         key = (id(layer), len(x))
         if key not in self._plans:
@@ -344,10 +353,17 @@ class AdapterRouter:
         start, stop = segments[0][1], segments[-1][2]
         shifted = [(adapter, first - start, last - start) for adapter, first, last in segments]
         blocks = _rank_blocks(adapters, [layer.lora_A[adapter].weight.shape[0] for adapter in adapters])
-        return shifted, start, stop, self._mask(shifted, blocks, stop - start, layer.lora_A[adapters[0]].weight), adapters
+        return (
+            shifted,
+            start,
+            stop,
+            self._mask(shifted, blocks, stop - start, layer.lora_A[adapters[0]].weight),
+            adapters,
+        )
 
-    def _stacked_update(self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, adapters: tuple[str, ...],
-                        mask: torch.Tensor) -> torch.Tensor:
+    def _stacked_update(
+        self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, adapters: tuple[str, ...], mask: torch.Tensor
+    ) -> torch.Tensor:
         """Every adapter's update in one low-rank product: ((x·A_catᵀ) ⊙ M)·(B·s)_catᵀ, M keeping for each row
         only the rank block of its own adapter. Four operations per layer, as for one active adapter."""
         stacked_a, stacked_b = self._stacked_weights(layer, adapters)
@@ -518,8 +534,9 @@ def _layer_routing(layer: nn.Module, order: list[str]) -> _LayerRouting:
     stackable = _stackable(layer, list(adapters)) and not any(
         weights_placed_on_call(factor[adapter]) for factor in (layer.lora_A, layer.lora_B) for adapter in adapters
     )
-    return _LayerRouting(adapters, layout, stackable, dropouts, layer.lora_A[adapters[0]], layer.lora_B[adapters[0]],
-                         rank_axis)
+    return _LayerRouting(
+        adapters, layout, stackable, dropouts, layer.lora_A[adapters[0]], layer.lora_B[adapters[0]], rank_axis
+    )
 
 
 def weights_placed_on_call(module: nn.Module) -> bool:
@@ -530,8 +547,12 @@ def weights_placed_on_call(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     replaced = forward is not None and getattr(forward, "__func__", None) is not type(module).forward
     registry = getattr(module, "_diffusers_hook", None)
-    return (replaced or bool(module._forward_pre_hooks) or hasattr(module, "_hf_hook")
-            or bool(registry is not None and registry.hooks))
+    return (
+        replaced
+        or bool(module._forward_pre_hooks)
+        or hasattr(module, "_hf_hook")
+        or bool(registry is not None and registry.hooks)
+    )
 
 
 def _stacks(routing: _LayerRouting) -> bool:
@@ -549,8 +570,10 @@ def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, low_rank: torch.Te
 def _stack(layer: nn.Module, adapters: tuple[str, ...], lora_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A_cat (Σr × in) and (B·s)_cat (out × Σr): the adapters' factors stacked along the rank, s the adapter's
     scaling times the LoRA scale."""
-    return (torch.cat([layer.lora_A[a].weight for a in adapters]),
-            torch.cat([layer.lora_B[a].weight * (layer.scaling[a] * lora_scale) for a in adapters], dim=1))
+    return (
+        torch.cat([layer.lora_A[a].weight for a in adapters]),
+        torch.cat([layer.lora_B[a].weight * (layer.scaling[a] * lora_scale) for a in adapters], dim=1),
+    )
 
 
 def _rank_blocks(adapters: tuple[str, ...], ranks: list[int]) -> dict[str, tuple[int, int]]:
@@ -611,6 +634,7 @@ def _check_routable(layer: BaseTunerLayer, adapters: set[str]) -> None:
     variants = sorted(a for a in held if a in getattr(layer, "lora_variant", {}))
     if variants:
         raise ValueError(
-            f"LoRA member(s) {', '.join(variants)} use a LoRA variant ({type(layer.lora_variant[variants[0]]).__name__},"
-            " e.g. DoRA) that cannot be blended yet; fuse it into a full denoiser copy instead"
+            f"LoRA member(s) {', '.join(variants)} use a LoRA variant "
+            f"({type(layer.lora_variant[variants[0]]).__name__}, e.g. DoRA) that cannot be blended yet; "
+            "fuse it into a full denoiser copy instead"
         )

@@ -31,9 +31,7 @@ def validate_kl_scale(kl_scale: float) -> float:
     return value
 
 
-def validate_weights(
-    weights: Mapping[str, float], names: Iterable[str], *, simplex: bool = False
-) -> dict[str, float]:
+def validate_weights(weights: Mapping[str, float], names: Iterable[str], *, simplex: bool = False) -> dict[str, float]:
     """Return a weight for every basis name (names left out count as 0); raise on unknown names or bad values.
 
     With ``simplex=True`` (the stochastic DB-MPA-LS mode) the weights must be probabilities: each ≥ 0, summing to 1.

@@ -31,7 +31,8 @@ EXTRACT, CACHED = "extract", "cached"
 CONDITION_CACHES_IN_STOCHASTIC_MODE = (
     "condition caches (kv_cache_mode) hold one model's keys and values, and the stochastic mode draws another member "
     "at every step: use mode='mix', or the pipeline without its cache (Qwen-Image 2.1: use_kv_cache=False; "
-    "Flux2KleinPipeline for FLUX.2 Klein)")
+    "Flux2KleinPipeline for FLUX.2 Klein)"
+)
 #: The context diffusers' step caches use where a pipeline names none
 DEFAULT_CONTEXT = "inference"
 
@@ -57,11 +58,15 @@ class ConditionCaches:
         if self._mode not in (None, EXTRACT, CACHED):
             raise ValueError(f"{MODE_ARGUMENT}={self._mode!r} is not one the blend knows ({EXTRACT!r} or {CACHED!r})")
         if self._mode is None and self._given is not None:
-            raise ValueError(f"{CACHE_ARGUMENT} is given without {MODE_ARGUMENT}: the blend cannot tell whether the "
-                             "call makes it or reads it")
+            raise ValueError(
+                f"{CACHE_ARGUMENT} is given without {MODE_ARGUMENT}: the blend cannot tell whether the "
+                "call makes it or reads it"
+            )
         if self._mode == CACHED and id(self._given) not in self._kept:
-            raise ValueError(f"{MODE_ARGUMENT}='cached' with a cache this blend did not make: the cache must come "
-                             f"from a call of the same blend with {MODE_ARGUMENT}='extract' (each member has its own)")
+            raise ValueError(
+                f"{MODE_ARGUMENT}='cached' with a cache this blend did not make: the cache must come "
+                f"from a call of the same blend with {MODE_ARGUMENT}='extract' (each member has its own)"
+            )
 
     def for_call(self, call: Hashable, kwargs: dict) -> dict:
         """A denoiser call's arguments with its own cache: a new empty one of the pipeline's kind where caches are
@@ -71,8 +76,10 @@ class ConditionCaches:
         elif self._mode == CACHED:
             kept = self._kept[id(self._given)]
             if call not in kept:
-                raise ValueError("the blend's denoiser calls changed since its condition caches were made (another "
-                                 "blend, row cap or batch between the extract step and this one)")
+                raise ValueError(
+                    "the blend's denoiser calls changed since its condition caches were made (another "
+                    "blend, row cap or batch between the extract step and this one)"
+                )
             own = kept[call] if kept[call] is not None else self._given  # None: the cache the pipeline holds
         else:
             return kwargs

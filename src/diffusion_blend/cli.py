@@ -88,8 +88,12 @@ def parse_basis(items: list[str]) -> dict[str, str | None | dict[str, str | None
 
 def _paths_of(basis: dict[str, str | None | dict[str, str | None]]) -> list[str]:
     """Every path of a parsed ``--basis`` (not the base's own denoisers)."""
-    return [path for source in basis.values() for path in (source.values() if isinstance(source, dict) else [source])
-            if path is not None]
+    return [
+        path
+        for source in basis.values()
+        for path in (source.values() if isinstance(source, dict) else [source])
+        if path is not None
+    ]
 
 
 def scheduler_class(name: str) -> type:
@@ -139,8 +143,10 @@ class Output:
         if path.suffix.lower() in IMAGE_FORMATS:
             return cls(path, image=True)
         if path.suffix and not path.is_dir():
-            raise CommandError(f"--out: {text} is neither an image file ({', '.join(IMAGE_FORMATS)}) nor a folder "
-                               "(end it with / for a folder)")
+            raise CommandError(
+                f"--out: {text} is neither an image file ({', '.join(IMAGE_FORMATS)}) nor a folder "
+                "(end it with / for a folder)"
+            )
         return cls(path, image=False)
 
     @property
@@ -156,8 +162,10 @@ def save_images(images: list, out: Output, settings: dict, columns: int | None =
     else:
         targets = [(out.path / f"image-{index:03d}.png", image, "PNG") for index, image in enumerate(images)]
     settings = {**settings, "outputs": [path.name for path, _, _ in targets]}
-    files = {path: lambda temp, image=image, image_format=image_format: image.save(temp, format=image_format)
-             for path, image, image_format in targets}
+    files = {
+        path: lambda temp, image=image, image_format=image_format: image.save(temp, format=image_format)
+        for path, image, image_format in targets
+    }
     files[out.sidecar] = lambda temp: temp.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n")
     write_atomically(files)
     return list(files)
@@ -172,10 +180,14 @@ def _check_out(out: Output) -> None:
     if not out.image:
         if path.exists() and not path.is_dir():
             raise CommandError(f"--out: {path} exists and is not a folder")
-        earlier = sorted(found.name for pattern in FOLDER_OUTPUTS for found in path.glob(pattern)) if path.is_dir() else []
+        earlier = (
+            sorted(found.name for pattern in FOLDER_OUTPUTS for found in path.glob(pattern)) if path.is_dir() else []
+        )
         if earlier:
-            raise CommandError(f"--out: {path} holds an earlier run's outputs ({', '.join(earlier[:3])}"
-                               f"{', ...' if len(earlier) > 3 else ''}); give a new or empty folder")
+            raise CommandError(
+                f"--out: {path} holds an earlier run's outputs ({', '.join(earlier[:3])}"
+                f"{', ...' if len(earlier) > 3 else ''}); give a new or empty folder"
+            )
     if out.sidecar.is_dir():
         raise CommandError(f"--out: the settings file {out.sidecar} would replace a folder")
     existing = next(parent for parent in (path.parent if out.image else path, *path.parents) if parent.exists())
@@ -186,49 +198,87 @@ def _check_out(out: Output) -> None:
 # ----------------------------------------------------------------------------------------------------- generate
 @app.command()
 def generate(
-    weights: Annotated[list[str], typer.Option(
-        help="NAME=W,... blend weights; names left out count as 0. Repeat it for a sweep in one batch: a grid row of "
-             "--num-images images per setting, the same starting noise in every row.")],
+    weights: Annotated[
+        list[str],
+        typer.Option(
+            help="NAME=W,... blend weights; names left out count as 0. Repeat it for a sweep in one batch: a grid "
+            "row of --num-images images per setting, the same starting noise in every row."
+        ),
+    ],
     prompt: Annotated[str, typer.Option(help="The prompt (for the embedded digits model: the digit, 0-9).")],
-    out: Annotated[str, typer.Option(help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
-                                           "(one PNG per image; a name ending in /).")],
-    kl_scale: Annotated[list[float] | None, typer.Option(
-        help="λ: 1 = the basis models' KL strength, 0 = the base (default 1). Repeat it to sweep λ too: a grid row per "
-             "(weights, λ) pair.")] = None,
+    out: Annotated[
+        str,
+        typer.Option(
+            help="An image file, .png, .jpg or .webp (a grid of all images), or a folder "
+            "(one PNG per image; a name ending in /)."
+        ),
+    ],
+    kl_scale: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="λ: 1 = the basis models' KL strength, 0 = the base (default 1). Repeat it to sweep λ too: a grid "
+            "row per (weights, λ) pair."
+        ),
+    ] = None,
     mode: Annotated[str, typer.Option(help="mix (DB-MPA/DB-KLA) or stochastic (DB-MPA-LS).")] = "mix",
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the pipeline's).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed of the first image (image j: seed + j); the same seed gives "
-                                           "the same images.")] = 0,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(help="Random seed of the first image (image j: seed + j); the same seed gives the same images."),
+    ] = 0,
     num_images: Annotated[int, typer.Option(help="Images to generate (per --weights and --kl-scale pair).")] = 1,
     height: Annotated[int | None, typer.Option(help="Image height in pixels.")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in pixels.")] = None,
     scheduler: Annotated[str | None, typer.Option(help=f"Scheduler: {', '.join(SCHEDULERS)} or a class name.")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
-    compile: Annotated[str | None, typer.Option(
-        help=f"torch.compile the denoiser calls, in this mode: {', '.join(COMPILE_MODES)} (first image slower).")] = None,
-    max_batch_size: Annotated[str | None, typer.Option(
-        help="At most this many rows per denoiser call, or 'input': as many as a single model's call (the memory "
-             "of one model).")] = None,
-    lora_scale: Annotated[float | None, typer.Option(
-        help="Scale every LoRA basis model's update, as the pipeline's own LoRA scale does (default 1).")] = None,
-    denoiser: Annotated[str | None, typer.Option(
-        help="The pipeline's denoiser to blend, where it has several (Wan 2.2: transformer or transformer_2).")] = None,
-    base: Annotated[str | None, typer.Option(
-        help="Base pipeline: a local folder or a hub id (default: the embedded digits model).")] = None,
-    basis: Annotated[list[str] | None, typer.Option(
-        help="NAME=PATH of a basis model (LoRA or denoiser); repeat it. NAME@DENOISER=PATH gives one per denoiser of "
-             "a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...; PATH 'base': that "
-             "denoiser unchanged). Default with the embedded model: its legible, bold and stencil.")] = None,
+    compile: Annotated[
+        str | None,
+        typer.Option(
+            help=f"torch.compile the denoiser calls, in this mode: {', '.join(COMPILE_MODES)} (first image slower)."
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        str | None,
+        typer.Option(
+            help="At most this many rows per denoiser call, or 'input': as many as a single model's call (the memory "
+            "of one model)."
+        ),
+    ] = None,
+    lora_scale: Annotated[
+        float | None,
+        typer.Option(help="Scale every LoRA basis model's update, as the pipeline's own LoRA scale does (default 1)."),
+    ] = None,
+    denoiser: Annotated[
+        str | None,
+        typer.Option(
+            help="The pipeline's denoiser to blend, where it has several (Wan 2.2: transformer or transformer_2)."
+        ),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base pipeline: a local folder or a hub id (default: the embedded digits model).")
+    ] = None,
+    basis: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=PATH of a basis model (LoRA or denoiser); repeat it. NAME@DENOISER=PATH gives one per "
+            "denoiser of a pipeline that has several (Wan 2.2: NAME@transformer=..., NAME@transformer_2=...; "
+            "PATH 'base': that denoiser unchanged). Default with the embedded model: its legible, bold and stencil."
+        ),
+    ] = None,
 ) -> None:
     """Generate images from a blend of basis models (by default the embedded digits model's)."""
     run_reporting_errors(_generate, **locals())
 
 
 def run_reporting_errors(command: Any, **kwargs: Any) -> None:
-    """Run a command; any failure becomes one line on stderr and exit code 2 (``DIFFUSION_BLEND_DEBUG=1``: traceback)."""
+    """Run a command; any failure becomes one line on stderr and exit code 2.
+
+    ``DIFFUSION_BLEND_DEBUG=1`` shows the traceback instead."""
     try:
         command(**kwargs)
     except typer.Exit:
@@ -237,12 +287,35 @@ def run_reporting_errors(command: Any, **kwargs: Any) -> None:
         if os.environ.get("DIFFUSION_BLEND_DEBUG"):
             raise
         text = str(error).strip().splitlines()
-        fail(text[0] if text and isinstance(error, (CommandError, ValueError)) else f"{type(error).__name__}: {' '.join(text)}")
+        fail(
+            text[0]
+            if text and isinstance(error, (CommandError, ValueError))
+            else f"{type(error).__name__}: {' '.join(text)}"
+        )
 
 
 def _generate(
-    base, basis, weights, prompt, out, kl_scale, mode, negative_prompt, steps, guidance, seed, num_images,
-    height, width, scheduler, dtype, device, compile, max_batch_size, lora_scale, denoiser,
+    base,
+    basis,
+    weights,
+    prompt,
+    out,
+    kl_scale,
+    mode,
+    negative_prompt,
+    steps,
+    guidance,
+    seed,
+    num_images,
+    height,
+    width,
+    scheduler,
+    dtype,
+    device,
+    compile,
+    max_batch_size,
+    lora_scale,
+    denoiser,
 ) -> None:
     import torch
 
@@ -264,8 +337,10 @@ def _generate(
         basis_sources = parse_basis(basis or [])
     if not basis_sources:
         raise CommandError("give at least one --basis NAME=PATH")
-    settings_weights = [validate_weights(parse_named_numbers(setting, "--weights"), basis_sources,
-                                         simplex=mode == "stochastic") for setting in weights]
+    settings_weights = [
+        validate_weights(parse_named_numbers(setting, "--weights"), basis_sources, simplex=mode == "stochastic")
+        for setting in weights
+    ]
     kl_scales = [validate_kl_scale(value) for value in (kl_scale or [1.0])]
     sweep = [(setting, value) for setting in settings_weights for value in kl_scales]  # a grid row each
     if dtype not in DTYPES:
@@ -291,11 +366,22 @@ def _generate(
     if base is None:
         from .presets import digits
 
-        blend = Blend(digits.load_pipeline().to(dtype=getattr(torch, DTYPES[dtype])), basis=basis_sources,
-                      compile=compile_setting, max_batch_size=rows_per_call, denoiser=denoiser)
+        blend = Blend(
+            digits.load_pipeline().to(dtype=getattr(torch, DTYPES[dtype])),
+            basis=basis_sources,
+            compile=compile_setting,
+            max_batch_size=rows_per_call,
+            denoiser=denoiser,
+        )
     else:
-        blend = Blend.from_pretrained(base, basis=basis_sources, torch_dtype=getattr(torch, DTYPES[dtype]),
-                                      compile=compile_setting, max_batch_size=rows_per_call, denoiser=denoiser)
+        blend = Blend.from_pretrained(
+            base,
+            basis=basis_sources,
+            torch_dtype=getattr(torch, DTYPES[dtype]),
+            compile=compile_setting,
+            max_batch_size=rows_per_call,
+            denoiser=denoiser,
+        )
     pipe = blend.pipe
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
@@ -305,8 +391,13 @@ def _generate(
     guidance_argument, guidance = guidance_setting(guidance, negative_prompt, pipe, call_defaults, blend.base)
     # image j of every setting from seed + j: a sweep's rows differ by their weights alone, each as its own run
     generators = [torch.Generator(device="cpu").manual_seed(seed + image) for _ in sweep for image in range(num_images)]
-    kwargs = dict(prompt=prompt if len(sweep) == 1 else [prompt] * len(sweep), num_inference_steps=steps,
-                  num_images_per_prompt=num_images, generator=generators, output_type="pil")
+    kwargs = dict(
+        prompt=prompt if len(sweep) == 1 else [prompt] * len(sweep),
+        num_inference_steps=steps,
+        num_images_per_prompt=num_images,
+        generator=generators,
+        output_type="pil",
+    )
     per_image = [pair for pair in sweep for _ in range(num_images)]
     blend_weights = settings_weights[0] if len(settings_weights) == 1 else [setting for setting, _ in per_image]
     blend_kl_scale = kl_scales[0] if len(kl_scales) == 1 else [value for _, value in per_image]
@@ -327,8 +418,12 @@ def _generate(
 
     settings = {
         "base": _reproducible_source(base) if base is not None else "digits (embedded)",
-        "basis": {name: {denoiser: _reproducible_source(path) for denoiser, path in source.items()}
-                  if isinstance(source, dict) else _reproducible_source(source) for name, source in basis_sources.items()},
+        "basis": {
+            name: {denoiser: _reproducible_source(path) for denoiser, path in source.items()}
+            if isinstance(source, dict)
+            else _reproducible_source(source)
+            for name, source in basis_sources.items()
+        },
         "weights": settings_weights[0] if len(settings_weights) == 1 else settings_weights,
         "kl_scale": kl_scales[0] if len(kl_scales) == 1 else kl_scales,
         "mode": mode,
@@ -391,8 +486,9 @@ def call_defaults_of(pipe: Any) -> dict[str, Any]:
     return {name: parameter.default for name, parameter in inspect.signature(pipe.__call__).parameters.items()}
 
 
-def guidance_setting(guidance: float | None, negative_prompt: str | None, pipe: Any, defaults: dict[str, Any],
-                     denoiser: Any) -> tuple:
+def guidance_setting(
+    guidance: float | None, negative_prompt: str | None, pipe: Any, defaults: dict[str, Any], denoiser: Any
+) -> tuple:
     """``--guidance`` as (the pipeline argument it sets, its value; the pipeline's default when not given), from the
     pipeline's call ``defaults`` (:func:`call_defaults_of`).
 
@@ -400,11 +496,16 @@ def guidance_setting(guidance: float | None, negative_prompt: str | None, pipe: 
     embedding), but ``true_cfg_scale`` where ``guidance_scale`` defaults to None and the denoiser has no guidance
     embedding to feed it to (Qwen-Image would ignore it); that guidance runs only with a negative prompt."""
     distilled = getattr(getattr(denoiser, "config", None), "guidance_embeds", False)
-    argument = TRUE_CFG if TRUE_CFG in defaults and defaults.get("guidance_scale") is None and not distilled \
+    argument = (
+        TRUE_CFG
+        if TRUE_CFG in defaults and defaults.get("guidance_scale") is None and not distilled
         else "guidance_scale"
+    )
     if argument == TRUE_CFG and guidance is not None and guidance > 1 and negative_prompt is None:
-        raise CommandError(f"--guidance for {type(pipe).__name__} is its true classifier-free guidance "
-                           "(true_cfg_scale), which runs only with a negative prompt: give --negative-prompt (' ' for none)")
+        raise CommandError(
+            f"--guidance for {type(pipe).__name__} is its true classifier-free guidance "
+            "(true_cfg_scale), which runs only with a negative prompt: give --negative-prompt (' ' for none)"
+        )
     return argument, guidance if guidance is not None else defaults.get(argument)
 
 
@@ -447,8 +548,14 @@ def _run_with_progress(blend, pipe, kwargs, weights, kl_scale, mode, steps) -> l
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     pipe.set_progress_bar_config(disable=True)
-    with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as progress:  # stdout: the paths
+    with Progress(
+        TextColumn("denoising"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        transient=True,
+        console=Console(stderr=True),
+    ) as progress:  # stdout: the paths
         task = progress.add_task("denoising", total=steps)
 
         def on_step_end(_pipe, _step, _timestep, callback_kwargs):
@@ -496,25 +603,43 @@ def _demo(out: Path, seed: int, device: str | None) -> None:
 # ----------------------------------------------------------------------------------------------------------- ui
 @app.command()
 def ui(
-    base: Annotated[str | None, typer.Option(help="Base pipeline (folder or hub id); default: the embedded digits "
-                                                  "model with its basis models and rewards.")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base pipeline (folder or hub id); default: the embedded digits "
+            "model with its basis models and rewards."
+        ),
+    ] = None,
     basis: Annotated[list[str] | None, typer.Option(help="NAME=PATH of a basis model (with --base); repeat.")] = None,
-    reward: Annotated[list[str] | None, typer.Option(
-        help="A reward model to score each image with: a registry name or module:function; repeat it.")] = None,
+    reward: Annotated[
+        list[str] | None,
+        typer.Option(help="A reward model to score each image with: a registry name or module:function; repeat it."),
+    ] = None,
     prompt: Annotated[str, typer.Option(help="The prompt the page opens with.")] = "3",
-    front: Annotated[Path | None, typer.Option(help="A sweep's results.json of this setting: its fronts are drawn "
-                                                    "behind the images in reward space.")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 serves "
-                                           "anyone who can reach it (no authentication).")] = "127.0.0.1",
+    front: Annotated[
+        Path | None,
+        typer.Option(
+            help="A sweep's results.json of this setting: its fronts are drawn behind the images in reward space."
+        ),
+    ] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 serves "
+            "anyone who can reach it (no authentication)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
 ) -> None:
     """Serve a local web page with one slider per basis model: move the sliders, press Generate."""
-    run_reporting_errors(_ui, base=base, basis=basis or [], reward=reward or [], prompt=prompt, front=front,
-                         host=host, port=port)
+    run_reporting_errors(
+        _ui, base=base, basis=basis or [], reward=reward or [], prompt=prompt, front=front, host=host, port=port
+    )
 
 
-def _ui(base: str | None, basis: list[str], reward: list[str], prompt: str, front: Path | None, host: str,
-        port: int) -> None:
+def _ui(
+    base: str | None, basis: list[str], reward: list[str], prompt: str, front: Path | None, host: str, port: int
+) -> None:
     from .ui import Page, digits_page, read_front, require_gradio, serve
 
     require_gradio()
@@ -544,8 +669,12 @@ def _ui(base: str | None, basis: list[str], reward: list[str], prompt: str, fron
 @app.command()
 def sweep(
     config: Annotated[Path | None, typer.Argument(help="The sweep's YAML configuration.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for results.json, samples.csv, pareto.png, grid.png, "
-                                           "report.md (and the resumable cells/).")] = Path("sweep"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for results.json, samples.csv, pareto.png, grid.png, report.md (and the resumable cells/)."
+        ),
+    ] = Path("sweep"),
     preset: Annotated[str | None, typer.Option(help="A built-in configuration instead: digits or lab.")] = None,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
 ) -> None:
@@ -580,16 +709,25 @@ def default_device() -> str:
 # ----------------------------------------------------------------------------------------------------- finetune
 @app.command()
 def finetune(
-    reward: Annotated[str, typer.Option(
-        help="Reward: a name, NAME=W,... (a mix: the MORL oracle) or module:function.")],
+    reward: Annotated[
+        str, typer.Option(help="Reward: a name, NAME=W,... (a mix: the MORL oracle) or module:function.")
+    ],
     alpha: Annotated[float, typer.Option(help="KL weight α: the basis model samples p_base·exp(r/α).")],
     out: Annotated[Path, typer.Option(help="Folder for the LoRA (a basis Blend loads), finetune.json, metrics.jsonl.")],
-    base: Annotated[str | None, typer.Option(help="Base pipeline (Stable Diffusion 1.x/2.x): a local folder or a hub "
-                                                  "id (default: the embedded digits model).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="A text file, one prompt per line (default with the digits "
-                                                      "model: the ten digits).")] = None,
-    method: Annotated[str | None, typer.Option(
-        help="weighted-dsm (default), adjoint-matching or policy-gradient.")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base pipeline (Stable Diffusion 1.x/2.x): a local folder or a hub "
+            "id (default: the embedded digits model)."
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="A text file, one prompt per line (default with the digits model: the ten digits)."),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="weighted-dsm (default), adjoint-matching or policy-gradient.")
+    ] = None,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
     steps: Annotated[int, typer.Option(help="Optimizer updates.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Samples per update (rollouts, or regression rows).")] = 8,
@@ -599,27 +737,57 @@ def finetune(
     sampler_steps: Annotated[int, typer.Option(help="Steps of the sampling path.")] = 50,
     eta: Annotated[float, typer.Option(help="DDIM η of the path (1: DDPM's noise; 0 only for weighted-dsm).")] = 1.0,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance of the rollouts (1: none).")] = 1.0,
-    option: Annotated[list[str] | None, typer.Option(
-        help="A method option NAME=VALUE (e.g. round_samples=512, regressed_steps=10); repeat for several.")] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A method option NAME=VALUE (e.g. round_samples=512, regressed_steps=10); repeat for several."
+        ),
+    ] = None,
     weights_path: Annotated[list[str] | None, typer.Option(help="Reward weights: PATH or NAME=PATH.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N updates.")] = 50,
-    eval_samples: Annotated[int, typer.Option(
-        help="Samples of the closing evaluation (reward and KL vs the base).")] = 16,
+    eval_samples: Annotated[
+        int, typer.Option(help="Samples of the closing evaluation (reward and KL vs the base).")
+    ] = 16,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (accelerate's autocast).")] = "no",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute the UNet's activations in backward.")] = False,
-    log_with: Annotated[list[str] | None, typer.Option(
-        help="An accelerate tracker (tensorboard, wandb) for the metrics.")] = None,
+    log_with: Annotated[
+        list[str] | None, typer.Option(help="An accelerate tracker (tensorboard, wandb) for the metrics.")
+    ] = None,
 ) -> None:
     """Fine-tune a basis model: a LoRA whose sampler follows p_base·exp(r/α) (runs under accelerate launch too)."""
     run_reporting_errors(_finetune, **locals())
 
 
-def _finetune(base, reward, alpha, prompts, out, method, lora_rank, steps, batch_size, lr, seed, sampler, sampler_steps,
-              eta, guidance, option, weights_path, checkpoint_every, eval_samples, resume, overwrite, device,
-              mixed_precision, gradient_checkpointing, log_with) -> None:
+def _finetune(
+    base,
+    reward,
+    alpha,
+    prompts,
+    out,
+    method,
+    lora_rank,
+    steps,
+    batch_size,
+    lr,
+    seed,
+    sampler,
+    sampler_steps,
+    eta,
+    guidance,
+    option,
+    weights_path,
+    checkpoint_every,
+    eval_samples,
+    resume,
+    overwrite,
+    device,
+    mixed_precision,
+    gradient_checkpointing,
+    log_with,
+) -> None:
     from .finetune import finetune as run_finetune
     from .finetune import read_prompts
     from .rewards import parse_weighted
@@ -635,20 +803,40 @@ def _finetune(base, reward, alpha, prompts, out, method, lora_rank, steps, batch
     else:
         run_finetune = functools.partial(run_finetune, base, prompts=prompts)
     record = run_finetune(
-        reward, alpha, out=out, method=method, lora_rank=lora_rank, steps=steps, batch_size=batch_size,
-        lr=lr, seed=seed, sampler=sampler, sampler_steps=sampler_steps, eta=eta, guidance_scale=guidance,
+        reward,
+        alpha,
+        out=out,
+        method=method,
+        lora_rank=lora_rank,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        sampler=sampler,
+        sampler_steps=sampler_steps,
+        eta=eta,
+        guidance_scale=guidance,
         weights_paths=parse_weights_paths(weights_path, list(parse_weighted(reward))),
-        options=parse_options(option or []), checkpoint_every=checkpoint_every, eval_samples=eval_samples,
-        resume=resume, overwrite=overwrite, device=device, mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing, log_with=tuple(log_with or ()),
+        options=parse_options(option or []),
+        checkpoint_every=checkpoint_every,
+        eval_samples=eval_samples,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+        log_with=tuple(log_with or ()),
     )
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # (under accelerate launch, one process reports)
         evaluation = record["evaluation"]
         typer.echo(str(out / "pytorch_lora_weights.safetensors"))
-        typer.echo(f"reward {evaluation['finetuned_reward']:.4g} (base {evaluation['base_reward']:.4g}), path KL "
-                   f"{evaluation['kl']:.4g}", err=True)
+        typer.echo(
+            f"reward {evaluation['finetuned_reward']:.4g} (base {evaluation['base_reward']:.4g}), path KL "
+            f"{evaluation['kl']:.4g}",
+            err=True,
+        )
 
 
 def parse_options(items: list[str]) -> dict[str, int | float | bool]:
@@ -700,8 +888,12 @@ def _float_list(text: str, what: str) -> list[float]:
 @lab_app.command("run")
 def lab_run(
     weights: Annotated[str, typer.Option(help="NAME=W,... over the scenario's rewards (r1, r2 by default).")],
-    scenario: Annotated[Path | None, typer.Option(help="A scenario YAML/JSON file (default: the built-in one).")] = None,
-    alpha: Annotated[float | None, typer.Option(help="KL weight α of the fine-tuning (default: the scenario's).")] = None,
+    scenario: Annotated[
+        Path | None, typer.Option(help="A scenario YAML/JSON file (default: the built-in one).")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="KL weight α of the fine-tuning (default: the scenario's).")
+    ] = None,
     kl_scale: Annotated[float, typer.Option(help="λ: the target is fine-tuned with α/λ.")] = 1.0,
     samples: Annotated[int, typer.Option(help="Samples per method.")] = 20_000,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 200,
@@ -709,8 +901,13 @@ def lab_run(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     scheduler: Annotated[str, typer.Option(help="ddim, ddpm, euler or dpm.")] = "ddim",
     prior: Annotated[str, typer.Option(help="x_T: exact (the target's law at T) or gaussian (N(0, I)).")] = "exact",
-    smc: Annotated[int | None, typer.Option(help="Also run db-smc: the blend corrected by sequential Monte Carlo "
-                                                 "with this many particles per sample (--eta > 0 or ddpm).")] = None,
+    smc: Annotated[
+        int | None,
+        typer.Option(
+            help="Also run db-smc: the blend corrected by sequential Monte Carlo "
+            "with this many particles per sample (--eta > 0 or ddpm)."
+        ),
+    ] = None,
     smc_tempering: Annotated[str, typer.Option(help="The SMC potential's tempering: none or sqrt_alpha_bar.")] = "none",
     json_output: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
@@ -718,8 +915,9 @@ def lab_run(
     run_reporting_errors(_lab_run, **locals())
 
 
-def _lab_run(weights, scenario, alpha, kl_scale, samples, steps, eta, seed, scheduler, prior, smc, smc_tempering,
-             json_output) -> None:
+def _lab_run(
+    weights, scenario, alpha, kl_scale, samples, steps, eta, seed, scheduler, prior, smc, smc_tempering, json_output
+) -> None:
     from .blend import parse_named_numbers
     from .lab import run_lab
     from .lab.report import run_table
@@ -727,8 +925,18 @@ def _lab_run(weights, scenario, alpha, kl_scale, samples, steps, eta, seed, sche
 
     chosen = _lab_scenario(scenario, alpha)
     corrector = None if smc is None else SMC(particles=smc, tempering=smc_tempering)
-    report = run_lab(chosen, parse_named_numbers(weights, "--weights"), kl_scale, samples=samples, steps=steps,
-                     eta=eta, seed=seed, scheduler=scheduler, prior=prior, smc=corrector)
+    report = run_lab(
+        chosen,
+        parse_named_numbers(weights, "--weights"),
+        kl_scale,
+        samples=samples,
+        steps=steps,
+        eta=eta,
+        seed=seed,
+        scheduler=scheduler,
+        prior=prior,
+        smc=corrector,
+    )
     typer.echo(json.dumps(report) if json_output else run_table(report), nl=json_output)
 
 
@@ -753,9 +961,8 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
     from rich.console import Console
     from rich.progress import Progress
 
-    from .lab.report import plot_fronts, plot_gap, rows_as_csv, rows_as_json, rows_as_markdown, sweep, sweep_size
-
     from .blend import validate_kl_scale
+    from .lab.report import plot_fronts, plot_gap, rows_as_csv, rows_as_json, rows_as_markdown, sweep, sweep_size
 
     alpha_values, kl_values = _float_list(alphas, "--alphas"), _float_list(kl_scales, "--kl-scales")
     kl_values = [validate_kl_scale(value) for value in kl_values]
@@ -769,8 +976,16 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
     scenarios = [_lab_scenario(scenario, None)] + ([_lab_scenario(None, None, dim=3)] if three_rewards else [])
     with Progress(transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("sweeping", total=sweep_size(scenarios, alpha_values, kl_values, points))
-        rows = sweep(scenarios, alpha_values, kl_values, points, samples=samples, steps=steps, seed=seed,
-                     progress=lambda: progress.advance(task))
+        rows = sweep(
+            scenarios,
+            alpha_values,
+            kl_values,
+            points,
+            samples=samples,
+            steps=steps,
+            seed=seed,
+            progress=lambda: progress.advance(task),
+        )
     writers = {
         out / "sweep.csv": lambda temp: temp.write_text(rows_as_csv(rows)),
         out / "sweep.json": lambda temp: temp.write_text(rows_as_json(rows)),
@@ -785,16 +1000,26 @@ def _lab_sweep(out, scenario, alphas, kl_scales, points, three_rewards, samples,
 
 @lab_app.command("finetune")
 def lab_finetune(
-    reward: Annotated[str, typer.Option(help="NAME=W,... over the scenario's rewards: the reward to fine-tune for "
-                                             "(a mix gives the MORL oracle).")] = "r1=1",
+    reward: Annotated[
+        str,
+        typer.Option(
+            help="NAME=W,... over the scenario's rewards: the reward to fine-tune for (a mix gives the MORL oracle)."
+        ),
+    ] = "r1=1",
     alpha: Annotated[float | None, typer.Option(help="KL weight α (default: the scenario's).")] = None,
-    method: Annotated[str | None, typer.Option(help="adjoint-matching (default), policy-gradient or weighted-dsm.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="adjoint-matching (default), policy-gradient or weighted-dsm.")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer updates (default: the method's lab default).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the method's lab default).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    scenario: Annotated[Path | None, typer.Option(help="A scenario YAML/JSON file (default: the built-in one).")] = None,
+    scenario: Annotated[
+        Path | None, typer.Option(help="A scenario YAML/JSON file (default: the built-in one).")
+    ] = None,
     samples: Annotated[int, typer.Option(help="Samples measuring what the fine-tuned model reaches.")] = 20_000,
-    out: Annotated[Path | None, typer.Option(help="Folder for the network, finetune.json, metrics and checkpoints.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the network, finetune.json, metrics and checkpoints.")
+    ] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint the run every N updates.")] = 50,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
@@ -804,8 +1029,9 @@ def lab_finetune(
     run_reporting_errors(_lab_finetune, **locals())
 
 
-def _lab_finetune(reward, alpha, method, steps, lr, seed, scenario, samples, out, checkpoint_every, resume, overwrite,
-                  json_output) -> None:
+def _lab_finetune(
+    reward, alpha, method, steps, lr, seed, scenario, samples, out, checkpoint_every, resume, overwrite, json_output
+) -> None:
     from .blend import parse_named_numbers
     from .finetune.lab import lab_finetune as finetune_lab
     from .lab.report import finetune_table
@@ -815,9 +1041,20 @@ def _lab_finetune(reward, alpha, method, steps, lr, seed, scenario, samples, out
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise CommandError(f"--alpha must be a finite number > 0, got {alpha}")
     chosen = _lab_scenario(scenario, alpha)
-    report = finetune_lab(chosen, parse_named_numbers(reward, "--reward"), method=method, steps=steps, lr=lr,
-                          seed=seed, samples=samples, out=out, checkpoint_every=checkpoint_every, resume=resume,
-                          overwrite=overwrite, progress=not json_output)
+    report = finetune_lab(
+        chosen,
+        parse_named_numbers(reward, "--reward"),
+        method=method,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        samples=samples,
+        out=out,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        overwrite=overwrite,
+        progress=not json_output,
+    )
     typer.echo(json.dumps(report) if json_output else finetune_table(report), nl=json_output)
 
 
@@ -848,8 +1085,12 @@ def score(
     images: Annotated[list[Path], typer.Argument(help="Image files to score.")],
     reward: Annotated[str, typer.Option(help="A reward name, a weighted sum (ir=0.5,aes=0.5) or module:function.")],
     prompt: Annotated[str, typer.Option(help="The prompt the images were made for.")],
-    weights_path: Annotated[list[str] | None, typer.Option(
-        help="A reward's weights (folder, file or hub id): PATH for a single reward, NAME=PATH in a sum; repeat.")] = None,
+    weights_path: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A reward's weights (folder, file or hub id): PATH for a single reward, NAME=PATH in a sum; repeat."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images scored per batch.")] = 16,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available, else cpu).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list of {image, score}.")] = False,

@@ -31,8 +31,13 @@ from torch.func import functional_call
 
 from .adapters import NO_ADAPTER, AdapterRouter, RowsReshaped, loaded_adapters, weights_placed_on_call
 from .blend import base_coefficient, blend_per_row, blend_predictions, validate_kl_scale, validate_weights
-from .caches import (CONDITION_CACHES_IN_STOCHASTIC_MODE, ConditionCaches, StepCacheContexts, reads_condition_cache,
-                     uses_step_cache)
+from .caches import (
+    CONDITION_CACHES_IN_STOCHASTIC_MODE,
+    ConditionCaches,
+    StepCacheContexts,
+    reads_condition_cache,
+    uses_step_cache,
+)
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
 BASE = NO_ADAPTER
@@ -44,11 +49,21 @@ INPUT_ROWS = "input"
 #: ``image_rotary_emb``, Kandinsky 6's ``visual_rope_pos`` — are per position; Wan VACE's control scales are one per
 #: VACE layer; Cosmos's padding mask is (1, 1, height, width) whatever the batch, repeated inside;
 #: HunyuanVideo-Framepack's frame indices are 1-D).
-UNBATCHED_ARGUMENTS = frozenset({
-    "img_ids", "txt_ids", "image_cond_ids", "image_rotary_emb", "visual_rope_pos", "control_hidden_states_scale",
-    "padding_mask", "indices_latents", "indices_latents_clean", "indices_latents_history_2x",
-    "indices_latents_history_4x",
-})
+UNBATCHED_ARGUMENTS = frozenset(
+    {
+        "img_ids",
+        "txt_ids",
+        "image_cond_ids",
+        "image_rotary_emb",
+        "visual_rope_pos",
+        "control_hidden_states_scale",
+        "padding_mask",
+        "indices_latents",
+        "indices_latents_clean",
+        "indices_latents_history_2x",
+        "indices_latents_history_4x",
+    }
+)
 #: Tensor arguments of known denoisers that may hold several consecutive rows per sample: Wan's first-and-last-frame
 #: models (FLF2V, SkyReels-V2, ChronoEdit) take two image embeddings per sample and fold each pair into one.
 GROUPED_ROWS = frozenset({"encoder_hidden_states_image"})
@@ -102,8 +117,10 @@ class BlendSettings:
     def samples(self) -> list[tuple[dict[str, float], float]]:
         """(weights, λ) per sample: one pair where every sample shares them."""
         count = max(len(self.weights), len(self.kl_scales))
-        return [(self.weights[index % len(self.weights)], self.kl_scales[index % len(self.kl_scales)])
-                for index in range(count)]
+        return [
+            (self.weights[index % len(self.weights)], self.kl_scales[index % len(self.kl_scales)])
+            for index in range(count)
+        ]
 
     @property
     def kl_scale(self) -> float | None:
@@ -126,10 +143,10 @@ class BlendedDenoiser(nn.Module):
             full members count their rows each), or ``"input"``: at most the rows the denoiser is called with, so
             that a blend's peak memory is a single model's (docs/performance.md).
         vmap_full_members: evaluate the full-module members needed on all rows in one ``torch.vmap`` call over
-            their stacked weights (as ``torch.func.stack_module_state`` stacks them) instead of one call each. It keeps a stacked
-            copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes. Members that
-            carry hooks are refused (a vmapped call runs a weightless copy, not the member), and so, at their first
-            call, are denoisers with an operation ``torch.vmap`` cannot batch (Z-Image's).
+            their stacked weights (as ``torch.func.stack_module_state`` stacks them) instead of one call each. It
+            keeps a stacked copy of their weights; no faster on CPUs (measured), meant for GPUs at small batch sizes.
+            Members that carry hooks are refused (a vmapped call runs a weightless copy, not the member), and so,
+            at their first call, are denoisers with an operation ``torch.vmap`` cannot batch (Z-Image's).
         compile: ``torch.compile`` the denoiser calls of the blend: ``True`` (torch's defaults), a dict of
             ``torch.compile`` options (``{"mode": "max-autotune", "fullgraph": True}``), ``False``, or ``None`` (the
             default: compile when the base or a member was given compiled, whole or by regions, with torch's
@@ -158,9 +175,11 @@ class BlendedDenoiser(nn.Module):
         for name in members:
             check_member_name(name)
         if max_batch_size not in (None, INPUT_ROWS) and (
-                isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1):
+            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
             raise ValueError(
-                f"max_batch_size must be a positive integer, {INPUT_ROWS!r} or None, got {max_batch_size!r}")
+                f"max_batch_size must be a positive integer, {INPUT_ROWS!r} or None, got {max_batch_size!r}"
+            )
         given_compiled = any(was_compiled(module) for module in (base, *members.values()))
         self.compile_options = compile_options(compile, given_compiled)
         self.vmap_full_members = vmap_full_members
@@ -172,8 +191,13 @@ class BlendedDenoiser(nn.Module):
         #: members given as the base module itself (a basis that leaves this denoiser unchanged: one Wan 2.2 expert
         #: fine-tuned, the other not): the base's prediction, evaluated with the base
         self.same_as_base = {name for name, member in members.items() if member is base}
-        self.modules_by_name = nn.ModuleDict({name: member for name, member in members.items()
-                                              if isinstance(member, nn.Module) and name not in self.same_as_base})
+        self.modules_by_name = nn.ModuleDict(
+            {
+                name: member
+                for name, member in members.items()
+                if isinstance(member, nn.Module) and name not in self.same_as_base
+            }
+        )
         self.adapter_of = {name: member for name, member in members.items() if isinstance(member, str)}
         odd = [name for name, member in members.items() if not isinstance(member, (nn.Module, str))]
         if odd:
@@ -189,19 +213,24 @@ class BlendedDenoiser(nn.Module):
         signature = inspect.signature(base.forward)
         self._parameter_names = list(signature.parameters)
         self._lora_scale_parameter = lora_scale_parameter(signature.parameters)
-        self._attention_layers = {name: _attention_layers(module)
-                                  for name, module in {BASE: base, **self.modules_by_name}.items()}
+        self._attention_layers = {
+            name: _attention_layers(module) for name, module in {BASE: base, **self.modules_by_name}.items()
+        }
         self.settings: BlendSettings | None = None
         self._draws: _DrawCache | None = None
         self._draw_probabilities: torch.Tensor | None = None
         self._vmap_cache: dict[tuple[str, ...], tuple] = {}  # vmapped group → (weights' versions, stacked state)
         self._rows_reshaped = False  # the base reshapes its batch inside: LoRA members cannot share its calls
-        self._caches = ConditionCaches()  # each denoiser call's own condition keys and values, where a pipeline caches them
+        self._caches = (
+            ConditionCaches()
+        )  # each denoiser call's own condition keys and values, where a pipeline caches them
         self._step_contexts = StepCacheContexts()  # each denoiser call's own context for diffusers' step caches
-        self._row_tables: dict[tuple, torch.Tensor] = {}  # per-sample λ·w (or λ) as (rows, columns) tables, per call shape
+        self._row_tables: dict[
+            tuple, torch.Tensor
+        ] = {}  # per-sample λ·w (or λ) as (rows, columns) tables, per call shape
         self.forward = SignedForward(self, signature)
 
-    # ----------------------------------------------------------------------------------------------- what pipelines read
+    # ---------------------------------------------------------------------------------------------- what pipelines read
     @property
     def config(self):
         return self.base.config
@@ -288,8 +317,10 @@ class BlendedDenoiser(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        checked = tuple(validate_weights(sample_weights, self.names, simplex=mode == "stochastic")
-                        for sample_weights in _weights_per_sample(weights))
+        checked = tuple(
+            validate_weights(sample_weights, self.names, simplex=mode == "stochastic")
+            for sample_weights in _weights_per_sample(weights)
+        )
         for name, module in self.modules_by_name.items():  # again: the base may have changed (an IP-Adapter loaded)
             _check_same_architecture(name, self.base, module)
             _check_same_settings(name, self.base, module, self._attention_layers[BASE], self._attention_layers[name])
@@ -318,8 +349,9 @@ class BlendedDenoiser(nn.Module):
             if self.settings.mode == "mix":
                 blend = self._mix
             else:  # drawn once per call: a call redone below must not draw again (the seed's later draws would shift)
-                drawn = (self.draw_members(latent, self._timestep(args, kwargs))
-                         if any(self.settings.kl_scales) else None)
+                drawn = (
+                    self.draw_members(latent, self._timestep(args, kwargs)) if any(self.settings.kl_scales) else None
+                )
                 blend = functools.partial(self._stochastic, drawn=drawn)
             with self.routing(), self._lora_scaled(kwargs):
                 try:
@@ -340,8 +372,10 @@ class BlendedDenoiser(nn.Module):
         the same calls, on the same members' rows, at every step: a mix blend's. Refused where that does not hold, or
         where a cache is not of a protocol the blend knows."""
         if kwargs.get("kv_caches") is not None:
-            raise ValueError("the denoiser is called with kv_caches (GLM-Image's image-to-image): a key/value cache of "
-                             "a condition image is one model's, and a blend has one per member; it cannot be blended yet")
+            raise ValueError(
+                "the denoiser is called with kv_caches (GLM-Image's image-to-image): a key/value cache of "
+                "a condition image is one model's, and a blend has one per member; it cannot be blended yet"
+            )
         self._caches.begin(kwargs)
         if self._caches.active and self.settings.mode == "stochastic":
             raise ValueError(CONDITION_CACHES_IN_STOCHASTIC_MODE)
@@ -356,10 +390,12 @@ class BlendedDenoiser(nn.Module):
         named = {"the base": self.base} | {f"member {name!r}": module for name, module in self.modules_by_name.items()}
         cached = [name for name, module in named.items() if uses_step_cache(module)]
         if cached:
-            raise ValueError(f"{', '.join(cached)} {'has' if len(cached) == 1 else 'have'} a step cache enabled "
-                             "(enable_cache), which reuses at a step what a call computed at earlier steps, and the "
-                             "stochastic mode draws another member for a sample at every step (a member would reuse "
-                             "another's results): use mode='mix', or disable_cache() for the stochastic mode")
+            raise ValueError(
+                f"{', '.join(cached)} {'has' if len(cached) == 1 else 'have'} a step cache enabled "
+                "(enable_cache), which reuses at a step what a call computed at earlier steps, and the "
+                "stochastic mode draws another member for a sample at every step (a member would reuse "
+                "another's results): use mode='mix', or disable_cache() for the stochastic mode"
+            )
 
     def routing(self) -> contextlib.AbstractContextManager:
         """Keep the LoRA routing installed across many forward calls (e.g. a whole pipeline call): what each layer
@@ -376,10 +412,15 @@ class BlendedDenoiser(nn.Module):
     def plan_mix(self) -> list[Evaluation]:
         """What the mix formula needs: members with λ·w ≠ 0 (for some sample), and the base unless 1 − λΣw = 0 (for
         every sample; a member that is the base adds nothing to the sum: w (base − base))."""
-        per_sample = [({name: w for name, w in weights.items() if name not in self.same_as_base}, kl_scale)
-                      for weights, kl_scale in self.settings.samples]
-        members = [Evaluation(name) for name in per_sample[0][0]
-                   if any(kl_scale * weights[name] != 0 for weights, kl_scale in per_sample)]
+        per_sample = [
+            ({name: w for name, w in weights.items() if name not in self.same_as_base}, kl_scale)
+            for weights, kl_scale in self.settings.samples
+        ]
+        members = [
+            Evaluation(name)
+            for name in per_sample[0][0]
+            if any(kl_scale * weights[name] != 0 for weights, kl_scale in per_sample)
+        ]
         needs_base = any(base_coefficient(weights.values(), kl_scale) != 0 for weights, kl_scale in per_sample)
         return ([Evaluation(BASE)] if needs_base else []) + members
 
@@ -403,12 +444,15 @@ class BlendedDenoiser(nn.Module):
         like = _like(latent)
         key = (members, len(latent), like.device)
         if key not in self._row_tables:
-            table = [[kl_scale * weights[name] for name in members] if members is not None else [kl_scale]
-                     for weights, kl_scale in self.settings.samples]
+            table = [
+                [kl_scale * weights[name] for name in members] if members is not None else [kl_scale]
+                for weights, kl_scale in self.settings.samples
+            ]
             dtype = torch.float64 if like.dtype == torch.float64 else torch.float32  # (no float64 on every device)
             host = _per_row(torch.tensor(table, dtype=torch.float64), len(latent)).to(dtype)
-            self._row_tables[key] = (host.pin_memory() if like.device.type == "cuda" else host).to(like.device,
-                                                                                                   non_blocking=True)
+            self._row_tables[key] = (host.pin_memory() if like.device.type == "cuda" else host).to(
+                like.device, non_blocking=True
+            )
         return self._row_tables[key]
 
     def _towards_drawn(self, base: Prediction | None, drawn: Prediction, latent: Rows) -> Prediction:
@@ -429,8 +473,14 @@ class BlendedDenoiser(nn.Module):
         if any(kl_scale != 1 for kl_scale in kl_scales):
             plan.insert(0, Evaluation(BASE))
         predictions, template = self.evaluate(plan, latent, args, kwargs)
-        drawn_prediction = _placed_rows(len(latent), [(evaluation.rows, prediction) for evaluation, prediction
-                                                      in zip(plan, predictions) if evaluation.rows is not None])
+        drawn_prediction = _placed_rows(
+            len(latent),
+            [
+                (evaluation.rows, prediction)
+                for evaluation, prediction in zip(plan, predictions)
+                if evaluation.rows is not None
+            ],
+        )
         base = predictions[0] if plan[0].member == BASE else None
         return with_prediction(template, self._towards_drawn(base, drawn_prediction, latent))
 
@@ -462,16 +512,20 @@ class BlendedDenoiser(nn.Module):
             raise RuntimeError("draw_members needs set_blend(..., mode='stochastic') first")
         if self._draws is None:
             self._draws = _DrawCache()
-        return self._draws.draw(latent, timestep, self._draw_probabilities, self.settings.generator,
-                                samples=len(self.settings.samples))
+        return self._draws.draw(
+            latent, timestep, self._draw_probabilities, self.settings.generator, samples=len(self.settings.samples)
+        )
 
     def _probabilities(self) -> torch.Tensor:
         """w as a tensor on the generator's device, made once per :meth:`set_blend` (on a GPU, making it waits): one
         row per sample for per-sample weights, else a vector."""
         generator = self.settings.generator
         device = generator.device if generator is not None else torch.device("cpu")
-        table = torch.tensor([[weights[name] for name in self.names] for weights in self.settings.weights],
-                             dtype=torch.float64, device=device)
+        table = torch.tensor(
+            [[weights[name] for name in self.names] for weights in self.settings.weights],
+            dtype=torch.float64,
+            device=device,
+        )
         return table[0] if len(table) == 1 else table
 
     def _timestep(self, args: tuple, kwargs: dict) -> Any:
@@ -481,9 +535,7 @@ class BlendedDenoiser(nn.Module):
         return args[position] if len(args) > position else kwargs.get(name)
 
     # ----------------------------------------------------------------------------------------------------- execution
-    def evaluate(
-        self, plan: list[Evaluation], latent: Rows, args: tuple, kwargs: dict
-    ) -> tuple[list[Prediction], Any]:
+    def evaluate(self, plan: list[Evaluation], latent: Rows, args: tuple, kwargs: dict) -> tuple[list[Prediction], Any]:
         """Run the plan in as few denoiser calls as the members allow.
 
         Returns the predictions in plan order, and one raw output of the denoiser as the template of the blended
@@ -493,8 +545,15 @@ class BlendedDenoiser(nn.Module):
         template = None
         split = self._rows_are_split()
         calls = self._calls(plan, together=self._members_share_calls(split))
-        vmapped = [c[0] for c in calls if self.vmap_full_members and not split and not self._caches.active
-                   and plan[c[0]].member in self.modules_by_name and plan[c[0]].rows is None]
+        vmapped = [
+            c[0]
+            for c in calls
+            if self.vmap_full_members
+            and not split
+            and not self._caches.active
+            and plan[c[0]].member in self.modules_by_name
+            and plan[c[0]].rows is None
+        ]
         cap = self._rows_per_call(len(latent))
         per_call = len(vmapped) if cap is None else cap // len(latent)  # members whose rows fit in one call
         starts = range(0, len(vmapped), per_call) if per_call > 1 else []
@@ -537,7 +596,11 @@ class BlendedDenoiser(nn.Module):
         return any(map(splits_its_rows, {type(layer.processor) for layer in self._attention_layers[BASE]}))
 
     def _run_stacked(
-        self, evaluations: list[Evaluation], latent: Rows, args: tuple, kwargs: dict,
+        self,
+        evaluations: list[Evaluation],
+        latent: Rows,
+        args: tuple,
+        kwargs: dict,
         mask: torch.Tensor | None = None,
     ) -> tuple[list[Prediction], Any]:
         """Evaluations on one module as one batch (rows stacked in plan order), chunked by ``max_batch_size``.
@@ -545,9 +608,13 @@ class BlendedDenoiser(nn.Module):
         batch = len(latent)
         sizes = [batch if e.rows is None else len(e.rows) for e in evaluations]
         module = self.modules_by_name[evaluations[0].member] if evaluations[0].member in self.modules_by_name else None
-        routes = mask if mask is not None or module is not None else [  # every stacked row's adapter
-            self.adapter_of.get(e.member, NO_ADAPTER) for e, size in zip(evaluations, sizes) for _ in range(size)
-        ]
+        routes = (
+            mask
+            if mask is not None or module is not None
+            else [  # every stacked row's adapter
+                self.adapter_of.get(e.member, NO_ADAPTER) for e, size in zip(evaluations, sizes) for _ in range(size)
+            ]
+        )
         total = sum(sizes)
         chunk = self._rows_per_call(batch) or total
         whole_batch = len(evaluations) == 1 and evaluations[0].rows is None and chunk >= batch
@@ -558,8 +625,9 @@ class BlendedDenoiser(nn.Module):
             if whole_batch:
                 call_args, call_kwargs = args, kwargs
             else:
-                call_args, call_kwargs = self._call_rows(args, kwargs, index[start : start + chunk], batch,
-                                                         isinstance(latent, list))
+                call_args, call_kwargs = self._call_rows(
+                    args, kwargs, index[start : start + chunk], batch, isinstance(latent, list)
+                )
             chunk_routes = None if routes is None else routes[start : start + chunk]
             call = (tuple(e.member for e in evaluations), tuple(sizes), start)  # its place in the plan
             call_kwargs = self._caches.for_call(call, call_kwargs)
@@ -573,8 +641,8 @@ class BlendedDenoiser(nn.Module):
 
     def _call_rows(self, args: tuple, kwargs: dict, rows: torch.Tensor, batch: int, listed: bool) -> tuple[tuple, dict]:
         """The arguments of a call on some ``rows`` of the batch: batched tensors indexed (on their
-        :data:`BATCH_AXES`; :data:`GROUPED_ROWS` by sample), per-sample lists (:data:`PER_SAMPLE_LISTS`; every list of the batch's length where the
-        sample is a list) taken item by item."""
+        :data:`BATCH_AXES`; :data:`GROUPED_ROWS` by sample), per-sample lists (:data:`PER_SAMPLE_LISTS`; every list of
+        the batch's length where the sample is a list) taken item by item."""
         host_rows = functools.cache(rows.tolist)  # read back only where a per-sample list needs it
 
         def take(name: str | None, value: Any) -> Any:
@@ -586,7 +654,8 @@ class BlendedDenoiser(nn.Module):
                 raise ValueError(
                     f"{type(self.base).__name__} pads {name} to the longest sample of the whole batch, so the blend "
                     "cannot call it on some samples only (stochastic mode with full members or batch_members=False, "
-                    "a max_batch_size below the batch): use LoRA members batched, and max_batch_size None or 'input'")
+                    "a max_batch_size below the batch): use LoRA members batched, and max_batch_size None or 'input'"
+                )
             if name in GROUPED_ROWS and isinstance(value, torch.Tensor) and _groups_rows(value, batch):
                 return value.unflatten(0, (batch, -1))[rows.to(value.device)].flatten(0, 1)
             axis = BATCH_AXES.get(name, 0)
@@ -604,7 +673,8 @@ class BlendedDenoiser(nn.Module):
         if self.max_batch_size is not None and self.max_batch_size < batch and self._rows_are_split():
             raise ValueError(
                 f"max_batch_size={self.max_batch_size} would split the pipeline's call of {batch} rows, which the "
-                "denoiser's perturbed-attention-guidance processors need together: use max_batch_size='input'")
+                "denoiser's perturbed-attention-guidance processors need together: use max_batch_size='input'"
+            )
         return self.max_batch_size
 
     def _vmapped(self, names: list[str], args: tuple, kwargs: dict) -> list[Any]:
@@ -612,12 +682,15 @@ class BlendedDenoiser(nn.Module):
         members while their weights, and the first member's settings the weightless copy carries, are unchanged;
         a member's weights are stacked for one group at a time)."""
         modules = [self.modules_by_name[name] for name in names]
-        weights = ((name, *((p.data_ptr(), p._version) for p in module.parameters())) for name, module in zip(names, modules))
+        weights = (
+            (name, *((p.data_ptr(), p._version) for p in module.parameters())) for name, module in zip(names, modules)
+        )
         key = (_call_state(modules[0], self._attention_layers[names[0]]), *weights)
         cached = self._vmap_cache.get(tuple(names))
         if cached is None or cached[0] != key:
             self._vmap_cache = {  # groups sharing a member with this one are superseded
-                group: entry for group, entry in self._vmap_cache.items() if not set(group) & set(names)}
+                group: entry for group, entry in self._vmap_cache.items() if not set(group) & set(names)
+            }
             params, buffers = _stacked_state(modules)
             if self.compile_options is not None:  # weights, not inputs: CUDA graphs must not copy them every replay
                 for tensor in (*params.values(), *buffers.values()):
@@ -633,12 +706,16 @@ class BlendedDenoiser(nn.Module):
         except RuntimeError as error:  # what torch.vmap cannot run: an operation it has no batching rule for (Z-Image
             if isinstance(error, torch.OutOfMemoryError):  # pads sequences), a read of values (HiDream's experts)
                 raise
-            raise ValueError(f"{type(template).__name__}'s forward cannot be vmapped over its members' weights "
-                             f"({str(error).strip().splitlines()[0]}): use vmap_full_members=False") from error
+            raise ValueError(
+                f"{type(template).__name__}'s forward cannot be vmapped over its members' weights "
+                f"({str(error).strip().splitlines()[0]}): use vmap_full_members=False"
+            ) from error
         stacked = prediction_of(outputs)  # every field of the output is stacked over members
         return [with_prediction(outputs, _member_of_stacked(stacked, i)) for i in range(len(names))]
 
-    def _call(self, module: nn.Module | None, routes: list[str] | torch.Tensor | None, args: tuple, kwargs: dict) -> Any:
+    def _call(
+        self, module: nn.Module | None, routes: list[str] | torch.Tensor | None, args: tuple, kwargs: dict
+    ) -> Any:
         """One denoiser call: a full member, or the shared base with each row routed to its LoRA adapter (by
         name, or by a rows × adapters mask)."""
         if isinstance(routes, list):
@@ -652,8 +729,9 @@ class BlendedDenoiser(nn.Module):
         with self.router.route(routes):
             return self.base(*args, **kwargs)
 
-    def _compiled_call(self, module: nn.Module | None, routes: str | list[str] | torch.Tensor | None, args: tuple,
-                       kwargs: dict) -> Any:
+    def _compiled_call(
+        self, module: nn.Module | None, routes: str | list[str] | torch.Tensor | None, args: tuple, kwargs: dict
+    ) -> Any:
         """The same call through ``torch.compile``: LoRA routing enters the graph as a mask tensor.
 
         Module hooks are guarded here (TorchDynamo skips hook guards by default), so a graph traced before a hook
@@ -661,8 +739,11 @@ class BlendedDenoiser(nn.Module):
         if module is not None or self.router is None:
             return self._compiled("module", call_module, module or self.base, args, kwargs)
         latent = args[0] if args else kwargs[self._latent_name]
-        mask = routes if isinstance(routes, torch.Tensor) else self.router.dense_mask(routes, len(latent),
-                                                                                       like=_like(latent))
+        mask = (
+            routes
+            if isinstance(routes, torch.Tensor)
+            else self.router.dense_mask(routes, len(latent), like=_like(latent))
+        )
         try:
             return self._compiled("routed", call_routed, self.router, mask, self.base, args, kwargs)
         except RowsReshaped as error:  # a compiled call routes every row by the mask, one member's rows too
@@ -699,13 +780,25 @@ class BlendedDenoiser(nn.Module):
         them would ignore the cache. Either way the member would silently be another model."""
         if not self.modules_by_name:
             return
-        checks = [(splits_its_rows, "perturbed-attention-guidance processors", "a pag_applied_layers pattern of the "
-                   "pipeline matches the basis's name in the blend (modules_by_name.<basis>.…); choose a basis name "
-                   "no pattern matches")]
+        checks = [
+            (
+                splits_its_rows,
+                "perturbed-attention-guidance processors",
+                "a pag_applied_layers pattern of the "
+                "pipeline matches the basis's name in the blend (modules_by_name.<basis>.…); choose a basis name "
+                "no pattern matches",
+            )
+        ]
         if self._caches.active:  # (without a cache those processors compute plain attention)
-            checks.append((reads_condition_cache, "key/value-cache processors", "give the member the base's processor "
-                           "classes (FLUX.2 Klein KV: Flux2KVAttnProcessor and Flux2KVParallelSelfAttnProcessor, as the "
-                           "pipeline gives its transformer)"))
+            checks.append(
+                (
+                    reads_condition_cache,
+                    "key/value-cache processors",
+                    "give the member the base's processor "
+                    "classes (FLUX.2 Klein KV: Flux2KVAttnProcessor and Flux2KVParallelSelfAttnProcessor, as the "
+                    "pipeline gives its transformer)",
+                )
+            )
         for kind, what, remedy in checks:
             base = [kind(type(layer.processor)) for layer in self._attention_layers[BASE]]
             for name in self.modules_by_name:
@@ -715,7 +808,8 @@ class BlendedDenoiser(nn.Module):
                     raise ValueError(
                         f"member {name!r} has {what} on {len(differing)} attention layer(s) where the base has none, "
                         f"or the reverse (e.g. its layer {differing[0]}: "
-                        f"{type(layers[differing[0]].processor).__name__}): {remedy}")
+                        f"{type(layers[differing[0]].processor).__name__}): {remedy}"
+                    )
 
     def _check_placement(self) -> None:
         device, dtype = _placement(self.base)
@@ -734,12 +828,17 @@ class BlendedDenoiser(nn.Module):
 def _check_offloaded(name: str, base_device: torch.device, member_device: torch.device, vmapped: bool) -> None:
     """Full members may be offloaded sequentially (accelerate's hooks place each weight when its module is called,
     so a member's own call works) only together with the base, and not vmapped (vmap reads the weights)."""
-    offloaded = [which for which, device in ((f"member {name!r}", member_device), ("the base", base_device))
-                 if device.type == "meta"]
+    offloaded = [
+        which
+        for which, device in ((f"member {name!r}", member_device), ("the base", base_device))
+        if device.type == "meta"
+    ]
     if not offloaded:
         return
-    parked = (f"{offloaded[0]} is offloaded (its weights wait on the meta device, as enable_sequential_cpu_offload "
-              "leaves them)")
+    parked = (
+        f"{offloaded[0]} is offloaded (its weights wait on the meta device, as enable_sequential_cpu_offload "
+        "leaves them)"
+    )
     if vmapped:
         raise ValueError(f"{parked}; vmap_full_members reads the members' weights: use vmap_full_members=False")
     if len(offloaded) == 1:
@@ -749,11 +848,19 @@ def _check_offloaded(name: str, base_device: torch.device, member_device: torch.
 def _check_unhooked(name: str, member: nn.Module) -> None:
     """A vmapped member is run as a weightless copy of its architecture over stacked weights: hooks on the member
     (the user's, an offloading library's) would not run for it, or would run for every member (the copy's)."""
-    hooked = next((part or "the module itself" for part, module in member.named_modules()
-                   if module._forward_hooks or weights_placed_on_call(module)), None)
+    hooked = next(
+        (
+            part or "the module itself"
+            for part, module in member.named_modules()
+            if module._forward_hooks or weights_placed_on_call(module)
+        ),
+        None,
+    )
     if hooked is not None:
-        raise ValueError(f"member {name!r} carries hooks (on {hooked!r}) that a vmapped call cannot run per member: "
-                         "remove them or use vmap_full_members=False")
+        raise ValueError(
+            f"member {name!r} carries hooks (on {hooked!r}) that a vmapped call cannot run per member: "
+            "remove them or use vmap_full_members=False"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- compilation
@@ -777,6 +884,7 @@ def call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
 def call_vmapped(template: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
     """Full members on the same inputs in one ``torch.vmap`` call of ``template`` (a weightless copy of their
     architecture) over their stacked weights: the denoiser's output type, every field stacked over members."""
+
     def call(member_params, member_buffers):
         return functional_call(template, (member_params, member_buffers), args, kwargs)
 
@@ -819,7 +927,9 @@ def compile_options(compile: bool | Mapping[str, Any] | None, given_compiled: bo
     accepted = set(inspect.signature(torch.compile).parameters) - {"model"}
     unknown = sorted(set(compile) - accepted)
     if unknown:
-        raise ValueError(f"unknown torch.compile option(s) {', '.join(unknown)} (accepted: {', '.join(sorted(accepted))})")
+        raise ValueError(
+            f"unknown torch.compile option(s) {', '.join(unknown)} (accepted: {', '.join(sorted(accepted))})"
+        )
     return dict(compile)
 
 
@@ -871,8 +981,10 @@ def _kl_scales_per_sample(kl_scale: float | Sequence[float], weight_samples: int
     """``set_blend``'s λ as one shared by every sample or one per sample (as many as weights given per sample)."""
     if isinstance(kl_scale, Sequence) and not isinstance(kl_scale, str):
         if not kl_scale or (weight_samples > 1 and len(kl_scale) != weight_samples):
-            raise ValueError(f"kl_scale must be a number or one per sample ({weight_samples} with the weights given), "
-                             f"got {len(kl_scale)} values")
+            raise ValueError(
+                f"kl_scale must be a number or one per sample ({weight_samples} with the weights given), "
+                f"got {len(kl_scale)} values"
+            )
         return tuple(validate_kl_scale(value) for value in kl_scale)
     return (validate_kl_scale(kl_scale),)
 
@@ -882,8 +994,10 @@ def _weights_per_sample(weights: Mapping[str, float] | Sequence[Mapping[str, flo
     if isinstance(weights, Mapping):
         return [weights]
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or not weights:
-        raise ValueError("weights must be a mapping of basis name to weight, or a non-empty list of them (one per "
-                         f"sample), got {weights!r}")
+        raise ValueError(
+            "weights must be a mapping of basis name to weight, or a non-empty list of them (one per "
+            f"sample), got {weights!r}"
+        )
     return list(weights)
 
 
@@ -929,8 +1043,9 @@ def _tensors_of(sample: Any) -> list[torch.Tensor]:
     return [tensor for item in sample for tensor in _tensors_of(item)]
 
 
-def blend_rows(base: Prediction | None, members: list[Prediction], weights: list[float] | torch.Tensor,
-               kl_scale: float) -> Prediction:
+def blend_rows(
+    base: Prediction | None, members: list[Prediction], weights: list[float] | torch.Tensor, kl_scale: float
+) -> Prediction:
     """:func:`~diffusion_blend.blend.blend_predictions` of batched predictions — with ``weights`` a (rows, members)
     table, :func:`~diffusion_blend.blend.blend_per_row` — sample by sample for lists, field by field for
     several-output denoisers."""
@@ -938,8 +1053,10 @@ def blend_rows(base: Prediction | None, members: list[Prediction], weights: list
         return base
     first = base if base is not None else members[0]
     if isinstance(first, Fields):
-        return Fields(blend_rows(None if base is None else base[index], [member[index] for member in members],
-                                 weights, kl_scale) for index in range(len(first)))
+        return Fields(
+            blend_rows(None if base is None else base[index], [member[index] for member in members], weights, kl_scale)
+            for index in range(len(first))
+        )
     per_row = isinstance(weights, torch.Tensor)
     if not isinstance(first, list):
         return (blend_per_row if per_row else blend_predictions)(base, members, weights, kl_scale)
@@ -947,8 +1064,12 @@ def blend_rows(base: Prediction | None, members: list[Prediction], weights: list
         bases = base if base is not None else [None] * len(first)
         return [blend_predictions(b, list(samples), weights, kl_scale) for b, *samples in zip(bases, *members)]
     bases = base if base is not None else [None] * len(first)  # each sample as a batch of one row
-    return [blend_per_row(None if b is None else b[None], [sample[None] for sample in samples], weights[row : row + 1],
-                          kl_scale)[0] for row, (b, *samples) in enumerate(zip(bases, *members))]
+    return [
+        blend_per_row(
+            None if b is None else b[None], [sample[None] for sample in samples], weights[row : row + 1], kl_scale
+        )[0]
+        for row, (b, *samples) in enumerate(zip(bases, *members))
+    ]
 
 
 def _joined(pieces: list[Prediction]) -> Prediction:
@@ -972,8 +1093,10 @@ def _placed_rows(batch: int, parts: list[tuple[torch.Tensor, Prediction]]) -> Pr
     """The predictions of parts of the batch (their rows, their predictions) put back in the batch's order."""
     first = parts[-1][1]
     if isinstance(first, Fields):
-        return Fields(_placed_rows(batch, [(rows, prediction[index]) for rows, prediction in parts])
-                      for index in range(len(first)))
+        return Fields(
+            _placed_rows(batch, [(rows, prediction[index]) for rows, prediction in parts])
+            for index in range(len(first))
+        )
     if isinstance(first, torch.Tensor):
         placed = first.new_empty((batch, *first.shape[1:]))
         for rows, prediction in parts:
@@ -1011,7 +1134,9 @@ class _DrawCache:
     def __init__(self):
         self.previous: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (row hashes, draws, timestep)
 
-    def draw(self, latent: Rows, timestep: Any, probabilities: torch.Tensor, generator, samples: int = 1) -> torch.Tensor:
+    def draw(
+        self, latent: Rows, timestep: Any, probabilities: torch.Tensor, generator, samples: int = 1
+    ) -> torch.Tensor:
         """One member index per row; ``probabilities`` is w, or one row of it per sample where ``samples`` blends
         differ (weights or λ per sample: their samples are told apart even where a sweep gives them one noise)."""
         hashes = _sample_hashes(latent)
@@ -1042,16 +1167,19 @@ def _drawn_per_row(probabilities: torch.Tensor, generator: torch.Generator | Non
     """One index per row of a (rows × members) probability table, by inverse transform sampling: a uniform number
     against the row's cumulative probabilities (``torch.multinomial`` with one draw per row checks its input with
     host reads, which make a GPU wait)."""
-    uniform = torch.rand(len(probabilities), 1, generator=generator, device=probabilities.device,
-                         dtype=probabilities.dtype)
+    uniform = torch.rand(
+        len(probabilities), 1, generator=generator, device=probabilities.device, dtype=probabilities.dtype
+    )
     return (uniform >= probabilities.cumsum(1)).sum(1).clamp_max(probabilities.shape[1] - 1)
 
 
 def _per_row(per_sample: torch.Tensor, rows: int) -> torch.Tensor:
     """A (samples, …) table repeated for ``rows`` rows: the rows are the samples, repeated."""
     if rows % len(per_sample):
-        raise ValueError(f"weights are given for {len(per_sample)} samples, but the denoiser is called with {rows} "
-                         "rows (not that many samples, repeated): give one weight mapping per image")
+        raise ValueError(
+            f"weights are given for {len(per_sample)} samples, but the denoiser is called with {rows} "
+            "rows (not that many samples, repeated): give one weight mapping per image"
+        )
     return per_sample.repeat(rows // len(per_sample), *[1] * (per_sample.ndim - 1))
 
 
@@ -1064,8 +1192,12 @@ def _sample_hashes(latent: Rows) -> torch.Tensor:
     """One hash per sample: a row of the latent tensor, or an item of a per-sample list (Z-Image; in its omni mode a
     list of the sample's tensors, hashed together)."""
     if isinstance(latent, list):
-        return torch.cat([_row_hashes(torch.cat([t.detach().reshape(-1) for t in _tensors_of(sample)]).reshape(1, -1))
-                          for sample in latent])
+        return torch.cat(
+            [
+                _row_hashes(torch.cat([t.detach().reshape(-1) for t in _tensors_of(sample)]).reshape(1, -1))
+                for sample in latent
+            ]
+        )
     return _row_hashes(latent.detach().reshape(len(latent), -1))
 
 
@@ -1132,8 +1264,10 @@ def _sample_and_timestep_parameters(module: nn.Module) -> tuple[str, tuple[str, 
     named = next((name for name in TIMESTEP_NAMES if name in names), None)
     if named is not None:
         return names[0], (named, names.index(named))
-    if len(parameters) > 1 and parameters[1].kind not in (inspect.Parameter.VAR_POSITIONAL,
-                                                           inspect.Parameter.VAR_KEYWORD):
+    if len(parameters) > 1 and parameters[1].kind not in (
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ):
         return names[0], (names[1], 1)
     return names[0], None
 
@@ -1189,8 +1323,11 @@ def _comparable_config(module: nn.Module) -> dict | None:
     config = getattr(module, "config", None)
     if config is None or not isinstance(config, Mapping):
         return None
-    return {key: getattr(config, key, value) for key, value in config.items()
-            if not key.startswith("_") and key != "prediction_type"}
+    return {
+        key: getattr(config, key, value)
+        for key, value in config.items()
+        if not key.startswith("_") and key != "prediction_type"
+    }
 
 
 def _check_same_architecture(name: str, base: nn.Module, member: nn.Module) -> None:
@@ -1213,20 +1350,33 @@ def _check_same_architecture(name: str, base: nn.Module, member: nn.Module) -> N
         raise ValueError(f"member {name!r} has different parameters than the base (first difference: {first})")
 
 
-def _check_same_settings(name: str, base: nn.Module, member: nn.Module, base_layers: list[nn.Module],
-                         member_layers: list[nn.Module]) -> None:
+def _check_same_settings(
+    name: str, base: nn.Module, member: nn.Module, base_layers: list[nn.Module], member_layers: list[nn.Module]
+) -> None:
     """Settings that pipelines put on their denoiser alone, outside its config — FreeU (``pipe.enable_freeu``), an
     IP-Adapter's scale (``pipe.set_ip_adapter_scale``) — must be the base's on every full member too, or the member
     is blended as another model."""
     for setting, base_value, member_value, describe, remedy in (
-        ("FreeU settings", _freeu_settings(base), _freeu_settings(member), _describe_freeu,
-         "call enable_freeu (or disable_freeu) on every full member too"),
-        ("IP-Adapter settings", _ip_adapter_scales(base_layers), _ip_adapter_scales(member_layers), _describe_scales,
-         "load the IP-Adapter into every full member too, at the same scale"),
+        (
+            "FreeU settings",
+            _freeu_settings(base),
+            _freeu_settings(member),
+            _describe_freeu,
+            "call enable_freeu (or disable_freeu) on every full member too",
+        ),
+        (
+            "IP-Adapter settings",
+            _ip_adapter_scales(base_layers),
+            _ip_adapter_scales(member_layers),
+            _describe_scales,
+            "load the IP-Adapter into every full member too, at the same scale",
+        ),
     ):
         if member_value != base_value:
-            raise ValueError(f"member {name!r} has other {setting} than the base ({describe(member_value)} vs base "
-                             f"{describe(base_value)}): {remedy}")
+            raise ValueError(
+                f"member {name!r} has other {setting} than the base ({describe(member_value)} vs base "
+                f"{describe(base_value)}): {remedy}"
+            )
 
 
 def _describe_freeu(settings: tuple) -> str:
@@ -1240,14 +1390,19 @@ def _describe_scales(scales: tuple) -> str:
 
 def _ip_adapter_scales(attention_layers: list[nn.Module]) -> tuple:
     """Per attention layer, the scales of its IP-Adapter processor (one per loaded adapter), None without one."""
-    return tuple(getattr(layer.processor, "scale", None) if hasattr(layer.processor, "to_k_ip") else None
-                 for layer in attention_layers)
+    return tuple(
+        getattr(layer.processor, "scale", None) if hasattr(layer.processor, "to_k_ip") else None
+        for layer in attention_layers
+    )
 
 
 def _call_state(module: nn.Module, attention_layers: list[nn.Module]) -> tuple:
     """What a call of a module depends on besides its weights and inputs, as far as diffusers' settings go."""
-    return (_freeu_settings(module), tuple(type(layer.processor) for layer in attention_layers),
-            _ip_adapter_scales(attention_layers))
+    return (
+        _freeu_settings(module),
+        tuple(type(layer.processor) for layer in attention_layers),
+        _ip_adapter_scales(attention_layers),
+    )
 
 
 def _attention_layers(module: nn.Module) -> list[nn.Module]:
@@ -1256,8 +1411,9 @@ def _attention_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def _freeu_settings(module: nn.Module) -> tuple:
-    return tuple(tuple(getattr(block, factor, None) for factor in FREEU_FACTORS)
-                 for block in getattr(module, "up_blocks", ()))
+    return tuple(
+        tuple(getattr(block, factor, None) for factor in FREEU_FACTORS) for block in getattr(module, "up_blocks", ())
+    )
 
 
 def _normalised(value: Any) -> Any:
@@ -1287,7 +1443,8 @@ def _check_prediction_types(base: nn.Module, members: Mapping[str, nn.Module]) -
     known = {who: kind for who, kind in declared.items() if kind is not None}
     if len(set(known.values())) > 1:
         raise ValueError(
-            "members must share one prediction type: " + ", ".join(f"{who} predicts {kind}" for who, kind in known.items())
+            "members must share one prediction type: "
+            + ", ".join(f"{who} predicts {kind}" for who, kind in known.items())
         )
 
 

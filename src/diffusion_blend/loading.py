@@ -29,7 +29,9 @@ LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetens
 PEFT_PREFIX = "base_model.model."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry holding the LoraConfig
 TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te3_")
-_OLD_PROCESSOR_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<side>down|up)\.weight$")
+_OLD_PROCESSOR_KEY = re.compile(
+    r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<side>down|up)\.weight$"
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>.+\.(?:safetensors|bin))$")
 #: The pipeline attributes (and folders of a pipeline repository) that may hold its denoiser
@@ -112,8 +114,10 @@ def basis_files(repo: str, files: list[str], denoiser_folders: tuple[str, ...] =
     top_level = [f for f in files if "/" not in f and f.endswith(".safetensors")]
     if not standard and len(top_level) != 1:
         found = ", ".join(f for f in files if f.endswith((".safetensors", ".bin"))) or "no weights"
-        raise BasisFilesError(f"{repo} holds no {' or '.join(LORA_WEIGHT_NAMES)}, no single .safetensors file and no "
-                              f"config.json; name one of its files as {repo}/FILE (found: {found})")
+        raise BasisFilesError(
+            f"{repo} holds no {' or '.join(LORA_WEIGHT_NAMES)}, no single .safetensors file and no "
+            f"config.json; name one of its files as {repo}/FILE (found: {found})"
+        )
     return ["adapter_config.json", *(standard[:1] or top_level)]
 
 

@@ -83,8 +83,12 @@ class Blend:
         names = _denoisers_to_blend(pipe, basis, denoiser)
         per_denoiser = _basis_per_denoiser(basis, names)
         _check_no_collision(pipe, basis, names)
-        evaluation = dict(batch_members=batch_members, max_batch_size=max_batch_size,
-                          vmap_full_members=vmap_full_members, compile=compile)
+        evaluation = dict(
+            batch_members=batch_members,
+            max_batch_size=max_batch_size,
+            vmap_full_members=vmap_full_members,
+            compile=compile,
+        )
         self.experts: list[Blend] = []  # the pipeline's other denoisers blended alike (Wan 2.2's second expert)
         try:
             for other in names[1:]:
@@ -155,12 +159,19 @@ class Blend:
             torch_dtype = kwargs.pop("dtype")
         _check_basis_names(basis)
         for name, source in basis.items():
-            for folder, part in (source.items() if isinstance(source, Mapping) else [(denoiser, source)]):
+            for folder, part in source.items() if isinstance(source, Mapping) else [(denoiser, source)]:
                 if part is not None and not isinstance(part, nn.Module):
                     resolve_source(name, part, (folder,) if isinstance(folder, str) else DENOISER_FOLDERS)
         pipe = DiffusionPipeline.from_pretrained(model_id_or_path, dtype=torch_dtype, **kwargs)
-        return cls(pipe, basis, denoiser=denoiser, batch_members=batch_members, max_batch_size=max_batch_size,
-                   vmap_full_members=vmap_full_members, compile=compile)
+        return cls(
+            pipe,
+            basis,
+            denoiser=denoiser,
+            batch_members=batch_members,
+            max_batch_size=max_batch_size,
+            vmap_full_members=vmap_full_members,
+            compile=compile,
+        )
 
     @property
     def names(self) -> list[str]:
@@ -267,8 +278,9 @@ class Blend:
     def _check_usable(self) -> None:
         self._check_loaded()
         if getattr(self.pipe, self.denoiser_name) is self.denoiser:
-            raise ValueError("this Blend is in the middle of a call (blend() from a callback of its own call?): "
-                             "one call at a time")
+            raise ValueError(
+                "this Blend is in the middle of a call (blend() from a callback of its own call?): one call at a time"
+            )
         if getattr(self.pipe, self.denoiser_name) is not self.held:
             raise ValueError(
                 f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
@@ -296,19 +308,22 @@ class Blend:
         base_kind = scheduler_prediction_type(dict(self.pipe.scheduler.config))
         member_kind = read_scheduler_prediction_type(path) if subfolder else None
         try:
-            module, loading = type(self.base).from_pretrained(path, subfolder=subfolder, dtype=self.base.dtype,
-                                                              output_loading_info=True)
+            module, loading = type(self.base).from_pretrained(
+                path, subfolder=subfolder, dtype=self.base.dtype, output_loading_info=True
+            )
         except Exception as error:
-            raise ValueError(f"basis {name!r}: cannot load a {type(self.base).__name__} from {path} ({error})") from error
+            raise ValueError(
+                f"basis {name!r}: cannot load a {type(self.base).__name__} from {path} ({error})"
+            ) from error
         missing = loading.get("missing_keys") or []
         if missing:
-            raise ValueError(f"basis {name!r}: the weights in {path} lack {len(missing)} of the "
-                             f"{type(self.base).__name__}'s parameters ({', '.join(sorted(missing)[:3])}, ...)")
+            raise ValueError(
+                f"basis {name!r}: the weights in {path} lack {len(missing)} of the "
+                f"{type(self.base).__name__}'s parameters ({', '.join(sorted(missing)[:3])}, ...)"
+            )
         member_kind = member_kind or declared_prediction_type(module)
         if base_kind and member_kind and base_kind != member_kind:
-            raise ValueError(
-                f"basis {name!r} predicts {member_kind} but the pipeline's scheduler expects {base_kind}"
-            )
+            raise ValueError(f"basis {name!r} predicts {member_kind} but the pipeline's scheduler expects {base_kind}")
         self.owned[name] = module.to(self.base.device).eval().requires_grad_(False)
         _take_cache_processors(self.base, module)
         return self.owned[name]
@@ -317,16 +332,20 @@ class Blend:
         """A denoiser folder (or a pipeline's denoiser subfolder) exists and holds the base's model class."""
         config = folder / "config.json"
         if not config.is_file():
-            raise ValueError(f"basis {name!r}: the pipeline folder {folder.parent} has no {folder.name} "
-                             f"(no {folder.name}/config.json)")
+            raise ValueError(
+                f"basis {name!r}: the pipeline folder {folder.parent} has no {folder.name} "
+                f"(no {folder.name}/config.json)"
+            )
         try:
             settings = json.loads(config.read_text())
             declared = _loaded_class_name(settings.get("_class_name"), settings)
         except (OSError, ValueError, AttributeError) as error:
             raise ValueError(f"basis {name!r}: {config} is not a readable model config ({error})") from error
         if declared is not None and declared != type(self.base).__name__:
-            raise ValueError(f"basis {name!r}: {folder} holds a {declared}, but the pipeline's {self.denoiser_name} "
-                             f"is a {type(self.base).__name__}")
+            raise ValueError(
+                f"basis {name!r}: {folder} holds a {declared}, but the pipeline's {self.denoiser_name} "
+                f"is a {type(self.base).__name__}"
+            )
 
     def _pipeline_format(self, name: str, lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict | None]:
         """Let the pipeline's own ``lora_state_dict`` convert formats it knows (kohya, A1111, ...)."""
@@ -400,8 +419,10 @@ class Blend:
         if not self.owned:
             return
         default = (self.base.device, self.base.dtype)
-        placements = {name.replace(".base_layer", ""): (tensor.device, tensor.dtype)
-                      for name, tensor in itertools.chain(self.base.named_parameters(), self.base.named_buffers())}
+        placements = {
+            name.replace(".base_layer", ""): (tensor.device, tensor.dtype)
+            for name, tensor in itertools.chain(self.base.named_parameters(), self.base.named_buffers())
+        }
         for module in self.owned.values():
             for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
                 device, dtype = placements.get(name, default)
@@ -446,8 +467,10 @@ def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
     for name, source in basis.items():
         check_member_name(name)
         if all(part is None for part in (source.values() if isinstance(source, Mapping) else [source])):
-            raise ValueError(f"basis {name!r} leaves every denoiser unchanged (no source, or None for each): give "
-                             "a LoRA, a denoiser folder or a module (None only beside another denoiser's source)")
+            raise ValueError(
+                f"basis {name!r} leaves every denoiser unchanged (no source, or None for each): give "
+                "a LoRA, a denoiser folder or a module (None only beside another denoiser's source)"
+            )
 
 
 def _check_no_collision(pipe: Any, basis: Mapping[str, BasisSource], denoisers: Sequence[str]) -> None:
@@ -486,13 +509,17 @@ def _basis_per_denoiser(basis: Mapping[str, BasisSource], denoisers: tuple) -> d
     for name, source in basis.items():
         if not isinstance(source, Mapping):
             if len(denoisers) > 1:
-                raise ValueError(f"basis {name!r}: blending {', '.join(denoisers)} needs a source for each, "
-                                 f"as {{{', '.join(repr(d) + ': ...' for d in denoisers)}}}")
+                raise ValueError(
+                    f"basis {name!r}: blending {', '.join(denoisers)} needs a source for each, "
+                    f"as {{{', '.join(repr(d) + ': ...' for d in denoisers)}}}"
+                )
             source = {denoisers[0]: source}
         if set(source) != set(denoisers):
-            raise ValueError(f"basis {name!r} gives sources for {', '.join(map(str, source)) or 'no denoiser'}, "
-                             f"but the blend is of {', '.join(denoisers)}: give one for each (None for a denoiser "
-                             "the basis leaves unchanged)")
+            raise ValueError(
+                f"basis {name!r} gives sources for {', '.join(map(str, source)) or 'no denoiser'}, "
+                f"but the blend is of {', '.join(denoisers)}: give one for each (None for a denoiser "
+                "the basis leaves unchanged)"
+            )
         for denoiser_name, part in source.items():
             per_denoiser[denoiser_name][name] = part
     return per_denoiser
@@ -502,7 +529,9 @@ def _find_denoiser_name(pipe: Any) -> str:
     """The pipeline attribute holding its denoiser: ``unet`` or ``transformer``, or a numbered one (``transformer_2``)
     where it is the only one loaded. Pipelines that switch between two denoisers during sampling (Wan 2.2's high-
     and low-noise experts, ``transformer`` and ``transformer_2``) must be told which one to blend."""
-    names = [name for name in (getattr(pipe, "components", None) or DENOISER_FOLDERS) if _family(name) in DENOISER_FOLDERS]
+    names = [
+        name for name in (getattr(pipe, "components", None) or DENOISER_FOLDERS) if _family(name) in DENOISER_FOLDERS
+    ]
     present = [name for name in names if isinstance(getattr(pipe, name, None), nn.Module)]
     if len(present) > 1:
         raise ValueError(
@@ -511,8 +540,10 @@ def _find_denoiser_name(pipe: Any) -> str:
             f"or choose one with denoiser='{present[0]}' (CLI: --denoiser; the others' steps then run unblended)"
         )
     if not present:
-        raise ValueError(f"cannot tell the denoiser of {type(pipe).__name__} (it has neither a unet nor a transformer); "
-                         "pass denoiser='<attribute name>'")
+        raise ValueError(
+            f"cannot tell the denoiser of {type(pipe).__name__} (it has neither a unet nor a transformer); "
+            "pass denoiser='<attribute name>'"
+        )
     return present[0]
 
 
@@ -525,11 +556,15 @@ def _check_one_per_image(values: Any, args: tuple, pipeline_kwargs: dict) -> Non
     what = "weights" if values and isinstance(values[0], Mapping) else "kl_scale values"
     images = _images_of_call(args, pipeline_kwargs)
     if images is None and len(values) > 1:
-        raise ValueError(f"{what} are given per image, but the call's arguments do not tell how many images it makes: "
-                         "pass prompt (or prompt_embeds / pooled_prompt_embeds with one row per prompt)")
+        raise ValueError(
+            f"{what} are given per image, but the call's arguments do not tell how many images it makes: "
+            "pass prompt (or prompt_embeds / pooled_prompt_embeds with one row per prompt)"
+        )
     if images is not None and images != len(values):
-        raise ValueError(f"{what} are given for {len(values)} images, but the call makes {images} (prompts × images "
-                         "per prompt): give one per image, in the pipeline's order (each prompt's images together)")
+        raise ValueError(
+            f"{what} are given for {len(values)} images, but the call makes {images} (prompts × images "
+            "per prompt): give one per image, in the pipeline's order (each prompt's images together)"
+        )
 
 
 #: Pipeline arguments with one item per prompt where the prompt is not given (embeddings computed beforehand;
@@ -544,8 +579,14 @@ def _images_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
     prompts = _prompts_of_call(args, pipeline_kwargs)
     if prompts is None:
         return None
-    per_prompt = next((pipeline_kwargs[name] for name in ("num_images_per_prompt", "num_videos_per_prompt")
-                       if pipeline_kwargs.get(name) is not None), 1)
+    per_prompt = next(
+        (
+            pipeline_kwargs[name]
+            for name in ("num_images_per_prompt", "num_videos_per_prompt")
+            if pipeline_kwargs.get(name) is not None
+        ),
+        1,
+    )
     return prompts * per_prompt
 
 
@@ -573,8 +614,10 @@ def _take_cache_processors(base: nn.Module, member: nn.Module) -> None:
     if not processors:
         return
     base_processors = base.attn_processors
-    taken = {name: type(base_processors[name])() if reads_condition_cache(type(base_processors.get(name))) else processor
-             for name, processor in processors.items()}  # (a layer the base lacks: the architecture check says so)
+    taken = {
+        name: type(base_processors[name])() if reads_condition_cache(type(base_processors.get(name))) else processor
+        for name, processor in processors.items()
+    }  # (a layer the base lacks: the architecture check says so)
     if any(taken[name] is not processors[name] for name in processors):
         member.set_attn_processor(taken)
 
@@ -616,12 +659,16 @@ def _guider_hooks_on_modules(pipe: Any, stages: list[Blend]) -> Iterator[None]:
             return prepare(wrapper.base)
         before = _diffusers_hooks(wrapper.base)
         prepare(wrapper.base)
-        added = {(name, hook_name): hook for (name, hook_name), hook in _diffusers_hooks(wrapper.base).items()
-                 if (name, hook_name) not in before}
+        added = {
+            (name, hook_name): hook
+            for (name, hook_name), hook in _diffusers_hooks(wrapper.base).items()
+            if (name, hook_name) not in before
+        }
         for member in wrapper.modules_by_name.values():
             for (name, hook_name), hook in added.items():
                 HookRegistry.check_if_exists_or_initialize(member.get_submodule(name)).register_hook(
-                    copy.copy(hook), hook_name)
+                    copy.copy(hook), hook_name
+                )
 
     own = vars(guider).get("prepare_models")
     guider.prepare_models = prepare_models
@@ -636,8 +683,11 @@ def _guider_hooks_on_modules(pipe: Any, stages: list[Blend]) -> Iterator[None]:
 
 def _diffusers_hooks(module: nn.Module) -> dict[tuple[str, str], Any]:
     """(submodule name, hook name) → hook, for the diffusers hooks on ``module`` and its submodules."""
-    return {(name, hook_name): hook for name, submodule in module.named_modules()
-            for hook_name, hook in getattr(getattr(submodule, "_diffusers_hook", None), "hooks", {}).items()}
+    return {
+        (name, hook_name): hook
+        for name, submodule in module.named_modules()
+        for hook_name, hook in getattr(getattr(submodule, "_diffusers_hook", None), "hooks", {}).items()
+    }
 
 
 @contextlib.contextmanager
@@ -645,8 +695,11 @@ def _attention_processors_kept(denoiser: BlendedDenoiser) -> Iterator[None]:
     """Full members get back the attention processors they had. Pipelines that install processors for their call
     (perturbed-attention guidance) walk the wrapper's modules, members included, as they should, but restore
     only what they read through the wrapper: the base's processors."""
-    kept = [(member, member.attn_processors) for member in denoiser.modules_by_name.values()
-            if hasattr(member, "attn_processors")]
+    kept = [
+        (member, member.attn_processors)
+        for member in denoiser.modules_by_name.values()
+        if hasattr(member, "attn_processors")
+    ]
     try:
         yield
     finally:
@@ -664,8 +717,9 @@ def _member_generator(pipeline_generator: Any, device: torch.device) -> torch.Ge
         states = [first.get_state()]
     else:
         states = [torch.get_rng_state(), *_device_rng_state(device)]
-    digest = hashlib.blake2b(b"".join(state.numpy().tobytes() for state in states), digest_size=8,
-                             person=b"db-members").digest()
+    digest = hashlib.blake2b(
+        b"".join(state.numpy().tobytes() for state in states), digest_size=8, person=b"db-members"
+    ).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 

@@ -54,8 +54,11 @@ class SMC:
             raise ValueError(f"SMC particles must be a positive integer, got {self.particles!r}")
         if not (isinstance(self.ess_threshold, (int, float)) and 0 <= self.ess_threshold <= 1):
             raise ValueError(f"SMC ess_threshold must lie in [0, 1], got {self.ess_threshold!r}")
-        if isinstance(self.potential_every, bool) or not isinstance(self.potential_every, int) \
-                or self.potential_every < 1:
+        if (
+            isinstance(self.potential_every, bool)
+            or not isinstance(self.potential_every, int)
+            or self.potential_every < 1
+        ):
             raise ValueError(f"SMC potential_every must be a positive integer, got {self.potential_every!r}")
         if self.tempering not in TEMPERING:
             raise ValueError(f"SMC tempering must be one of {', '.join(TEMPERING)}, got {self.tempering!r}")
@@ -73,9 +76,13 @@ class Trace:
     reward_calls: int = 0
 
     def describe(self) -> dict:
-        return {"ess": self.ess, "resampled": self.resampled, "denoiser_calls": self.denoiser_calls,
-                "reward_calls": self.reward_calls,
-                "log_normaliser": None if self.log_normaliser is None else self.log_normaliser.tolist()}
+        return {
+            "ess": self.ess,
+            "resampled": self.resampled,
+            "denoiser_calls": self.denoiser_calls,
+            "reward_calls": self.reward_calls,
+            "log_normaliser": None if self.log_normaliser is None else self.log_normaliser.tolist(),
+        }
 
 
 def transition_log_ratio(control: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -102,9 +109,18 @@ def effective_fraction(log_weights: torch.Tensor) -> torch.Tensor:
     return 1.0 / (weights.pow(2).sum(1) * log_weights.shape[1])
 
 
-def smc_sample(path: StochasticPath, predict: Predict, rewards: Rewards, weights: torch.Tensor, *, alpha: float,
-               start: torch.Tensor, generator: torch.Generator, options: SMC = SMC(),
-               kl_scale: float = 1.0) -> tuple[torch.Tensor, Trace]:
+def smc_sample(
+    path: StochasticPath,
+    predict: Predict,
+    rewards: Rewards,
+    weights: torch.Tensor,
+    *,
+    alpha: float,
+    start: torch.Tensor,
+    generator: torch.Generator,
+    options: SMC = SMC(),
+    kl_scale: float = 1.0,
+) -> tuple[torch.Tensor, Trace]:
     """One sample per row of ``start`` (x_T), each from a group of ``options.particles`` particles moved by the
     blend (``predict``'s first output) and weighted towards p_base·exp(λ Σ_i w_i r_i / α); ``weights`` [rewards]
     or [samples, rewards]. Returns the samples and the :class:`Trace`."""
@@ -120,8 +136,10 @@ def smc_sample(path: StochasticPath, predict: Predict, rewards: Rewards, weights
         trace.reward_calls += 1
         values = rewards(clean)
         if not isinstance(values, torch.Tensor) or values.shape != weights.shape:
-            raise ValueError(f"SMC: the rewards must give [rows, rewards] = {list(weights.shape)} values, got "
-                             f"{list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+            raise ValueError(
+                f"SMC: the rewards must give [rows, rewards] = {list(weights.shape)} values, got "
+                f"{list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}"
+            )
         if not torch.isfinite(values).all():
             raise ValueError("SMC: a reward returned a non-finite value; the corrector cannot weigh that sample")
         values = values.double().to(weights.device)
@@ -146,8 +164,10 @@ def smc_sample(path: StochasticPath, predict: Predict, rewards: Rewards, weights
             if bool(chosen.any()):
                 log_normaliser[chosen] += torch.logsumexp(log_weights[chosen], 1) - math.log(count)
                 picks = torch.arange(samples * count).view(samples, count)
-                picks[chosen] = systematic_resample(log_weights[chosen], generator) + \
-                    (torch.arange(samples)[chosen] * count)[:, None]
+                picks[chosen] = (
+                    systematic_resample(log_weights[chosen], generator)
+                    + (torch.arange(samples)[chosen] * count)[:, None]
+                )
                 order = picks.flatten()
                 x, out_q, out_p, log_psi = x[order], out_q[order], out_p[order], log_psi[order]
                 log_weights[chosen] = 0.0

@@ -32,17 +32,27 @@ def require_gradio():
 class Page:
     """What the page samples with: a ``Blend``, its reward models (name → model) and the defaults shown."""
 
-    def __init__(self, blend, rewards: dict[str, Any], *, prompt: str = "3", steps: int = 25, images: int = 8,
-                 guidance_scale: float | None = None, plotted: tuple[str, str] | None = None,
-                 front: dict | None = None):
+    def __init__(
+        self,
+        blend,
+        rewards: dict[str, Any],
+        *,
+        prompt: str = "3",
+        steps: int = 25,
+        images: int = 8,
+        guidance_scale: float | None = None,
+        plotted: tuple[str, str] | None = None,
+        front: dict | None = None,
+    ):
         self.blend, self.rewards = blend, rewards
         self.plotted = plotted or tuple(rewards)[:2]
         self.front = front
         self.names = list(blend.names)
         self.prompt, self.steps, self.images, self.guidance_scale = prompt, steps, images, guidance_scale
 
-    def generate(self, prompt: str, mode: str, kl_scale: float, seed: float, steps: float, count: float,
-                 *weights: float):
+    def generate(
+        self, prompt: str, mode: str, kl_scale: float, seed: float, steps: float, count: float, *weights: float
+    ):
         """Images, a table of their rewards, the reward-space plot and a status line; a bad value gives no images
         and says why."""
         try:
@@ -53,18 +63,28 @@ class Page:
                 raise ValueError("write a prompt")
             options = {"guidance_scale": self.guidance_scale} if self.guidance_scale is not None else {}
             generators = [torch.Generator().manual_seed(int(seed) + index) for index in range(int(count))]
-            images = self.blend.blend(prompt=[prompt.strip()] * int(count), weights=chosen, kl_scale=float(kl_scale),
-                                      mode=mode, num_inference_steps=int(steps), generator=generators,
-                                      output_type="pt", **options).images
+            images = self.blend.blend(
+                prompt=[prompt.strip()] * int(count),
+                weights=chosen,
+                kl_scale=float(kl_scale),
+                mode=mode,
+                num_inference_steps=int(steps),
+                generator=generators,
+                output_type="pt",
+                **options,
+            ).images
         except (ValueError, TypeError) as error:
             return [], [], None, f"**Not generated:** {error}"
-        scores = {name: model(images, [prompt.strip()] * len(images)).detach().double().cpu()
-                  for name, model in self.rewards.items()}
+        scores = {
+            name: model(images, [prompt.strip()] * len(images)).detach().double().cpu()
+            for name, model in self.rewards.items()
+        }
         table = [[index, *(round(float(scores[name][index]), 4) for name in scores)] for index in range(len(images))]
         mix = ", ".join(f"{name} = {value:g}" for name, value in chosen.items())
         plotted = {name: scores[name] for name in self.plotted if name in scores}
-        status = (f"{len(images)} images for “{prompt.strip()}”, {mix}, λ = {float(kl_scale):g}, {mode}, "
-                  f"seed {int(seed)}")
+        status = (
+            f"{len(images)} images for “{prompt.strip()}”, {mix}, λ = {float(kl_scale):g}, {mode}, seed {int(seed)}"
+        )
         return to_pil(images), table, reward_plot(plotted, self.front), status
 
     def build(self):
@@ -74,8 +94,12 @@ class Page:
             with gr.Row():
                 with gr.Column(scale=1):
                     prompt = gr.Textbox(self.prompt, label="Prompt", elem_id="prompt")
-                    sliders = [gr.Slider(0, 1, value=round(1 / len(self.names), 3), step=0.01, label=name,
-                                         elem_id=f"weight-{name}") for name in self.names]
+                    sliders = [
+                        gr.Slider(
+                            0, 1, value=round(1 / len(self.names), 3), step=0.01, label=name, elem_id=f"weight-{name}"
+                        )
+                        for name in self.names
+                    ]
                     kl_scale = gr.Slider(0, 2, value=1, step=0.05, label="λ (KL scale)", elem_id="kl-scale")
                     mode = gr.Radio(["mix", "stochastic"], value="mix", label="Mode", elem_id="mode")
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
@@ -87,8 +111,12 @@ class Page:
                     gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery")
                     table = gr.Dataframe(headers=["image", *self.rewards], label="Rewards", elem_id="rewards")
                     plot = gr.Plot(label="Reward space", elem_id="plot")
-            button.click(self.generate, [prompt, mode, kl_scale, seed, steps, count, *sliders],
-                         [gallery, table, plot, status], concurrency_limit=1)
+            button.click(
+                self.generate,
+                [prompt, mode, kl_scale, seed, steps, count, *sliders],
+                [gallery, table, plot, status],
+                concurrency_limit=1,
+            )
         return app
 
 
@@ -96,8 +124,10 @@ def to_pil(images: torch.Tensor) -> list:
     from PIL import Image
 
     pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(image).resize((max(128, image.shape[1]), max(128, image.shape[0])), Image.NEAREST)
-            for image in pixels]
+    return [
+        Image.fromarray(image).resize((max(128, image.shape[1]), max(128, image.shape[0])), Image.NEAREST)
+        for image in pixels
+    ]
 
 
 def reward_plot(scores: dict[str, torch.Tensor], front: dict | None = None):
@@ -113,8 +143,11 @@ def reward_plot(scores: dict[str, torch.Tensor], front: dict | None = None):
     (x_name, xs), (y_name, ys) = list(scores.items())[:2]
     figure, axis = plt.subplots(figsize=(4, 3), dpi=100)
     for method, entries in (front or {}).get("methods", {}).items():
-        points = [(e["rewards"][x_name]["mean"], e["rewards"][y_name]["mean"]) for e in entries
-                  if x_name in e["rewards"] and y_name in e["rewards"]]
+        points = [
+            (e["rewards"][x_name]["mean"], e["rewards"][y_name]["mean"])
+            for e in entries
+            if x_name in e["rewards"] and y_name in e["rewards"]
+        ]
         if len(points) > 1 and method in FRONT_METHODS:
             axis.plot(*zip(*points), "-", linewidth=1, alpha=0.7, label=f"sweep: {method}")
     axis.scatter(xs.numpy(), ys.numpy(), s=12, alpha=0.6, label="images")
@@ -149,8 +182,14 @@ def digits_page(front: dict | None = None) -> Page:
 
     basis = digits.basis_models()
     blend = Blend(digits.load_pipeline(), basis=basis)
-    return Page(blend, {name: get_reward(name) for name in basis}, prompt="3", guidance_scale=1.0,
-                plotted=("bold", "stencil"), front=front)
+    return Page(
+        blend,
+        {name: get_reward(name) for name in basis},
+        prompt="3",
+        guidance_scale=1.0,
+        plotted=("bold", "stencil"),
+        front=front,
+    )
 
 
 def serve(page: Page, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):

@@ -25,8 +25,15 @@ CANDIDATES, BLOCK = 20, 5
 
 
 @torch.no_grad()
-def code_sample(sampler: BaseSampler, generators: Sequence[torch.Generator], weights: torch.Tensor, *,
-                candidates: int = CANDIDATES, block: int = BLOCK, branching: str = "block") -> torch.Tensor:
+def code_sample(
+    sampler: BaseSampler,
+    generators: Sequence[torch.Generator],
+    weights: torch.Tensor,
+    *,
+    candidates: int = CANDIDATES,
+    block: int = BLOCK,
+    branching: str = "block",
+) -> torch.Tensor:
     """Samples of CoDe for each image's ``weights`` row ([images, rewards]); one generator per image."""
     check_code_options(candidates, block, branching)
     weights = check_weights(weights, len(generators), len(sampler.differentiable))
@@ -41,8 +48,11 @@ def code_sample(sampler: BaseSampler, generators: Sequence[torch.Generator], wei
         branched = rows.repeat_interleave(candidates)
         xs = x.repeat_interleave(candidates, dim=0)
         for index in range(start, branch_end):
-            out = (pending.repeat_interleave(candidates, dim=0) if index == start and pending is not None
-                   else sampler.predict(xs, sampler.path.steps[index].timestep, branched))
+            out = (
+                pending.repeat_interleave(candidates, dim=0)
+                if index == start and pending is not None
+                else sampler.predict(xs, sampler.path.steps[index].timestep, branched)
+            )
             xs = sampler.step(index, xs, out, sampler.noise(generators, candidates))
         scores, pending = score_candidates(sampler, xs, branch_end, branched, weights)
         best = scores.view(images, candidates).argmax(1) + rows * candidates
@@ -53,8 +63,9 @@ def code_sample(sampler: BaseSampler, generators: Sequence[torch.Generator], wei
     return x
 
 
-def score_candidates(sampler: BaseSampler, xs: torch.Tensor, end: int, rows: torch.Tensor,
-                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def score_candidates(
+    sampler: BaseSampler, xs: torch.Tensor, end: int, rows: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weighted reward of each candidate's x̂₀ at step ``end`` (the sample itself after the last step), and the
     prediction that estimate came from."""
     if end == len(sampler.path.steps):

@@ -30,9 +30,17 @@ SCALE, PROBES, PROBE_SIZE = 0.1, 8, 0.1
 NORM_FLOOR = 1e-12
 
 
-def guided_sample(sampler: BaseSampler, generators: Sequence[torch.Generator], weights: torch.Tensor, *,
-                  scale: float = SCALE, through_denoiser: bool = True, probes: int = PROBES,
-                  probe_size: float = PROBE_SIZE, probe_seed: int = 0) -> torch.Tensor:
+def guided_sample(
+    sampler: BaseSampler,
+    generators: Sequence[torch.Generator],
+    weights: torch.Tensor,
+    *,
+    scale: float = SCALE,
+    through_denoiser: bool = True,
+    probes: int = PROBES,
+    probe_size: float = PROBE_SIZE,
+    probe_seed: int = 0,
+) -> torch.Tensor:
     """Samples of reward-gradient guidance for each image's ``weights`` row ([images, rewards])."""
     check_guidance_options(scale, probes, probe_size)
     weights = check_weights(weights, len(generators), len(sampler.differentiable))
@@ -45,8 +53,12 @@ def guided_sample(sampler: BaseSampler, generators: Sequence[torch.Generator], w
             x_in = x.detach().requires_grad_(steer and through_denoiser)
             out = sampler.predict(x_in, step.timestep, rows)
             if steer:
-                shift = scale * math.sqrt(step.alpha_bar) * step.sigma * direction(
-                    sampler, step, x_in, out, rows, weights, through_denoiser, probing)
+                shift = (
+                    scale
+                    * math.sqrt(step.alpha_bar)
+                    * step.sigma
+                    * direction(sampler, step, x_in, out, rows, weights, through_denoiser, probing)
+                )
                 out = out.detach()
         with torch.no_grad():
             x = sampler.step(index, x, out, sampler.noise(generators, 1))
@@ -55,15 +67,24 @@ def guided_sample(sampler: BaseSampler, generators: Sequence[torch.Generator], w
     return x.detach()
 
 
-def direction(sampler: BaseSampler, step, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
-              weights: torch.Tensor, through_denoiser: bool, probing: Probes) -> torch.Tensor:
+def direction(
+    sampler: BaseSampler,
+    step,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    through_denoiser: bool,
+    probing: Probes,
+) -> torch.Tensor:
     """d: Σ_i w_i ĝ_i at x̂₀, carried back to x_t, per sample of unit root-mean-square."""
     clean = step.clean(x, out if through_denoiser else out.detach())
     at_clean = clean.detach()
-    gradients = [reward_gradient(sampler, at_clean, rows, i, probing)
-                 for i in range(len(sampler.differentiable))]
-    combined = sum(weights[rows, i].to(at_clean).view(-1, *[1] * (x.dim() - 1)) * unit_rms(gradient)
-                   for i, gradient in enumerate(gradients))
+    gradients = [reward_gradient(sampler, at_clean, rows, i, probing) for i in range(len(sampler.differentiable))]
+    combined = sum(
+        weights[rows, i].to(at_clean).view(-1, *[1] * (x.dim() - 1)) * unit_rms(gradient)
+        for i, gradient in enumerate(gradients)
+    )
     if through_denoiser:
         combined = torch.autograd.grad(clean, x, grad_outputs=combined)[0]
     else:
@@ -71,8 +92,9 @@ def direction(sampler: BaseSampler, step, x: torch.Tensor, out: torch.Tensor, ro
     return unit_rms(combined.detach())
 
 
-def reward_gradient(sampler: BaseSampler, clean: torch.Tensor, rows: torch.Tensor, reward: int,
-                    probing: Probes) -> torch.Tensor:
+def reward_gradient(
+    sampler: BaseSampler, clean: torch.Tensor, rows: torch.Tensor, reward: int, probing: Probes
+) -> torch.Tensor:
     """∇_{x̂₀} r_i(x̂₀): by autograd where the reward is differentiable, by antithetic Gaussian smoothing if not."""
     if sampler.differentiable[reward]:
         point = clean.detach().requires_grad_(True)
@@ -80,8 +102,9 @@ def reward_gradient(sampler: BaseSampler, clean: torch.Tensor, rows: torch.Tenso
         return torch.autograd.grad(value, point)[0]
     probes, size = probing.count, probing.size
     with torch.no_grad():
-        directions = torch.randn((len(rows) * probes, *clean.shape[1:]), generator=probing.generator,
-                                 dtype=clean.dtype).to(clean.device)
+        directions = torch.randn(
+            (len(rows) * probes, *clean.shape[1:]), generator=probing.generator, dtype=clean.dtype
+        ).to(clean.device)
         repeated = clean.repeat_interleave(probes, dim=0)
         many = rows.repeat_interleave(probes)
         up = sampler.rewards(repeated + size * directions, many)[:, reward]

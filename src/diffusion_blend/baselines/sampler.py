@@ -49,8 +49,7 @@ class BaseSampler:
 
     def noise(self, generators: Sequence[torch.Generator], copies: int) -> torch.Tensor:
         """``copies`` standard normal draws per image, image by image ([images · copies, *shape], copies adjacent)."""
-        draws = [torch.randn((copies, *self.shape), generator=generator, dtype=self.dtype)
-                 for generator in generators]
+        draws = [torch.randn((copies, *self.shape), generator=generator, dtype=self.dtype) for generator in generators]
         return torch.cat(draws).to(self.device)
 
     def step(self, index: int, x: torch.Tensor, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

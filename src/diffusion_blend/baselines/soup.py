@@ -42,21 +42,24 @@ class RewardedSoup:
     Outside a call the pipeline behaves as before: the basis adapters stay loaded but inactive.
     """
 
-    def __init__(self, pipe: Any, basis: Mapping[str, Any], *, variant: str = "updates",
-                 denoiser: str | None = None):
+    def __init__(self, pipe: Any, basis: Mapping[str, Any], *, variant: str = "updates", denoiser: str | None = None):
         if variant not in VARIANTS:
             raise ValueError(f"soup variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         self.variant, self.names = variant, list(basis)
         # the adapters' own names, apart from a Blend's or another soup's of the same basis on this pipeline
         self.adapters = {name: f"soup_{variant}_{name}" for name in basis}
         self.blend = Blend(pipe, {self.adapters[name]: source for name, source in basis.items()}, denoiser=denoiser)
-        self.full = {name: self.blend.denoiser.modules_by_name[self.adapters[name]]
-                     for name in self.names if self.adapters[name] in self.blend.denoiser.modules_by_name}
+        self.full = {
+            name: self.blend.denoiser.modules_by_name[self.adapters[name]]
+            for name in self.names
+            if self.adapters[name] in self.blend.denoiser.modules_by_name
+        }
         if self.full and self.blend.lora_names:
             self.blend.unload()
             loras = sorted(name for name in self.names if name not in self.full)
-            raise ValueError(f"a soup interpolates members of one kind: {loras} are LoRAs, {sorted(self.full)} full "
-                             f"denoisers")
+            raise ValueError(
+                f"a soup interpolates members of one kind: {loras} are LoRAs, {sorted(self.full)} full denoisers"
+            )
         if variant == "published" and self.full:
             self.blend.unload()
             raise ValueError("the published variant averages LoRA A and B matrices: it needs LoRA members")
@@ -83,8 +86,9 @@ class RewardedSoup:
         if self.variant == "published":
             self._average_published(weights)
             return self._adapters_active([PUBLISHED_ADAPTER], [1.0])
-        return self._adapters_active([self.adapters[name] for name in self.names],
-                                     [weights[name] for name in self.names])
+        return self._adapters_active(
+            [self.adapters[name] for name in self.names], [weights[name] for name in self.names]
+        )
 
     @contextlib.contextmanager
     def _adapters_active(self, names: list[str], scales: list[float]) -> Iterator[None]:
@@ -108,9 +112,11 @@ class RewardedSoup:
         for name, config in zip(self.names[1:], configs[1:]):
             if _adapter_shape(config) != _adapter_shape(configs[0]):
                 self.blend.unload()
-                raise ValueError(f"the published variant averages A and B matrices, so its members need one rank, "
-                                 f"alpha and set of layers: {self.names[0]!r} has {_adapter_shape(configs[0])}, "
-                                 f"{name!r} has {_adapter_shape(config)}")
+                raise ValueError(
+                    f"the published variant averages A and B matrices, so its members need one rank, "
+                    f"alpha and set of layers: {self.names[0]!r} has {_adapter_shape(configs[0])}, "
+                    f"{name!r} has {_adapter_shape(config)}"
+                )
         snapshot = ActivationSnapshot(base)
         base.add_adapter(copy.deepcopy(configs[0]), adapter_name=PUBLISHED_ADAPTER)
         snapshot.restore()
@@ -141,8 +147,9 @@ class RewardedSoup:
 
 
 @torch.no_grad()
-def interpolate_parameters(into: nn.Module, base: nn.Module, members: Mapping[str, nn.Module],
-                           weights: Mapping[str, float]) -> nn.Module:
+def interpolate_parameters(
+    into: nn.Module, base: nn.Module, members: Mapping[str, nn.Module], weights: Mapping[str, float]
+) -> nn.Module:
     """Set ``into``'s floating-point tensors to θ_base + Σ_i w_i (θ_i − θ_base) (modules of one architecture)."""
     states = {name: member.state_dict() for name, member in members.items()}
     soup = into.state_dict()  # views of its tensors
@@ -154,5 +161,10 @@ def interpolate_parameters(into: nn.Module, base: nn.Module, members: Mapping[st
 
 
 def _adapter_shape(config) -> tuple:
-    return (config.r, config.lora_alpha, sorted(config.target_modules), dict(config.rank_pattern),
-            dict(config.alpha_pattern))
+    return (
+        config.r,
+        config.lora_alpha,
+        sorted(config.target_modules),
+        dict(config.rank_pattern),
+        dict(config.alpha_pattern),
+    )

@@ -12,9 +12,17 @@ from ..finetune.path import StochasticPath
 from .sampler import BaseSampler
 
 
-def stable_diffusion_sampler(pipe: StableDiffusionPipeline, prompts: Sequence[str], rewards: Mapping[str, object], *,
-                             steps: int, guidance_scale: float = 7.5, eta: float = 1.0, height: int | None = None,
-                             width: int | None = None) -> BaseSampler:
+def stable_diffusion_sampler(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    rewards: Mapping[str, object],
+    *,
+    steps: int,
+    guidance_scale: float = 7.5,
+    eta: float = 1.0,
+    height: int | None = None,
+    width: int | None = None,
+) -> BaseSampler:
     """The sampler ``pipe(prompts, num_inference_steps=steps, guidance_scale=..., eta=..., height=..., width=...)``
     runs with DDIM (η > 0), one image per prompt, scored by ``rewards`` (name → reward model) on the decoded image."""
     if not isinstance(pipe, StableDiffusionPipeline):
@@ -39,5 +47,13 @@ def stable_diffusion_sampler(pipe: StableDiffusionPipeline, prompts: Sequence[st
         return torch.stack([model(images, asked) for model in models], dim=1)
 
     shape = (unet.config.in_channels, height // scale, width // scale)
-    return BaseSampler(path, predict, score, [bool(model.differentiable) for model in models], shape, pipe.device,
-                       unet.dtype, float(pipe.scheduler.init_noise_sigma))
+    return BaseSampler(
+        path,
+        predict,
+        score,
+        [bool(model.differentiable) for model in models],
+        shape,
+        pipe.device,
+        unet.dtype,
+        float(pipe.scheduler.init_noise_sigma),
+    )

@@ -51,11 +51,27 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 }
 #: methods whose samples do not depend on the weights: evaluated once, scored at every weight
 WEIGHTLESS = ("base",)
-KEYS = {"setting", "rewards", "methods", "grid", "weights", "kl_scales", "seeds", "images_per_prompt", "steps",
-        "guidance_scale", "eta", "prompts", "batch_images"}
+KEYS = {
+    "setting",
+    "rewards",
+    "methods",
+    "grid",
+    "weights",
+    "kl_scales",
+    "seeds",
+    "images_per_prompt",
+    "steps",
+    "guidance_scale",
+    "eta",
+    "prompts",
+    "batch_images",
+}
 #: the keys each setting reads beside those every setting reads
-SETTING_KEYS = {"digits": (), "lab": ("scenario", "basis", "basis_steps"),
-                "diffusers": ("base", "basis", "oracles", "reward_models", "height", "width")}
+SETTING_KEYS = {
+    "digits": (),
+    "lab": ("scenario", "basis", "basis_steps"),
+    "diffusers": ("base", "basis", "oracles", "reward_models", "height", "width"),
+}
 LAB_BASIS = ("exact", "learned")
 #: coordinates closer than this are the same weight point (grid steps, oracles' names, results' entries)
 POINT_TOLERANCE = 1e-9
@@ -92,11 +108,19 @@ class SweepConfig:
         return method.weights if method.weights is not None else self.weights
 
     def describe(self) -> dict:
-        return {"setting": self.setting, "rewards": list(self.rewards), "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "eta": self.eta, "seeds": list(self.seeds),
-                "images_per_prompt": self.images_per_prompt, "kl_scales": list(self.kl_scales),
-                "batch_images": self.batch_images, **self.options,
-                "methods": {m.name: m.options for m in self.methods}}
+        return {
+            "setting": self.setting,
+            "rewards": list(self.rewards),
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "eta": self.eta,
+            "seeds": list(self.seeds),
+            "images_per_prompt": self.images_per_prompt,
+            "kl_scales": list(self.kl_scales),
+            "batch_images": self.batch_images,
+            **self.options,
+            "methods": {m.name: m.options for m in self.methods},
+        }
 
 
 def load_config(path: str | Path | None = None, *, preset: str | None = None) -> SweepConfig:
@@ -128,14 +152,21 @@ def parse_config(raw: dict, base: Path = Path(".")) -> SweepConfig:
     if setting not in SETTINGS:
         raise ConfigError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     rewards = raw.get("rewards")
-    if not isinstance(rewards, list) or len(rewards) < 2 or not all(isinstance(r, str) for r in rewards) \
-            or len(set(rewards)) != len(rewards):
+    if (
+        not isinstance(rewards, list)
+        or len(rewards) < 2
+        or not all(isinstance(r, str) for r in rewards)
+        or len(set(rewards)) != len(rewards)
+    ):
         raise ConfigError(f"rewards must be a list of two or more distinct names, got {rewards!r}")
     rewards = tuple(rewards)
     if "grid" in raw and "weights" in raw:
         raise ConfigError("give the weights as a grid step or as a list, not both")
-    weights = (parse_points(raw["weights"], rewards, "weights") if "weights" in raw
-               else simplex_grid(len(rewards), positive_number(raw.get("grid", 0.1), "grid")))
+    weights = (
+        parse_points(raw["weights"], rewards, "weights")
+        if "weights" in raw
+        else simplex_grid(len(rewards), positive_number(raw.get("grid", 0.1), "grid"))
+    )
     methods = tuple(parse_method(entry, rewards) for entry in raw.get("methods") or [])
     if not methods:
         raise ConfigError("no methods to sweep")
@@ -148,8 +179,10 @@ def parse_config(raw: dict, base: Path = Path(".")) -> SweepConfig:
                 try:
                     validate_weights(dict(zip(rewards, point)), rewards, simplex=True)
                 except ValueError as error:
-                    raise ConfigError(f"db-mpa-ls samples one member per step with probability w: its weights must "
-                                      f"sum to 1, got {list(point)} ({error})") from error
+                    raise ConfigError(
+                        f"db-mpa-ls samples one member per step with probability w: its weights must "
+                        f"sum to 1, got {list(point)} ({error})"
+                    ) from error
     kl_scales = tuple(non_negative(value, "kl_scales") for value in raw.get("kl_scales", [1.0]))
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
@@ -157,21 +190,30 @@ def parse_config(raw: dict, base: Path = Path(".")) -> SweepConfig:
     prompts = raw.get("prompts")
     if prompts is not None:
         prompts = tuple(read_prompts(prompts, base))
-    return SweepConfig(setting, rewards, methods, weights, kl_scales, tuple(seeds),
-                       positive_integer(raw.get("images_per_prompt", 10), "images_per_prompt"),
-                       positive_integer(raw.get("steps", 25), "steps"),
-                       non_negative(raw.get("guidance_scale", 1.0), "guidance_scale"),
-                       non_negative(raw.get("eta", 1.0), "eta"), prompts,
-                       positive_integer(raw.get("batch_images", 100), "batch_images"),
-                       setting_options(setting, raw, base))
+    return SweepConfig(
+        setting,
+        rewards,
+        methods,
+        weights,
+        kl_scales,
+        tuple(seeds),
+        positive_integer(raw.get("images_per_prompt", 10), "images_per_prompt"),
+        positive_integer(raw.get("steps", 25), "steps"),
+        non_negative(raw.get("guidance_scale", 1.0), "guidance_scale"),
+        non_negative(raw.get("eta", 1.0), "eta"),
+        prompts,
+        positive_integer(raw.get("batch_images", 100), "batch_images"),
+        setting_options(setting, raw, base),
+    )
 
 
 def setting_options(setting: str, raw: dict, base: Path) -> dict[str, Any]:
     """The keys of ``setting`` (SETTING_KEYS), checked, with their defaults; another setting's keys are refused."""
     foreign = sorted(key for key in raw if key not in KEYS and key not in SETTING_KEYS[setting])
     if foreign:
-        raise ConfigError(f"{', '.join(foreign)}: the {setting} setting does not read "
-                          f"{'it' if len(foreign) == 1 else 'them'}")
+        raise ConfigError(
+            f"{', '.join(foreign)}: the {setting} setting does not read {'it' if len(foreign) == 1 else 'them'}"
+        )
     if setting == "lab":
         scenario = raw.get("scenario")
         if scenario is not None:
@@ -181,19 +223,24 @@ def setting_options(setting: str, raw: dict, base: Path) -> dict[str, Any]:
         if raw.get("basis", "exact") not in LAB_BASIS:
             raise ConfigError(f"basis must be one of {', '.join(LAB_BASIS)}, got {raw.get('basis')!r}")
         steps = raw.get("basis_steps")
-        return {"scenario": scenario, "basis": raw.get("basis", "exact"),
-                "basis_steps": None if steps is None else positive_integer(steps, "basis_steps")}
+        return {
+            "scenario": scenario,
+            "basis": raw.get("basis", "exact"),
+            "basis_steps": None if steps is None else positive_integer(steps, "basis_steps"),
+        }
     if setting == "diffusers":
         if not isinstance(raw.get("base"), str):
             raise ConfigError("the diffusers setting needs base: the pipeline (a folder or a hub id)")
         options = {"base": raw["base"]}
         for key in ("basis", "oracles", "reward_models"):
             value = raw.get(key, {} if key != "basis" else None)
-            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                      for k, v in value.items()):
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
                 raise ConfigError(f"{key} must be a mapping of names to paths, got {value!r}")
-            options[key] = {name: resolved(path, base) for name, path in value.items()} if key != "reward_models" \
-                else dict(value)
+            options[key] = (
+                {name: resolved(path, base) for name, path in value.items()} if key != "reward_models" else dict(value)
+            )
         for key in ("height", "width"):
             options[key] = None if raw.get(key) is None else positive_integer(raw[key], key)
         return options
@@ -232,8 +279,10 @@ def parse_points(raw: Any, rewards: tuple[str, ...], what: str) -> tuple[tuple[f
         if isinstance(point, dict):
             unknown = sorted(set(point) - set(rewards))
             if unknown:
-                raise ConfigError(f"{what}: unknown reward name(s) {', '.join(map(str, unknown))}; "
-                                  f"the rewards are {', '.join(rewards)}")
+                raise ConfigError(
+                    f"{what}: unknown reward name(s) {', '.join(map(str, unknown))}; "
+                    f"the rewards are {', '.join(rewards)}"
+                )
             point = [point.get(name, 0.0) for name in rewards]
         if not isinstance(point, list) or len(point) != len(rewards):
             raise ConfigError(f"{what}: each point needs {len(rewards)} weights ({', '.join(rewards)}), got {point!r}")

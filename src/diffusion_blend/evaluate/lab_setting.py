@@ -42,18 +42,21 @@ class LabSetting:
         self.scenario: Scenario = load_scenario(scenario) if scenario else default_scenario()
         unknown = [name for name in config.rewards if name not in self.scenario.rewards]
         if unknown:
-            raise ConfigError(f"the lab scenario has no reward(s) {', '.join(unknown)}; it has "
-                              f"{', '.join(self.scenario.rewards)}")
+            raise ConfigError(
+                f"the lab scenario has no reward(s) {', '.join(unknown)}; it has {', '.join(self.scenario.rewards)}"
+            )
         for method in config.methods:
             if method.name.startswith("soup") and config.options["basis"] != "learned":
-                raise ConfigError("a soup interpolates parameters: the lab's exact basis models have none "
-                                  "(set basis: learned)")
+                raise ConfigError(
+                    "a soup interpolates parameters: the lab's exact basis models have none (set basis: learned)"
+                )
             if method.name == "soup-published":
                 raise ConfigError("soup-published averages LoRA A and B matrices; the lab's networks are full models")
         self.scheduler = make_scheduler(self.scenario.schedule, "ddim")
         if self.scenario.schedule.train_steps % config.steps:
-            raise ConfigError(f"steps must divide the lab's {self.scenario.schedule.train_steps} timesteps, "
-                              f"got {config.steps}")
+            raise ConfigError(
+                f"steps must divide the lab's {self.scenario.schedule.train_steps} timesteps, got {config.steps}"
+            )
         self.path = StochasticPath.from_scheduler(self.scheduler, config.steps, config.eta)
         alphas = self.scheduler.alphas_cumprod
         self.counter = Counter()
@@ -61,8 +64,10 @@ class LabSetting:
         count = config.images_per_prompt * len(config.seeds)
         self.prompts = [""] * count
         self.seeds = [seed * SEED_STRIDE + index for seed in config.seeds for index in range(config.images_per_prompt)]
-        self.description = {"model": f"lab ({self.scenario.name}, α = {self.scenario.alpha:g})",
-                            "basis": config.options["basis"]}
+        self.description = {
+            "model": f"lab ({self.scenario.name}, α = {self.scenario.alpha:g})",
+            "basis": config.options["basis"],
+        }
         self.out = out
         self._basis: dict[str, torch.nn.Module] | None = None
 
@@ -71,10 +76,13 @@ class LabSetting:
         """One basis model per reward: exact, or learned once into ``out/basis/NAME`` and read back after."""
         if self._basis is None:
             if self.config.options["basis"] == "exact":
-                self._basis = {name: ExactDenoiser(self.scenario.base.tilted(self.scenario.rewards[name],
-                                                                             self.scenario.alpha),
-                                                   self.scheduler.alphas_cumprod)
-                               for name in self.config.rewards}
+                self._basis = {
+                    name: ExactDenoiser(
+                        self.scenario.base.tilted(self.scenario.rewards[name], self.scenario.alpha),
+                        self.scheduler.alphas_cumprod,
+                    )
+                    for name in self.config.rewards
+                }
             else:
                 self._basis = {name: self.learned(name) for name in self.config.rewards}
             for module in self._basis.values():
@@ -86,8 +94,14 @@ class LabSetting:
 
         folder = self.out / "basis" / name
         if not (folder / WEIGHTS_FILE).is_file():
-            lab_finetune(self.scenario, {name: 1.0}, steps=self.config.options["basis_steps"], out=folder,
-                         resume=True, samples=2_000)
+            lab_finetune(
+                self.scenario,
+                {name: 1.0},
+                steps=self.config.options["basis_steps"],
+                out=folder,
+                resume=True,
+                samples=2_000,
+            )
         return load_lab_model(folder, self.scenario)
 
     def blend_base(self) -> torch.nn.Module:
@@ -104,8 +118,7 @@ class LabSetting:
 
     def target(self, point: tuple[float, ...]):
         """The exact target of ``point``: p_base·exp(Σ w_i r_i / α), a Gaussian mixture in closed form."""
-        return self.scenario.base.tilted(weighted_reward(self.scenario.rewards, self.named(point)),
-                                         self.scenario.alpha)
+        return self.scenario.base.tilted(weighted_reward(self.scenario.rewards, self.named(point)), self.scenario.alpha)
 
     def oracle(self, point: tuple[float, ...]) -> ExactDenoiser:
         return self.counted(ExactDenoiser(self.target(point), self.scheduler.alphas_cumprod))
@@ -131,8 +144,10 @@ class LabSetting:
         """Per point, the sliced Wasserstein-2 distance of its samples to exact samples of its target (the reward
         alone cannot tell a method that reaches the target from one that overshoots it)."""
         chunks = samples.view(len(points), -1, samples.shape[-1])
-        return [{"distance_to_target": sliced_wasserstein(chunk, self.target_samples(point))}
-                for chunk, point in zip(chunks, points)]
+        return [
+            {"distance_to_target": sliced_wasserstein(chunk, self.target_samples(point))}
+            for chunk, point in zip(chunks, points)
+        ]
 
     def distance_floor(self, point: tuple[float, ...]) -> float:
         """The distance between two exact sample sets of that size: what sampling noise alone gives."""
@@ -149,8 +164,9 @@ class LabSetting:
         def rewards(x0, rows):
             return torch.stack([self.scenario.rewards[name](x0) for name in self.config.rewards], 1)
 
-        return BaseSampler(self.path, predict, rewards, [True] * len(self.config.rewards),
-                           (self.scenario.base.dim,), "cpu", DTYPE)
+        return BaseSampler(
+            self.path, predict, rewards, [True] * len(self.config.rewards), (self.scenario.base.dim,), "cpu", DTYPE
+        )
 
     def images(self, method: Method, points, kl_scale: float = 1.0) -> torch.Tensor:
         """The samples of ``method`` at each point, [points · samples, d], point after point."""
@@ -173,14 +189,18 @@ class LabSetting:
             return self.oracle(point)
         if name in ("db-mpa", "db-mpa-ls", "joint"):
             blended = BlendedDenoiser(self.blend_base(), self.basis())
-            blended.set_blend(self.named(point), kl_scale=kl_scale,
-                              mode="stochastic" if name == "db-mpa-ls" else "mix",
-                              generator=torch.Generator().manual_seed(self.config.seeds[0] + 1))
+            blended.set_blend(
+                self.named(point),
+                kl_scale=kl_scale,
+                mode="stochastic" if name == "db-mpa-ls" else "mix",
+                generator=torch.Generator().manual_seed(self.config.seeds[0] + 1),
+            )
             return blended
         if name == "soup":
             members = self.basis()
-            soup = interpolate_parameters(copy.deepcopy(next(iter(members.values()))), self.initial_network(),
-                                          members, self.named(point))
+            soup = interpolate_parameters(
+                copy.deepcopy(next(iter(members.values()))), self.initial_network(), members, self.named(point)
+            )
             soup._forward_pre_hooks.clear()  # the copy's counter is a copy too
             return self.counted(soup)
         raise ValueError(f"unknown method {name!r}")
@@ -194,8 +214,11 @@ class LabSetting:
         """Each point's samples as a density picture (darker: denser), [points, 1, 3, P, P]."""
         pictures = []
         for chunk in samples.view(points, -1, samples.shape[-1]):
-            histogram = torch.histogramdd(chunk[:, :2].float().flip(1) * torch.tensor([-1.0, 1.0]),
-                                          bins=[DENSITY_PIXELS] * 2, range=[-EXTENT, EXTENT] * 2).hist
+            histogram = torch.histogramdd(
+                chunk[:, :2].float().flip(1) * torch.tensor([-1.0, 1.0]),
+                bins=[DENSITY_PIXELS] * 2,
+                range=[-EXTENT, EXTENT] * 2,
+            ).hist
             picture = 1 - (histogram / histogram.max().clamp_min(1)).sqrt()
             pictures.append(picture.expand(3, -1, -1)[None])
         return torch.stack(pictures)

@@ -16,9 +16,17 @@ from ..files import write_atomically
 from .config import WEIGHTLESS, SweepConfig, same_point
 from .sweep import Unit, summary
 
-LABELS = {"base": "base", "db-mpa": "DB-MPA", "db-mpa-ls": "DB-MPA-LS", "joint": "joint (w, λ)", "soup": "soup",
-          "soup-published": "soup (published: A, B averaged)", "code": "CoDe", "guidance": "guidance",
-          "oracle": "MORL oracle"}
+LABELS = {
+    "base": "base",
+    "db-mpa": "DB-MPA",
+    "db-mpa-ls": "DB-MPA-LS",
+    "joint": "joint (w, λ)",
+    "soup": "soup",
+    "soup-published": "soup (published: A, B averaged)",
+    "code": "CoDe",
+    "guidance": "guidance",
+    "oracle": "MORL oracle",
+}
 #: largest side of one grid tile, in pixels
 TILE = 96
 
@@ -27,8 +35,10 @@ def write_results(config: SweepConfig, setting, units: list[Unit], cells: Path, 
     records = [(unit, json.loads((cells / f"{unit.key(config)}.json").read_text())) for unit in units]
     results = build_results(config, setting.description, records)
     if hasattr(setting, "exact"):  # the lab: the exact front at every point, and its sampling-noise floor
-        results["exact"] = [{**exact_entry(config, point, setting.exact(point)),
-                             "distance_floor": setting.distance_floor(point)} for point in config.weights]
+        results["exact"] = [
+            {**exact_entry(config, point, setting.exact(point)), "distance_floor": setting.distance_floor(point)}
+            for point in config.weights
+        ]
     files = {
         out / "results.json": lambda temp: temp.write_text(json.dumps(results, indent=2) + "\n"),
         out / "samples.csv": lambda temp: temp.write_text(samples_csv(config, setting, records)),
@@ -53,40 +63,57 @@ def build_results(config: SweepConfig, description: dict, records) -> dict:
         points = list(config.weights) if unit.method.name in WEIGHTLESS else [tuple(p) for p in record["points"]]
         share = 1 if unit.method.name in WEIGHTLESS else len(points)
         for index, point in enumerate(points):
-            block = rewards if unit.method.name in WEIGHTLESS else rewards[index * per_point:(index + 1) * per_point]
+            block = rewards if unit.method.name in WEIGHTLESS else rewards[index * per_point : (index + 1) * per_point]
             weighted = block @ torch.tensor(point, dtype=torch.float64)
-            methods.setdefault(series_name(unit), []).append({
-                "weights": dict(zip(config.rewards, point)), "kl_scale": record["kl_scale"],
-                "rewards": {name: summary(block[:, i].tolist()) for i, name in enumerate(config.rewards)},
-                "weighted": summary(weighted.tolist()),
-                "seconds": record["seconds"] / share,
-                "seconds_per_image": record["seconds"] / share / per_point,
-                "denoiser_calls": record["denoiser_calls"] / share,
-                "denoiser_rows": record["denoiser_rows"] // share,
-                "peak_memory_mb": record["peak_memory_mb"],
-                **(record["metrics"][index] if "metrics" in record and unit.method.name not in WEIGHTLESS
-                   else {})})
+            methods.setdefault(series_name(unit), []).append(
+                {
+                    "weights": dict(zip(config.rewards, point)),
+                    "kl_scale": record["kl_scale"],
+                    "rewards": {name: summary(block[:, i].tolist()) for i, name in enumerate(config.rewards)},
+                    "weighted": summary(weighted.tolist()),
+                    "seconds": record["seconds"] / share,
+                    "seconds_per_image": record["seconds"] / share / per_point,
+                    "denoiser_calls": record["denoiser_calls"] / share,
+                    "denoiser_rows": record["denoiser_rows"] // share,
+                    "peak_memory_mb": record["peak_memory_mb"],
+                    **(record["metrics"][index] if "metrics" in record and unit.method.name not in WEIGHTLESS else {}),
+                }
+            )
     return {"setting": {**description, **config.describe()}, "rewards": list(config.rewards), "methods": methods}
 
 
 def exact_entry(config: SweepConfig, point: tuple[float, ...], expected: dict[str, float]) -> dict:
-    return {"weights": dict(zip(config.rewards, point)), "rewards": expected,
-            "weighted": sum(w * expected[name] for name, w in zip(config.rewards, point))}
+    return {
+        "weights": dict(zip(config.rewards, point)),
+        "rewards": expected,
+        "weighted": sum(w * expected[name] for name, w in zip(config.rewards, point)),
+    }
 
 
 def samples_csv(config: SweepConfig, setting, records) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "kl_scale", *(f"w_{name}" for name in config.rewards), "image", "prompt", "seed",
-                     *config.rewards])
+    writer.writerow(
+        ["method", "kl_scale", *(f"w_{name}" for name in config.rewards), "image", "prompt", "seed", *config.rewards]
+    )
     for unit, record in records:
         per_point = record["images_per_point"]
         for index, values in enumerate(record["rewards"]):
-            point = ([""] * len(config.rewards) if unit.method.name in WEIGHTLESS
-                     else record["points"][index // per_point])
+            point = (
+                [""] * len(config.rewards) if unit.method.name in WEIGHTLESS else record["points"][index // per_point]
+            )
             image = index % per_point
-            writer.writerow([series_name(unit), record["kl_scale"], *point, image, setting.prompts[image],
-                             setting.seeds[image], *(repr(value) for value in values)])
+            writer.writerow(
+                [
+                    series_name(unit),
+                    record["kl_scale"],
+                    *point,
+                    image,
+                    setting.prompts[image],
+                    setting.seeds[image],
+                    *(repr(value) for value in values),
+                ]
+            )
     return buffer.getvalue()
 
 
@@ -94,13 +121,16 @@ def middle_point(results: dict) -> dict[str, float]:
     """The weight point closest to equal weights among the DB-MPA points (or any method's)."""
     entries = [entry for series in results["methods"].values() for entry in series]
     count = len(results["rewards"])
-    return min((entry["weights"] for entry in entries),
-               key=lambda w: (sum((v - 1 / count) ** 2 for v in w.values()), json.dumps(w)))
+    return min(
+        (entry["weights"] for entry in entries),
+        key=lambda w: (sum((v - 1 / count) ** 2 for v in w.values()), json.dumps(w)),
+    )
 
 
 def at_point(series: list[dict], point: dict[str, float]) -> dict | None:
-    return next((entry for entry in series
-                 if same_point([entry["weights"][name] for name in point], point.values())), None)
+    return next(
+        (entry for entry in series if same_point([entry["weights"][name] for name in point], point.values())), None
+    )
 
 
 def label(name: str) -> str:
@@ -111,36 +141,58 @@ def report_markdown(results: dict) -> str:
     rewards, methods = results["rewards"], results["methods"]
     point = middle_point(results)
     point_text = ", ".join(f"{name} = {value:g}" for name, value in point.items())
-    lines = [f"# Sweep: {results['setting'].get('model', results['setting']['setting'])}", "",
-             f"Rewards {', '.join(rewards)}; {results['setting']['steps']} steps, guidance "
-             f"{results['setting']['guidance_scale']:g}, η = {results['setting']['eta']:g}; mean ± standard error.", "",
-             f"## At {point_text}", "",
-             "| method | weighted reward | " + " | ".join(rewards) + " | seconds per image | denoiser rows per image |",
-             "| --- | --- | " + " | ".join("---" for _ in rewards) + " | --- | --- |"]
+    lines = [
+        f"# Sweep: {results['setting'].get('model', results['setting']['setting'])}",
+        "",
+        f"Rewards {', '.join(rewards)}; {results['setting']['steps']} steps, guidance "
+        f"{results['setting']['guidance_scale']:g}, η = {results['setting']['eta']:g}; mean ± standard error.",
+        "",
+        f"## At {point_text}",
+        "",
+        "| method | weighted reward | " + " | ".join(rewards) + " | seconds per image | denoiser rows per image |",
+        "| --- | --- | " + " | ".join("---" for _ in rewards) + " | --- | --- |",
+    ]
     exact = at_point(results.get("exact", []), point)
     distance = exact is not None and "distance_floor" in exact
     if distance:
         lines[-2] += " distance to the target (sliced W₂) |"
         lines[-1] += " --- |"
     if exact is not None:
-        lines.append(f"| exact target | {exact['weighted']:.4f} | "
-                     + " | ".join(f"{exact['rewards'][r]:.4f}" for r in rewards) + " | | |"
-                     + (f" {exact['distance_floor']:.4f} (two exact sample sets) |" if distance else ""))
+        lines.append(
+            f"| exact target | {exact['weighted']:.4f} | "
+            + " | ".join(f"{exact['rewards'][r]:.4f}" for r in rewards)
+            + " | | |"
+            + (f" {exact['distance_floor']:.4f} (two exact sample sets) |" if distance else "")
+        )
     for name, series in methods.items():
         entry = at_point(series, point)
         if entry is None:
             continue
         images = entry["seconds"] / entry["seconds_per_image"] if entry["seconds_per_image"] else 1
-        lines.append(f"| {label(name)} | {fmt(entry['weighted'])} | "
-                     + " | ".join(fmt(entry["rewards"][r]) for r in rewards)
-                     + f" | {entry['seconds_per_image']:.4f} | {entry['denoiser_rows'] / images:.0f} |"
-                     + (f" {entry['distance_to_target']:.4f} |" if distance and "distance_to_target" in entry
-                        else (" |" if distance else "")))
-    lines += ["", "![Pareto front](pareto.png)", "", "![Samples: rows are methods, columns weights](grid.png)", "",
-              "## Weighted reward at every point", "",
-              "| weights | " + ("exact | " if "exact" in results else "") + " | ".join(label(name) for name in methods)
-              + " |",
-              "| --- | " + ("--- | " if "exact" in results else "") + " | ".join("---" for _ in methods) + " |"]
+        lines.append(
+            f"| {label(name)} | {fmt(entry['weighted'])} | "
+            + " | ".join(fmt(entry["rewards"][r]) for r in rewards)
+            + f" | {entry['seconds_per_image']:.4f} | {entry['denoiser_rows'] / images:.0f} |"
+            + (
+                f" {entry['distance_to_target']:.4f} |"
+                if distance and "distance_to_target" in entry
+                else (" |" if distance else "")
+            )
+        )
+    lines += [
+        "",
+        "![Pareto front](pareto.png)",
+        "",
+        "![Samples: rows are methods, columns weights](grid.png)",
+        "",
+        "## Weighted reward at every point",
+        "",
+        "| weights | "
+        + ("exact | " if "exact" in results else "")
+        + " | ".join(label(name) for name in methods)
+        + " |",
+        "| --- | " + ("--- | " if "exact" in results else "") + " | ".join("---" for _ in methods) + " |",
+    ]
     points = []
     for series in methods.values():
         for entry in series:
@@ -149,9 +201,14 @@ def report_markdown(results: dict) -> str:
     for weights in sorted(points, key=lambda w: list(w.values())):
         cells = [at_point(series, weights) for series in methods.values()]
         exact = at_point(results.get("exact", []), weights) if "exact" in results else None
-        lines.append("| " + ", ".join(f"{v:g}" for v in weights.values()) + " | "
-                     + (f"{exact['weighted']:.4f} | " if exact else ("| " if "exact" in results else ""))
-                     + " | ".join(fmt(cell["weighted"]) if cell else "" for cell in cells) + " |")
+        lines.append(
+            "| "
+            + ", ".join(f"{v:g}" for v in weights.values())
+            + " | "
+            + (f"{exact['weighted']:.4f} | " if exact else ("| " if "exact" in results else ""))
+            + " | ".join(fmt(cell["weighted"]) if cell else "" for cell in cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -173,21 +230,40 @@ def plot_pareto(results: dict, path: Path) -> None:
     for axis, (x_name, y_name) in zip(axes[0], pairs):
         if "exact" in results:
             front = results["exact"]
-            axis.plot([e["rewards"][x_name] for e in front], [e["rewards"][y_name] for e in front], "k--",
-                      linewidth=1, label="exact target")
+            axis.plot(
+                [e["rewards"][x_name] for e in front],
+                [e["rewards"][y_name] for e in front],
+                "k--",
+                linewidth=1,
+                label="exact target",
+            )
         for index, (name, series) in enumerate(methods.items()):
             xs = [entry["rewards"][x_name]["mean"] for entry in series]
             ys = [entry["rewards"][y_name]["mean"] for entry in series]
             xe = [entry["rewards"][x_name]["se"] for entry in series]
             ye = [entry["rewards"][y_name]["se"] for entry in series]
             style = "s" if name == "base" else ("D" if name == "oracle" else "-o")
-            axis.errorbar(xs[:1] if name == "base" else xs, ys[:1] if name == "base" else ys,
-                          xerr=xe[:1] if name == "base" else xe, yerr=ye[:1] if name == "base" else ye,
-                          fmt=style, markersize=4, capsize=2, label=label(name), color=f"C{index % 10}")
+            axis.errorbar(
+                xs[:1] if name == "base" else xs,
+                ys[:1] if name == "base" else ys,
+                xerr=xe[:1] if name == "base" else xe,
+                yerr=ye[:1] if name == "base" else ye,
+                fmt=style,
+                markersize=4,
+                capsize=2,
+                label=label(name),
+                color=f"C{index % 10}",
+            )
             if name == "db-mpa":
                 for entry, x, y in zip(series, xs, ys):
-                    axis.annotate(f"{entry['weights'][rewards[0]]:g}", (x, y), textcoords="offset points",
-                                  xytext=(3, 3), fontsize=6, color=f"C{index % 10}")
+                    axis.annotate(
+                        f"{entry['weights'][rewards[0]]:g}",
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(3, 3),
+                        fontsize=6,
+                        color=f"C{index % 10}",
+                    )
         axis.set_xlabel(f"{x_name} (mean ± s.e.)")
         axis.set_ylabel(f"{y_name} (mean ± s.e.)")
     axes[0][0].legend(fontsize=7)
@@ -222,11 +298,14 @@ def draw_grid(config: SweepConfig, units: list[Unit], cells: Path, path: Path) -
         for c, point in enumerate(columns):
             found = next((image for key, image in tiles.items() if same_point(key, point)), None)
             if found is not None:
-                canvas[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = found
+                canvas[:, r * size : (r + 1) * size, c * size : (c + 1) * size] = found
     figure, axis = plt.subplots(figsize=(1.0 + 0.8 * len(columns), 0.6 + 0.8 * len(rows)), dpi=120)
     axis.imshow(canvas.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-    axis.set_xticks([size * (i + 0.5) for i in range(len(columns))],
-                    ["\n".join(f"{v:g}" for v in point) for point in columns], fontsize=6)
+    axis.set_xticks(
+        [size * (i + 0.5) for i in range(len(columns))],
+        ["\n".join(f"{v:g}" for v in point) for point in columns],
+        fontsize=6,
+    )
     axis.set_yticks([size * (i + 0.5) for i in range(len(rows))], [label(name) for name in rows], fontsize=7)
     axis.set_xlabel("weights (" + ", ".join(config.rewards) + ")", fontsize=7)
     axis.tick_params(length=0)
@@ -242,7 +321,7 @@ def tile(images: torch.Tensor) -> torch.Tensor:
     block = torch.ones(3, side * height, side * width)
     for index in range(count):
         r, c = divmod(index, side)
-        block[:, r * height:(r + 1) * height, c * width:(c + 1) * width] = images[index]
+        block[:, r * height : (r + 1) * height, c * width : (c + 1) * width] = images[index]
     if block.shape[-1] > TILE:
         block = torch.nn.functional.interpolate(block[None], size=(TILE, TILE), mode="area")[0]
     elif block.shape[-1] < TILE:

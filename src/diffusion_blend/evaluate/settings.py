@@ -46,15 +46,26 @@ class PipelineSetting:
         base_sampler: ``(prompts) → BaseSampler`` for CoDe and guidance (None: those methods are unavailable).
     """
 
-    def __init__(self, config: SweepConfig, pipe, basis: dict, oracles: dict, rewards: dict, prompts: Sequence[str],
-                 base_sampler=None, description: dict | None = None):
+    def __init__(
+        self,
+        config: SweepConfig,
+        pipe,
+        basis: dict,
+        oracles: dict,
+        rewards: dict,
+        prompts: Sequence[str],
+        base_sampler=None,
+        description: dict | None = None,
+    ):
         self.config, self.pipe, self.basis, self.oracles = config, pipe, basis, oracles
         self.rewards, self.base_sampler = rewards, base_sampler
         self.description = description or {}
-        self.prompts = [prompt for seed in config.seeds for prompt in prompts
-                        for _ in range(config.images_per_prompt)]
-        self.seeds = [seed * SEED_STRIDE + index for seed in config.seeds
-                      for index in range(len(prompts) * config.images_per_prompt)]
+        self.prompts = [prompt for seed in config.seeds for prompt in prompts for _ in range(config.images_per_prompt)]
+        self.seeds = [
+            seed * SEED_STRIDE + index
+            for seed in config.seeds
+            for index in range(len(prompts) * config.images_per_prompt)
+        ]
         self.counter = Counter()
         pipe.unet.register_forward_pre_hook(self.counter, with_kwargs=True)
         self._blend: Blend | None = None
@@ -66,16 +77,19 @@ class PipelineSetting:
         """The methods against what the setting has (its subclasses check the basis before loading anything)."""
         for method in config.methods:
             if method.name in ("code", "guidance") and self.base_sampler is None:
-                raise ConfigError(f"method {method.name!r} needs the base sampler as a loop, which this setting "
-                                  "does not provide")
+                raise ConfigError(
+                    f"method {method.name!r} needs the base sampler as a loop, which this setting does not provide"
+                )
             if method.name == "oracle" and not self.oracles:
                 raise ConfigError("no MORL oracle to compare with: the setting has none")
             if method.name == "oracle" and method.weights is not None:
                 for point in method.weights:
                     if self.oracle_for(point) is None:
                         trained = ", ".join(str(list(key)) for key in self.oracles) or "none"
-                        raise ConfigError(f"no MORL oracle was fine-tuned at weights {list(point)} "
-                                          f"({', '.join(config.rewards)}); oracles exist at: {trained}")
+                        raise ConfigError(
+                            f"no MORL oracle was fine-tuned at weights {list(point)} "
+                            f"({', '.join(config.rewards)}); oracles exist at: {trained}"
+                        )
 
     def oracle_points(self) -> tuple[tuple[float, ...], ...]:
         return tuple(sorted(self.oracles))
@@ -110,10 +124,18 @@ class PipelineSetting:
         for start in range(0, len(prompts), size):
             rows = slice(start, start + size)
             chunk = {key: value[rows] for key, value in per_image.items()}
-            chunks.append(function(prompt=prompts[rows], num_inference_steps=self.config.steps,
-                                   guidance_scale=self.config.guidance_scale, eta=self.config.eta, output_type="pt",
-                                   generator=[torch.Generator().manual_seed(seed) for seed in seeds[rows]],
-                                   **chunk, **options).images)
+            chunks.append(
+                function(
+                    prompt=prompts[rows],
+                    num_inference_steps=self.config.steps,
+                    guidance_scale=self.config.guidance_scale,
+                    eta=self.config.eta,
+                    output_type="pt",
+                    generator=[torch.Generator().manual_seed(seed) for seed in seeds[rows]],
+                    **chunk,
+                    **options,
+                ).images
+            )
         return torch.cat(chunks)
 
     def blended(self, points, mode: str, kl_scale: float) -> torch.Tensor:
@@ -128,7 +150,7 @@ class PipelineSetting:
         group = max(1, self.config.batch_images // rows_per_image)
         chunks = []
         for start in range(0, len(self.prompts), group):
-            prompts, seeds = self.prompts[start:start + group], self.seeds[start:start + group]
+            prompts, seeds = self.prompts[start : start + group], self.seeds[start : start + group]
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
             weights = torch.tensor([point] * len(prompts), dtype=torch.float64)
             steer = code_sample if method.name == "code" else guided_sample
@@ -149,8 +171,9 @@ class PipelineSetting:
 
     def soup(self, variant: str) -> RewardedSoup:
         if variant not in self._soups:
-            self._soups[variant] = RewardedSoup(self.pipe, {name: self.basis[name] for name in self.config.rewards},
-                                                variant=variant)
+            self._soups[variant] = RewardedSoup(
+                self.pipe, {name: self.basis[name] for name in self.config.rewards}, variant=variant
+            )
         return self._soups[variant]
 
     def named(self, point: tuple[float, ...]) -> dict[str, float]:
@@ -195,11 +218,20 @@ class DigitsSetting(PipelineSetting):
         oracles.pop(None, None)
 
         def sampler(asked: list[str]):
-            return base_sampler(pipe, asked, rewards, steps=config.steps, guidance_scale=config.guidance_scale,
-                                eta=config.eta)
+            return base_sampler(
+                pipe, asked, rewards, steps=config.steps, guidance_scale=config.guidance_scale, eta=config.eta
+            )
 
-        super().__init__(config, pipe, digits.basis_models(), oracles, rewards, prompts, sampler,
-                         {"model": "digits (embedded)", "prompts": prompts})
+        super().__init__(
+            config,
+            pipe,
+            digits.basis_models(),
+            oracles,
+            rewards,
+            prompts,
+            sampler,
+            {"model": "digits (embedded)", "prompts": prompts},
+        )
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         from ..presets.digits.pipeline import to_images
@@ -236,18 +268,36 @@ class DiffusersSetting(PipelineSetting):
         pipe.set_progress_bar_config(disable=True)
         if device is not None:
             pipe.to(device)
-        rewards = {name: parse_reward(options["reward_models"].get(name, name), device=device)
-                   for name in config.rewards}
+        rewards = {
+            name: parse_reward(options["reward_models"].get(name, name), device=device) for name in config.rewards
+        }
         prompts = list(config.prompts or read_prompts(DEFAULT_PROMPT_SET))
         size = {key: options[key] for key in ("height", "width") if options[key] is not None}
         self._size = size
         sampler = None
         if isinstance(pipe, StableDiffusionPipeline):
+
             def sampler(asked: list[str]):
-                return stable_diffusion_sampler(pipe, asked, rewards, steps=config.steps, eta=config.eta,
-                                                guidance_scale=config.guidance_scale, **size)
-        super().__init__(config, pipe, options["basis"], oracles, rewards, prompts, sampler,
-                         {"model": options["base"], "prompts": len(prompts)})
+                return stable_diffusion_sampler(
+                    pipe,
+                    asked,
+                    rewards,
+                    steps=config.steps,
+                    eta=config.eta,
+                    guidance_scale=config.guidance_scale,
+                    **size,
+                )
+
+        super().__init__(
+            config,
+            pipe,
+            options["basis"],
+            oracles,
+            rewards,
+            prompts,
+            sampler,
+            {"model": options["base"], "prompts": len(prompts)},
+        )
 
     def call(self, function, repeats: int, **options) -> torch.Tensor:
         return super().call(function, repeats, **self._size, **options)
@@ -263,8 +313,9 @@ def require_basis(rewards: Sequence[str], basis: dict) -> None:
     """Every reward swept needs its basis model."""
     missing = [name for name in rewards if name not in basis]
     if missing:
-        raise ConfigError(f"the basis has no model for reward(s) {', '.join(missing)}; it has "
-                          f"{', '.join(basis) or 'none'}")
+        raise ConfigError(
+            f"the basis has no model for reward(s) {', '.join(missing)}; it has {', '.join(basis) or 'none'}"
+        )
 
 
 def oracle_point(name: str, rewards: Sequence[str]) -> tuple[float, ...] | None:

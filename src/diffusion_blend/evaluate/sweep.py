@@ -35,8 +35,14 @@ class Unit:
     kl_scale: float
 
     def key(self, config: SweepConfig) -> str:
-        identity = {"config": config.describe(), "prompts": list(config.prompts or []), "method": self.method.name,
-                    "options": self.method.options, "points": self.points, "kl_scale": self.kl_scale}
+        identity = {
+            "config": config.describe(),
+            "prompts": list(config.prompts or []),
+            "method": self.method.name,
+            "options": self.method.options,
+            "points": self.points,
+            "kl_scale": self.kl_scale,
+        }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return f"{self.method.name}-{digest}"
 
@@ -60,8 +66,14 @@ def plan(config: SweepConfig, setting) -> list[Unit]:
     return units
 
 
-def run_sweep(config: str | Path | SweepConfig | None, out: str | Path, *, preset: str | None = None,
-              device: str | None = None, progress: bool = True) -> list[Path]:
+def run_sweep(
+    config: str | Path | SweepConfig | None,
+    out: str | Path,
+    *,
+    preset: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
     """Run (or finish) the sweep of a YAML file, a loaded configuration or a built-in ``preset`` ("digits", "lab")
     into ``out``; return the files written (by the main process; the others return []). The setting is built, and the
     configuration checked against it, before any sampling."""
@@ -101,16 +113,27 @@ def run_unit(setting, unit: Unit, stem: Path) -> None:
     seconds = time.perf_counter() - began
     rewards = setting.score(samples)
     per_point = len(setting.prompts)
-    record = {"method": unit.method.name, "options": unit.method.options, "kl_scale": unit.kl_scale,
-              "points": [list(point) for point in unit.points], "images_per_point": per_point,
-              "rewards": rewards.tolist(), "seconds": seconds, "denoiser_calls": setting.counter.calls,
-              "denoiser_rows": setting.counter.rows, "peak_memory_mb": peak_memory_mb()}
+    record = {
+        "method": unit.method.name,
+        "options": unit.method.options,
+        "kl_scale": unit.kl_scale,
+        "points": [list(point) for point in unit.points],
+        "images_per_point": per_point,
+        "rewards": rewards.tolist(),
+        "seconds": seconds,
+        "denoiser_calls": setting.counter.calls,
+        "denoiser_rows": setting.counter.rows,
+        "peak_memory_mb": peak_memory_mb(),
+    }
     if hasattr(setting, "metrics"):  # the lab: each point's distance to its exact target
         record["metrics"] = setting.metrics(samples, unit.points)
     grid = setting.thumbnails(samples, len(unit.points)).contiguous().cpu()
-    write_atomically({stem.with_suffix(".json"): lambda temp: temp.write_text(json.dumps(record) + "\n"),
-                      stem.with_suffix(".safetensors"):
-                          lambda temp: safetensors.torch.save_file({"images": grid.float()}, temp)})
+    write_atomically(
+        {
+            stem.with_suffix(".json"): lambda temp: temp.write_text(json.dumps(record) + "\n"),
+            stem.with_suffix(".safetensors"): lambda temp: safetensors.torch.save_file({"images": grid.float()}, temp),
+        }
+    )
 
 
 def peak_memory_mb() -> float:
@@ -132,8 +155,9 @@ class _progress:
             return lambda unit: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            transient=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        )
         self.bar.start()
         task = self.bar.add_task("sweep", total=self.total)
         return lambda unit: self.bar.update(task, advance=1, description=f"sweep: {unit.method.name} done")

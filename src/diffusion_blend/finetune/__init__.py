@@ -16,5 +16,15 @@ from .path import StochasticPath, kl
 from .run import finetune, read_prompts
 from .trainer import DEFAULT_METHOD, METHODS, Settings, evaluate, train
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "Settings", "StochasticPath", "evaluate", "finetune", "kl",
-           "read_prompts", "train"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "Settings",
+    "StochasticPath",
+    "evaluate",
+    "finetune",
+    "kl",
+    "read_prompts",
+    "train",
+]

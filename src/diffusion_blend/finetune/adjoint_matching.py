@@ -64,8 +64,10 @@ class AdjointMatching(OnPolicyMethod):
             adjoint = self._base_vjp(index, trajectory.states[index], trajectory.conditions, adjoint)
         self.states = [state.detach() for state in trajectory.states]
         self.adjoints, self.conditions = adjoints, trajectory.conditions
-        self.rollout_metrics = {"reward": float(self.collective.gather(rewards.detach().double().cpu()).mean()),
-                                "kl": float(self.collective.gather(trajectory.kls.sum(0)).mean())}
+        self.rollout_metrics = {
+            "reward": float(self.collective.gather(rewards.detach().double().cpu()).mean()),
+            "kl": float(self.collective.gather(trajectory.kls.sum(0)).mean()),
+        }
 
     def _base_vjp(self, index: int, x: torch.Tensor, conditions, adjoint: torch.Tensor) -> torch.Tensor:
         """(∂μ_base/∂x)ᵀ ã for step ``index`` at ``x``: a_t ã + k_t (∂out_base/∂x)ᵀ ã."""

@@ -111,4 +111,4 @@ def latest(out: Path) -> Path | None:
 
 
 def step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name[len(PREFIX):])
+    return int(checkpoint.name[len(PREFIX) :])

@@ -45,10 +45,24 @@ class LoraTarget:
         seed: initialises the adapter (peft's: A random, B zero, so training starts at the base).
     """
 
-    def __init__(self, pipe, reward, prompts: Sequence[str], shape: tuple[int, ...], *, rank: int = 4,
-                 lora_alpha: float | None = None, modules: Sequence[str] = LORA_MODULES, steps: int = 50,
-                 eta: float = 1.0, sampler: str = "ddim", guidance_scale: float = 1.0, negative_prompt: str = "",
-                 seed: int = 0, gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        pipe,
+        reward,
+        prompts: Sequence[str],
+        shape: tuple[int, ...],
+        *,
+        rank: int = 4,
+        lora_alpha: float | None = None,
+        modules: Sequence[str] = LORA_MODULES,
+        steps: int = 50,
+        eta: float = 1.0,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if not (math.isfinite(guidance_scale) and guidance_scale >= 1):
@@ -78,8 +92,10 @@ class LoraTarget:
             raise ValueError(f"the UNet already has an adapter named {ADAPTER!r}")
         torch.manual_seed(seed)
         try:
-            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=modules,
-                                             init_lora_weights=True), adapter_name=ADAPTER)
+            self.unet.add_adapter(
+                LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=modules, init_lora_weights=True),
+                adapter_name=ADAPTER,
+            )
         except ValueError as error:
             raise ValueError(f"LoRA modules {modules}: {error}") from error
         self.unet.set_adapter(ADAPTER)
@@ -105,15 +121,17 @@ class LoraTarget:
         noise = torch.randn((count, *self.shape), generator=generator)
         return (noise * self.scheduler.init_noise_sigma).to(self.device, self.unet.dtype)
 
-    def predict(self, x: torch.Tensor, timestep, conditions: list[str], *, base: bool = False,
-                guided: bool = True) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, timestep, conditions: list[str], *, base: bool = False, guided: bool = True
+    ) -> torch.Tensor:
         with self.base_context() if base else contextlib.nullcontext():
             if not guided or self.guidance_scale == 1:
                 return self.unet(x, timestep, **self.condition(conditions)).sample
             negative = self.condition([self.negative_prompt] * len(conditions))
             positive = self.condition(conditions)
-            both = {key: None if value is None else torch.cat([negative[key], value])
-                    for key, value in positive.items()}
+            both = {
+                key: None if value is None else torch.cat([negative[key], value]) for key, value in positive.items()
+            }
             unconditional, conditional = self.unet(torch.cat([x, x]), timestep, **both).sample.chunk(2)
             return unconditional + self.guidance_scale * (conditional - unconditional)
 
@@ -152,8 +170,10 @@ class LoraTarget:
 
     # ------------------------------------------------------------------------------------------------ saving
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: value.detach().cpu().contiguous()
-                for key, value in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
+        return {
+            key: value.detach().cpu().contiguous()
+            for key, value in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()
+        }
 
     def outputs(self, folder: Path) -> dict:
         """The adapter as ``pytorch_lora_weights.safetensors`` (diffusers' format, its LoraConfig in the header):
@@ -163,21 +183,29 @@ class LoraTarget:
     def _write_lora(self, path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=path.parent) as staging:
             StableDiffusionPipeline.save_lora_weights(
-                staging, unet_lora_layers=self.lora_state_dict(),
-                unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict())
+                staging,
+                unet_lora_layers=self.lora_state_dict(),
+                unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict(),
+            )
             os.replace(Path(staging) / "pytorch_lora_weights.safetensors", path)
 
     def describe(self) -> dict:
-        return {"lora": self.lora, "guidance_scale": self.guidance_scale, "prompts": len(self.prompts),
-                "sampler": type(self.scheduler).__name__, "size": list(self.shape)}
+        return {
+            "lora": self.lora,
+            "guidance_scale": self.guidance_scale,
+            "prompts": len(self.prompts),
+            "sampler": type(self.scheduler).__name__,
+            "size": list(self.shape),
+        }
 
 
 class StableDiffusionLoraTarget(LoraTarget):
     """A LoRA on the UNet of a Stable Diffusion 1.x/2.x pipeline (``StableDiffusionPipeline`` and its subclasses):
     prompts are text, encoded once each; samples are latents the VAE decodes."""
 
-    def __init__(self, pipe, reward, prompts: Sequence[str], *, height: int | None = None, width: int | None = None,
-                 **options):
+    def __init__(
+        self, pipe, reward, prompts: Sequence[str], *, height: int | None = None, width: int | None = None, **options
+    ):
         check_pipeline(pipe)
         scale, unet = pipe.vae_scale_factor, pipe.unet
         height = height or unet.config.sample_size * scale
@@ -213,5 +241,6 @@ def check_pipeline(pipe) -> None:
 
 def check_pipeline_class(cls: type | None, name: str) -> None:
     if not (isinstance(cls, type) and issubclass(cls, StableDiffusionPipeline)):
-        raise ValueError(f"fine-tuning supports Stable Diffusion 1.x/2.x pipelines (a UNet taking text embeddings); "
-                         f"got {name}")
+        raise ValueError(
+            f"fine-tuning supports Stable Diffusion 1.x/2.x pipelines (a UNet taking text embeddings); got {name}"
+        )

@@ -66,8 +66,16 @@ class LabTarget:
 
     differentiable = True
 
-    def __init__(self, scenario: Scenario, weights: dict[str, float], *, steps: int = 100, hidden: int = 128,
-                 layers: int = 3, seed: int = 0):
+    def __init__(
+        self,
+        scenario: Scenario,
+        weights: dict[str, float],
+        *,
+        steps: int = 100,
+        hidden: int = 128,
+        layers: int = 3,
+        seed: int = 0,
+    ):
         self.scenario = scenario
         self.reward_function: QuadraticReward = weighted_reward(scenario.rewards, weights)
         scheduler = make_scheduler(scenario.schedule, "ddpm")
@@ -86,8 +94,9 @@ class LabTarget:
     def initial_noise(self, count: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(count, self.scenario.base.dim, generator=generator, dtype=DTYPE)
 
-    def predict(self, x: torch.Tensor, timestep, conditions: Any = None, *, base: bool = False,
-                guided: bool = True) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, timestep, conditions: Any = None, *, base: bool = False, guided: bool = True
+    ) -> torch.Tensor:
         return self.model.base(x, timestep) if base else self.model(x, timestep)
 
     def base_context(self) -> contextlib.AbstractContextManager:
@@ -115,8 +124,9 @@ def exact_expectations(scenario: Scenario, weights: dict[str, float]) -> dict[st
 
 
 @torch.no_grad()
-def achieved_expectations(model: nn.Module, scenario: Scenario, *, samples: int = 20_000, steps: int = 200,
-                          seed: int = 0) -> dict[str, float]:
+def achieved_expectations(
+    model: nn.Module, scenario: Scenario, *, samples: int = 20_000, steps: int = 200, seed: int = 0
+) -> dict[str, float]:
     """Each reward's mean over ``samples`` drawn from N(0, I) with ``model`` and the lab's DDIM sampler (η = 0,
     200 steps: a different sampler from the training path, as a user's would be)."""
     scheduler = make_scheduler(scenario.schedule, "ddim")
@@ -138,10 +148,23 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "lab_model.json"
 
 
-def lab_finetune(scenario: Scenario, weights: dict[str, float], *, method: str | None = None, steps: int | None = None,
-                 lr: float | None = None, seed: int = 0, options: dict | None = None, out=None,
-                 checkpoint_every: int = 50, resume: bool = False, overwrite: bool = False,
-                 path_steps: int | None = None, samples: int = 20_000, progress: bool = False) -> dict:
+def lab_finetune(
+    scenario: Scenario,
+    weights: dict[str, float],
+    *,
+    method: str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    options: dict | None = None,
+    out=None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    overwrite: bool = False,
+    path_steps: int | None = None,
+    samples: int = 20_000,
+    progress: bool = False,
+) -> dict:
     """Fine-tune the lab's residual network for Σ w_i r_i at the scenario's α; return
     ``{"alpha", "reward", "method", "exact", "achieved", "seconds", ...}`` (``achieved``: each reward's mean over
     ``samples`` of the fine-tuned model, sampled from N(0, I) with 200 DDIM steps). With ``out`` the network is saved
@@ -156,24 +179,49 @@ def lab_finetune(scenario: Scenario, weights: dict[str, float], *, method: str |
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(LAB_DEFAULTS)}")
     unknown = sorted(set(weights) - set(scenario.rewards))
     if unknown:
-        raise ValueError(f"unknown reward(s) {', '.join(map(repr, unknown))}; the scenario has "
-                         f"{', '.join(scenario.rewards)}")
+        raise ValueError(
+            f"unknown reward(s) {', '.join(map(repr, unknown))}; the scenario has {', '.join(scenario.rewards)}"
+        )
     weights = validate_weights(weights, scenario.rewards)
     default_steps, default_lr, default_path_steps, default_options = LAB_DEFAULTS[method]
-    settings = Settings(method=method, alpha=scenario.alpha, steps=steps or default_steps, lr=lr or default_lr,
-                        seed=seed, options={**default_options, **(options or {})}, checkpoint_every=checkpoint_every)
+    settings = Settings(
+        method=method,
+        alpha=scenario.alpha,
+        steps=steps or default_steps,
+        lr=lr or default_lr,
+        seed=seed,
+        options={**default_options, **(options or {})},
+        checkpoint_every=checkpoint_every,
+    )
     settings.check()
     target = LabTarget(scenario, weights, steps=path_steps or default_path_steps, seed=seed)
     began = time.perf_counter()
-    record = train(target, settings, out, resume=resume, overwrite=overwrite, progress=progress,
-                   describe={"scenario": scenario.name, "reward": weights},
-                   outputs=lambda folder: _model_files(target, folder))
+    record = train(
+        target,
+        settings,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        describe={"scenario": scenario.name, "reward": weights},
+        outputs=lambda folder: _model_files(target, folder),
+    )
     achieved = achieved_expectations(target.model, scenario, samples=samples, seed=seed)
-    return {"alpha": scenario.alpha, "reward": weights, "method": method,
-            "exact": exact_expectations(scenario, weights),
-            "achieved": achieved, "seconds": time.perf_counter() - began, "training_seconds": record["seconds"],
-            "steps": settings.steps, "lr": settings.lr, "seed": seed, "options": settings.options,
-            "kl": record["evaluation"]["kl"], "exact_kl": exact_kl(scenario, weights)}
+    return {
+        "alpha": scenario.alpha,
+        "reward": weights,
+        "method": method,
+        "exact": exact_expectations(scenario, weights),
+        "achieved": achieved,
+        "seconds": time.perf_counter() - began,
+        "training_seconds": record["seconds"],
+        "steps": settings.steps,
+        "lr": settings.lr,
+        "seed": seed,
+        "options": settings.options,
+        "kl": record["evaluation"]["kl"],
+        "exact_kl": exact_kl(scenario, weights),
+    }
 
 
 def exact_kl(scenario: Scenario, weights: dict[str, float]) -> float:
@@ -192,9 +240,11 @@ def _log_normaliser(scenario: Scenario, reward: QuadraticReward) -> float:
     covs = torch.linalg.inv(precisions + reward.A / alpha)
     shifts = (precisions @ base.means[..., None])[..., 0] + reward.b / alpha
     means = (covs @ shifts[..., None])[..., 0]
-    per_component = (0.5 * (torch.logdet(covs) - torch.logdet(base.covs))
-                     + 0.5 * torch.einsum("ki,ki->k", means, shifts)
-                     - 0.5 * torch.einsum("ki,kij,kj->k", base.means, precisions, base.means))
+    per_component = (
+        0.5 * (torch.logdet(covs) - torch.logdet(base.covs))
+        + 0.5 * torch.einsum("ki,ki->k", means, shifts)
+        - 0.5 * torch.einsum("ki,kij,kj->k", base.means, precisions, base.means)
+    )
     return float(torch.logsumexp(torch.log(base.weights) + per_component, 0))
 
 
@@ -204,11 +254,17 @@ def _model_files(target: LabTarget, folder) -> dict:
     import safetensors.torch
 
     linear = [module for module in target.model.net if isinstance(module, nn.Linear)]
-    config = {"hidden": linear[0].out_features, "layers": len(linear) - 1,
-              "frequencies": len(target.model.frequencies), "scenario": target.scenario.name}
+    config = {
+        "hidden": linear[0].out_features,
+        "layers": len(linear) - 1,
+        "frequencies": len(target.model.frequencies),
+        "scenario": target.scenario.name,
+    }
     state = {key: value.detach().contiguous() for key, value in target.model.net.state_dict().items()}
-    return {folder / WEIGHTS_FILE: lambda temp: safetensors.torch.save_file(state, temp),
-            folder / CONFIG_FILE: lambda temp: temp.write_text(json.dumps(config, indent=2) + "\n")}
+    return {
+        folder / WEIGHTS_FILE: lambda temp: safetensors.torch.save_file(state, temp),
+        folder / CONFIG_FILE: lambda temp: temp.write_text(json.dumps(config, indent=2) + "\n"),
+    }
 
 
 def load_lab_model(folder, scenario: Scenario) -> ResidualDenoiser:
@@ -226,8 +282,12 @@ def load_lab_model(folder, scenario: Scenario) -> ResidualDenoiser:
     except (OSError, ValueError) as error:
         raise ValueError(f"lab model: cannot read {folder} ({error})") from error
     scheduler = make_scheduler(scenario.schedule, "ddpm")
-    model = ResidualDenoiser(ExactDenoiser(scenario.base, scheduler.alphas_cumprod), config["hidden"], config["layers"],
-                             config["frequencies"])
+    model = ResidualDenoiser(
+        ExactDenoiser(scenario.base, scheduler.alphas_cumprod),
+        config["hidden"],
+        config["layers"],
+        config["frequencies"],
+    )
     try:
         model.net.load_state_dict(state)
     except RuntimeError as error:

@@ -65,8 +65,9 @@ class Method:
     needs_gradient: ClassVar[bool] = False
     state_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, target: Target, alpha: float, options: Options | None = None,
-                 collective: Collective | None = None):
+    def __init__(
+        self, target: Target, alpha: float, options: Options | None = None, collective: Collective | None = None
+    ):
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         self.options = options or self.options_class()
@@ -74,8 +75,9 @@ class Method:
         if self.needs_noise and not target.path.stochastic:
             raise ValueError(f"{self.name} needs a stochastic sampler (η > 0): every step of this one is deterministic")
         if self.needs_gradient and not target.differentiable:
-            raise ValueError(f"{self.name} needs a differentiable reward; use policy-gradient or weighted-dsm for a "
-                             "black-box one")
+            raise ValueError(
+                f"{self.name} needs a differentiable reward; use policy-gradient or weighted-dsm for a black-box one"
+            )
         self.target, self.alpha = target, float(alpha)
         self.collective = collective or Collective()
 

@@ -101,12 +101,16 @@ class StochasticPath:
         prediction type); raise where its step is not this Gaussian transition (sample clipping or thresholding,
         a variance type other than DDPM's ``fixed_small``)."""
         if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
-            raise ValueError(f"fine-tuning samples with DDIM or DDPM (a Gaussian step of known variance), got "
-                             f"{type(scheduler).__name__}: build one with DDIMScheduler.from_config(...)")
+            raise ValueError(
+                f"fine-tuning samples with DDIM or DDPM (a Gaussian step of known variance), got "
+                f"{type(scheduler).__name__}: build one with DDIMScheduler.from_config(...)"
+            )
         config = scheduler.config
         if config.get("clip_sample") or config.get("thresholding"):
-            raise ValueError("the scheduler clips or thresholds x̂₀, so its step is not Gaussian in the prediction: "
-                             "set clip_sample=False and thresholding=False")
+            raise ValueError(
+                "the scheduler clips or thresholds x̂₀, so its step is not Gaussian in the prediction: "
+                "set clip_sample=False and thresholding=False"
+            )
         if isinstance(scheduler, DDPMScheduler):
             if config.get("variance_type", "fixed_small") != "fixed_small":
                 raise ValueError(f"DDPM variance {config.variance_type!r}: fine-tuning needs 'fixed_small'")
@@ -125,8 +129,10 @@ class StochasticPath:
             previous = [t - config.num_train_timesteps // num_steps for t in timesteps]
         else:
             previous = [*timesteps[1:], -1]
-        steps = tuple(_step(t, float(alphas[t]), float(alphas[p]) if p >= 0 else final, prediction_type, eta)
-                      for t, p in zip(timesteps, previous))
+        steps = tuple(
+            _step(t, float(alphas[t]), float(alphas[p]) if p >= 0 else final, prediction_type, eta)
+            for t, p in zip(timesteps, previous)
+        )
         return cls(steps, prediction_type, eta, float(alphas[timesteps[0]]))
 
     @property
@@ -139,8 +145,13 @@ class StochasticPath:
         return math.sqrt(self.init_alpha_bar) <= MEMORYLESS_TOLERANCE
 
     def describe(self) -> dict:
-        return {"steps": len(self.steps), "eta": self.eta, "prediction_type": self.prediction_type,
-                "sqrt_alpha_bar_start": math.sqrt(self.init_alpha_bar), "memoryless": self.memoryless}
+        return {
+            "steps": len(self.steps),
+            "eta": self.eta,
+            "prediction_type": self.prediction_type,
+            "sqrt_alpha_bar_start": math.sqrt(self.init_alpha_bar),
+            "memoryless": self.memoryless,
+        }
 
 
 def _step(timestep: int, alpha_bar: float, alpha_bar_prev: float, prediction_type: str, eta: float) -> Step:
@@ -149,5 +160,13 @@ def _step(timestep: int, alpha_bar: float, alpha_bar_prev: float, prediction_typ
     sigma = eta * math.sqrt(max(variance, 0.0))
     direction = math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0))
     root_prev = math.sqrt(alpha_bar_prev)
-    return Step(timestep, alpha_bar, alpha_bar_prev, root_prev * x0_x + direction * eps_x,
-                root_prev * x0_out + direction * eps_out, sigma, x0_x, x0_out)
+    return Step(
+        timestep,
+        alpha_bar,
+        alpha_bar_prev,
+        root_prev * x0_x + direction * eps_x,
+        root_prev * x0_out + direction * eps_out,
+        sigma,
+        x0_x,
+        x0_out,
+    )

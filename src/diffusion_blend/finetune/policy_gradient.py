@@ -31,8 +31,7 @@ class PolicyGradientOptions(OnPolicyOptions):
 class PolicyGradient(OnPolicyMethod):
     name = "policy-gradient"
     options_class = PolicyGradientOptions
-    state_fields = ("states", "noises", "old_controls", "advantages", "scale", "conditions", "uses",
-                    "rollout_metrics")
+    state_fields = ("states", "noises", "old_controls", "advantages", "scale", "conditions", "uses", "rollout_metrics")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,8 +48,9 @@ class PolicyGradient(OnPolicyMethod):
             control = step.control(self.target.predict(x, timestep, self.conditions), base_out)
             # x_{t−1} = μ_base + σ (u_old + z): the log-likelihood ratio of the new policy to the old one
             action = self.old_controls[index] + self.noises[index]
-            log_ratio = (-0.5 * (action - control).flatten(1).pow(2).sum(1)
-                         + 0.5 * self.noises[index].flatten(1).pow(2).sum(1))
+            log_ratio = -0.5 * (action - control).flatten(1).pow(2).sum(1) + 0.5 * self.noises[index].flatten(1).pow(
+                2
+            ).sum(1)
             ratio = log_ratio.float().exp()
             advantage = self.advantages[index].to(ratio.device)
             low, high = 1 - self.options.clip, 1 + self.options.clip
@@ -76,5 +76,7 @@ class PolicyGradient(OnPolicyMethod):
         self.old_controls = trajectory.controls
         self.advantages = advantages.float()
         self.conditions = trajectory.conditions
-        self.rollout_metrics = {"reward": float(all_rewards.mean()),
-                                "kl": float(self.collective.gather(kls.sum(0)).mean())}
+        self.rollout_metrics = {
+            "reward": float(all_rewards.mean()),
+            "kl": float(self.collective.gather(kls.sum(0)).mean()),
+        }

@@ -78,10 +78,18 @@ class Request:
     def settings(self) -> Settings:
         from .trainer import DEFAULT_METHOD
 
-        return Settings(method=self.method or DEFAULT_METHOD, alpha=self.alpha, steps=self.steps, lr=self.lr,
-                        seed=self.seed, options={"batch_size": self.batch_size, **(self.options or {})},
-                        checkpoint_every=self.checkpoint_every, eval_samples=self.eval_samples,
-                        mixed_precision=self.mixed_precision, log_with=tuple(self.log_with))
+        return Settings(
+            method=self.method or DEFAULT_METHOD,
+            alpha=self.alpha,
+            steps=self.steps,
+            lr=self.lr,
+            seed=self.seed,
+            options={"batch_size": self.batch_size, **(self.options or {})},
+            checkpoint_every=self.checkpoint_every,
+            eval_samples=self.eval_samples,
+            mixed_precision=self.mixed_precision,
+            log_with=tuple(self.log_with),
+        )
 
     def check(self) -> None:
         """Everything that can be wrong without loading a model: the settings, the sampler against the method, the
@@ -94,20 +102,29 @@ class Request:
         if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
         if method.needs_noise and self.sampler == "ddim" and self.eta == 0:
-            raise ValueError(f"{settings.method} needs a stochastic sampler: eta = 0 makes every DDIM step "
-                             "deterministic")
+            raise ValueError(
+                f"{settings.method} needs a stochastic sampler: eta = 0 makes every DDIM step deterministic"
+            )
         if method.needs_gradient and not check_reward_spec(self.reward):
-            raise ValueError(f"{settings.method} needs a differentiable reward and {self.reward!r} is not; use "
-                             "policy-gradient or weighted-dsm")
+            raise ValueError(
+                f"{settings.method} needs a differentiable reward and {self.reward!r} is not; use "
+                "policy-gradient or weighted-dsm"
+            )
         check_reward_spec(self.reward)
         check_run_folder(Path(self.out), resume=self.resume, overwrite=self.overwrite)
 
     @property
     def target_options(self) -> dict:
         """The options of a :class:`~.denoiser_target.LoraTarget`."""
-        return dict(rank=self.lora_rank, steps=self.sampler_steps, eta=self.eta, sampler=self.sampler,
-                    guidance_scale=self.guidance_scale, seed=self.seed,
-                    gradient_checkpointing=self.gradient_checkpointing)
+        return dict(
+            rank=self.lora_rank,
+            steps=self.sampler_steps,
+            eta=self.eta,
+            sampler=self.sampler,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
 
     @property
     def torch_device(self) -> str:
@@ -121,13 +138,29 @@ class Request:
         return parse_reward(self.reward, self.weights_paths, device=self.torch_device)
 
     def run(self, target, describe: dict) -> dict:
-        return train(target, self.settings, Path(self.out), resume=self.resume, overwrite=self.overwrite,
-                     describe={**describe, "reward": self.reward, **target.describe()}, outputs=target.outputs,
-                     progress=self.progress)
+        return train(
+            target,
+            self.settings,
+            Path(self.out),
+            resume=self.resume,
+            overwrite=self.overwrite,
+            describe={**describe, "reward": self.reward, **target.describe()},
+            outputs=target.outputs,
+            progress=self.progress,
+        )
 
 
-def finetune(base: str, reward: str, alpha: float, out: str | Path, *, prompts: str | Path,
-             height: int | None = None, width: int | None = None, **options) -> dict:
+def finetune(
+    base: str,
+    reward: str,
+    alpha: float,
+    out: str | Path,
+    *,
+    prompts: str | Path,
+    height: int | None = None,
+    width: int | None = None,
+    **options,
+) -> dict:
     """Fine-tune a LoRA on ``base``'s UNet (Stable Diffusion 1.x/2.x) for ``reward`` at KL weight ``alpha``; write it
     to ``out`` (a folder ``Blend`` loads as a basis model) with ``finetune.json`` and ``metrics.jsonl``; return the
     run's record. ``options`` are :class:`Request`'s fields."""
@@ -150,8 +183,11 @@ def finetune(base: str, reward: str, alpha: float, out: str | Path, *, prompts: 
     check_pipeline(pipe)
     pipe = pipe.to(request.torch_device)
     pipe.set_progress_bar_config(disable=True)
-    target = StableDiffusionLoraTarget(pipe, request.reward_model(), prompt_list, height=height, width=width,
-                                       **request.target_options)
-    describe = {"base": str(base_path.resolve()) if base_path.exists() else base,
-                "prompts_file": str(Path(prompts).expanduser().resolve())}
+    target = StableDiffusionLoraTarget(
+        pipe, request.reward_model(), prompt_list, height=height, width=width, **request.target_options
+    )
+    describe = {
+        "base": str(base_path.resolve()) if base_path.exists() else base,
+        "prompts_file": str(Path(prompts).expanduser().resolve()),
+    }
     return request.run(target, describe)

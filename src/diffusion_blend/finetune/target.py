@@ -32,8 +32,9 @@ class Target(Protocol):
     def initial_noise(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """x_T for ``count`` samples."""
 
-    def predict(self, x: torch.Tensor, timestep: torch.Tensor, conditions: Any, *, base: bool = False,
-                guided: bool = True) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, timestep: torch.Tensor, conditions: Any, *, base: bool = False, guided: bool = True
+    ) -> torch.Tensor:
         """The fine-tuned (or, with ``base``, the base) denoiser's prediction; ``guided`` applies the target's
         classifier-free guidance (rollouts), otherwise the conditional prediction alone (regression targets).
         ``timestep`` is a scalar or one per row."""
@@ -75,8 +76,9 @@ def standard_normal(like: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 @torch.no_grad()
-def rollout(target: Target, count: int, generator: torch.Generator, *, with_kl: bool = True,
-            base: bool = False) -> Trajectory:
+def rollout(
+    target: Target, count: int, generator: torch.Generator, *, with_kl: bool = True, base: bool = False
+) -> Trajectory:
     """Sample ``count`` trajectories from the fine-tuned model (or the base); with ``with_kl`` also evaluate the
     base at every stochastic step for the exact per-step KL. The deterministic steps of a stochastic path take the
     base's prediction (they carry no KL); a deterministic sampler (η = 0) uses the model at every step."""

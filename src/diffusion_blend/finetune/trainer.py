@@ -40,8 +40,15 @@ RUN_FILES = (RECORD, METRICS, checkpoints.CHECKPOINTS)
 #: seeds of the processes after the first are drawn apart by this stride
 RANK_SEED_STRIDE = 1_000_003
 #: accelerate's trackers and the packages each needs
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
-            "mlflow": ("mlflow",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "comet_ml": ("comet_ml",),
+    "mlflow": ("mlflow",),
+    "aim": ("aim",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +124,10 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise ValueError("give resume or overwrite, not both")
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not (resume or overwrite):
-        raise ValueError(f"out: {out} already holds a run ({', '.join(earlier)}); resume it with --resume, replace "
-                         "it with --overwrite, or give a new folder")
+        raise ValueError(
+            f"out: {out} already holds a run ({', '.join(earlier)}); resume it with --resume, replace "
+            "it with --overwrite, or give a new folder"
+        )
 
 
 class ProcessGroup(Collective):
@@ -145,10 +154,17 @@ def linear_decay(steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, 2.0 * (1 - step / steps))
 
 
-def train(target: Target, settings: Settings, out: Path | None = None, *, resume: bool = False,
-          overwrite: bool = False, describe: dict | None = None,
-          outputs: Callable[[Path], dict[Path, Callable[[Path], object]]] | None = None,
-          progress: bool = True) -> dict:
+def train(
+    target: Target,
+    settings: Settings,
+    out: Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    describe: dict | None = None,
+    outputs: Callable[[Path], dict[Path, Callable[[Path], object]]] | None = None,
+    progress: bool = True,
+) -> dict:
     """Fine-tune ``target``; return the run's record (also written to ``out/finetune.json`` with the trained weights:
     ``outputs(out)`` maps each weight file to its writer). Without ``out`` nothing is written or resumable."""
     settings.check()
@@ -159,13 +175,17 @@ def train(target: Target, settings: Settings, out: Path | None = None, *, resume
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != settings.mixed_precision:
         AcceleratorState._reset_state()  # one process, several runs (accelerate keeps one precision per process)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, log_with=list(settings.log_with) or None,
-                              project_dir=str(out) if out is not None else None,
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        log_with=list(settings.log_with) or None,
+        project_dir=str(out) if out is not None else None,
+        cpu=not torch.cuda.is_available(),
+    )
     collective = ProcessGroup(accelerator) if accelerator.num_processes > 1 else Collective()
     writer = accelerator.is_main_process and out is not None
-    method = METHODS[settings.method](target, settings.alpha, method_options(settings.method, settings.options),
-                                      collective)
+    method = METHODS[settings.method](
+        target, settings.alpha, method_options(settings.method, settings.options), collective
+    )
     parameters = list(target.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_decay(settings.steps))
@@ -183,8 +203,9 @@ def train(target: Target, settings: Settings, out: Path | None = None, *, resume
         out.mkdir(parents=True, exist_ok=True)
         _keep_metrics_until(out / METRICS, start)
     if settings.log_with:
-        accelerator.init_trackers("diffusion-blend-finetune",
-                                  config={"method": settings.method, "alpha": settings.alpha})
+        accelerator.init_trackers(
+            "diffusion-blend-finetune", config={"method": settings.method, "alpha": settings.alpha}
+        )
 
     began = time.perf_counter()
     last: dict[str, float] = {}
@@ -210,10 +231,18 @@ def train(target: Target, settings: Settings, out: Path | None = None, *, resume
                 state.save(out, step + 1, collective, settings)
     seconds = time.perf_counter() - began
 
-    record = {**(describe or {}), **settings.record(), "path": target.path.describe(),
-              "evaluation": evaluate(target, settings.eval_samples, settings.seed, collective),
-              "last_metrics": last, "seconds": seconds, "resumed_from": start or None,
-              "processes": collective.world_size, "version": _version(), "command": sys.argv}
+    record = {
+        **(describe or {}),
+        **settings.record(),
+        "path": target.path.describe(),
+        "evaluation": evaluate(target, settings.eval_samples, settings.seed, collective),
+        "last_metrics": last,
+        "seconds": seconds,
+        "resumed_from": start or None,
+        "processes": collective.world_size,
+        "version": _version(),
+        "command": sys.argv,
+    }
     if writer:
         files = dict(outputs(out)) if outputs is not None else {}
         files[out / RECORD] = lambda temp: temp.write_text(json.dumps(record, indent=2) + "\n")
@@ -259,12 +288,20 @@ class TrainingState:
 
     def save(self, out: Path, step: int, collective: Collective, settings: Settings) -> None:
         staged = checkpoints.staging_folder(out, step)
-        checkpoints.save_rank(staged, collective.rank, {
-            "step": step, "settings": settings.record(), "world_size": collective.world_size,
-            "parameters": [parameter.detach() for parameter in self.parameters],
-            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-            "generator": self.generator.get_state(), "method": self.method.state_dict(),
-        })
+        checkpoints.save_rank(
+            staged,
+            collective.rank,
+            {
+                "step": step,
+                "settings": settings.record(),
+                "world_size": collective.world_size,
+                "parameters": [parameter.detach() for parameter in self.parameters],
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "generator": self.generator.get_state(),
+                "method": self.method.state_dict(),
+            },
+        )
         _wait(collective)
         if collective.rank == 0:
             checkpoints.publish(out, step, collective.world_size)
@@ -276,8 +313,9 @@ class TrainingState:
         asked = {key: value for key, value in settings.record().items() if key not in RESUMABLE_CHANGES}
         if saved != asked:
             changed = sorted(key for key in asked if saved.get(key) != asked[key])
-            raise ValueError(f"resume: {folder.parent.parent} was trained with other settings ({', '.join(changed)} "
-                             "differ)")
+            raise ValueError(
+                f"resume: {folder.parent.parent} was trained with other settings ({', '.join(changed)} differ)"
+            )
         with torch.no_grad():
             for parameter, saved_value in zip(self.parameters, state["parameters"], strict=True):
                 parameter.copy_(saved_value)
@@ -324,8 +362,13 @@ def _progress_bar(show: bool, total: int, start: int) -> Iterator[Callable[[dict
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("fine-tuning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+    )
     began, done = time.perf_counter(), [0]
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("fine-tuning", total=total, completed=start, status="")

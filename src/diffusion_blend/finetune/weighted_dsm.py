@@ -80,14 +80,16 @@ class WeightedDsm(Method):
         if self.samples is None or (round_done and self.beta < self.final_beta):
             self._new_round(generator)
         self.updates_in_round += 1
-        rows = torch.multinomial(torch.softmax(self.log_weights, 0), self.options.batch_size, replacement=True,
-                                 generator=generator)
+        rows = torch.multinomial(
+            torch.softmax(self.log_weights, 0), self.options.batch_size, replacement=True, generator=generator
+        )
         x0 = self.samples[rows].to(self._device)
         timesteps = torch.randint(0, self.target.train_timesteps, (len(rows),), generator=generator).to(self._device)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(self._device)
         conditions = None if self.conditions is None else [self.conditions[int(row)] for row in rows]
-        prediction = self.target.predict(self.target.add_noise(x0, noise, timesteps), timesteps, conditions,
-                                         guided=False)
+        prediction = self.target.predict(
+            self.target.add_noise(x0, noise, timesteps), timesteps, conditions, guided=False
+        )
         error = prediction - self.target.regression_target(x0, noise, timesteps)
         loss = error.float().pow(2).flatten(1).mean(1).mean()
         metrics = {"loss": float(loss.detach()), "beta": self.beta, "ess": self.round_ess, "reward": self.round_reward}
@@ -104,8 +106,10 @@ class WeightedDsm(Method):
         all_rewards = self.collective.gather(rewards)
         step = next_temperature(all_rewards, self.final_beta - self.beta, self.options.ess)
         if step <= 0:
-            raise ValueError("weighted-dsm: exp(r/α) puts all weight on one sample even for the smallest step of "
-                             "the tilt; raise round-samples or alpha")
+            raise ValueError(
+                "weighted-dsm: exp(r/α) puts all weight on one sample even for the smallest step of "
+                "the tilt; raise round-samples or alpha"
+            )
         self.beta = self.final_beta if step == self.final_beta - self.beta else self.beta + step
         self.samples = trajectory.samples.detach().cpu()
         self.log_weights = step * rewards

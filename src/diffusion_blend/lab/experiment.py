@@ -45,16 +45,22 @@ def make_scheduler(schedule: Schedule, name: str = "ddim"):
     the sampler starts from, and biases every method."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-    config = dict(num_train_timesteps=schedule.train_steps, beta_start=schedule.beta_start,
-                  beta_end=schedule.beta_end, beta_schedule="linear", prediction_type="epsilon")
+    config = dict(
+        num_train_timesteps=schedule.train_steps,
+        beta_start=schedule.beta_start,
+        beta_end=schedule.beta_end,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+    )
     if name in ("ddim", "ddpm"):
         config.update(clip_sample=False, timestep_spacing="trailing")
     return SCHEDULERS[name](**config)
 
 
 @torch.no_grad()
-def sample(denoiser, scheduler, start: torch.Tensor, steps: int, *, eta: float = 0.0, seed: int = 0,
-           reference=None) -> tuple[torch.Tensor, list[float]]:
+def sample(
+    denoiser, scheduler, start: torch.Tensor, steps: int, *, eta: float = 0.0, seed: int = 0, reference=None
+) -> tuple[torch.Tensor, list[float]]:
     """Run ``scheduler`` with ``denoiser`` from ``start`` (x_T, in the scheduler's own scale); with a ``reference``
     denoiser, also return the mean ‖ε_reference − ε_denoiser‖² at every step (the Jensen gap along these
     trajectories). ``seed`` drives the scheduler's own noise (DDIM with η > 0, DDPM, ...)."""
@@ -164,8 +170,10 @@ def run_lab(
     target = scenario.base.tilted(weighted_reward(scenario.rewards, weights).scaled(kl_scale), scenario.alpha)
     oracle = ExactDenoiser(target, alpha_bars)
     base = ExactDenoiser(scenario.base, alpha_bars)
-    basis = {name: ExactDenoiser(scenario.base.tilted(reward, scenario.alpha), alpha_bars)
-             for name, reward in scenario.rewards.items()}
+    basis = {
+        name: ExactDenoiser(scenario.base.tilted(reward, scenario.alpha), alpha_bars)
+        for name, reward in scenario.rewards.items()
+    }
 
     denoisers = {name: model for name, model in (("oracle", oracle), ("base", base)) if name in methods}
     blended = BlendedDenoiser(base, basis)
@@ -174,8 +182,9 @@ def run_lab(
     denoisers[blend_name] = blended
     if "stochastic" in methods and on_simplex(weights):
         stochastic = BlendedDenoiser(base, basis)
-        stochastic.set_blend(weights, kl_scale=kl_scale, mode="stochastic",
-                             generator=torch.Generator().manual_seed(seed + 1))
+        stochastic.set_blend(
+            weights, kl_scale=kl_scale, mode="stochastic", generator=torch.Generator().manual_seed(seed + 1)
+        )
         denoisers["db-mpa-ls"] = stochastic
 
     start = initial_noise(make_scheduler(scenario.schedule, scheduler), steps, samples, target, prior, seed)
@@ -202,8 +211,15 @@ def run_lab(
     for name, denoiser in denoisers.items():
         began = time.perf_counter()
         with counted_rows([base, *basis.values()]) as evaluated:
-            x, gaps = sample(denoiser, make_scheduler(scenario.schedule, scheduler), start, steps, eta=eta,
-                             seed=seed + 4, reference=oracle if name == blend_name else None)
+            x, gaps = sample(
+                denoiser,
+                make_scheduler(scenario.schedule, scheduler),
+                start,
+                steps,
+                eta=eta,
+                seed=seed + 4,
+                reference=oracle if name == blend_name else None,
+            )
         timings[name], rows[name] = time.perf_counter() - began, evaluated[0]
         report["methods"][name] = measured(x, scenario, exact_samples)
         if name == blend_name:
@@ -220,17 +236,29 @@ def run_lab(
         weighted = {name: scenario.rewards[name] for name in weights}
         began = time.perf_counter()
         with counted_rows([base, *basis.values()]) as evaluated:
-            x, trace = smc_sample(path, both, rewards, torch.tensor(list(weights.values()), dtype=DTYPE),
-                                  alpha=scenario.alpha, kl_scale=kl_scale, start=start, options=smc,
-                                  generator=torch.Generator().manual_seed(seed + 5))
+            x, trace = smc_sample(
+                path,
+                both,
+                rewards,
+                torch.tensor(list(weights.values()), dtype=DTYPE),
+                alpha=scenario.alpha,
+                kl_scale=kl_scale,
+                start=start,
+                options=smc,
+                generator=torch.Generator().manual_seed(seed + 5),
+            )
         seconds = time.perf_counter() - began
         report["methods"]["db-smc"] = measured(x, scenario, exact_samples)
-        report["smc"] = {"particles": smc.particles, "ess_threshold": smc.ess_threshold,
-                         "denoiser_rows_per_sample": evaluated[0] / samples,
-                         "blend_denoiser_rows_per_sample": rows[blend_name] / samples,
-                         "time_ratio_to_blend": seconds / timings[blend_name],
-                         "resampling_steps": len(trace.resampled), "min_ess": min(trace.ess),
-                         "log_normaliser": float(trace.log_normaliser.mean())}
+        report["smc"] = {
+            "particles": smc.particles,
+            "ess_threshold": smc.ess_threshold,
+            "denoiser_rows_per_sample": evaluated[0] / samples,
+            "blend_denoiser_rows_per_sample": rows[blend_name] / samples,
+            "time_ratio_to_blend": seconds / timings[blend_name],
+            "resampling_steps": len(trace.resampled),
+            "min_ess": min(trace.ess),
+            "log_normaliser": float(trace.log_normaliser.mean()),
+        }
     return report
 
 
@@ -251,8 +279,10 @@ def counted_rows(modules):
 
 
 def measured(x: torch.Tensor, scenario: Scenario, exact_samples: torch.Tensor) -> dict:
-    return {**{name: float(reward(x).mean()) for name, reward in scenario.rewards.items()},
-            "distance": sliced_wasserstein(x, exact_samples)}
+    return {
+        **{name: float(reward(x).mean()) for name, reward in scenario.rewards.items()},
+        "distance": sliced_wasserstein(x, exact_samples),
+    }
 
 
 def smc_path(scenario: Scenario, scheduler: str, steps: int, eta: float):

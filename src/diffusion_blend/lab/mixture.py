@@ -84,8 +84,10 @@ class GaussianMixture:
             object.__setattr__(self, name, torch.as_tensor(getattr(self, name), dtype=DTYPE))
         k, d = self.means.shape
         if self.weights.shape != (k,) or self.covs.shape != (k, d, d):
-            raise ValueError(f"mixture: weights {tuple(self.weights.shape)}, means {(k, d)} and covariances "
-                             f"{tuple(self.covs.shape)} do not agree")
+            raise ValueError(
+                f"mixture: weights {tuple(self.weights.shape)}, means {(k, d)} and covariances "
+                f"{tuple(self.covs.shape)} do not agree"
+            )
         if (self.weights < 0).any() or not math.isclose(float(self.weights.sum()), 1.0, abs_tol=1e-9):
             raise ValueError("mixture: weights must be non-negative and sum to 1")
         if torch.linalg.eigvalsh(self.covs).min() <= 0:
@@ -131,7 +133,9 @@ class GaussianMixture:
     def diffused(self, alpha_bar: float) -> GaussianMixture:
         """The law of x_t = √ᾱ x₀ + √(1−ᾱ) ε: means √ᾱ μ_k, covariances ᾱ Σ_k + (1−ᾱ) I."""
         eye = torch.eye(self.dim, dtype=DTYPE)
-        return GaussianMixture(self.weights, math.sqrt(alpha_bar) * self.means, alpha_bar * self.covs + (1 - alpha_bar) * eye)
+        return GaussianMixture(
+            self.weights, math.sqrt(alpha_bar) * self.means, alpha_bar * self.covs + (1 - alpha_bar) * eye
+        )
 
     def tilted(self, reward: QuadraticReward, alpha: float) -> GaussianMixture:
         """p*(x) ∝ p(x)·exp(r(x)/α), component by component:

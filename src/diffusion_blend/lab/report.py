@@ -16,7 +16,6 @@ from .experiment import blend_method_name, run_lab
 from .mixture import weighted_reward
 from .scenario import Scenario
 
-
 #: A Jensen gap below this is numerical noise: the blend is exact there.
 EXACT_GAP = 1e-20
 
@@ -29,29 +28,40 @@ def run_table(report: dict) -> str:
     from rich.table import Table
 
     rewards = list(report["exact"])
-    table = Table(title=escape(f"{report['scenario']}: α = {report['alpha']:g}, λ = {report['kl_scale']:g}, weights "
-                               + ", ".join(f"{k}={v:g}" for k, v in report["weights"].items())))
+    table = Table(
+        title=escape(
+            f"{report['scenario']}: α = {report['alpha']:g}, λ = {report['kl_scale']:g}, weights "
+            + ", ".join(f"{k}={v:g}" for k, v in report["weights"].items())
+        )
+    )
     table.add_column("method")
     for reward in rewards:
         table.add_column(escape(f"E[{reward}]"), justify="right")  # (not rich markup)
         table.add_column("error", justify="right")
     table.add_column("SW₂ to exact target", justify="right")
-    table.add_row("exact target", *[cell for r in rewards for cell in (f"{report['exact'][r]:.4f}", "")],
-                  f"{report['distance_floor']:.4f} (floor)")
+    table.add_row(
+        "exact target",
+        *[cell for r in rewards for cell in (f"{report['exact'][r]:.4f}", "")],
+        f"{report['distance_floor']:.4f} (floor)",
+    )
     for method, values in report["methods"].items():
         cells = [cell for r in rewards for cell in (f"{values[r]:.4f}", f"{values[r] - report['exact'][r]:+.4f}")]
         table.add_row(method, *cells, f"{values['distance']:.4f}")
     console = Console(file=io.StringIO(), width=120, force_terminal=False)
     console.print(table)
     gap = report["jensen_gap"]
-    console.print(f"Jensen gap of {gap['method']} (mean ‖ε*_oracle − ε_blend‖² over {len(gap['per_step'])} steps): "
-                  f"{gap['mean_sq']:.3e}")
+    console.print(
+        f"Jensen gap of {gap['method']} (mean ‖ε*_oracle − ε_blend‖² over {len(gap['per_step'])} steps): "
+        f"{gap['mean_sq']:.3e}"
+    )
     if "smc" in report:
         smc = report["smc"]
-        console.print(f"db-smc: {smc['particles']} particles per sample, {smc['denoiser_rows_per_sample']:.0f} "
-                      f"denoiser rows per sample (the blend: {smc['blend_denoiser_rows_per_sample']:.0f}), "
-                      f"{smc['time_ratio_to_blend']:.1f}× the blend's time, resampled at {smc['resampling_steps']} "
-                      f"steps, lowest ESS {smc['min_ess']:.2f}")
+        console.print(
+            f"db-smc: {smc['particles']} particles per sample, {smc['denoiser_rows_per_sample']:.0f} "
+            f"denoiser rows per sample (the blend: {smc['blend_denoiser_rows_per_sample']:.0f}), "
+            f"{smc['time_ratio_to_blend']:.1f}× the blend's time, resampled at {smc['resampling_steps']} "
+            f"steps, lowest ESS {smc['min_ess']:.2f}"
+        )
     return console.file.getvalue()
 
 
@@ -63,8 +73,12 @@ def finetune_table(report: dict) -> str:
     from rich.table import Table
 
     weights = ", ".join(f"{name}={weight:g}" for name, weight in report["reward"].items())
-    table = Table(title=escape(f"{report['method']}: α = {report['alpha']:g}, reward {weights}, "
-                               f"{report['steps']} updates in {report['training_seconds']:.0f} s"))
+    table = Table(
+        title=escape(
+            f"{report['method']}: α = {report['alpha']:g}, reward {weights}, "
+            f"{report['steps']} updates in {report['training_seconds']:.0f} s"
+        )
+    )
     for column in ("reward", "exact", "achieved", "error"):
         table.add_column(column, justify="left" if column == "reward" else "right")
     for name, exact in report["exact"].items():
@@ -104,18 +118,33 @@ def sweep(
     for scenario in scenarios:
         names = list(scenario.rewards)
         for alpha, kl_scale, weights in itertools.product(alphas, kl_scales, simplex_points(names, points)):
-            report = run_lab(scenario.with_alpha(alpha), weights, kl_scale, samples=samples, steps=steps, seed=seed,
-                             scheduler=scheduler, methods=("oracle", "blend", "stochastic"))
+            report = run_lab(
+                scenario.with_alpha(alpha),
+                weights,
+                kl_scale,
+                samples=samples,
+                steps=steps,
+                seed=seed,
+                scheduler=scheduler,
+                methods=("oracle", "blend", "stochastic"),
+            )
             for method, values in report["methods"].items():
-                rows.append({
-                    "scenario": scenario.name, "alpha": alpha, "kl_scale": kl_scale,
-                    **{f"w_{name}": weights[name] for name in names},
-                    "method": method,
-                    **{f"E_{name}": values[name] for name in names},
-                    **{f"exact_{name}": report["exact"][name] for name in names},
-                    "distance": values["distance"], "distance_floor": report["distance_floor"],
-                    "jensen_gap": report["jensen_gap"]["mean_sq"] if method == report["jensen_gap"]["method"] else "",
-                })
+                rows.append(
+                    {
+                        "scenario": scenario.name,
+                        "alpha": alpha,
+                        "kl_scale": kl_scale,
+                        **{f"w_{name}": weights[name] for name in names},
+                        "method": method,
+                        **{f"E_{name}": values[name] for name in names},
+                        **{f"exact_{name}": report["exact"][name] for name in names},
+                        "distance": values["distance"],
+                        "distance_floor": report["distance_floor"],
+                        "jensen_gap": report["jensen_gap"]["mean_sq"]
+                        if method == report["jensen_gap"]["method"]
+                        else "",
+                    }
+                )
             if progress is not None:
                 progress()
     return rows
@@ -142,8 +171,10 @@ def rows_as_markdown(rows: list[dict]) -> str:
     """The rows of the weights nearest equal ones (equal where the grid has them; with an even number of points
     along two rewards, the two beside the middle) as a Markdown table: per scenario, α and λ, each method's reward
     errors against the exact target, its distance to it (and the sampling-noise floor), and the blend's Jensen gap."""
-    lines = ["| scenario | α | λ | weights | method | mean reward error | SW₂ to target (floor) | Jensen gap |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| scenario | α | λ | weights | method | mean reward error | SW₂ to target (floor) | Jensen gap |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     nearest = _nearest_equal_weights(rows)
     for row in rows:
         names = _weight_names(row)
@@ -152,8 +183,10 @@ def rows_as_markdown(rows: list[dict]) -> str:
         weights = ", ".join(f"{n}={row[f'w_{n}']:.3g}" for n in names)
         errors = ", ".join(f"{row[f'E_{n}'] - row[f'exact_{n}']:+.3f}" for n in names)
         gap = f"{row['jensen_gap']:.2e}" if row["jensen_gap"] != "" else ""
-        lines.append(f"| {row['scenario']} | {row['alpha']:g} | {row['kl_scale']:g} | {weights} | {row['method']} | "
-                     f"{errors} | {row['distance']:.3f} ({row['distance_floor']:.3f}) | {gap} |")
+        lines.append(
+            f"| {row['scenario']} | {row['alpha']:g} | {row['kl_scale']:g} | {weights} | {row['method']} | "
+            f"{errors} | {row['distance']:.3f} ({row['distance_floor']:.3f}) | {gap} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -200,10 +233,17 @@ def plot_fronts(rows: list[dict], scenario: Scenario, alphas: list[float], path:
         front = exact_front(scenario.with_alpha(alpha), 1.0)
         axis.plot(front[:, 0], front[:, 1], color="black", label="oracle (exact)")
         for method, marker in (("db-mpa", "o"), ("db-mpa-ls", "x")):
-            points = [r for r in rows if r["scenario"] == scenario.name and r["alpha"] == alpha
-                      and r["kl_scale"] == 1.0 and r["method"] == method]
-            axis.scatter([r[f"E_{first}"] for r in points], [r[f"E_{second}"] for r in points], marker=marker,
-                         label=method)
+            points = [
+                r
+                for r in rows
+                if r["scenario"] == scenario.name
+                and r["alpha"] == alpha
+                and r["kl_scale"] == 1.0
+                and r["method"] == method
+            ]
+            axis.scatter(
+                [r[f"E_{first}"] for r in points], [r[f"E_{second}"] for r in points], marker=marker, label=method
+            )
         axis.set_title(f"α = {alpha:g}")
         axis.set_xlabel(f"E[{first}]")
         axis.set_ylabel(f"E[{second}]")
@@ -229,8 +269,10 @@ def plot_gap(rows: list[dict], scenario: Scenario, path: Path) -> None:
     exact_lines = []
     for kl_scale in sorted({r["kl_scale"] for r in rows}):
         points = sorted(
-            (r["alpha"], r["jensen_gap"]) for r in in_scenario
-            if r["kl_scale"] == kl_scale and r["jensen_gap"] != ""
+            (r["alpha"], r["jensen_gap"])
+            for r in in_scenario
+            if r["kl_scale"] == kl_scale
+            and r["jensen_gap"] != ""
             and all(abs(r[f"w_{name}"] - value) < 1e-9 for name, value in weights.items())
         )
         label = f"λ = {kl_scale:g} ({blend_method_name(weights, kl_scale)})"
@@ -245,8 +287,13 @@ def plot_gap(rows: list[dict], scenario: Scenario, path: Path) -> None:
     axis.minorticks_off()
     bottom = axis.get_ylim()[0]
     for points, label in exact_lines:
-        axis.plot([a for a, _ in points], [bottom] * len(points), marker="v", linestyle="--",
-                  label=f"{label}: exact (gap < {EXACT_GAP:g})")
+        axis.plot(
+            [a for a, _ in points],
+            [bottom] * len(points),
+            marker="v",
+            linestyle="--",
+            label=f"{label}: exact (gap < {EXACT_GAP:g})",
+        )
     axis.set_xlabel("α (KL weight)")
     axis.set_ylabel("Jensen gap: mean ‖ε*_oracle − ε_blend‖²")
     axis.set_title(f"{scenario.name}, weights " + ", ".join(f"{name}={value:.3g}" for name, value in weights.items()))

@@ -53,10 +53,14 @@ class Scenario:
             raise ValueError("scenario: at least one reward is needed")
         for reward_name, reward in self.rewards.items():
             if reward.dim != self.base.dim:
-                raise ValueError(f"scenario: reward {reward_name!r} is {reward.dim}-dimensional, the base {self.base.dim}")
+                raise ValueError(
+                    f"scenario: reward {reward_name!r} is {reward.dim}-dimensional, the base {self.base.dim}"
+                )
             if not reward.concave:
-                raise ValueError(f"scenario: reward {reward_name!r} needs A positive semi-definite "
-                                 "(else exp(r/α) is not normalisable)")
+                raise ValueError(
+                    f"scenario: reward {reward_name!r} needs A positive semi-definite "
+                    "(else exp(r/α) is not normalisable)"
+                )
         if not self.alpha > 0:
             raise ValueError(f"scenario: alpha must be > 0, got {self.alpha}")
 
@@ -69,7 +73,9 @@ def grid_scenario(dim: int = 2, spread: float = 2.0, variance: float = 0.3, alph
     corners = torch.tensor(list(itertools.product((spread, -spread), repeat=dim)), dtype=DTYPE)
     count = len(corners)
     base = GaussianMixture(
-        torch.full((count,), 1 / count, dtype=DTYPE), corners, variance * torch.eye(dim, dtype=DTYPE).expand(count, dim, dim)
+        torch.full((count,), 1 / count, dtype=DTYPE),
+        corners,
+        variance * torch.eye(dim, dtype=DTYPE).expand(count, dim, dim),
     )
     rewards = {f"r{i + 1}": QuadraticReward.linear(torch.eye(dim, dtype=DTYPE)[i]) for i in range(dim)}
     return Scenario(base, rewards, alpha, name=f"grid-{dim}d")
@@ -95,7 +101,9 @@ def load_scenario(path: str | Path) -> Scenario:
 
             data = yaml.safe_load(text)
     except Exception as error:
-        raise ValueError(f"scenario: {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'} ({error})") from error
+        raise ValueError(
+            f"scenario: {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'} ({error})"
+        ) from error
     if not isinstance(data, dict):
         raise ValueError(f"scenario: {path} must hold a mapping with base, rewards and alpha")
     return scenario_from_dict(data, name=path.stem)

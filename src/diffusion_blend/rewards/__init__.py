@@ -72,30 +72,69 @@ def _digits(kind: str) -> Callable[..., Reward]:
 
 
 REGISTRY: dict[str, RewardInfo] = {
-    "imagereward": RewardInfo(_image_reward, "text-image alignment and quality (human preferences, BLIP)",
-                              "THUDM/ImageReward (ImageReward.pt, med_config.json) + bert-base-uncased tokenizer",
-                              True, "Apache-2.0"),
-    "pickscore": RewardInfo(_clip("PickScore"), "human preference (Pick-a-Pic), CLIP-H",
-                            "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor",
-                            True, "MIT"),
-    "hpsv2": RewardInfo(_hps("hpsv2"), "human preference (HPD v2), open_clip ViT-H-14",
-                        "xswu/HPSv2 (HPS_v2_compressed.pt) + CLIP-H tokenizer", True, "Apache-2.0"),
-    "hpsv2.1": RewardInfo(_hps("hpsv2.1"), "human preference (HPD v2, v2.1 weights), open_clip ViT-H-14",
-                          "xswu/HPSv2 (HPS_v2.1_compressed.pt) + CLIP-H tokenizer", True, "Apache-2.0"),
-    "aesthetic": RewardInfo(_clip("LaionAesthetic"), "aesthetics (LAION predictor v2 on CLIP ViT-L/14)",
-                            "sac+logos+ava1-l14-linearMSE.pth + openai/clip-vit-large-patch14", True,
-                            "Apache-2.0 (head), MIT (CLIP)"),
-    "clipscore": RewardInfo(_clip("ClipScore"), "text-image alignment, 2.5·max(cos, 0) (Hessel et al.)",
-                            "any CLIP checkpoint (default openai/clip-vit-base-patch32)", True, "MIT (OpenAI CLIP)"),
+    "imagereward": RewardInfo(
+        _image_reward,
+        "text-image alignment and quality (human preferences, BLIP)",
+        "THUDM/ImageReward (ImageReward.pt, med_config.json) + bert-base-uncased tokenizer",
+        True,
+        "Apache-2.0",
+    ),
+    "pickscore": RewardInfo(
+        _clip("PickScore"),
+        "human preference (Pick-a-Pic), CLIP-H",
+        "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor",
+        True,
+        "MIT",
+    ),
+    "hpsv2": RewardInfo(
+        _hps("hpsv2"),
+        "human preference (HPD v2), open_clip ViT-H-14",
+        "xswu/HPSv2 (HPS_v2_compressed.pt) + CLIP-H tokenizer",
+        True,
+        "Apache-2.0",
+    ),
+    "hpsv2.1": RewardInfo(
+        _hps("hpsv2.1"),
+        "human preference (HPD v2, v2.1 weights), open_clip ViT-H-14",
+        "xswu/HPSv2 (HPS_v2.1_compressed.pt) + CLIP-H tokenizer",
+        True,
+        "Apache-2.0",
+    ),
+    "aesthetic": RewardInfo(
+        _clip("LaionAesthetic"),
+        "aesthetics (LAION predictor v2 on CLIP ViT-L/14)",
+        "sac+logos+ava1-l14-linearMSE.pth + openai/clip-vit-large-patch14",
+        True,
+        "Apache-2.0 (head), MIT (CLIP)",
+    ),
+    "clipscore": RewardInfo(
+        _clip("ClipScore"),
+        "text-image alignment, 2.5·max(cos, 0) (Hessel et al.)",
+        "any CLIP checkpoint (default openai/clip-vit-base-patch32)",
+        True,
+        "MIT (OpenAI CLIP)",
+    ),
     "jpeg": RewardInfo(_jpeg, "compressibility: −JPEG size in kB at quality 95", "none", False, "—"),
-    "legible": RewardInfo(_digits("Legible"), "digits model: log-probability of the requested digit (classifier)",
-                          "shipped (presets/digits)", True, "Apache-2.0"),
+    "legible": RewardInfo(
+        _digits("Legible"),
+        "digits model: log-probability of the requested digit (classifier)",
+        "shipped (presets/digits)",
+        True,
+        "Apache-2.0",
+    ),
     "bold": RewardInfo(_digits("Bold"), "digits model: fraction of the image inked (soft count)", "none", True, "—"),
-    "stencil": RewardInfo(_digits("Stencil"), "digits model: separate ink pieces − 1 (gaps cut into the strokes)",
-                          "none", False, "—"),
+    "stencil": RewardInfo(
+        _digits("Stencil"), "digits model: separate ink pieces − 1 (gaps cut into the strokes)", "none", False, "—"
+    ),
 }
-ALIASES = {"ir": "imagereward", "aes": "aesthetic", "laion-aesthetic": "aesthetic", "pick": "pickscore",
-           "hps": "hpsv2.1", "compressibility": "jpeg"}
+ALIASES = {
+    "ir": "imagereward",
+    "aes": "aesthetic",
+    "laion-aesthetic": "aesthetic",
+    "pick": "pickscore",
+    "hps": "hpsv2.1",
+    "compressibility": "jpeg",
+}
 LAB_PREFIX = "lab:"
 
 
@@ -104,8 +143,9 @@ def list_rewards() -> dict[str, RewardInfo]:
     return dict(REGISTRY)
 
 
-def get_reward(name: str, path_or_id=None, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> Reward:
+def get_reward(
+    name: str, path_or_id=None, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> Reward:
     """Load a reward by name (or alias), from ``path_or_id`` (a local folder/file or hub id) or its default source.
 
     ``lab:<reward>`` loads a lab scenario's quadratic reward (``path_or_id``: a scenario file); ``module:function``
@@ -117,7 +157,7 @@ def get_reward(name: str, path_or_id=None, device: str | torch.device | None = N
     if name.startswith(LAB_PREFIX):
         from .quadratic import LabReward
 
-        reward = LabReward.load(name[len(LAB_PREFIX):], path_or_id)
+        reward = LabReward.load(name[len(LAB_PREFIX) :], path_or_id)
     elif ":" in name:
         reward = load_user_reward(name)
     else:

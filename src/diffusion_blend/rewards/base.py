@@ -64,8 +64,9 @@ class Reward(nn.Module):
             prompts = [prompts] * len(images)
         prompts = list(prompts)
         if len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{self.name}: give one prompt (a string) per image: {len(images)} images, "
-                             f"{len(prompts)} prompts")
+            raise ValueError(
+                f"{self.name}: give one prompt (a string) per image: {len(images)} images, {len(prompts)} prompts"
+            )
         return images, prompts
 
     @property
@@ -138,7 +139,7 @@ class ScoreHead(nn.Module):
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "layers.") -> ScoreHead:
         """Build the head from released weights (``layers.0.weight`` ... ``layers.7.bias``), sizes read off them."""
-        state = {key[len(prefix) - len("layers."):]: value for key, value in state.items() if key.startswith(prefix)}
+        state = {key[len(prefix) - len("layers.") :]: value for key, value in state.items() if key.startswith(prefix)}
         linear = sorted({int(key.split(".")[1]) for key in state})
         if not linear:
             raise ValueError(f"no score-head weights ({prefix}N.weight) in the checkpoint")
@@ -153,8 +154,10 @@ def load_exactly(model: nn.Module, state: dict[str, torch.Tensor], reward: str) 
     result = model.load_state_dict(state, strict=False)
     missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{reward}: the checkpoint does not fit the model (missing {missing[:3]}, unexpected "
-                         f"{result.unexpected_keys[:3]})")
+        raise ValueError(
+            f"{reward}: the checkpoint does not fit the model (missing {missing[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- weights

@@ -16,14 +16,14 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .base import (
     Reward,
-    load_exactly,
     ScoreHead,
     cosine,
+    letterbox,
+    load_exactly,
     load_or_explain,
     missing_weights,
     normalize,
     resize_and_crop,
-    letterbox,
     weights_source,
 )
 
@@ -96,8 +96,13 @@ class ClipTower(nn.Module):
         return self.model.get_image_features(pixel_values=self.pixels(images)).pooler_output
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
-                                max_length=self.model.config.text_config.max_position_embeddings)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+            max_length=self.model.config.text_config.max_position_embeddings,
+        )
         tokens = {key: value.to(self.model.device) for key, value in tokens.items()}
         return self.model.get_text_features(**tokens).pooler_output
 
@@ -205,18 +210,26 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor], heads: dict) -> tu
     positions = state["visual.positional_embedding"].shape[0]
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=state["token_embedding.weight"].shape[0], hidden_size=text_width,
+            vocab_size=state["token_embedding.weight"].shape[0],
+            hidden_size=text_width,
             intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            num_hidden_layers=text_layers, num_attention_heads=heads["text_heads"],
-            max_position_embeddings=state["positional_embedding"].shape[0], hidden_act="gelu",
+            num_hidden_layers=text_layers,
+            num_attention_heads=heads["text_heads"],
+            max_position_embeddings=state["positional_embedding"].shape[0],
+            hidden_act="gelu",
             # open_clip pools the text at its highest token id (the end-of-text token); transformers does the same
             # for eos_token_id=2 (its legacy CLIP behaviour)
-            projection_dim=state["text_projection"].shape[1], eos_token_id=2,
+            projection_dim=state["text_projection"].shape[1],
+            eos_token_id=2,
         ),
         vision_config=dict(
-            hidden_size=vision_width, intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            num_hidden_layers=vision_layers, num_attention_heads=heads["vision_heads"], patch_size=patch.shape[-1],
-            image_size=patch.shape[-1] * round((positions - 1) ** 0.5), hidden_act="gelu",
+            hidden_size=vision_width,
+            intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            num_hidden_layers=vision_layers,
+            num_attention_heads=heads["vision_heads"],
+            patch_size=patch.shape[-1],
+            image_size=patch.shape[-1] * round((positions - 1) ** 0.5),
+            hidden_act="gelu",
             projection_dim=state["visual.proj"].shape[1],
         ),
         projection_dim=state["text_projection"].shape[1],
@@ -237,27 +250,37 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor], heads: dict) -> tu
         "vision_model.post_layernorm.bias": state["visual.ln_post.bias"],
         "visual_projection.weight": state["visual.proj"].T,
     }
-    for source, target, layers in (("transformer.resblocks", "text_model.encoder.layers", text_layers),
-                                   ("visual.transformer.resblocks", "vision_model.encoder.layers", vision_layers)):
+    for source, target, layers in (
+        ("transformer.resblocks", "text_model.encoder.layers", text_layers),
+        ("visual.transformer.resblocks", "vision_model.encoder.layers", vision_layers),
+    ):
         for i in range(layers):
             converted.update(_residual_block(state, f"{source}.{i}", f"{target}.{i}"))
     return config, {key: value.contiguous() for key, value in converted.items()}
 
 
 def _count_blocks(state: dict, prefix: str) -> int:
-    return len({key[len(prefix):].split(".")[0] for key in state if key.startswith(prefix)})
+    return len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
 
 
 def _residual_block(state: dict, source: str, target: str) -> dict[str, torch.Tensor]:
     q_weight, k_weight, v_weight = state[f"{source}.attn.in_proj_weight"].chunk(3)
     q_bias, k_bias, v_bias = state[f"{source}.attn.in_proj_bias"].chunk(3)
     block = {
-        f"{target}.self_attn.q_proj.weight": q_weight, f"{target}.self_attn.q_proj.bias": q_bias,
-        f"{target}.self_attn.k_proj.weight": k_weight, f"{target}.self_attn.k_proj.bias": k_bias,
-        f"{target}.self_attn.v_proj.weight": v_weight, f"{target}.self_attn.v_proj.bias": v_bias,
+        f"{target}.self_attn.q_proj.weight": q_weight,
+        f"{target}.self_attn.q_proj.bias": q_bias,
+        f"{target}.self_attn.k_proj.weight": k_weight,
+        f"{target}.self_attn.k_proj.bias": k_bias,
+        f"{target}.self_attn.v_proj.weight": v_weight,
+        f"{target}.self_attn.v_proj.bias": v_bias,
     }
-    renames = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-               "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    renames = {
+        "attn.out_proj": "self_attn.out_proj",
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
     for old, new in renames.items():
         for kind in ("weight", "bias"):
             block[f"{target}.{new}.{kind}"] = state[f"{source}.{old}.{kind}"]
@@ -306,11 +329,17 @@ class HPSv2(Reward):
         config, converted = open_clip_to_transformers(state, heads)
         model = CLIPModel(config)
         load_exactly(model, converted, version)
-        tokenizer = load_or_explain(version, files, "the Hugging Face hub",
-                                    lambda: CLIPTokenizer.from_pretrained(tokenizer_source))
+        tokenizer = load_or_explain(
+            version, files, "the Hugging Face hub", lambda: CLIPTokenizer.from_pretrained(tokenizer_source)
+        )
         size = config.vision_config.image_size  # upstream evaluates with open_clip's ResizeMaxSize: letterboxed
-        preprocessing = {"shortest_edge": size, "crop": (size, size), "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD,
-                         "letterbox": True}
+        preprocessing = {
+            "shortest_edge": size,
+            "crop": (size, size),
+            "mean": OPENAI_CLIP_MEAN,
+            "std": OPENAI_CLIP_STD,
+            "letterbox": True,
+        }
         return cls(ClipTower(model, tokenizer, preprocessing), name=version)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -37,18 +37,29 @@ HEAD_WIDTH = 64
 
 def blip_vision_from_original(state: dict[str, torch.Tensor], prefix: str = "blip.visual_encoder."):
     """BLIP's ViT weights (``cls_token``, ``blocks.N.attn.qkv``, ...) as a ``BlipVisionModel`` config and state dict."""
-    state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     patch = state["patch_embed.proj.weight"]
     width, patch_size = patch.shape[0], patch.shape[-1]
     layers = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     positions = state["pos_embed"].shape[1]
     config = BlipVisionConfig(
-        hidden_size=width, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0], num_hidden_layers=layers,
-        num_attention_heads=max(1, width // HEAD_WIDTH), patch_size=patch_size,
-        image_size=patch_size * round((positions - 1) ** 0.5), layer_norm_eps=1e-6, hidden_act="gelu",
+        hidden_size=width,
+        intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // HEAD_WIDTH),
+        patch_size=patch_size,
+        image_size=patch_size * round((positions - 1) ** 0.5),
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
     )
-    renames = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-               "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    renames = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.qkv": "self_attn.qkv",
+        "attn.proj": "self_attn.projection",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     converted = {
         "embeddings.class_embedding": state["cls_token"],
         "embeddings.position_embedding": state["pos_embed"],
@@ -64,12 +75,16 @@ def blip_vision_from_original(state: dict[str, torch.Tensor], prefix: str = "bli
     return config, converted
 
 
-def blip_text_from_original(state: dict[str, torch.Tensor], med_config: dict, encoder_width: int,
-                            prefix: str = "blip.text_encoder."):
+def blip_text_from_original(
+    state: dict[str, torch.Tensor], med_config: dict, encoder_width: int, prefix: str = "blip.text_encoder."
+):
     """BLIP's BERT-with-cross-attention (``med.py``) weights as a ``BlipTextModel`` config and state dict: the
     port keeps BLIP's parameter names, so only the prefix goes."""
-    converted = {key[len(prefix):]: value for key, value in state.items()
-                 if key.startswith(prefix) and not key.endswith("position_ids")}
+    converted = {
+        key[len(prefix) :]: value
+        for key, value in state.items()
+        if key.startswith(prefix) and not key.endswith("position_ids")
+    }
     config = BlipTextConfig(
         vocab_size=converted["embeddings.word_embeddings.weight"].shape[0],
         hidden_size=med_config["hidden_size"],
@@ -117,8 +132,9 @@ class ImageReward(Reward):
         if not all((folder / name).is_file() for name in cls.files):
             raise missing_weights(cls.name, needed, f"the folder {folder}")
         tokenizer_source = folder if (folder / "vocab.txt").is_file() else cls.tokenizer_id
-        tokenizer = load_or_explain(cls.name, needed, "the Hugging Face hub",
-                                    lambda: BertTokenizer.from_pretrained(str(tokenizer_source)))
+        tokenizer = load_or_explain(
+            cls.name, needed, "the Hugging Face hub", lambda: BertTokenizer.from_pretrained(str(tokenizer_source))
+        )
         state = torch.load(folder / cls.files[0], map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         vision_config, vision_state = blip_vision_from_original(state)
@@ -131,11 +147,13 @@ class ImageReward(Reward):
         return cls(vision, text, ScoreHead.from_state_dict(state, prefix="mlp.layers."), tokenizer)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = normalize(resize_and_crop(images, self.image_size, (self.image_size,) * 2),
-                           OPENAI_CLIP_MEAN, OPENAI_CLIP_STD).to(self.vision.dtype)
+        pixels = normalize(
+            resize_and_crop(images, self.image_size, (self.image_size,) * 2), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        ).to(self.vision.dtype)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
-                                return_tensors="pt").to(image_embeds.device)
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        ).to(image_embeds.device)
         text = self.text(
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,

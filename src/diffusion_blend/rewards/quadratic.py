@@ -24,8 +24,9 @@ class LabReward(Reward):
 
         scenario = load_scenario(path_or_id) if path_or_id is not None else default_scenario()
         if reward_name not in scenario.rewards:
-            raise ValueError(f"lab: scenario {scenario.name!r} has no reward {reward_name!r} "
-                             f"(it has {', '.join(scenario.rewards)})")
+            raise ValueError(
+                f"lab: scenario {scenario.name!r} has no reward {reward_name!r} (it has {', '.join(scenario.rewards)})"
+            )
         return cls(scenario.rewards[reward_name], f"lab:{reward_name}")
 
     def check_inputs(self, samples: torch.Tensor, prompts) -> tuple[torch.Tensor, list[str]]:

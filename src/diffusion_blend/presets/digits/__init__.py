@@ -37,8 +37,9 @@ def load_pipeline(device: str | None = None, folder: str | Path | None = None) -
     root = Path(folder) if folder is not None else WEIGHTS / BASE_FOLDER
     if not (root / "unet" / "config.json").is_file():
         raise ValueError(f"digits: {root} holds no trained model (run python -m diffusion_blend.presets.digits.train)")
-    pipe = DigitsPipeline(UNet2DConditionModel.from_pretrained(root / "unet"),
-                          DDIMScheduler.from_pretrained(root / "scheduler"))
+    pipe = DigitsPipeline(
+        UNet2DConditionModel.from_pretrained(root / "unet"), DDIMScheduler.from_pretrained(root / "scheduler")
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
 
@@ -55,5 +56,13 @@ def oracles(folder: str | Path | None = None) -> dict[str, Path]:
     return {path.name: path for path in sorted(root.iterdir()) if path.is_dir()} if root.is_dir() else {}
 
 
-__all__ = ["NULL_CLASS", "DigitsPipeline", "basis_models", "digit_labels", "load_pipeline", "manifest", "oracles",
-           "weights_folder"]
+__all__ = [
+    "NULL_CLASS",
+    "DigitsPipeline",
+    "basis_models",
+    "digit_labels",
+    "load_pipeline",
+    "manifest",
+    "oracles",
+    "weights_folder",
+]

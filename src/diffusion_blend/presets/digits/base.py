@@ -20,9 +20,18 @@ from .pipeline import NULL_CLASS, DigitsPipeline, scheduler_config
 LABEL_DROPOUT = 0.15
 
 
-def train_base(images: torch.Tensor, labels: torch.Tensor, *, steps: int = 2500, batch_size: int = 128,
-               lr: float = 2e-3, warmup: int = 100, ema_decay: float = 0.999, seed: int = 0,
-               progress=None) -> DigitsPipeline:
+def train_base(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int = 2500,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    warmup: int = 100,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    progress=None,
+) -> DigitsPipeline:
     """A trained :class:`DigitsPipeline` (the moving average of the weights) from ink ``images`` [N, 1, 16, 16]."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

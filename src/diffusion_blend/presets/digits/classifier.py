@@ -14,9 +14,12 @@ class DigitClassifier(nn.Module):
     def __init__(self, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.head = nn.Linear(2 * width * (SIZE // 4) ** 2, DIGITS)
 
@@ -24,8 +27,15 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(ink).flatten(1))
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 30, batch_size: int = 64,
-                     lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> DigitClassifier:
     """Train on ``images`` (ink [N, 1, 16, 16]) with random one-pixel shifts; AdamW, cosine-decayed learning rate."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -36,7 +46,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int 
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(model(shifted(images[rows], generator)), labels[rows])
             optimizer.zero_grad()
             loss.backward()

@@ -20,8 +20,9 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:
-        raise ImportError("training the digits model needs scikit-learn: "
-                          "pip install 'diffusion-blend[train]'") from error
+        raise ImportError(
+            "training the digits model needs scikit-learn: pip install 'diffusion-blend[train]'"
+        ) from error
     digits = sklearn_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16
     upsampled = nn.functional.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
@@ -39,4 +40,4 @@ def shifted(images: torch.Tensor, generator: torch.Generator, pixels: int = 1) -
     """Each image moved by a random whole number of pixels (at most ``pixels``) in each direction, paper filling in."""
     padded = nn.functional.pad(images, (pixels,) * 4)
     offsets = torch.randint(0, 2 * pixels + 1, (len(images), 2), generator=generator)
-    return torch.stack([padded[i, :, dy:dy + SIZE, dx:dx + SIZE] for i, (dy, dx) in enumerate(offsets.tolist())])
+    return torch.stack([padded[i, :, dy : dy + SIZE, dx : dx + SIZE] for i, (dy, dx) in enumerate(offsets.tolist())])

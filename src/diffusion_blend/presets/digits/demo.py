@@ -25,8 +25,14 @@ WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the oracles are at 0.25, 0.5 and 0.75
 SAMPLES_PER_DIGIT, STEPS, GUIDANCE = 10, 25, 1.0
 
 
-def run_demo(out: Path, *, seed: int = 0, samples_per_digit: int = SAMPLES_PER_DIGIT, steps: int = STEPS,
-             device: str | None = None) -> list[Path]:
+def run_demo(
+    out: Path,
+    *,
+    seed: int = 0,
+    samples_per_digit: int = SAMPLES_PER_DIGIT,
+    steps: int = STEPS,
+    device: str | None = None,
+) -> list[Path]:
     """Write ``sweep.png`` and ``rewards.png`` into ``out``; return their paths."""
     from ...pipeline import Blend
 
@@ -41,8 +47,9 @@ def run_demo(out: Path, *, seed: int = 0, samples_per_digit: int = SAMPLES_PER_D
     def call(weights: list[dict[str, float]] | None, model=None) -> torch.Tensor:
         prompts = digits * (len(weights) if weights else 1)
         generators = [torch.Generator().manual_seed(s) for s in seeds * (len(weights) if weights else 1)]
-        arguments = dict(prompt=prompts, num_inference_steps=steps, generator=generators, output_type="pt",
-                         guidance_scale=GUIDANCE)
+        arguments = dict(
+            prompt=prompts, num_inference_steps=steps, generator=generators, output_type="pt", guidance_scale=GUIDANCE
+        )
         if weights is None:
             return (model or pipe)(**arguments).images
         per_image = [w for w in weights for _ in digits]
@@ -50,22 +57,36 @@ def run_demo(out: Path, *, seed: int = 0, samples_per_digit: int = SAMPLES_PER_D
 
     sweep = [{first: w, second: 1 - w} for w in WEIGHTS]
     images = call(sweep).view(len(WEIGHTS), len(digits), *call_shape(pipe))
-    points = {"DB-MPA": [scores(images[index], digits, rewards) for index in range(len(WEIGHTS))],
-              "base": [scores(call(None), digits, rewards)]}
+    points = {
+        "DB-MPA": [scores(images[index], digits, rewards) for index in range(len(WEIGHTS))],
+        "base": [scores(call(None), digits, rewards)],
+    }
     points["MORL oracle"] = []
     for name, folder in oracles().items():
         oracle = Blend(load_pipeline(device), basis={"oracle": folder})
-        oracle_images = oracle.blend(prompt=digits, num_inference_steps=steps, output_type="pt", weights={"oracle": 1},
-                                     guidance_scale=GUIDANCE,
-                                     generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        oracle_images = oracle.blend(
+            prompt=digits,
+            num_inference_steps=steps,
+            output_type="pt",
+            weights={"oracle": 1},
+            guidance_scale=GUIDANCE,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+        ).images
         points["MORL oracle"].append({**scores(oracle_images, digits, rewards), "label": name})
     grid = images[:, ::samples_per_digit]  # the first sample of each digit, at every weight
-    record = {"weights": {first: list(WEIGHTS), second: [1 - w for w in WEIGHTS]}, "steps": steps, "seed": seed,
-              "guidance_scale": GUIDANCE,
-              "samples_per_weight": len(digits), **points}
-    files = {out / "sweep.png": lambda temp: save_sweep(grid, WEIGHTS, temp),
-             out / "rewards.png": lambda temp: plot_rewards(points, WEIGHTS, temp),
-             out / "rewards.json": lambda temp: temp.write_text(json.dumps(record, indent=2) + "\n")}
+    record = {
+        "weights": {first: list(WEIGHTS), second: [1 - w for w in WEIGHTS]},
+        "steps": steps,
+        "seed": seed,
+        "guidance_scale": GUIDANCE,
+        "samples_per_weight": len(digits),
+        **points,
+    }
+    files = {
+        out / "sweep.png": lambda temp: save_sweep(grid, WEIGHTS, temp),
+        out / "rewards.png": lambda temp: plot_rewards(points, WEIGHTS, temp),
+        out / "rewards.json": lambda temp: temp.write_text(json.dumps(record, indent=2) + "\n"),
+    }
     write_atomically(files)
     return list(files)
 
@@ -114,8 +135,11 @@ def plot_rewards(points: dict, weights: tuple[float, ...], path: Path) -> None:
 
     first, second = CONFLICTING
     figure, axes = plt.subplots(figsize=(5.5, 4.5), dpi=120)
-    styles = {"DB-MPA": dict(fmt="-o", color="C0"), "base": dict(fmt="s", color="gray"),
-              "MORL oracle": dict(fmt="D", color="C3")}
+    styles = {
+        "DB-MPA": dict(fmt="-o", color="C0"),
+        "base": dict(fmt="s", color="gray"),
+        "MORL oracle": dict(fmt="D", color="C3"),
+    }
     for method, entries in points.items():
         if not entries:
             continue
@@ -123,12 +147,19 @@ def plot_rewards(points: dict, weights: tuple[float, ...], path: Path) -> None:
         ys, ye = zip(*(entry[first] for entry in entries))
         axes.errorbar(xs, ys, xerr=xe, yerr=ye, label=method, capsize=2, **styles[method])
     for w, entry in zip(weights, points["DB-MPA"]):
-        axes.annotate(f"w={w:g}", (entry[second][0], entry[first][0]), textcoords="offset points", xytext=(4, 4),
-                      fontsize=7)
+        axes.annotate(
+            f"w={w:g}", (entry[second][0], entry[first][0]), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
     for entry in points["MORL oracle"]:  # labelled "bold=0.25,stencil=0.75"
         w = entry["label"].split(",")[0].split("=")[1]
-        axes.annotate(f"w={w}", (entry[second][0], entry[first][0]), textcoords="offset points", xytext=(4, -9),
-                      fontsize=7, color="C3")
+        axes.annotate(
+            f"w={w}",
+            (entry[second][0], entry[first][0]),
+            textcoords="offset points",
+            xytext=(4, -9),
+            fontsize=7,
+            color="C3",
+        )
     axes.set_xlabel(f"{second} (mean ± s.e.)")
     axes.set_ylabel(f"{first} (mean ± s.e.)")
     axes.set_title(f"DB-MPA sweep: {first} = w, {second} = 1 − w")

@@ -40,8 +40,15 @@ class DigitsLoraTarget(LoraTarget):
         return to_images(x0.float())
 
 
-def finetune_digits(reward: str, alpha: float, out: str | Path, *, prompts: Sequence[str] = ALL_DIGITS,
-                    base: str | Path | None = None, **options) -> dict:
+def finetune_digits(
+    reward: str,
+    alpha: float,
+    out: str | Path,
+    *,
+    prompts: Sequence[str] = ALL_DIGITS,
+    base: str | Path | None = None,
+    **options,
+) -> dict:
     """Fine-tune a basis model (or, for a weighted reward, a MORL oracle) of the digits model; ``options`` are
     :class:`~diffusion_blend.finetune.run.Request`'s fields."""
     from . import load_pipeline
@@ -50,5 +57,4 @@ def finetune_digits(reward: str, alpha: float, out: str | Path, *, prompts: Sequ
     request.check()
     pipe = load_pipeline(request.torch_device, base)
     target = DigitsLoraTarget(pipe, request.reward_model(), prompts, **request.target_options)
-    return request.run(target, {"base": "digits" if base is None else str(Path(base).resolve()),
-                                "prompts_file": None})
+    return request.run(target, {"base": "digits" if base is None else str(Path(base).resolve()), "prompts_file": None})

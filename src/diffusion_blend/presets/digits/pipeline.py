@@ -23,11 +23,20 @@ NULL_CLASS = DIGITS
 
 def unet_config() -> dict:
     """The denoiser: three resolutions (16, 8, 4), self-attention at 4×4 and in the middle, 0.85 M parameters."""
-    return dict(sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(32, 48, 64),
-                down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D",
-                layers_per_block=1, norm_num_groups=8, attention_head_dim=16, num_class_embeds=DIGITS + 1,
-                cross_attention_dim=8)
+    return dict(
+        sample_size=SIZE,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 48, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=16,
+        num_class_embeds=DIGITS + 1,
+        cross_attention_dim=8,
+    )
 
 
 def scheduler_config() -> dict:
@@ -35,8 +44,13 @@ def scheduler_config() -> dict:
     sample (the fine-tuner's memoryless condition); v-prediction, since an ε-prediction read as x̂₀ = (x − √(1−ᾱ)ε)/√ᾱ
     amplifies its error 2·10⁴-fold at that first step (with "trailing" DDIM steps an ε model's digits came out
     speckled, 86% legible, against 100% starting at t = 958); DDIM over "trailing" timesteps."""
-    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                clip_sample=False, timestep_spacing="trailing")
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
 
 
 def digit_labels(prompt: str | int | Sequence[str | int]) -> list[int]:
@@ -76,11 +90,20 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return cls(UNet2DConditionModel(**unet_config()), DDIMScheduler(**scheduler_config()))
 
     @torch.no_grad()
-    def __call__(self, prompt: str | int | Sequence[str | int] = "0", num_images_per_prompt: int = 1,
-                 num_inference_steps: int = 50, guidance_scale: float = 2.0, eta: float = 0.0,
-                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
+    def __call__(
+        self,
+        prompt: str | int | Sequence[str | int] = "0",
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 2.0,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ):
         labels = [label for label in digit_labels(prompt) for _ in range(num_images_per_prompt)]
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
@@ -96,8 +119,11 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if guided:
             class_labels = torch.cat([torch.full_like(class_labels, NULL_CLASS), class_labels])
         shape = (len(labels), self.unet.config.in_channels, SIZE, SIZE)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) if latents is None \
+        latents = (
+            randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            if latents is None
             else latents.to(device, dtype)
+        )
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         accepted = inspect.signature(self.scheduler.step).parameters

@@ -13,8 +13,15 @@ from .data import SIZE
 from .pipeline import NULL_CLASS, DigitsPipeline, digit_labels, to_images
 
 
-def base_sampler(pipe: DigitsPipeline, prompts: Sequence[str], rewards: Mapping[str, object], *, steps: int,
-                 guidance_scale: float = 1.0, eta: float = 1.0) -> BaseSampler:
+def base_sampler(
+    pipe: DigitsPipeline,
+    prompts: Sequence[str],
+    rewards: Mapping[str, object],
+    *,
+    steps: int,
+    guidance_scale: float = 1.0,
+    eta: float = 1.0,
+) -> BaseSampler:
     """The sampler ``pipe(prompts, num_inference_steps=steps, guidance_scale=..., eta=...)`` runs, one image per
     prompt, scored by ``rewards`` (name → reward model, in that order)."""
     labels = torch.tensor([label for prompt in prompts for label in digit_labels(prompt)], device=pipe.device)
@@ -28,13 +35,21 @@ def base_sampler(pipe: DigitsPipeline, prompts: Sequence[str], rewards: Mapping[
         if guidance_scale == 1:
             return pipe.unet(x, timestep, encoder_hidden_states=None, class_labels=classes).sample
         both = torch.cat([torch.full_like(classes, NULL_CLASS), classes])
-        unconditional, conditional = pipe.unet(torch.cat([x, x]), timestep, encoder_hidden_states=None,
-                                               class_labels=both).sample.chunk(2)
+        unconditional, conditional = pipe.unet(
+            torch.cat([x, x]), timestep, encoder_hidden_states=None, class_labels=both
+        ).sample.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     def score(x0: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         images, asked = to_images(x0.float()), [prompts[int(row)] for row in rows]
         return torch.stack([model(images, asked) for model in models], dim=1)
 
-    return BaseSampler(path, predict, score, [bool(model.differentiable) for model in models],
-                       (pipe.unet.config.in_channels, SIZE, SIZE), pipe.device, pipe.unet.dtype)
+    return BaseSampler(
+        path,
+        predict,
+        score,
+        [bool(model.differentiable) for model in models],
+        (pipe.unet.config.in_channels, SIZE, SIZE),
+        pipe.device,
+        pipe.unet.dtype,
+    )
