@@ -1,10 +1,11 @@
 """Blend speed and memory, as ratios measured side by side in one run (never a bare absolute time).
 
-    python benchmarks/blend_speed.py [--config tiny|mid|sd15] [--members M] [--batch B] [--steps S] [--json]
+    python benchmarks/blend_speed.py [--config tiny|tiny-r8-b2|mid|sd15] [--members M] [--batch B] [--steps S] [--json]
 
 Every timed quantity is the denoiser work of S denoising steps (default 1) with classifier-free guidance (2·B rows
 per step), on random-weight UNets of the named architecture (``sd15`` is the Stable Diffusion 1.5 UNet: same FLOPs
-as the real one) with rank-4 LoRA basis members on to_q/to_k/to_v/to_out, as the method's published checkpoints.
+as the real one) with rank-4 LoRA basis members on to_q/to_k/to_v/to_out, as the method's published checkpoints
+(``tiny-r8-b2``: rank 8, batch 2 by default).
 Reported ratios:
 
   (a) mpa_over_single     DB-MPA (λ = 1, Σw = 1, M members)      / one fine-tuned model (base + one active LoRA)
@@ -27,6 +28,9 @@ Reported ratios:
   --sweep N               also (e) sweep_over_separate: the joint blend at N weight mixes in one batch (weights per
                           sample) / N joint blends, one per mix (a sweep over weights)
   --no-sequential         skip the joint blend with one call per member (sequential_overhead)
+  --clock cpu             time the CPU time of the timing thread with torch on that one thread (default: wall-clock
+                          time): on a machine whose cores other work shares, the host work of each variant, without
+                          the time spent waiting for a core (CPU only)
   --summarize FILE        only print the runs saved in a JSON-lines file (gpu_check.sh's results.jsonl) as a table
 
 Each repeat times every variant once, in a rotating order, after warm-up (runs of two steps: kernels chosen,
@@ -37,6 +41,7 @@ drifts of a shared machine cancel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -54,21 +59,32 @@ from torch.utils._pytree import tree_leaves
 
 from diffusion_blend import BlendedDenoiser
 
+#: the tests' tiny UNet (tests/helpers/tiny.py)
+TINY_UNET = dict(
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    sample_size=8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=8,
+    norm_num_groups=2,
+    attention_head_dim=2,
+)
 CONFIGS = {
     # the tests' tiny UNet: a call's fixed cost dominates
     "tiny": dict(
-        unet=dict(
-            block_out_channels=(4, 8),
-            layers_per_block=1,
-            sample_size=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=8,
-            norm_num_groups=2,
-            attention_head_dim=2,
-        ),
+        unet=TINY_UNET,
         latent=8,
         context=(77, 8),
+    ),
+    # the tests' tiny UNet with rank-8 members, batch 2 = two images with CFG: 4 rows per plain call, 12 in the joint
+    # blend's stacked call (base + 2 members). A call costs its host work (Python, dispatch), as a GPU's at batch 1
+    "tiny-r8-b2": dict(
+        unet=TINY_UNET,
+        latent=8,
+        context=(77, 8),
+        rank=8,
+        batch=2,
     ),
     # a mid-size UNet: FLOPs dominate on a CPU
     "mid": dict(
@@ -89,6 +105,9 @@ CONFIGS = {
 }
 #: steps per warm-up run: the second call of a CUDA-graph-compiled function is the one that records its graph
 WARMUP_STEPS = 2
+#: what a run is timed with: wall-clock time, or the CPU time of the timing thread (torch then runs on that thread
+#: alone), which leaves out the time spent waiting for a core that other processes share
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 #: every ratio a run may report, with what it is
 RATIOS = {
     "mpa_over_single": "(a) DB-MPA / single model",
@@ -113,7 +132,7 @@ RATIOS = {
 }
 #: dispatched operations that compute nothing (a view or other metadata change, no kernel)
 METADATA_ONLY = {"detach", "lift_fresh", "_unsafe_view", "_reshape_alias"}
-LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+LORA = dict(lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 
 
 def build(config: str, members: int, dtype: torch.dtype, device: str, latent: int | None):
@@ -123,7 +142,7 @@ def build(config: str, members: int, dtype: torch.dtype, device: str, latent: in
     unet = random_unet(config, device)
     names = [f"m{i}" for i in range(members)]
     for name in names:
-        unet.add_adapter(LoraConfig(**LORA), adapter_name=name)
+        unet.add_adapter(LoraConfig(r=spec.get("rank", 4), **LORA), adapter_name=name)
     unet.set_adapter([])
     unet.requires_grad_(False)
     unet.to(device=device, dtype=dtype)
@@ -204,10 +223,13 @@ def variants(
     return functions
 
 
-def time_variants(functions: dict, repeats: int, warmup: int, device: str, steps: int) -> dict[str, list[float]]:
+def time_variants(
+    functions: dict, repeats: int, warmup: int, device: str, steps: int, clock: str = "wall"
+) -> dict[str, list[float]]:
     """Per variant, the times of ``repeats`` runs of ``steps`` steps, after ``warmup`` runs of two steps each; under
     ``host:<variant>`` the time the host took to issue them (on a GPU: when it is the whole time, the GPU waited
-    for Python)."""
+    for Python). ``clock``: a key of :data:`CLOCKS`."""
+    now = CLOCKS[clock]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {key: [] for name in functions for key in (name, f"host:{name}")}
     order = list(functions)
@@ -221,11 +243,11 @@ def time_variants(functions: dict, repeats: int, warmup: int, device: str, steps
                 setup, call = functions[name]
                 setup()
                 sync()
-                start = time.perf_counter()
+                start = now()
                 call(steps)
-                issued = time.perf_counter()
+                issued = now()
                 sync()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
                 times[f"host:{name}"].append(issued - start)
     return times
 
@@ -350,7 +372,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 def full_member_ratios(
-    config: str, members: int, args, kwargs, dtype, device, repeats: int, warmup: int, steps: int
+    config: str, members: int, args, kwargs, dtype, device, repeats: int, warmup: int, steps: int, clock: str = "wall"
 ) -> dict[str, float]:
     """Full-module members (separate UNets): the joint blend called member by member, and vmapped over stacked
     weights (``vmap_full_members``), each over the M + 1 separate model calls it replaces."""
@@ -372,13 +394,23 @@ def full_member_ratios(
         denoiser = BlendedDenoiser(models[0], dict(zip(names, models[1:])), vmap_full_members=vmap)
         denoiser.set_blend(weights, kl_scale=1.5)
         functions[key] = (lambda: None, functools.partial(model_steps, denoiser))
-    times = time_variants(functions, repeats, warmup, device, steps)
+    times = time_variants(functions, repeats, warmup, device, steps, clock)
     times["raw_calls"] = summed(times, [f"model:{i}" for i in range(members + 1)])
     return {f"{key}_overhead": median_ratio(times, key, "raw_calls") for key in ("full_sequential", "full_vmap")}
 
 
 def compiled_ratios(
-    unet, names, args, kwargs, steps: int, repeats: int, warmup: int, device: str, mode: str, backend: str = "inductor"
+    unet,
+    names,
+    args,
+    kwargs,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    device: str,
+    mode: str,
+    backend: str = "inductor",
+    clock: str = "wall",
 ) -> dict[str, float]:
     """The same quantities with every call compiled (static shapes), timed side by side in their own rotation with
     the eager single model (for the compile speedup)."""
@@ -391,7 +423,7 @@ def compiled_ratios(
             unet(*args, **kwargs)
 
     functions["eager_single"] = (lambda: unet.set_adapter([names[0]]), eager_single)
-    times = time_variants(functions, repeats, warmup, device, steps)
+    times = time_variants(functions, repeats, warmup, device, steps, clock)
     times["compiled_single"] = times[f"compiled_plain:{names[0]}"]
     times["compiled_raw_calls"] = summed(times, [f"compiled_plain:{a}" for a in ["base", *names]])
     unet.set_adapter([])
@@ -406,7 +438,17 @@ def compiled_ratios(
 
 
 def sweep_ratio(
-    unet, names, config: str, batch: int, size: int, mixes: int, steps: int, repeats: int, warmup: int, device: str
+    unet,
+    names,
+    config: str,
+    batch: int,
+    size: int,
+    mixes: int,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    device: str,
+    clock: str = "wall",
 ) -> dict[str, float]:
     """(e) The joint blend (λ = 1.5) at ``mixes`` weight mixes, from all weight on the first member to all on the
     others, in one batch of ``mixes`` times the rows (weights per sample) / one blend per mix on its own rows."""
@@ -433,14 +475,14 @@ def sweep_ratio(
     functions = {
         name: (lambda: unet.set_adapter([]), call) for name, call in (("sweep", swept), ("separate", separate))
     }
-    times = time_variants(functions, repeats, warmup, device, steps)
+    times = time_variants(functions, repeats, warmup, device, steps, clock)
     return {"sweep_over_separate": median_ratio(times, "sweep", "separate"), "sweep_mixes": mixes}
 
 
 def run(
     config: str = "tiny",
     members: int = 2,
-    batch: int = 1,
+    batch: int | None = None,
     repeats: int = 20,
     warmup: int = 3,
     dtype: str = "fp32",
@@ -452,55 +494,82 @@ def run(
     compile_backend: str = "inductor",
     sequential: bool = True,
     sweep: int | None = None,
+    clock: str = "wall",
 ) -> dict:
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    unet, names, size = build(config, members, torch_dtype, device, latent)
-    args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
-    functions = variants(unet, names, args, kwargs, sequential=sequential)
-    times = time_variants(functions, repeats, warmup, device, steps)
-    times["single"] = times[f"plain:{names[0]}"]
-    times["raw_calls"] = summed(times, [f"plain:{a}" for a in ["base", *names]])
-    ratio = functools.partial(median_ratio, times)
-    memory = {"memory": parameter_memory_ratio(unet, names)}
-    compared = {"single": f"plain:{names[0]}", "mpa": "mpa", "ls": "ls"}  # key → the variant it reports on
-    launches = {key: launches_per_step(*functions[variant]) for key, variant in compared.items()}
-    memory.update({f"launches_{key}_over_single": launches[key] / launches["single"] for key in ("mpa", "ls")})
-    memory.update(peak_memory_ratios(unet, names, args, kwargs, device))
-    if device.startswith("cuda"):
-        memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant) for key, variant in compared.items()})
-    if sweep:
-        memory.update(sweep_ratio(unet, names, config, batch, size, sweep, steps, repeats, warmup, device))
-    if full:
-        memory.update(full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps))
-    if compile:
-        memory.update(
-            compiled_ratios(unet, names, args, kwargs, steps, repeats, warmup, device, compile, compile_backend)
-        )
-    return {
-        "config": config,
-        "members": members,
-        "batch": batch,
-        "rows_per_call_cfg": 2 * batch,
-        "latent": size,
-        "steps": steps,
-        "dtype": dtype,
-        "device": device,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-        "mpa_over_single": ratio("mpa", "single"),
-        "ls_over_single": ratio("ls", "single"),
-        "overhead": ratio("joint", "raw_calls"),
-        **({"sequential_overhead": ratio("joint_sequential", "raw_calls")} if sequential else {}),
-        **memory,
-    }
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and device.startswith("cuda"):
+        raise ValueError("clock='cpu' times the host thread alone, not a GPU's work: use the wall clock on CUDA")
+    # (the timing thread's CPU time holds all of torch's work only where torch works on that thread alone)
+    with torch_threads(1 if clock == "cpu" else None):
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        batch = batch or CONFIGS[config].get("batch", 1)
+        unet, names, size = build(config, members, torch_dtype, device, latent)
+        args, kwargs = inputs(unet, batch, size, CONFIGS[config]["context"])
+        functions = variants(unet, names, args, kwargs, sequential=sequential)
+        times = time_variants(functions, repeats, warmup, device, steps, clock)
+        times["single"] = times[f"plain:{names[0]}"]
+        times["raw_calls"] = summed(times, [f"plain:{a}" for a in ["base", *names]])
+        ratio = functools.partial(median_ratio, times)
+        memory = {"memory": parameter_memory_ratio(unet, names)}
+        compared = {"single": f"plain:{names[0]}", "mpa": "mpa", "ls": "ls"}  # key → the variant it reports on
+        launches = {key: launches_per_step(*functions[variant]) for key, variant in compared.items()}
+        memory.update({f"launches_{key}_over_single": launches[key] / launches["single"] for key in ("mpa", "ls")})
+        memory.update(peak_memory_ratios(unet, names, args, kwargs, device))
+        if device.startswith("cuda"):
+            memory.update({f"host_share_{key}": ratio(f"host:{variant}", variant) for key, variant in compared.items()})
+        if sweep:
+            memory.update(sweep_ratio(unet, names, config, batch, size, sweep, steps, repeats, warmup, device, clock))
+        if full:
+            memory.update(
+                full_member_ratios(config, members, args, kwargs, torch_dtype, device, repeats, warmup, steps, clock)
+            )
+        if compile:
+            memory.update(
+                compiled_ratios(
+                    unet, names, args, kwargs, steps, repeats, warmup, device, compile, compile_backend, clock
+                )
+            )
+        return {
+            "config": config,
+            "members": members,
+            "batch": batch,
+            "rows_per_call_cfg": 2 * batch,
+            "latent": size,
+            "steps": steps,
+            "dtype": dtype,
+            "device": device,
+            "repeats": repeats,
+            "clock": clock,
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+            "mpa_over_single": ratio("mpa", "single"),
+            "ls_over_single": ratio("ls", "single"),
+            "overhead": ratio("joint", "raw_calls"),
+            **({"sequential_overhead": ratio("joint_sequential", "raw_calls")} if sequential else {}),
+            **memory,
+        }
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Torch's intra-op threads set to ``threads`` inside the block (None: left as they are)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--members", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=1, help="images per step (the denoiser sees 2× with CFG)")
+    parser.add_argument(
+        "--batch", type=int, help="images per step (the denoiser sees 2× with CFG; default: the config's, else 1)"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
@@ -523,6 +592,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also time the joint blend with one call per member (default: yes)",
     )
     parser.add_argument("--sweep", type=int, metavar="N", help="also time N weight mixes in one batch (e)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall-clock time, or the timing thread's CPU time with torch on that thread (a shared machine; CPU only)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--summarize", metavar="RESULTS_JSONL", help="only print the runs saved in this file")
     options = parser.parse_args(argv)
@@ -546,6 +621,7 @@ def main(argv: list[str] | None = None) -> None:
         options.compile_backend,
         options.sequential,
         options.sweep,
+        options.clock,
     )
     if options.json:
         json.dump(result, sys.stdout)

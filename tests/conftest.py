@@ -1,14 +1,11 @@
 """Shared fixtures: LoRA files for the tiny denoisers, written once per test session."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchmarks' helpers are tested too
 
 from diffusers import (  # noqa: E402
     FluxPipeline,
@@ -20,7 +17,7 @@ from diffusers import (  # noqa: E402
     ZImagePipeline,
 )
 
-import tiny  # noqa: E402
+from helpers import tiny  # noqa: E402
 
 
 def _two_loras(tmp_path_factory, folder: str, seeds: tuple[int, int], **make) -> dict[str, Path]:

@@ -7,28 +7,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import tiny
-from diffusion_blend import Blend, BlendedDenoiser, blend_predictions
-from diffusion_blend import denoiser as denoiser_module
+from diffusion_blend import Blend, BlendedDenoiser, blend_predictions, compiled
 from diffusion_blend.adapters import ROUTED_FORWARD_ATTRIBUTE
-from diffusion_blend.denoiser import _stacked_state
-from test_pipelines import call_kwargs, max_diff
-
-
-def _lora_base(names=("ir", "aes")):
-    base = tiny.unet(0)
-    for seed, name in enumerate(names, start=10):
-        tiny.add_lora(base, name, seed)
-    base.set_adapter([])  # loaded, inactive: as Blend leaves them
-    return base
-
-
-def _cfg_inputs(samples=2, seed=0):
-    """A CFG batch: [uncond; cond] halves share their latents."""
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(samples, 4, 8, 8, generator=generator)
-    context = torch.randn(2 * samples, 5, tiny.TEXT_HIDDEN, generator=generator)
-    return torch.cat([latents, latents]), torch.tensor(400), context
+from diffusion_blend.execution import Executor
+from helpers import tiny
+from helpers.calls import call_kwargs, cfg_inputs, denoise, lora_base, max_diff
 
 
 def _calls(module):
@@ -37,13 +20,6 @@ def _calls(module):
         lambda _m, args, kwargs: rows.append(len(args[0] if args else kwargs["sample"])), with_kwargs=True
     )
     return rows
-
-
-def _denoise(denoiser, weights, kl_scale=1.0, mode="mix", seed=0):
-    denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(seed))
-    sample, t, context = _cfg_inputs()
-    with torch.no_grad():
-        return denoiser(sample, t, encoder_hidden_states=context).sample
 
 
 @pytest.mark.parametrize(
@@ -56,9 +32,9 @@ def _denoise(denoiser, weights, kl_scale=1.0, mode="mix", seed=0):
     ],
 )
 def test_batched_lora_members_equal_separate_calls(mode, weights, kl_scale):
-    base = _lora_base()
-    batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode)
-    separate = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), weights, kl_scale, mode)
+    base = lora_base()
+    batched = denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode)
+    separate = denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), weights, kl_scale, mode)
     assert max_diff(batched, separate) <= 1e-5
 
 
@@ -70,46 +46,44 @@ def test_batched_lora_members_equal_separate_calls(mode, weights, kl_scale):
     ],
 )
 def test_batched_mixed_lora_and_full_members_equal_separate_calls(mode, weights, kl_scale):
-    base = _lora_base(("ir",))
+    base = lora_base(("ir",))
     members = {"ir": "ir", "aes": tiny.unet(3)}
-    batched = _denoise(BlendedDenoiser(base, members, batch_members=True), weights, kl_scale, mode)
-    separate = _denoise(BlendedDenoiser(base, members, batch_members=False), weights, kl_scale, mode)
+    batched = denoise(BlendedDenoiser(base, members, batch_members=True), weights, kl_scale, mode)
+    separate = denoise(BlendedDenoiser(base, members, batch_members=False), weights, kl_scale, mode)
     assert max_diff(batched, separate) <= 1e-5
 
 
 def test_base_and_lora_members_take_one_call():
-    base = _lora_base()
+    base = lora_base()
     rows = _calls(base)
-    _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
+    denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
     assert rows == [3 * 4]  # base, ir and aes on the 4 CFG rows, stacked
 
 
 def test_stochastic_lora_members_take_one_call_of_the_batch_size():
-    base = _lora_base()
+    base = lora_base()
     rows = _calls(base)
-    _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.5, "aes": 0.5}, mode="stochastic", seed=1)
+    denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.5, "aes": 0.5}, mode="stochastic", seed=1)
     assert rows == [4]
 
 
 def test_max_batch_size_chunks_the_stacked_call():
-    base = _lora_base()
+    base = lora_base()
     rows = _calls(base)
-    chunked = _denoise(
-        BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size=5), {"ir": 0.3, "aes": 0.5}, 1.5
-    )
+    chunked = denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size=5), {"ir": 0.3, "aes": 0.5}, 1.5)
     assert rows == [5, 5, 2]
-    whole = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
+    whole = denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
     assert max_diff(chunked, whole) <= 1e-5
 
 
 def test_max_batch_size_input_caps_each_call_at_the_rows_it_was_called_with():
-    base = _lora_base()
+    base = lora_base()
     rows = _calls(base)
-    chunked = _denoise(
+    chunked = denoise(
         BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, max_batch_size="input"), {"ir": 0.3, "aes": 0.5}, 1.5
     )
     assert rows == [4, 4, 4]  # base, ir, aes: a CFG batch of 2 samples each
-    whole = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
+    whole = denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
     assert max_diff(chunked, whole) <= 1e-5
 
 
@@ -118,20 +92,20 @@ def test_max_batch_size_bounds_vmapped_full_members(max_batch_size, member_calls
     """Vmapped members hold their rows each: on a 4-row batch a cap of 8 rows vmaps two members at a time (the
     third, alone, is called on its own) and "input" none."""
     members = {name: tiny.unet(seed) for name, seed in (("a", 7), ("b", 8), ("c", 9))}
-    called, call = [], BlendedDenoiser._call
+    called, call = [], Executor._call
     monkeypatch.setattr(
-        BlendedDenoiser,
+        Executor,
         "_call",
         lambda self, module, *rest: (
             called.extend(name for name, member in members.items() if member is module) or call(self, module, *rest)
         ),
     )
     weights = {"a": 0.2, "b": 0.3, "c": 0.4}
-    capped = _denoise(
+    capped = denoise(
         BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=max_batch_size), weights, 1.5
     )
     assert called == member_calls
-    separate = _denoise(BlendedDenoiser(tiny.unet(0), members), weights, 1.5)
+    separate = denoise(BlendedDenoiser(tiny.unet(0), members), weights, 1.5)
     assert max_diff(capped, separate) <= 1e-5
 
 
@@ -140,10 +114,12 @@ def test_vmapped_groups_keep_their_stacked_weights_from_step_to_step(monkeypatch
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, max_batch_size=8)  # two groups of two
     stacked = []
     monkeypatch.setattr(
-        denoiser_module, "_stacked_state", lambda modules: stacked.append(len(modules)) or _stacked_state(modules)
+        compiled,
+        "stacked_state",
+        lambda modules, real=compiled.stacked_state: stacked.append(len(modules)) or real(modules),
     )
     for _ in range(3):
-        _denoise(denoiser, {"a": 0.2, "b": 0.3, "c": 0.1, "d": 0.4}, 1.5)
+        denoise(denoiser, {"a": 0.2, "b": 0.3, "c": 0.1, "d": 0.4}, 1.5)
     assert stacked == [2, 2]
 
 
@@ -152,9 +128,11 @@ def test_full_members_are_vmapped_whether_or_not_lora_rows_are_batched(monkeypat
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True, batch_members=False)
     stacked = []
     monkeypatch.setattr(
-        denoiser_module, "_stacked_state", lambda modules: stacked.append(len(modules)) or _stacked_state(modules)
+        compiled,
+        "stacked_state",
+        lambda modules, real=compiled.stacked_state: stacked.append(len(modules)) or real(modules),
     )
-    _denoise(denoiser, {"a": 0.4, "b": 0.6})
+    denoise(denoiser, {"a": 0.4, "b": 0.6})
     assert stacked == [2]
 
 
@@ -162,11 +140,11 @@ def test_vmapped_members_follow_settings_changed_after_a_blend():
     """The weightless copy that vmap calls carries the first member's settings (FreeU): changed, it is made again."""
     base, members = tiny.unet(0), {"a": tiny.unet(7), "b": tiny.unet(8)}
     vmapped = BlendedDenoiser(base, members, vmap_full_members=True)
-    _denoise(vmapped, {"a": 0.4, "b": 0.6})
+    denoise(vmapped, {"a": 0.4, "b": 0.6})
     for module in (base, *members.values()):
         module.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-    separate = _denoise(BlendedDenoiser(base, members), {"a": 0.4, "b": 0.6})
-    assert max_diff(_denoise(vmapped, {"a": 0.4, "b": 0.6}), separate) <= 1e-5
+    separate = denoise(BlendedDenoiser(base, members), {"a": 0.4, "b": 0.6})
+    assert max_diff(denoise(vmapped, {"a": 0.4, "b": 0.6}), separate) <= 1e-5
 
 
 def test_bad_max_batch_size_raises():
@@ -183,10 +161,10 @@ def test_pipeline_images_batched_equal_sequential(sd_loras, mode, weights):
 
 
 def test_bfloat16_stays_bfloat16():
-    base = _lora_base().to(torch.bfloat16)
+    base = lora_base().to(torch.bfloat16)
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
     denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     with torch.no_grad():
         out = denoiser(sample.bfloat16(), t, encoder_hidden_states=context.bfloat16()).sample
     assert out.dtype == torch.bfloat16
@@ -194,13 +172,10 @@ def test_bfloat16_stays_bfloat16():
 
 def _conv_and_linear_lora_base():
     """Adapters of different ranks on attention projections and on the ResNet convolutions."""
-    from peft import LoraConfig
-
     base = tiny.unet(0)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in"]
     for seed, (name, rank) in enumerate((("ir", 2), ("aes", 3)), start=10):
-        torch.manual_seed(seed)
-        base.add_adapter(LoraConfig(r=rank, lora_alpha=4, target_modules=targets, init_lora_weights=False), name)
+        tiny.add_lora(base, name, seed, tiny.lora_config(rank=rank, targets=targets))
     base.set_adapter([])
     return base
 
@@ -214,10 +189,10 @@ def _conv_and_linear_lora_base():
 )
 def test_stacked_conv_and_linear_updates_equal_separate_calls(mode, weights, kl_scale):
     base = _conv_and_linear_lora_base()
-    batched = _denoise(
+    batched = denoise(
         BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=True), weights, kl_scale, mode, seed=2
     )
-    separate = _denoise(
+    separate = denoise(
         BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), weights, kl_scale, mode, seed=2
     )
     assert max_diff(batched, separate) <= 1e-5
@@ -226,19 +201,19 @@ def test_stacked_conv_and_linear_updates_equal_separate_calls(mode, weights, kl_
 def test_routed_member_equals_plain_peft_with_conv_targets():
     base = _conv_and_linear_lora_base()
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
-    routed = _denoise(denoiser, {"aes": 1.0})
+    routed = denoise(denoiser, {"aes": 1.0})
     base.set_adapter("aes")
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     with torch.no_grad():
         plain = base(sample, t, encoder_hidden_states=context).sample
     assert torch.equal(routed, plain)
 
 
 def test_gradients_flow_through_a_stacked_blend():
-    base = _lora_base()
+    base = lora_base()
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
     denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     sample.requires_grad_(True)
     out = denoiser(sample, t, encoder_hidden_states=context).sample
     out.square().mean().backward()
@@ -259,13 +234,13 @@ def test_dora_members_are_refused():
 def test_lora_weight_gradients_through_stacked_and_separate_calls_agree():
     grads = []
     for batch_members in (True, False):
-        base = _lora_base()
+        base = lora_base()
         base.requires_grad_(False)
         for key, parameter in base.named_parameters():
             parameter.requires_grad_("lora_" in key)
         denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=batch_members)
         denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
-        sample, t, context = _cfg_inputs()
+        sample, t, context = cfg_inputs()
         denoiser(sample, t, encoder_hidden_states=context).sample.square().mean().backward()
         grads.append({k: p.grad.clone() for k, p in base.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
@@ -279,7 +254,7 @@ def test_vmapped_full_members_equal_separate_calls(return_dict):
     for vmap in (True, False):
         denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=vmap)
         denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
-        sample, t, context = _cfg_inputs()
+        sample, t, context = cfg_inputs()
         with torch.no_grad():
             outputs.append(denoiser(sample, t, encoder_hidden_states=context, return_dict=return_dict))
     assert type(outputs[0]) is type(outputs[1])
@@ -291,7 +266,7 @@ def test_vmapped_members_may_differ_in_requires_grad():
     members = {"ir": tiny.unet(1), "aes": tiny.unet(2).requires_grad_(False)}
     denoiser = BlendedDenoiser(tiny.unet(0), members, vmap_full_members=True)
     denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     with torch.no_grad():
         blended = denoiser(sample, t, encoder_hidden_states=context).sample
         outputs = [
@@ -305,7 +280,7 @@ def test_vmapped_members_follow_weight_changes():
     member = tiny.unet(1)
     denoiser = BlendedDenoiser(tiny.unet(0), {"ir": member, "aes": tiny.unet(2)}, vmap_full_members=True)
     denoiser.set_blend({"ir": 0.5, "aes": 0.5})
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     with torch.no_grad():
         before = denoiser(sample, t, encoder_hidden_states=context).sample
         member.conv_in.weight.mul_(2.0)
@@ -327,23 +302,23 @@ BLENDS = [
 def test_changing_blends_inside_one_routing_context_equals_fresh_contexts():
     """A routing context (one pipeline call) keeps each layer's share of every routing it met: going back and forth
     between blends inside one must give what each blend gives on its own."""
-    base = _lora_base()
+    base = lora_base()
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
     with denoiser.routing():
-        inside = [_denoise(denoiser, *blend) for blend in BLENDS + BLENDS[::-1]]
-    alone = [_denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), *blend) for blend in BLENDS + BLENDS[::-1]]
+        inside = [denoise(denoiser, *blend) for blend in BLENDS + BLENDS[::-1]]
+    alone = [denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), *blend) for blend in BLENDS + BLENDS[::-1]]
     assert all(torch.equal(a, b) for a, b in zip(inside, alone))
 
 
 def test_lora_members_follow_weight_changes_between_calls():
-    base = _lora_base()
+    base = lora_base()
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
-    before = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+    before = denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
     with torch.no_grad():
         for layer in denoiser.router.layers:
             layer.lora_B["aes"].weight.mul_(3.0)
-    after = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
-    separate = _denoise(
+    after = denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+    separate = denoise(
         BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), {"ir": 0.3, "aes": 0.5}, 1.5
     )
     assert max_diff(before, after) > 1e-3 and max_diff(after, separate) <= 1e-5
@@ -352,20 +327,20 @@ def test_lora_members_follow_weight_changes_between_calls():
 def test_lora_weights_trained_inside_a_routing_context_are_read_anew():
     """Weights are read once per routing context, unless gradients reach them there: a training step inside one
     (forward with gradients, optimiser step) is seen by the next evaluation without gradients."""
-    base = _lora_base()
+    base = lora_base()
     lora_weights = [p for key, p in base.named_parameters() if "lora_" in key]
     base.requires_grad_(False)
     for parameter in lora_weights:
         parameter.requires_grad_(True)
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
     optimiser = torch.optim.SGD(lora_weights, lr=10.0)
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     with denoiser.routing():
-        before = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+        before = denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
         denoiser(sample, t, encoder_hidden_states=context).sample.square().mean().backward()
         optimiser.step()
-        after = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
-    separate = _denoise(
+        after = denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+    separate = denoise(
         BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), {"ir": 0.3, "aes": 0.5}, 1.5
     )
     assert max_diff(before, after) > 1e-4 and max_diff(after, separate) <= 1e-5
@@ -373,7 +348,7 @@ def test_lora_weights_trained_inside_a_routing_context_are_read_anew():
 
 def test_a_lora_layers_own_forward_still_runs_while_routed_and_is_given_back():
     """Libraries wrap a module's forward (accelerate's hooks): routing keeps the wrapper in the call, exactly."""
-    base = _lora_base()
+    base = lora_base()
     layer = next(layer for layer in BlendedDenoiser(base, {"ir": "ir"}).router.layers)
     calls = []
 
@@ -383,9 +358,9 @@ def test_a_lora_layers_own_forward_still_runs_while_routed_and_is_given_back():
 
     layer.forward = wrapped
     keys = sorted(layer.__dict__) + [ROUTED_FORWARD_ATTRIBUTE]  # made once per layer, kept for compiled graphs
-    batched = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
+    batched = denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), {"ir": 0.3, "aes": 0.5}, 1.5)
     assert len(calls) == 1  # one stacked call
-    separate = _denoise(
+    separate = denoise(
         BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}, batch_members=False), {"ir": 0.3, "aes": 0.5}, 1.5
     )
     assert max_diff(batched, separate) <= 1e-5
@@ -394,49 +369,34 @@ def test_a_lora_layers_own_forward_still_runs_while_routed_and_is_given_back():
 
 def test_blends_on_one_base_can_be_routed_nested():
     """Two blends of one pipeline in a loop of one's own: each routing context inside the other."""
-    base = _lora_base()
+    base = lora_base()
     first, second = (BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}) for _ in range(2))
-    alone = [_denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5), _denoise(second, {"ir": 0.6, "aes": 0.4}, 1.0)]
+    alone = [denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5), denoise(second, {"ir": 0.6, "aes": 0.4}, 1.0)]
     with first.routing(), second.routing():
-        nested = [_denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5), _denoise(second, {"ir": 0.6, "aes": 0.4}, 1.0)]
+        nested = [denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5), denoise(second, {"ir": 0.6, "aes": 0.4}, 1.0)]
         with first.routing():  # re-entered: still one routing context
-            nested.append(_denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5))
+            nested.append(denoise(first, {"ir": 0.3, "aes": 0.5}, 1.5))
     assert all(torch.equal(a, b) for a, b in zip(nested, alone + alone[:1]))
     assert all("forward" not in layer.__dict__ for layer in first.router.layers)
-
-
-def _dropout_base():
-    from peft import LoraConfig
-
-    base = tiny.unet(0)
-    for seed, name in enumerate(("ir", "aes"), start=10):
-        tiny.add_lora(
-            base,
-            name,
-            seed,
-            LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=tiny.LORA_TARGETS, init_lora_weights=False),
-        )
-    base.set_adapter([])
-    return base
 
 
 def test_lora_dropout_follows_train_and_eval_mode_inside_one_routing_context():
     """The stacked product holds only without active dropout: a training-mode call after an evaluation in the same
     routing context still applies each adapter's dropout, as in a fresh context."""
-    base = _dropout_base()
+    base = lora_base(dropout=0.5)
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
 
     def training_call():
         base.train()
         torch.manual_seed(7)
         try:
-            return _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+            return denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
         finally:
             base.eval()
 
     fresh = training_call()
     with denoiser.routing():
-        evaluated = _denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
+        evaluated = denoise(denoiser, {"ir": 0.3, "aes": 0.5}, 1.5)
         after_evaluation = training_call()
     assert max_diff(fresh, evaluated) > 1e-3 and torch.equal(after_evaluation, fresh)
 
@@ -444,11 +404,11 @@ def test_lora_dropout_follows_train_and_eval_mode_inside_one_routing_context():
 def test_a_copy_of_the_base_made_while_routed_behaves_as_the_base():
     import copy
 
-    base = _lora_base()
+    base = lora_base()
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
     with denoiser.routing():
         copied = copy.deepcopy(base)
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     outputs = []
     for module in (base, copied):
         module.set_adapter(["ir"])
@@ -522,8 +482,8 @@ def test_host_reads_are_recorded():
 def test_a_blended_step_makes_no_host_read_beyond_the_denoisers_own(mode, kl_scale):
     """Nothing the blend adds (planning, routing, stochastic draws) waits for a GPU: a blended step reads back to
     the host exactly what one plain call of the denoiser reads."""
-    base = _lora_base()
-    sample, _, context = _cfg_inputs()
+    base = lora_base()
+    sample, _, context = cfg_inputs()
     with torch.no_grad(), HostReads() as plain:
         base(sample, torch.tensor(400), encoder_hidden_states=context)
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
@@ -547,7 +507,7 @@ def test_vmapped_members_with_hooks_are_refused(hooked_member):
     with pytest.raises(
         ValueError, match=f"member '{hooked_member}' carries hooks \\(on 'conv_out'\\).*vmap_full_members=False"
     ):
-        _denoise(denoiser, {"ir": 0.3, "aes": 0.7})
-    separate = _denoise(BlendedDenoiser(tiny.unet(0), members), {"ir": 0.3, "aes": 0.7})  # calls run the hook
+        denoise(denoiser, {"ir": 0.3, "aes": 0.7})
+    separate = denoise(BlendedDenoiser(tiny.unet(0), members), {"ir": 0.3, "aes": 0.7})  # calls run the hook
     members[hooked_member].conv_out._forward_hooks.clear()
-    assert max_diff(separate, _denoise(BlendedDenoiser(tiny.unet(0), members), {"ir": 0.3, "aes": 0.7})) > 1e-3
+    assert max_diff(separate, denoise(BlendedDenoiser(tiny.unet(0), members), {"ir": 0.3, "aes": 0.7})) > 1e-3

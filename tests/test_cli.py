@@ -210,7 +210,7 @@ def test_lora_scale_gives_the_python_api_image_at_that_scale(sd_pipeline_folder,
 
 
 def test_lora_scale_without_a_lora_basis_is_one_line_before_loading(tmp_path):
-    import tiny
+    from helpers import tiny
 
     tiny.unet(5).save_pretrained(tmp_path / "member")
     result = _generate(
@@ -388,7 +388,7 @@ def test_a_basis_given_per_denoiser_is_the_basis_on_that_denoiser(sd_pipeline_fo
 
 def test_a_basis_path_base_is_the_pipelines_own_denoiser():
     """(Wan 2.2: a basis fine-tuned on the low-noise expert only.) A folder called base is ./base."""
-    from diffusion_blend.cli import parse_basis
+    from diffusion_blend.cli.parsing import parse_basis
 
     assert parse_basis(["aes@transformer=base", "aes@transformer_2=low", "ir=./base"]) == {
         "aes": {"transformer": None, "transformer_2": "low"},
@@ -432,8 +432,8 @@ def test_bad_per_denoiser_basis_is_one_line(sd_pipeline_folder, tmp_path, item, 
     ],
 )
 def test_guidance_sets_the_pipelines_classifier_free_guidance(build, expected):
-    import tiny
-    from diffusion_blend.cli import call_defaults_of, guidance_setting
+    from diffusion_blend.cli.pipeline_call import call_defaults_of, guidance_setting
+    from helpers import tiny
 
     pipe = getattr(tiny, build)()
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
@@ -441,8 +441,9 @@ def test_guidance_sets_the_pipelines_classifier_free_guidance(build, expected):
 
 
 def test_true_cfg_guidance_without_a_negative_prompt_is_refused():
-    import tiny
-    from diffusion_blend.cli import CommandError, call_defaults_of, guidance_setting
+    from diffusion_blend.cli.pipeline_call import call_defaults_of, guidance_setting
+    from diffusion_blend.cli.running import CommandError
+    from helpers import tiny
 
     pipe = tiny.qwen_pipeline()
     defaults = call_defaults_of(pipe)

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch._dynamo
 
-import tiny
 from diffusion_blend import Blend, BlendedDenoiser
 from diffusion_blend.adapters import ROUTED_FORWARD_ATTRIBUTE
-from diffusion_blend.denoiser import compile_options
-from test_batching import _cfg_inputs, _lora_base
-from test_pipelines import call_kwargs, max_diff
+from diffusion_blend.compiled import compile_options
+from helpers import tiny
+from helpers.calls import call_kwargs, cfg_inputs, lora_base, max_diff
 
 CAPTURE = {"backend": "eager", "fullgraph": True}
 MEMBERS = {"ir": "ir", "aes": "aes"}
@@ -36,7 +35,7 @@ def _graphs() -> int:
 def _steps(denoiser, weights, kl_scale=1.0, mode="mix", timesteps=(900, 500, 100), seed=0):
     """The blended predictions of a few denoising steps on one CFG batch."""
     denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(seed))
-    sample, _, context = _cfg_inputs()
+    sample, _, context = cfg_inputs()
     with torch.no_grad():
         return [denoiser(sample, torch.tensor(t), encoder_hidden_states=context).sample for t in timesteps]
 
@@ -49,7 +48,7 @@ def _steps(denoiser, weights, kl_scale=1.0, mode="mix", timesteps=(900, 500, 100
     ],
 )
 def test_compiled_lora_blend_equals_the_eager_blend(mode, weights, kl_scale):
-    base = _lora_base()
+    base = lora_base()
     eager = _steps(BlendedDenoiser(base, MEMBERS), weights, kl_scale, mode)
     compiled = _steps(BlendedDenoiser(base, MEMBERS, compile=CAPTURE), weights, kl_scale, mode)
     assert _graphs() == 1
@@ -58,7 +57,7 @@ def test_compiled_lora_blend_equals_the_eager_blend(mode, weights, kl_scale):
 
 @pytest.mark.slow
 def test_compiled_blend_with_lora_and_full_members_equals_the_eager_blend():
-    base = _lora_base(("ir",))
+    base = lora_base(("ir",))
     members = {"ir": "ir", "aes": tiny.unet(3)}
     eager = _steps(BlendedDenoiser(base, members), {"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
     compiled = _steps(BlendedDenoiser(base, members, compile=CAPTURE), {"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
@@ -67,9 +66,9 @@ def test_compiled_blend_with_lora_and_full_members_equals_the_eager_blend():
 
 @pytest.mark.slow
 def test_compiled_blend_at_each_lora_scale_equals_the_eager_blend():
-    base = _lora_base()
+    base = lora_base()
     eager, compiled = BlendedDenoiser(base, MEMBERS), BlendedDenoiser(base, MEMBERS, compile=CAPTURE)
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     for denoiser in (eager, compiled):
         denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
     with torch.no_grad():
@@ -79,16 +78,16 @@ def test_compiled_blend_at_each_lora_scale_equals_the_eager_blend():
 
 
 def test_fresh_stochastic_draws_reuse_one_graph():
-    denoiser = BlendedDenoiser(_lora_base(), MEMBERS, compile=CAPTURE)
+    denoiser = BlendedDenoiser(lora_base(), MEMBERS, compile=CAPTURE)
     denoiser.set_blend({"ir": 0.5, "aes": 0.5}, mode="stochastic", generator=torch.Generator().manual_seed(3))
-    sample, _, context = _cfg_inputs(samples=4)
+    sample, _, context = cfg_inputs(samples=4)
     draws = []
     with torch.no_grad():
         denoiser(sample, torch.tensor(999), encoder_hidden_states=context)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for t in range(900, 0, -100):
                 denoiser(sample, torch.tensor(t), encoder_hidden_states=context)
-                draws.append(tuple(denoiser._draws.previous[1].tolist()))
+                draws.append(tuple(denoiser._draws.previous.draws.tolist()))
     assert len(set(draws)) > 1  # the routing did change between steps
     assert _graphs() == 1
 
@@ -119,7 +118,7 @@ def test_a_compiled_pipeline_denoiser_is_unwrapped_and_given_back(sd_loras):
 
 @pytest.mark.parametrize("how", ["wrapped", "in place", "by regions"])
 def test_a_denoiser_given_compiled_is_blended_compiled_by_default(how):
-    base = _lora_base()
+    base = lora_base()
     given = torch.compile(base) if how == "wrapped" else base
     if how == "in place":
         base.compile()
@@ -127,12 +126,12 @@ def test_a_denoiser_given_compiled_is_blended_compiled_by_default(how):
         for block in base.down_blocks:
             block.compile()
     assert BlendedDenoiser(given, MEMBERS).compile_options == {}
-    assert BlendedDenoiser(_lora_base(), MEMBERS).compile_options is None
+    assert BlendedDenoiser(lora_base(), MEMBERS).compile_options is None
 
 
 def _blend_rows(base):
     """The blend's stacked call (base + two members on 4 CFG rows = 12 rows) made directly on ``base``."""
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     return sample.repeat(3, 1, 1, 1), t, context.repeat(3, 1, 1)
 
 
@@ -142,8 +141,8 @@ def test_in_place_compiled_regions_do_not_hide_the_routing(region):
     skipped hook guards made it ignore them): the blend runs those regions uncompiled, and gives them back
     compiled after."""
     weights = {"ir": 0.3, "aes": 0.5}
-    expected = _steps(BlendedDenoiser(_lora_base(), MEMBERS, compile=False), weights, 1.5, timesteps=(400,))[0]
-    base = _lora_base()
+    expected = _steps(BlendedDenoiser(lora_base(), MEMBERS, compile=False), weights, 1.5, timesteps=(400,))[0]
+    base = lora_base()
     compiled = base if region == "whole" else base.down_blocks[1]
     compiled.compile(**CAPTURE)
     sample, t, context = _blend_rows(base)
@@ -155,8 +154,8 @@ def test_in_place_compiled_regions_do_not_hide_the_routing(region):
 
 
 def test_the_base_outside_a_compiled_blend_is_the_plain_base():
-    base = _lora_base()
-    sample, t, context = _cfg_inputs()
+    base = lora_base()
+    sample, t, context = cfg_inputs()
     with torch.no_grad():
         plain = base(sample, t, encoder_hidden_states=context).sample
     denoiser = BlendedDenoiser(base, MEMBERS, compile=CAPTURE)
@@ -167,7 +166,7 @@ def test_the_base_outside_a_compiled_blend_is_the_plain_base():
 
 
 def test_a_compiled_blend_leaves_the_base_as_it_found_it():
-    base = _lora_base()
+    base = lora_base()
 
     def state():  # (a LoRA layer keeps its routed forward, made once, so that graphs are reused)
         return [
@@ -182,7 +181,7 @@ def test_a_compiled_blend_leaves_the_base_as_it_found_it():
 
 def test_compiled_blends_made_one_after_another_share_their_graph():
     """Each pipeline call installs the routing anew: the graph is reused, not retraced per call or blend."""
-    base = _lora_base()
+    base = lora_base()
     _steps(BlendedDenoiser(base, MEMBERS, compile=CAPTURE), {"ir": 0.5, "aes": 0.5}, 1.5, timesteps=(400,))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for weights in ({"ir": 0.2, "aes": 0.3}, {"ir": 0.7, "aes": 0.1}):  # the same plan: base and both members
@@ -195,7 +194,7 @@ def test_hooks_added_after_a_compiled_blend_are_honoured():
     """TorchDynamo skips hook guards by default; the blend's compiled calls guard them, so a graph traced before a
     hook was added is not reused after."""
     weights = {"ir": 0.3, "aes": 0.5}
-    base = _lora_base()
+    base = lora_base()
     compiled = BlendedDenoiser(base, MEMBERS, compile=CAPTURE)
     _steps(compiled, weights, 1.5, timesteps=(400,))
     base.mid_block.register_forward_hook(lambda _module, _args, output: 2 * output)
@@ -230,7 +229,7 @@ def test_compiled_vmapped_full_members_equal_eager_ones_in_one_graph():
 def test_inductor_compiled_blend_equals_the_eager_blend(options):
     """With the default inductor backend; "reduce-overhead" (CUDA graphs where there is a GPU) takes the path that
     marks a graph step per call and clones each prediction."""
-    base = _lora_base()
+    base = lora_base()
     weights = {"ir": 0.3, "aes": 0.5}
     eager = _steps(BlendedDenoiser(base, MEMBERS), weights, 1.5, timesteps=(900, 400))
     compiled = _steps(BlendedDenoiser(base, MEMBERS, compile=options), weights, 1.5, timesteps=(900, 400))

@@ -8,10 +8,9 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-import references
-import tiny
 from diffusion_blend import BlendedDenoiser
-from test_pipelines import max_diff
+from helpers import references, tiny
+from helpers.calls import forward_calls, max_diff
 
 
 def _inputs(batch=2, seed=0):
@@ -19,12 +18,6 @@ def _inputs(batch=2, seed=0):
     sample = torch.randn(batch, 4, 8, 8, generator=generator)
     context = torch.randn(batch, 5, tiny.TEXT_HIDDEN, generator=generator)
     return sample, torch.tensor(500), context
-
-
-def _count_calls(module):
-    calls = []
-    module.register_forward_hook(lambda _m, _i, _o: calls.append(1))
-    return calls
 
 
 @pytest.fixture
@@ -71,7 +64,7 @@ def test_mix_is_the_formula_on_separate_calls(full_members):
 
 def test_base_is_not_evaluated_when_weights_sum_to_one(full_members):
     base, members = full_members
-    base_calls = _count_calls(base)
+    base_calls = forward_calls(base)
     denoiser = BlendedDenoiser(base, members)
     denoiser.set_blend({"ir": 0.3, "aes": 0.7})
     denoiser(*_inputs()[:2], encoder_hidden_states=_inputs()[2])
@@ -80,7 +73,7 @@ def test_base_is_not_evaluated_when_weights_sum_to_one(full_members):
 
 def test_zero_weight_member_is_not_evaluated(full_members):
     base, members = full_members
-    unused = _count_calls(members["aes"])
+    unused = forward_calls(members["aes"])
     denoiser = BlendedDenoiser(base, members)
     denoiser.set_blend({"ir": 1.0}, kl_scale=0.5)
     denoiser(*_inputs()[:2], encoder_hidden_states=_inputs()[2])

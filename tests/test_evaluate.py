@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from diffusion_blend.cli import app
 from diffusion_blend.evaluate import ConfigError, load_config, run_sweep
 from diffusion_blend.evaluate.config import parse_config, simplex_grid
 from diffusion_blend.evaluate.settings import DigitsSetting
+from helpers.processes import cli_env, two_processes
 
 runner = CliRunner()
 FILES = ("results.json", "samples.csv", "pareto.png", "grid.png", "report.md")
@@ -243,10 +243,6 @@ def test_a_resumed_sweep_runs_only_the_missing_units_and_gets_the_same_numbers(s
 
 
 # ------------------------------------------------------------------------------------------------ two processes
-def cli_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_results_of_one(tmp_path):
     config = write_config(tmp_path)
@@ -259,28 +255,7 @@ def test_two_processes_give_the_results_of_one(tmp_path):
     )
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29519",
-            "-m",
-            "diffusion_blend",
-            "sweep",
-            str(config),
-            "--out",
-            str(tmp_path / "two"),
-        ],
+        [*two_processes(29519), "-m", "diffusion_blend", "sweep", str(config), "--out", str(tmp_path / "two")],
         env=cli_env(),
         capture_output=True,
         text=True,
@@ -401,17 +376,16 @@ def test_the_published_prompt_sets_ship_with_the_package():
 
 
 # ----------------------------------------------------------------------------------------------------- diffusers
-def test_a_diffusers_pipeline_with_lora_basis_models_is_swept(sd_pipeline_folder, sd_loras, tmp_path, monkeypatch):
+def test_a_diffusers_pipeline_with_lora_basis_models_is_swept(sd_pipeline_folder, sd_loras, tmp_path):
     """The tiny SD pipeline, two random LoRAs, user rewards (one a black box), every method; the soup at a corner
     samples that corner's LoRA alone, as DB-MPA does."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     raw = {
         "setting": "diffusers",
         "base": str(sd_pipeline_folder),
         "rewards": ["ir", "aes"],
         "basis": {name: str(path) for name, path in sd_loras.items()},
         "oracles": {"ir=0.5,aes=0.5": str(sd_loras["ir"])},
-        "reward_models": {"ir": "finetune_rewards:brightness", "aes": "finetune_rewards:redness"},
+        "reward_models": {"ir": "helpers.finetune_rewards:brightness", "aes": "helpers.finetune_rewards:redness"},
         "weights": [[1, 0], [0.5, 0.5]],
         "prompts": ["a cat", "a dog"],
         "images_per_prompt": 1,

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny
 from diffusion_blend import Blend, BlendedDenoiser, blend_predictions
-from test_loading import _forward_calls as _calls
+from helpers import tiny
+from helpers.calls import forward_calls, max_diff
 
 ROWS = 3
 WEIGHTS, KL_SCALE = {"a": 0.3, "b": 0.5}, 1.5
@@ -588,8 +588,9 @@ def _blended(denoiser, inputs, weights, kl_scale, mode="mix", seed=3):
         return _samples(denoiser(**inputs, return_dict=False))
 
 
-def _max_diff(samples, expected):
-    return max(float((sample - reference).abs().max()) for sample, reference in zip(samples, expected, strict=True))
+def _largest_diff(samples, expected):
+    """The largest max_diff over the paired samples of two outputs."""
+    return max(max_diff(sample, reference) for sample, reference in zip(samples, expected, strict=True))
 
 
 @pytest.mark.parametrize("batch_members", [True, False])
@@ -599,12 +600,12 @@ def test_lora_mix_equals_the_equation_on_peft_outputs(family, batch_members):
     base, inputs = _with_two_loras(family), _inputs(family)
     outputs = _peft_outputs(base, inputs)
     expected = _equation(outputs, WEIGHTS, KL_SCALE)
-    calls = _calls(base)
+    calls = forward_calls(base)
     blended = _blended(
         BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=batch_members), inputs, WEIGHTS, KL_SCALE
     )
-    assert _max_diff(blended, expected) <= 1e-5
-    assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
+    assert _largest_diff(blended, expected) <= 1e-5
+    assert _largest_diff(outputs["a"], outputs["base"]) > 1e-2
     assert len(calls) == (1 if batch_members else 3)
 
 
@@ -616,7 +617,10 @@ def test_arguments_whose_first_size_is_not_the_batch_follow_the_rows(family, row
     base = _with_two_loras(family)
     inputs = FAMILIES[family][1](torch.Generator().manual_seed(0), rows=rows)
     expected = _equation(_peft_outputs(base, inputs), WEIGHTS, KL_SCALE)
-    assert _max_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+    assert (
+        _largest_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected)
+        <= 1e-5
+    )
 
 
 def _flux2_reference_steps(g, steps=3, reference=4):
@@ -671,8 +675,8 @@ def test_a_reference_key_value_cache_is_each_members_own(batch_members):
     blended = _with_reference_cache(denoiser, first, later)
     for step, samples in enumerate(blended):
         expected = _equation({name: per_step[step] for name, per_step in outputs.items()}, WEIGHTS, KL_SCALE)
-        assert _max_diff(samples, expected) <= 1e-5
-    assert _max_diff(outputs["a"][-1], outputs["b"][-1]) > 1e-2
+        assert _largest_diff(samples, expected) <= 1e-5
+    assert _largest_diff(outputs["a"][-1], outputs["b"][-1]) > 1e-2
 
 
 def test_full_members_keep_their_own_reference_cache():
@@ -684,7 +688,7 @@ def test_full_members_keep_their_own_reference_cache():
     denoiser = BlendedDenoiser(base, {"a": a, "b": b})
     denoiser.set_blend(WEIGHTS, kl_scale=KL_SCALE)
     expected = _equation({name: per_step[-1] for name, per_step in outputs.items()}, WEIGHTS, KL_SCALE)
-    assert _max_diff(_with_reference_cache(denoiser, first, later)[-1], expected) <= 1e-5
+    assert _largest_diff(_with_reference_cache(denoiser, first, later)[-1], expected) <= 1e-5
 
 
 def test_the_blends_caches_go_with_the_one_the_pipeline_holds():
@@ -697,7 +701,7 @@ def test_the_blends_caches_go_with_the_one_the_pipeline_holds():
     for _ in range(2):
         _with_reference_cache(denoiser, *_flux2_reference_steps(torch.Generator().manual_seed(0)))
         gc.collect()
-        assert denoiser._caches._kept == {}
+        assert denoiser.executor.caches._kept == {}
 
 
 def test_a_full_member_without_the_cache_processors_blends_where_no_cache_is_used():
@@ -714,7 +718,7 @@ def test_a_full_member_without_the_cache_processors_blends_where_no_cache_is_use
             {"a": 1.0, "b": 0.0},
             1.0,
         )
-    assert _max_diff(_blended(BlendedDenoiser(base, {"a": a}), inputs, {"a": 1.0}, 1.0), expected) <= 1e-5
+    assert _largest_diff(_blended(BlendedDenoiser(base, {"a": a}), inputs, {"a": 1.0}, 1.0), expected) <= 1e-5
 
 
 def test_a_fine_tune_a_blend_loads_gets_the_pipelines_cache_processors(tmp_path):
@@ -789,8 +793,8 @@ def test_a_cache_the_pipeline_passes_is_filled_for_each_member(batch_members):
     denoiser.set_blend(WEIGHTS, kl_scale=KL_SCALE)
     blended = _with_given_cache(denoiser, steps)
     expected = _equation({name: per_step[-1] for name, per_step in outputs.items()}, WEIGHTS, KL_SCALE)
-    assert _max_diff(blended[-1], expected) <= 1e-5
-    assert _max_diff(outputs["a"][-1], outputs["base"][-1]) > 1e-2
+    assert _largest_diff(blended[-1], expected) <= 1e-5
+    assert _largest_diff(outputs["a"][-1], outputs["base"][-1]) > 1e-2
 
 
 def test_a_key_value_cache_is_refused_in_stochastic_mode():
@@ -846,7 +850,7 @@ def test_zimage_compiled_blend_equals_the_equation():
     outputs = _peft_outputs(base, inputs)
     expected = _equation(outputs, WEIGHTS, KL_SCALE)
     denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"}, compile={"backend": "eager"})
-    assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+    assert _largest_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["mix", "stochastic"])
@@ -854,7 +858,7 @@ def test_zimage_kl_scale_zero_is_the_base(mode):
     base, inputs = _with_two_loras("zimage"), _inputs("zimage")
     expected = _peft_outputs(base, inputs)["base"]
     blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, {"a": 0.5, "b": 0.5}, 0.0, mode=mode)
-    assert _max_diff(blended, expected) == 0
+    assert _largest_diff(blended, expected) == 0
 
 
 @pytest.mark.parametrize("batch_members", [True, False])
@@ -872,7 +876,7 @@ def test_stochastic_mode_gives_each_sample_its_drawn_member(family, batch_member
         blend_predictions(outputs["base"][row], [outputs["ab"[member]][row]], [1.0], kl_scale)
         for row, member in enumerate(drawn)
     ]
-    assert _max_diff(blended, expected) <= 1e-5
+    assert _largest_diff(blended, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("max_batch_size", [None, "input", 2])
@@ -884,7 +888,7 @@ def test_zimage_full_members_blend_sample_by_sample(max_batch_size):
         outputs = [_samples(module(**inputs, return_dict=False)) for module in (base, a, b)]
     expected = [blend_predictions(o, [o_a, o_b], list(WEIGHTS.values()), KL_SCALE) for o, o_a, o_b in zip(*outputs)]
     denoiser = BlendedDenoiser(base, {"a": a, "b": b}, max_batch_size=max_batch_size)
-    assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+    assert _largest_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
 
 
 def _allegro_inputs(samples=2, frames=2):
@@ -930,7 +934,7 @@ def test_precomputed_rotary_tables_are_not_rows(mode):
             blend_predictions(outputs[0][row], [outputs[1 + member][row]], [1.0], KL_SCALE)
             for row, member in enumerate(drawn)
         ]
-    assert _max_diff(blended, expected) <= 1e-5
+    assert _largest_diff(blended, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["mix", "stochastic"])
@@ -956,8 +960,8 @@ def test_full_members_of_families_without_lora_support(family, mode):
             blend_predictions(outputs[0][row], [outputs[1 + member][row]], [1.0], KL_SCALE)
             for row, member in enumerate(drawn)
         ]
-    assert _max_diff(blended, expected) <= 1e-5
-    assert _max_diff(outputs[1], outputs[0]) > 1e-2
+    assert _largest_diff(blended, expected) <= 1e-5
+    assert _largest_diff(outputs[1], outputs[0]) > 1e-2
 
 
 def test_skyreels_df_fps_embedding_at_the_one_sample_its_pipeline_passes():
@@ -969,10 +973,10 @@ def test_skyreels_df_fps_embedding_at_the_one_sample_its_pipeline_passes():
     base.set_adapter([])
     inputs = _skyreels_df_inputs(torch.Generator().manual_seed(0), rows=1)
     outputs = _peft_outputs(base, inputs)
-    calls = _calls(base)
+    calls = forward_calls(base)
     blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE)
-    assert _max_diff(blended, _equation(outputs, WEIGHTS, KL_SCALE)) <= 1e-5
-    assert _max_diff(outputs["a"], outputs["base"]) > 1e-2
+    assert _largest_diff(blended, _equation(outputs, WEIGHTS, KL_SCALE)) <= 1e-5
+    assert _largest_diff(outputs["a"], outputs["base"]) > 1e-2
     assert len(calls) == 1
 
 
@@ -1018,9 +1022,9 @@ def test_members_of_a_denoiser_that_reshapes_its_batch_are_called_one_by_one(mod
     weights, kl_scale = ({"a": 0.3, "b": 0.5}, 1.5) if mode == "mix" else ({"a": 1.0, "b": 0.0}, 0.5)
     expected = _equation(outputs, weights, kl_scale)
     denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"})
-    calls = _calls(base)
+    calls = forward_calls(base)
     for _ in range(2):
-        assert _max_diff(_blended(denoiser, inputs, weights, kl_scale, mode=mode), expected) <= 1e-5
+        assert _largest_diff(_blended(denoiser, inputs, weights, kl_scale, mode=mode), expected) <= 1e-5
     per_blend = {"mix": 3, "stochastic": 2}[mode]  # base and both members; base and the drawn member
     assert len(calls) == 1 + 2 * per_blend  # the one stacked try, then calls per member
 
@@ -1049,7 +1053,7 @@ def test_a_call_redone_one_member_at_a_time_keeps_the_seeds_draws():
     base, inputs = _qwen_edit_with_modulation_loras(), _inputs("qwen_image_edit")
     first = _stochastic_steps(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs)
     one_by_one = _stochastic_steps(BlendedDenoiser(base, {"a": "a", "b": "b"}, batch_members=False), inputs)
-    assert _max_diff(first, one_by_one) == 0
+    assert _largest_diff(first, one_by_one) == 0
 
 
 @pytest.mark.parametrize("max_batch_size", [1, 2, "input"])
@@ -1057,7 +1061,7 @@ def test_zimage_lora_calls_chunked_within_the_list_equal_the_equation(max_batch_
     base, inputs = _with_two_loras("zimage"), _inputs("zimage")
     expected = _equation(_peft_outputs(base, inputs), WEIGHTS, KL_SCALE)
     denoiser = BlendedDenoiser(base, {"a": "a", "b": "b"}, max_batch_size=max_batch_size)
-    assert _max_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+    assert _largest_diff(_blended(denoiser, inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
 
 
 def _zimage_omni_inputs(samples=2):
@@ -1078,7 +1082,7 @@ def test_zimage_omni_samples_of_several_tensors_blend(mode):
     outputs = _peft_outputs(base, inputs)
     weights = {"a": 0.3, "b": 0.5} if mode == "mix" else {"a": 1.0, "b": 0.0}
     blended = _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, weights, KL_SCALE, mode=mode)
-    assert _max_diff(blended, _equation(outputs, weights, KL_SCALE)) <= 1e-5
+    assert _largest_diff(blended, _equation(outputs, weights, KL_SCALE)) <= 1e-5
 
 
 def _zimage_controlnet_inputs():
@@ -1095,7 +1099,10 @@ def _zimage_controlnet_inputs():
 def test_zimage_controlnet_residuals_follow_the_rows_of_a_stacked_call():
     base, inputs = _with_two_loras("zimage"), _zimage_controlnet_inputs()
     expected = _equation(_peft_outputs(base, inputs), WEIGHTS, KL_SCALE)
-    assert _max_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected) <= 1e-5
+    assert (
+        _largest_diff(_blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE), expected)
+        <= 1e-5
+    )
 
 
 def test_zimage_controlnet_residuals_refuse_a_call_on_some_samples():
@@ -1112,7 +1119,7 @@ def test_wan_vace_control_scales_are_per_layer_even_at_a_batch_of_their_number()
     }
     outputs = _peft_outputs(base, inputs)
     assert (
-        _max_diff(
+        _largest_diff(
             _blended(BlendedDenoiser(base, {"a": "a", "b": "b"}), inputs, WEIGHTS, KL_SCALE),
             _equation(outputs, WEIGHTS, KL_SCALE),
         )
@@ -1146,4 +1153,4 @@ def test_a_member_that_is_the_base_draws_the_base(batch_members):
         blend_predictions(outputs["base"][row], [outputs["a" if member == 0 else "base"][row]], [1.0], 0.5)
         for row, member in enumerate(drawn)
     ]
-    assert _max_diff(blended, expected) <= 1e-5
+    assert _largest_diff(blended, expected) <= 1e-5

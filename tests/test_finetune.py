@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,22 +21,12 @@ from typer.testing import CliRunner
 from diffusion_blend import Blend
 from diffusion_blend.cli import app
 from diffusion_blend.finetune import finetune
+from helpers.processes import cli_env, two_processes
 
-TESTS = Path(__file__).parent
 PROMPTS = ["a cat", "a dog"]
 runner = CliRunner()
 #: a small, fast run: 6 sampler steps, 8 samples per update (the tiny UNet's images vary little, so α is small)
 SMALL = dict(alpha=1e-2, steps=20, batch_size=8, lr=1e-2, sampler_steps=6, eval_samples=32, progress=False)
-
-
-def _env() -> dict:
-    """The environment of a CLI subprocess: the test rewards importable, no hub."""
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def brightness_run(sd_pipeline_folder, prompts_file, tmp_path_factory) -> tuple[
     out = tmp_path_factory.mktemp("bright")
     record = finetune(
         str(sd_pipeline_folder),
-        "finetune_rewards:brightness",
+        "helpers.finetune_rewards:brightness",
         prompts=prompts_file,
         out=out,
         method="adjoint-matching",
@@ -70,7 +59,7 @@ def test_adjoint_matching_raises_a_differentiable_reward(brightness_run):
 def test_policy_gradient_raises_a_black_box_reward(sd_pipeline_folder, prompts_file, tmp_path):
     record = finetune(
         str(sd_pipeline_folder),
-        "finetune_rewards:redness",
+        "helpers.finetune_rewards:redness",
         prompts=prompts_file,
         out=tmp_path,
         method="policy-gradient",
@@ -137,7 +126,8 @@ def test_record_says_what_was_trained(brightness_run, sd_pipeline_folder):
     out, record = brightness_run
     written = json.loads((out / "finetune.json").read_text())
     assert written["method"] == "adjoint-matching" and written["alpha"] == SMALL["alpha"]
-    assert written["reward"] == "finetune_rewards:brightness" and written["base"] == str(sd_pipeline_folder.resolve())
+    assert written["reward"] == "helpers.finetune_rewards:brightness"
+    assert written["base"] == str(sd_pipeline_folder.resolve())
     assert written["steps"] == SMALL["steps"] and written["seed"] == 0 and written["version"]
     assert set(written["evaluation"]) >= {"finetuned_reward", "base_reward", "kl"}
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -154,7 +144,7 @@ def _finetune_command(base: Path, prompts: Path, out: Path, *extra: str) -> list
         "--base",
         str(base),
         "--reward",
-        "finetune_rewards:redness",
+        "helpers.finetune_rewards:redness",
         "--alpha",
         "0.01",
         "--prompts",
@@ -184,11 +174,11 @@ def _finetune_command(base: Path, prompts: Path, out: Path, *extra: str) -> list
 def test_a_killed_run_resumes_to_the_same_weights(sd_pipeline_folder, prompts_file, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(
-        _finetune_command(sd_pipeline_folder, prompts_file, whole), env=_env(), check=True, capture_output=True
+        _finetune_command(sd_pipeline_folder, prompts_file, whole), env=cli_env(), check=True, capture_output=True
     )
     process = subprocess.Popen(
         _finetune_command(sd_pipeline_folder, prompts_file, killed),
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -201,7 +191,7 @@ def test_a_killed_run_resumes_to_the_same_weights(sd_pipeline_folder, prompts_fi
     assert not (killed / "pytorch_lora_weights.safetensors").exists()
     subprocess.run(
         _finetune_command(sd_pipeline_folder, prompts_file, killed, "--resume"),
-        env=_env(),
+        env=cli_env(),
         check=True,
         capture_output=True,
     )
@@ -215,24 +205,8 @@ def test_a_killed_run_resumes_to_the_same_weights(sd_pipeline_folder, prompts_fi
 
 def test_two_processes_hold_the_same_weights_and_write_once(sd_pipeline_folder, prompts_file, tmp_path):
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-        *_finetune_command(sd_pipeline_folder, prompts_file, out)[1:],
-    ]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    command = [*two_processes(29517), *_finetune_command(sd_pipeline_folder, prompts_file, out)[1:]]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("pytorch_lora_weights.safetensors") == 1  # one process reports
     assert json.loads((out / "finetune.json").read_text())["processes"] == 2
@@ -288,7 +262,7 @@ def test_a_tracker_that_is_not_installed_is_refused(sd_pipeline_folder, prompts_
 def test_mixed_precision_and_gradient_checkpointing_train(sd_pipeline_folder, prompts_file, tmp_path):
     record = finetune(
         str(sd_pipeline_folder),
-        "finetune_rewards:brightness",
+        "helpers.finetune_rewards:brightness",
         prompts=prompts_file,
         out=tmp_path,
         method="adjoint-matching",
@@ -316,7 +290,7 @@ def test_a_folder_holding_another_run_is_refused(sd_pipeline_folder, prompts_fil
 
 
 def test_a_base_without_a_unet_pipeline_is_refused(prompts_file, tmp_path):
-    import tiny
+    from helpers import tiny
 
     base = tmp_path / "flux"
     tiny.flux_pipeline().save_pretrained(base)

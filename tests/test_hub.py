@@ -12,10 +12,10 @@ import huggingface_hub
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-import tiny
 from diffusion_blend import Blend
 from diffusion_blend.loading import basis_files
-from test_pipelines import call_kwargs, max_diff
+from helpers import tiny
+from helpers.calls import call_kwargs, max_diff
 
 PIPELINE_REPOSITORY = [
     "model_index.json",

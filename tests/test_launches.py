@@ -6,29 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig
 
-import tiny
 from blend_speed import Launches
 from diffusion_blend import BlendedDenoiser
 from diffusion_blend.adapters import NO_ADAPTER, AdapterRouter
-from test_batching import _cfg_inputs
+from helpers import tiny
+from helpers.calls import cfg_inputs, lora_base
 
 #: more LoRA layers than tiny.LORA_TARGETS: every attention projection plus the transformer blocks' projections
 MORE_TARGETS = [*tiny.LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
-def _base(targets=tiny.LORA_TARGETS):
-    base = tiny.unet(0)
-    for seed, name in enumerate(("ir", "aes"), start=10):
-        tiny.add_lora(base, name, seed, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    base.set_adapter([])
-    return base
-
-
 def _plain_step(base, adapter="ir") -> int:
     """Operations of one call of the denoiser with one adapter active (a fine-tuned model, as peft runs it)."""
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     base.set_adapter([adapter])
     try:
         with torch.no_grad(), Launches() as launches:
@@ -42,7 +33,7 @@ def _blended_step(base, mode, weights, kl_scale) -> int:
     """Operations of one blended step inside a routing context (as in a pipeline call), after a first step."""
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
     denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(0))
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     with torch.no_grad(), denoiser.routing():
         denoiser(sample, t + 1, encoder_hidden_states=context)
         with Launches() as launches:
@@ -57,7 +48,7 @@ def _lora_layer(base):
 @pytest.mark.parametrize("route", ["ir", ["ir", "ir", "aes", "aes"], "mask"])
 def test_a_routed_lora_layer_launches_what_peft_launches_for_its_active_adapter(route):
     """One adapter, two stacked by rows, or a rows × adapters mask (stochastic draws): base + one low-rank product."""
-    base = _base()
+    base = lora_base()
     layer = _lora_layer(base)
     x = torch.randn(4, 16, layer.in_features)
     base.set_adapter(["ir"])
@@ -86,7 +77,8 @@ def test_a_blended_step_adds_no_operation_per_lora_layer(mode, weights, kl_scale
     """What a blended step launches beyond a fine-tuned model's step is the same with 4 or 8 LoRA targets per
     transformer block: the blend's own work is per step, none of it per layer."""
     extra = [
-        _blended_step(base, mode, weights, kl_scale) - _plain_step(base) for base in (_base(), _base(MORE_TARGETS))
+        _blended_step(base, mode, weights, kl_scale) - _plain_step(base)
+        for base in (lora_base(), lora_base(targets=MORE_TARGETS))
     ]
     assert extra[0] == extra[1]
 
@@ -104,6 +96,6 @@ def test_a_blended_step_launches_a_bounded_number_of_operations_of_its_own(mode,
     rows' products (DB-MPA's two members) weigh least: about twenty at most, against the 1,238 of a step of an SD1.5
     UNet with one LoRA active (benchmarks/blend_speed.py's launches_* ratios)."""
     targets = ["to_q"]
-    base = _base(targets)
+    base = lora_base(targets=targets)
     extra = _blended_step(base, mode, weights, kl_scale) - _plain_step(base)
     assert extra <= budget

@@ -11,15 +11,9 @@ import safetensors.torch
 import torch
 from peft import get_peft_model, set_peft_model_state_dict
 
-import tiny
 from diffusion_blend import Blend
-from test_pipelines import call_kwargs, max_diff
-
-
-def _forward_calls(module):
-    calls = []
-    module.register_forward_pre_hook(lambda *_: calls.append(1))
-    return calls
+from helpers import tiny
+from helpers.calls import call_kwargs, forward_calls, max_diff
 
 
 def _attention_processor_checkpoint(lora_file, path, prefix=""):
@@ -256,7 +250,7 @@ def test_failed_basis_leaves_the_pipeline_untouched(sd_loras, tmp_path):
 def test_bad_blend_raises_before_denoising(sd_loras, weights, kl_scale, mode, message):
     pipe = tiny.sd_pipeline()
     blend = Blend(pipe, sd_loras)
-    calls = _forward_calls(pipe.unet)
+    calls = forward_calls(pipe.unet)
     with pytest.raises(ValueError, match=message):
         blend.blend(weights=weights, kl_scale=kl_scale, mode=mode, **call_kwargs())
     assert calls == []

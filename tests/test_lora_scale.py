@@ -6,26 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import references
-import tiny
 from diffusion_blend import Blend, BlendedDenoiser
-from test_batching import _cfg_inputs, _lora_base
-from test_pipelines import call_kwargs, max_diff, with_lora
+from helpers import references, tiny
+from helpers.calls import call_kwargs, cfg_inputs, denoise, lora_base, max_diff, with_lora
 
 SCALE = 0.5
 MEMBERS = {"ir": "ir", "aes": "aes"}
 
 
-def _blended(denoiser, weights, kl_scale, mode, attention_kwargs):
-    denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=torch.Generator().manual_seed(0))
-    sample, t, context = _cfg_inputs()
-    with torch.no_grad():
-        return denoiser(sample, t, encoder_hidden_states=context, cross_attention_kwargs=attention_kwargs).sample
-
-
 def _diffusers_scaled_blend(base, weights, kl_scale, scale):
     """The blend of diffusers' own calls at that scale: each member's adapter active in turn, the base with none."""
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     predictions = {}
     with torch.no_grad():
         for name in ("base", *weights):
@@ -47,9 +38,13 @@ def _diffusers_scaled_blend(base, weights, kl_scale, scale):
     ],
 )
 def test_lora_scale_scales_every_lora_member_as_diffusers_does(mode, weights, kl_scale, batch_members):
-    base = _lora_base()
-    blended = _blended(
-        BlendedDenoiser(base, MEMBERS, batch_members=batch_members), weights, kl_scale, mode, {"scale": SCALE}
+    base = lora_base()
+    blended = denoise(
+        BlendedDenoiser(base, MEMBERS, batch_members=batch_members),
+        weights,
+        kl_scale,
+        mode,
+        cross_attention_kwargs={"scale": SCALE},
     )
     expected = _diffusers_scaled_blend(base, {n: w for n, w in weights.items() if w}, kl_scale, SCALE)
     assert max_diff(blended, expected) <= 1e-5
@@ -59,20 +54,20 @@ def test_lora_scale_scales_every_lora_member_as_diffusers_does(mode, weights, kl
 
 
 def test_a_blend_without_a_scale_is_unscaled_after_one_with_a_scale():
-    base = _lora_base()
+    base = lora_base()
     denoiser = BlendedDenoiser(base, MEMBERS)
     weights = {"ir": 0.3, "aes": 0.7}
     with denoiser.routing():  # one routing context, as in a pipeline call: stacked weights are kept across calls
-        _blended(denoiser, weights, 1.0, "mix", {"scale": SCALE})
-        unscaled = _blended(denoiser, weights, 1.0, "mix", None)
+        denoise(denoiser, weights, 1.0, "mix", cross_attention_kwargs={"scale": SCALE})
+        unscaled = denoise(denoiser, weights, 1.0, "mix", cross_attention_kwargs=None)
     assert max_diff(unscaled, _diffusers_scaled_blend(base, weights, 1.0, 1.0)) <= 1e-5
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", True])
 def test_a_lora_scale_that_is_not_a_finite_number_is_refused(scale):
-    denoiser = BlendedDenoiser(_lora_base(), MEMBERS)
+    denoiser = BlendedDenoiser(lora_base(), MEMBERS)
     with pytest.raises(ValueError, match=r"cross_attention_kwargs\['scale'\] \(the LoRA scale\) must be a finite"):
-        _blended(denoiser, {"ir": 0.3, "aes": 0.7}, 1.0, "mix", {"scale": scale})
+        denoise(denoiser, {"ir": 0.3, "aes": 0.7}, 1.0, "mix", cross_attention_kwargs={"scale": scale})
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])

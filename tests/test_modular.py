@@ -10,9 +10,9 @@ from diffusers.guiders import ClassifierFreeGuidance, SkipLayerGuidance
 from diffusers.hooks import LayerSkipConfig
 from diffusers.modular_pipelines import FluxAutoBlocks, StableDiffusionXLAutoBlocks
 
-import tiny
 from diffusion_blend import Blend
-from test_pipelines import max_diff
+from helpers import tiny
+from helpers.calls import max_diff
 
 _generator = torch.Generator().manual_seed(5)
 FLUX_EMBEDS = dict(

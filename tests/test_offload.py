@@ -12,10 +12,9 @@ import torch
 from accelerate import cpu_offload
 from accelerate.hooks import remove_hook_from_submodules
 
-import tiny
 from diffusion_blend import Blend, BlendedDenoiser
-from test_batching import _cfg_inputs, _denoise, _lora_base
-from test_pipelines import call_kwargs, max_diff, with_lora
+from helpers import tiny
+from helpers.calls import call_kwargs, cfg_inputs, denoise, lora_base, max_diff, with_lora
 
 CPU = torch.device("cpu")
 
@@ -28,21 +27,21 @@ CPU = torch.device("cpu")
     ],
 )
 def test_lora_blend_on_a_sequentially_offloaded_base_equals_the_blend_in_memory(mode, weights, kl_scale):
-    expected = _denoise(BlendedDenoiser(_lora_base(), {"ir": "ir", "aes": "aes"}), weights, kl_scale, mode)
-    base = _lora_base()
+    expected = denoise(BlendedDenoiser(lora_base(), {"ir": "ir", "aes": "aes"}), weights, kl_scale, mode)
+    base = lora_base()
     cpu_offload(base, execution_device=CPU)
     assert base.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.lora_A["ir"].weight.is_meta
-    blended = _denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), weights, kl_scale, mode)
+    blended = denoise(BlendedDenoiser(base, {"ir": "ir", "aes": "aes"}), weights, kl_scale, mode)
     assert max_diff(blended, expected) <= 1e-6
 
 
 def test_full_members_offloaded_with_the_base_equal_the_blend_in_memory():
     """Each module's own call puts its weights in place: one call per member works offloaded."""
-    expected = _denoise(BlendedDenoiser(tiny.unet(0), {"ft": tiny.unet(7)}), {"ft": 0.5}, 1.5)
+    expected = denoise(BlendedDenoiser(tiny.unet(0), {"ft": tiny.unet(7)}), {"ft": 0.5}, 1.5)
     base, member = tiny.unet(0), tiny.unet(7)
     for module in (base, member):
         cpu_offload(module, execution_device=CPU)
-    assert max_diff(_denoise(BlendedDenoiser(base, {"ft": member}), {"ft": 0.5}, 1.5), expected) <= 1e-6
+    assert max_diff(denoise(BlendedDenoiser(base, {"ft": member}), {"ft": 0.5}, 1.5), expected) <= 1e-6
 
 
 @pytest.mark.parametrize("offloaded", ["base", "member"])
@@ -50,7 +49,7 @@ def test_full_members_offloaded_apart_from_the_base_raise(offloaded):
     base, member = tiny.unet(0), tiny.unet(7)
     cpu_offload(base if offloaded == "base" else member, execution_device=CPU)
     with pytest.raises(ValueError, match="is offloaded.*offload the base and every full member alike"):
-        _denoise(BlendedDenoiser(base, {"ft": member}), {"ft": 0.5}, 1.5)
+        denoise(BlendedDenoiser(base, {"ft": member}), {"ft": 0.5}, 1.5)
 
 
 def test_vmapped_offloaded_full_members_raise():
@@ -58,18 +57,18 @@ def test_vmapped_offloaded_full_members_raise():
     for module in (base, *members.values()):
         cpu_offload(module, execution_device=CPU)
     with pytest.raises(ValueError, match="is offloaded.*use vmap_full_members=False"):
-        _denoise(BlendedDenoiser(base, members, vmap_full_members=True), {"a": 0.3, "b": 0.5}, 1.5)
+        denoise(BlendedDenoiser(base, members, vmap_full_members=True), {"a": 0.3, "b": 0.5}, 1.5)
 
 
 def test_lora_layers_stack_again_once_the_offload_hooks_are_removed():
     """Removing accelerate's hooks (which puts the weights back) leaves the class's forward on each module: not a
     hook, so the stacked product (fewer operations) is used again."""
-    base = _lora_base()
+    base = lora_base()
     cpu_offload(base, execution_device=CPU)
     remove_hook_from_submodules(base)
     denoiser = BlendedDenoiser(base, {"ir": "ir", "aes": "aes"})
     denoiser.set_blend({"ir": 0.3, "aes": 0.5}, kl_scale=1.5)
-    sample, t, context = _cfg_inputs()
+    sample, t, context = cfg_inputs()
     with torch.no_grad(), denoiser.routing():
         denoiser(sample, t, encoder_hidden_states=context)
         routings = list(denoiser.router._layer_routings.values())

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
 from diffusion_blend import Blend, BlendedDenoiser, blend_per_row, blend_predictions
-from test_batching import _cfg_inputs, _lora_base
-from test_pipelines import PROMPT, call_kwargs, max_diff
+from helpers import tiny
+from helpers.calls import PROMPT, call_kwargs, cfg_inputs, lora_base, max_diff
 
 SWEEP = [{"ir": 1.0, "aes": 0.0}, {"ir": 0.3, "aes": 0.7}, {"ir": -0.2, "aes": 0.9}]
 
@@ -17,7 +16,7 @@ SWEEP = [{"ir": 1.0, "aes": 0.0}, {"ir": 0.3, "aes": 0.7}, {"ir": -0.2, "aes": 0
 def _members(kind):
     """LoRA members on one base, or full modules."""
     if kind == "lora":
-        return _lora_base(), {"ir": "ir", "aes": "aes"}
+        return lora_base(), {"ir": "ir", "aes": "aes"}
     return tiny.unet(0), {"ir": tiny.unet(1), "aes": tiny.unet(2)}
 
 
@@ -33,7 +32,7 @@ def _blended(denoiser, weights, sample, t, context, **blend):
 def test_each_samples_rows_blend_with_its_own_weights(kind, batch_members, kl_scale):
     base, members = _members(kind)
     denoiser = BlendedDenoiser(base, members, batch_members=batch_members)
-    sample, t, context = _cfg_inputs(samples=len(SWEEP))
+    sample, t, context = cfg_inputs(samples=len(SWEEP))
     swept = _blended(denoiser, SWEEP, sample, t, context, kl_scale=kl_scale)
     for index, weights in enumerate(SWEEP):
         rows = [index, len(SWEEP) + index]  # its unconditional and conditional rows
@@ -47,7 +46,7 @@ def test_per_sample_stochastic_draws_with_each_samples_weights(same_noise):
     from the same noise (a sweep's settings do), which must not make them one sample."""
     base, members = _members("lora")
     denoiser = BlendedDenoiser(base, members)
-    sample, t, context = _cfg_inputs(samples=2)
+    sample, t, context = cfg_inputs(samples=2)
     if same_noise:
         sample = sample[[0, 0, 0, 0]]
     one_hot = [{"ir": 1.0, "aes": 0.0}, {"ir": 0.0, "aes": 1.0}]
@@ -74,7 +73,7 @@ def test_per_sample_stochastic_draws_with_each_samples_weights(same_noise):
 )
 def test_per_sample_blends_needing_no_member_are_the_base(weights, kl_scale):
     base, members = _members("lora")
-    sample, t, context = _cfg_inputs(samples=3)
+    sample, t, context = cfg_inputs(samples=3)
     swept = _blended(BlendedDenoiser(base, members), weights, sample, t, context, kl_scale=kl_scale)
     with torch.no_grad():
         assert torch.equal(swept, base(sample, t, encoder_hidden_states=context).sample)
@@ -82,7 +81,7 @@ def test_per_sample_blends_needing_no_member_are_the_base(weights, kl_scale):
 
 def test_weights_for_other_than_the_calls_samples_are_refused():
     denoiser = BlendedDenoiser(*_members("lora"))
-    sample, t, context = _cfg_inputs(samples=2)  # 4 rows: not 3 samples repeated
+    sample, t, context = cfg_inputs(samples=2)  # 4 rows: not 3 samples repeated
     with pytest.raises(ValueError, match="weights are given for 3 samples, but the denoiser is called with 4 rows"):
         _blended(denoiser, SWEEP, sample, t, context)
 
@@ -167,7 +166,7 @@ def test_each_sample_may_have_its_own_kl_scale(mode):
     """A sweep over λ (DB-KLA's curve) in one batch: each sample's rows are its blend alone."""
     base, members = _members("lora")
     denoiser = BlendedDenoiser(base, members)
-    sample, t, context = _cfg_inputs(samples=3)
+    sample, t, context = cfg_inputs(samples=3)
     weights = {"ir": 1.0, "aes": 0.0}  # (one member: the stochastic mode draws it for every sample)
     blend = dict(mode=mode, generator=torch.Generator().manual_seed(0))
     swept = _blended(denoiser, weights, sample, t, context, kl_scale=[0.0, 0.5, 2.0], **blend)
@@ -180,7 +179,7 @@ def test_each_sample_may_have_its_own_kl_scale(mode):
 def test_weights_and_kl_scale_per_sample_go_together():
     base, members = _members("lora")
     denoiser = BlendedDenoiser(base, members)
-    sample, t, context = _cfg_inputs(samples=3)
+    sample, t, context = cfg_inputs(samples=3)
     swept = _blended(denoiser, SWEEP, sample, t, context, kl_scale=[1.0, 0.5, 2.0])
     for index, (weights, kl_scale) in enumerate(zip(SWEEP, [1.0, 0.5, 2.0])):
         rows = [index, 3 + index]

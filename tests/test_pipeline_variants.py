@@ -12,11 +12,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 
-import tiny
 from diffusion_blend import Blend, BlendedDenoiser
-from test_batching import _lora_base
-from test_loading import _forward_calls
-from test_pipelines import call_kwargs, max_diff, with_lora
+from helpers import tiny
+from helpers.calls import call_kwargs, forward_calls, lora_base, max_diff, with_lora
 
 _generator = torch.Generator().manual_seed(5)
 IMAGE = torch.rand(1, 3, 16, 16, generator=_generator)
@@ -155,7 +153,7 @@ def test_a_row_cap_that_splits_a_pag_call_is_refused(sd_loras):
 def test_perturbed_attention_guidance_with_mixed_draws_equals_each_samples_own_member(kl_scale):
     """PAG's processor on the mid block, four samples drawing different members: each sample's three rows
     (unconditional, conditional, perturbed) are its drawn member's, as in a PAG call of that member alone."""
-    base = _lora_base()
+    base = lora_base()
     for name, module in base.named_modules():
         if name.startswith("mid_block") and name.endswith("attn1"):
             module.processor = PAGCFGIdentitySelfAttnProcessor2_0()
@@ -170,7 +168,7 @@ def test_perturbed_attention_guidance_with_mixed_draws_equals_each_samples_own_m
     )
     with torch.no_grad():
         blended = denoiser(sample, t, encoder_hidden_states=context).sample
-        drawn = denoiser._draws.previous[1][:samples].tolist()
+        drawn = denoiser._draws.previous.draws[:samples].tolist()
         assert len(set(drawn)) == 2  # both members drawn
         for index, member in enumerate(drawn):
             rows = torch.tensor([index, samples + index, 2 * samples + index])
@@ -507,7 +505,7 @@ def test_a_member_that_is_the_base_is_evaluated_with_the_base(wan_loras):
     """High-noise steps of ir = aes = 0.5: the base and ir's rows in one call, as many calls as the plain pipeline;
     equal to the blend where aes's high-noise member is a separate copy of the base."""
     pipe, plain = tiny.wan22_pipeline(), tiny.wan22_pipeline()
-    calls, plain_calls = _forward_calls(pipe.transformer), _forward_calls(plain.transformer)
+    calls, plain_calls = forward_calls(pipe.transformer), forward_calls(plain.transformer)
     out = Blend(pipe, _one_expert_basis(pipe, wan_loras)).blend(weights={"ir": 0.5, "aes": 0.5}, **_wan_call()).frames
     plain(**_wan_call())
     assert len(calls) == len(plain_calls)

@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import references
-import tiny
 from diffusion_blend import Blend
+from helpers import references, tiny
+from helpers.calls import PROMPT, SIZE, call_kwargs, lora_denoiser, max_diff, with_lora
 
-PROMPT = "a red cat"
-SIZE = 16
 SD_SCHEDULERS = [("ddim", 0.0), ("ddim", 1.0), ("dpm", 0.0), ("euler", 0.0)]
 GUIDANCE = [1.0, 5.0]  # without and with classifier-free guidance
 BLENDS = {  # name: (weights, kl_scale)
@@ -20,42 +18,6 @@ BLENDS = {  # name: (weights, kl_scale)
     "kl-2": ({"ir": 1.0}, 2.0),
     "joint": ({"ir": 0.6, "aes": 0.2}, 1.4),
 }
-
-
-def call_kwargs(steps=4, guidance=5.0, seed=0, **extra):
-    """A short pipeline call's arguments; ``extra`` adds or replaces any of them."""
-    return (
-        dict(
-            prompt=PROMPT,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=SIZE,
-            width=SIZE,
-            output_type="np",
-            generator=torch.Generator().manual_seed(seed),
-        )
-        | extra
-    )
-
-
-def with_lora(pipe, lora_file, name="basis"):
-    """The plain diffusers way: load the LoRA into the pipeline and keep it active."""
-    pipe.load_lora_weights(str(lora_file), adapter_name=name)
-    return pipe
-
-
-def lora_denoiser(builder, lora_file, prefix="unet"):
-    """A separate denoiser with the LoRA loaded and active (plain peft), for the reference loops.
-
-    ``use_safetensors=True``: without it diffusers' model-level loader reads the file without its header and
-    silently drops the adapter's lora_alpha (diffusers 0.42)."""
-    model = builder(0)
-    model.load_lora_adapter(str(lora_file), prefix=prefix, adapter_name="basis", use_safetensors=True)
-    return model
-
-
-def max_diff(a, b):
-    return float(abs(a - b).max())
 
 
 # ------------------------------------------------------------------------------------------ one-hot and λ = 0
@@ -145,22 +107,13 @@ def test_sd3_blend_equals_reference_loop(sd3_loras, blend_name, guidance):
     assert max_diff(out.images, expected) <= 1e-5
 
 
-class ExpandedBlendUNet(torch.nn.Module):
+class ExpandedBlendUNet(references.ExpandedBlend):
     """An independent stand-in UNet computing the expanded formula from separate plain models (for SDXL, whose
     added conditioning a hand-written loop would have to re-derive)."""
 
     def __init__(self, models, weights, kl_scale):
-        super().__init__()
-        self.models = torch.nn.ModuleDict(models)
-        self.weights, self.kl_scale = weights, kl_scale
-        self.config, self.add_embedding = models["base"].config, models["base"].add_embedding
-
-    dtype, device = torch.float32, torch.device("cpu")
-
-    def forward(self, *args, **kwargs):
-        kwargs["return_dict"] = False
-        predictions = {name: model(*args, **kwargs)[0] for name, model in self.models.items()}
-        return (references.expanded_blend(predictions, self.weights, self.kl_scale),)
+        super().__init__(models, weights, kl_scale)
+        self.add_embedding = models["base"].add_embedding
 
 
 @pytest.mark.parametrize("blend_name", ["mix", "joint"])

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import tiny_rewards
 from diffusion_blend.cli import app
 from diffusion_blend.rewards import (
     RewardWeightsError,
@@ -27,6 +26,7 @@ from diffusion_blend.rewards import (
     parse_weighted,
 )
 from diffusion_blend.rewards.base import resize_and_crop
+from helpers import tiny_rewards
 
 PROMPTS = ["a red cat", "two dogs on a hill", "a blue car"]
 runner = CliRunner()
@@ -404,7 +404,7 @@ def _perturb_norms(state, seed=0):
 
 
 def test_image_reward_matches_a_functional_blip_reference(tmp_path):
-    import reference_rewards
+    from helpers import reference_rewards
 
     folder, (_, _, _, tokenizer) = tiny_rewards.save_image_reward_folder(tmp_path / "ir")
     state = _perturb_norms(torch.load(folder / "ImageReward.pt"))
@@ -419,7 +419,7 @@ def test_image_reward_matches_a_functional_blip_reference(tmp_path):
 
 
 def test_hpsv2_matches_an_open_clip_style_reference(tmp_path):
-    import reference_rewards
+    from helpers import reference_rewards
 
     tokenizer = tiny_rewards.clip_tokenizer(eos_last=True)
     torch.manual_seed(16)

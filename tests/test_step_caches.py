@@ -14,10 +14,9 @@ import pytest
 import torch
 from diffusers.hooks import FirstBlockCacheConfig
 
-import references
-import tiny
 from diffusion_blend import Blend
-from test_pipelines import lora_denoiser, max_diff
+from helpers import references, tiny
+from helpers.calls import lora_denoiser, max_diff
 
 WEIGHTS, KL_SCALE = {"ir": 0.6, "aes": 0.2}, 1.4
 _generator = torch.Generator().manual_seed(5)
@@ -58,17 +57,9 @@ def _cached_pipeline():
     return pipe
 
 
-class SeparatelyCachedBlend(torch.nn.Module):
+class SeparatelyCachedBlend(references.ExpandedBlend):
     """The reference: the expanded formula over separate models, each with its own step cache, each called in the
     pipeline's cache context."""
-
-    def __init__(self, models, weights, kl_scale):
-        super().__init__()
-        self.models = torch.nn.ModuleDict(models)
-        self.weights, self.kl_scale = weights, kl_scale
-        self.config = models["base"].config
-
-    dtype, device = torch.float32, torch.device("cpu")
 
     @contextlib.contextmanager
     def cache_context(self, name, **kwargs):
@@ -76,11 +67,6 @@ class SeparatelyCachedBlend(torch.nn.Module):
             for model in self.models.values():
                 stack.enter_context(model.cache_context(name, **kwargs))
             yield
-
-    def forward(self, *args, **kwargs):
-        kwargs["return_dict"] = False
-        predictions = {name: model(*args, **kwargs)[0] for name, model in self.models.items()}
-        return (references.expanded_blend(predictions, self.weights, self.kl_scale),)
 
 
 @pytest.fixture(scope="module")

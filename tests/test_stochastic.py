@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-import tiny
 from diffusion_blend import BlendedDenoiser
+from helpers import tiny
 
 
 class Constant(nn.Module):

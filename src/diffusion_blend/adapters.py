@@ -108,10 +108,13 @@ class AdapterRouter:
     it: the layers' code is then the same at every call and only the mask's values change, so a graph is reused for
     any routing of the same number of rows.
 
-    What a layer needs — which routed adapters it holds, their stacked weights, its rows' masks — is worked out at
-    its first call inside a routing context (the outermost ``with router:``, one pipeline call) and kept there, so a
-    denoising step costs each layer a dictionary lookup and four tensor operations (on a GPU the Python per layer is
-    what a small batch waits for). Adapter weights changed without gradients are seen from the next context on.
+    What a layer needs — which routed adapters it holds, their stacked weights, its rows' masks — is worked out
+    once and kept, so a denoising step costs each layer a dictionary lookup and four tensor operations (on a GPU the
+    Python per layer is what a small batch waits for). It is kept across routing contexts (the outermost
+    ``with router:``, one pipeline call) while the layer's fingerprint is unchanged: at the layer's first call in a
+    context, its adapters' modules, weights (storage and version), scalings, dropouts and hooks are compared with
+    those it was worked out from, which costs a fraction of working it out again. Adapter weights changed without
+    gradients are seen from the next context on.
 
     Diffusers' LoRA scale (``cross_attention_kwargs={"scale": s}``) reaches only *active* adapters (peft's
     ``scale_layer``), and routed adapters are inactive; :meth:`scaled` applies it to every routed update instead.
@@ -129,10 +132,11 @@ class AdapterRouter:
         self._member_rows: tuple[tuple, torch.Tensor] | None = None
         self._capture_layers()
         self._segments: tuple[tuple[str, int, int], ...] | None = None
-        self._stacked: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights (rebuilt when they change)
+        # Kept across routing contexts while a layer's fingerprint is unchanged (:class:`_LayerState`):
+        self._states: dict[int, _LayerState] = {}  # layer → what it needs
         # Worked out once per routing context (the outermost `with router:`, e.g. one pipeline call), so that the
         # hot path of a layer is a dictionary lookup and its four tensor operations:
-        self._layer_routings: dict[int, _LayerRouting] = {}  # layer → the routed adapters it holds
+        self._layer_routings: dict[int, _LayerRouting] = {}  # layer → its routing, checked in this context
         self._read_weights: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights, read in this context
         self._masks: dict[tuple, torch.Tensor] = {}  # row × rank-block masks, shared by layers of equal ranks
         self._plans_by_routing: dict[tuple, dict] = {}  # segments → {(layer, rows) → the layer's share of them}
@@ -150,6 +154,7 @@ class AdapterRouter:
         """Find the LoRA layers now in the module (adapters may have been loaded or unloaded since), and check
         that every routed adapter is still there and routable."""
         self._inventory = self._adapter_inventory()
+        self._states = {}
         self.layers = [layer for layer in tuner_layers(self.module) if _layer_adapters(layer) & self.adapters]
         missing = self.adapters - set().union(*(_layer_adapters(layer) for layer in self.layers))
         if missing:
@@ -167,7 +172,7 @@ class AdapterRouter:
             if inventory is None or inventory != self._inventory:
                 self._capture_layers()
             self._check_state()
-            active = [layer for layer in self.layers if set(layer.active_adapters) & self.adapters]
+            active = [layer for layer in self.layers if not self.adapters.isdisjoint(layer.active_adapters)]
             if active:  # basis adapters left active (e.g. by peft's loader): off while routing, restored on exit
                 self._snapshot = ActivationSnapshot(self.module)
                 for layer in active:
@@ -195,7 +200,7 @@ class AdapterRouter:
                 self._snapshot = None
 
     def _forget_context(self) -> None:
-        """Drop what was worked out during a routing context: the next one reads the layers and weights anew."""
+        """Drop what was worked out during a routing context: the next one checks the layers and weights anew."""
         self._layer_routings, self._read_weights, self._masks, self._plans_by_routing = {}, {}, {}, {}
         self._rank_masks = (None, {})
 
@@ -268,22 +273,29 @@ class AdapterRouter:
 
     def _add_updates(self, layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         """The updates of the adapters a layer's rows are routed to, added to its base output (None: none)."""
-        if self.row_mask is None and self._segments is None:
-            return None
-        x = args[0] if args else next(iter(kwargs.values()))
-        routing = self._routing_of(layer)
         if self.row_mask is not None:
-            return self._add_masked_updates(layer, routing, x, output)
-        return self._add_segment_updates(layer, routing, x, output)
+            x = args[0] if args else next(iter(kwargs.values()))
+            return self._add_masked_updates(layer, self._routing_of(layer), x, output)
+        if self._segments is None:
+            return None
+        return self._add_segment_updates(layer, args[0] if args else next(iter(kwargs.values())), output)
 
     def _routing_of(self, layer: nn.Module) -> _LayerRouting:
-        """The routed adapters ``layer`` holds and how it applies them (once per routing context)."""
+        """The routed adapters ``layer`` holds and how it applies them (checked once per routing context)."""
         if torch.compiler.is_compiling():  # traced: worked out at trace time, the graph holds only tensor work
             return _layer_routing(layer, self.order)
-        routing = self._layer_routings.get(id(layer))
-        if routing is None:
-            routing = self._layer_routings[id(layer)] = _layer_routing(layer, self.order)
-        return routing
+        return self._state_of(layer).routing
+
+    def _state_of(self, layer: nn.Module) -> _LayerState:
+        """What ``layer`` needs: kept from earlier routing contexts where its fingerprint is unchanged, else worked
+        out anew (compared at its first call in each context)."""
+        state = self._states.get(id(layer))
+        if id(layer) not in self._layer_routings:  # its first call in this context
+            fingerprint = _fingerprint(layer, self.order)
+            if state is None or state.fingerprint != fingerprint:
+                state = self._states[id(layer)] = _LayerState(fingerprint, _layer_routing(layer, self.order), {}, {})
+            self._layer_routings[id(layer)] = state.routing
+        return state
 
     def _add_masked_updates(
         self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, output: torch.Tensor
@@ -303,7 +315,7 @@ class AdapterRouter:
             stacked_a, stacked_b = _stack(layer, routing.adapters, self.lora_scale)
             rank_mask = _rank_mask(row_mask, routing.layout)
         else:
-            stacked_a, stacked_b = self._stacked_weights(layer, routing.adapters)
+            stacked_a, stacked_b = self._stacked_weights(layer, routing, routing.adapters)
             if self._rank_masks[0] is not row_mask:  # a new routing (holding the mask keeps its identity unique)
                 self._rank_masks = (row_mask, {})
             rank_mask = self._rank_masks[1].get(routing.layout)
@@ -311,83 +323,116 @@ class AdapterRouter:
                 rank_mask = self._rank_masks[1][routing.layout] = _rank_mask(row_mask, routing.layout)
         low_rank = _apply(routing.first_a, x.to(stacked_a.dtype), stacked_a)
         update = _apply(
-            routing.first_b, low_rank * _on_rank_axis(rank_mask.to(low_rank.dtype), routing, low_rank), stacked_b
+            routing.first_b, low_rank * _on_rank_axis(rank_mask.to(low_rank.dtype), routing, low_rank.ndim), stacked_b
         )
         return output + update.to(output.dtype)
 
-    def _add_segment_updates(
-        self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, output: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Row-segment routing: each adapter's update added to its own slice of rows."""
-        key = (id(layer), len(x))
-        if key not in self._plans:
-            self._plans[key] = self._plan_segments(layer, routing, len(x))
-        plan = self._plans[key]
+    def _add_segment_updates(self, layer: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """Row-segment routing: each adapter's update added to its own slice of rows. The hot path of a routed
+        layer (every layer, every step): one lookup of the layer's plan, then its four tensor operations."""
+        key = (id(layer), x.shape[0], x.ndim)  # (a tensor's len() goes through Python)
+        plan = self._plans.get(key, _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = self._plans[key] = self._plan_of(layer, x.shape[0], x.ndim)
         if plan is None:
             return None
-        segments, start, stop, mask, adapters = plan
-        if mask is not None and _stacks(routing):  # one product over the rows from the first to the last adapted
-            update = self._stacked_update(layer, routing, x[start:stop], adapters, mask)
+        routing, start, stop = plan.routing, plan.start, plan.stop
+        if plan.mask is not None and not (routing.dropouts and _dropping(routing)):
+            update = self._stacked_update(layer, routing, x[start:stop], plan)  # the rows from the first to the last
+            if update.dtype != output.dtype:  # adapted, in one product
+                update = update.to(output.dtype)
             if torch.is_grad_enabled():
-                return torch.cat([output[:start], output[start:stop] + update.to(output.dtype), output[stop:]])
-            output[start:stop].add_(update.to(output.dtype))
+                return torch.cat([output[:start], output[start:stop] + update, output[stop:]])
+            output[start:stop].add_(update)  # (`+=` would copy the slice back)
             return output
         if torch.is_grad_enabled():
             output = output.clone()  # the in-place row updates below must not touch a tensor autograd saved
-        for adapter, first, last in segments:  # (relative to the plan's first row)
+        for adapter, first, last in plan.segments:  # (relative to the plan's first row)
             rows = slice(start + first, start + last)
             update = lora_update(layer, adapter, x[rows], self.lora_scale)
-            output[rows].add_(update.to(output.dtype))  # (`+=` would copy the slice back)
+            output[rows].add_(update.to(output.dtype))
         return output
 
-    def _plan_segments(self, layer: nn.Module, routing: _LayerRouting, rows: int) -> tuple | None:
-        """A layer's share of the current routing: its segments (shifted to start at the first adapted row when
-        they are stacked), that row range, and the rows × rank mask of the stacked product (None: one update per
-        segment), and the adapters in stacking order. None when none of its rows is routed to an adapter it holds."""
+    def _plan_of(self, layer: nn.Module, rows: int, ndim: int) -> _SegmentPlan | None:
+        """The layer's plan for the current routing, kept in its state across routing contexts."""
+        if torch.compiler.is_compiling():
+            return self._plan_segments(layer, self._routing_of(layer), rows, ndim)
+        state = self._state_of(layer)
+        plans, key = state.plans, (self._segments, rows, ndim)
+        plan = plans.get(key, _UNPLANNED)
+        if plan is _UNPLANNED:
+            if len(plans) >= MAX_PLANNED_ROUTINGS:  # routings that change every call (draws)
+                plans.clear()
+            plan = plans[key] = self._plan_segments(layer, state.routing, rows, ndim)
+        return plan
+
+    def _plan_segments(self, layer: nn.Module, routing: _LayerRouting, rows: int, ndim: int) -> _SegmentPlan | None:
+        """A layer's share of the current routing for inputs of ``rows`` rows and ``ndim`` dimensions (None when
+        none of its rows is routed to an adapter it holds)."""
         segments = [segment for segment in self._segments_for(rows) if segment[0] in routing.adapters]
         if not segments:
             return None
+        like = _weight(routing.factors[segments[0][0]][0])
+        key = (
+            routing.adapters,
+            routing.layout,
+            routing.stackable,
+            routing.rank_axis,
+            rows,
+            ndim,
+            like.dtype,
+            like.device,
+        )
+        shared = self._plans.get(key)  # what layers of the same adapters, ranks and inputs share
+        if shared is None:
+            shared = self._plans[key] = self._shared_plan(routing, segments, rows, ndim, like)
+        return _SegmentPlan(routing, *shared)
+
+    def _shared_plan(self, routing: _LayerRouting, segments: list, rows: int, ndim: int, like: torch.Tensor) -> tuple:
+        """A :class:`_SegmentPlan` but its routing: the segments (shifted to start at the first adapted row when
+        they are stacked), that row range, the rows × rank mask of the stacked product (None: one update per
+        segment), and the adapters in stacking order."""
         adapters = tuple(dict.fromkeys(adapter for adapter, _, _ in segments))
         if len(segments) == 1 or not routing.stackable:
-            return segments, 0, rows, None, adapters
+            return tuple(segments), 0, rows, None, adapters
         start, stop = segments[0][1], segments[-1][2]
-        shifted = [(adapter, first - start, last - start) for adapter, first, last in segments]
-        blocks = _rank_blocks(adapters, [layer.lora_A[adapter].weight.shape[0] for adapter in adapters])
-        return (
-            shifted,
-            start,
-            stop,
-            self._mask(shifted, blocks, stop - start, layer.lora_A[adapters[0]].weight),
-            adapters,
-        )
+        shifted = tuple((adapter, first - start, last - start) for adapter, first, last in segments)
+        ranks = dict(zip(routing.adapters, (rank for _, rank in routing.layout)))
+        blocks = _rank_blocks(adapters, [ranks[adapter] for adapter in adapters])
+        mask = self._mask(shifted, blocks, stop - start, like)
+        return shifted, start, stop, _on_rank_axis(mask, routing, ndim), adapters
 
     def _stacked_update(
-        self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, adapters: tuple[str, ...], mask: torch.Tensor
+        self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, plan: _SegmentPlan
     ) -> torch.Tensor:
         """Every adapter's update in one low-rank product: ((x·A_catᵀ) ⊙ M)·(B·s)_catᵀ, M keeping for each row
         only the rank block of its own adapter. Four operations per layer, as for one active adapter."""
-        stacked_a, stacked_b = self._stacked_weights(layer, adapters)
-        low_rank = _apply(routing.first_a, x.to(stacked_a.dtype), stacked_a)
-        return _apply(routing.first_b, low_rank * _on_rank_axis(mask, routing, low_rank), stacked_b)
+        stacked_a, stacked_b = self._stacked_weights(layer, routing, plan.adapters)
+        if x.dtype != stacked_a.dtype:
+            x = x.to(stacked_a.dtype)
+        return _apply(routing.first_b, _apply(routing.first_a, x, stacked_a) * plan.mask, stacked_b)
 
-    def _stacked_weights(self, layer: nn.Module, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapters' stacked weights (:func:`_stack`), cached per layer and adapter set while the weights are
-        unchanged; built afresh, with their autograd graph, when gradients must reach them. Without gradients the
-        weights are read once per routing context: change them between pipeline calls, not inside one."""
+    def _stacked_weights(
+        self, layer: nn.Module, routing: _LayerRouting, adapters: tuple[str, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' stacked weights (:func:`_stack`), kept in the layer's state while its weights are unchanged
+        (its fingerprint holds their storage and version); built afresh, with their autograd graph, when gradients
+        must reach them. Without gradients the weights are read once per routing context: change them between
+        pipeline calls, not inside one."""
         grad, scale = torch.is_grad_enabled(), self.lora_scale
         if not grad and (read := self._read_weights.get((id(layer), adapters, scale))) is not None:
             return read
-        weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]) for a in adapters]
-        if grad and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
+        state = self._state_of(layer)
+        if grad and any(_weight(factor).requires_grad for a in adapters for factor in routing.factors[a]):
             self._read_weights = {}  # trained inside this context: read them anew after every such call
+            state.stacked.clear()
             return _stack(layer, adapters, scale)
-        version = (scale, *((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights))
-        cached = self._stacked.get((id(layer), adapters))
-        if cached is None or cached[0] != version:
+        kept = state.stacked.get(adapters)
+        if kept is None or kept[0] != scale:
             with torch.no_grad():
-                cached = self._stacked[(id(layer), adapters)] = (version, *_stack(layer, adapters, scale))
-        self._read_weights[(id(layer), adapters, scale)] = cached[1:]
-        return cached[1:]
+                kept = state.stacked[adapters] = (scale, *_stack(layer, adapters, scale))
+        self._read_weights[(id(layer), adapters, scale)] = kept[1:]
+        return kept[1:]
 
     def _mask(self, segments: list, blocks: dict, rows: int, like: torch.Tensor) -> torch.Tensor:
         """Rows × total rank, 1 where a row's adapter owns the rank block; shared by all layers of equal ranks."""
@@ -447,10 +492,11 @@ class _LayerRouters:
 
 
 def _install_router(layer: nn.Module, router: AdapterRouter) -> None:
-    routed = layer.__dict__.get(ROUTER_ATTRIBUTE)
+    attributes = layer.__dict__  # (what nn.Module.__setattr__ does with a function, without its type checks)
+    routed = attributes.get(ROUTER_ATTRIBUTE)
     if routed is None:
-        routed = layer.__dict__[ROUTER_ATTRIBUTE] = _LayerRouters(layer.__dict__.get("forward"))
-        layer.forward = _routed_forward_of(layer)
+        routed = attributes[ROUTER_ATTRIBUTE] = _LayerRouters(attributes.get("forward"))
+        attributes["forward"] = _routed_forward_of(layer)
     routed.routers.append(router)
 
 
@@ -461,11 +507,12 @@ def _remove_router(layer: nn.Module, router: AdapterRouter) -> None:
         return
     routed.routers.remove(router)
     if not routed.routers:
-        del layer.__dict__[ROUTER_ATTRIBUTE]
+        attributes = layer.__dict__
+        del attributes[ROUTER_ATTRIBUTE]
         if routed.own_forward is None:
-            layer.__dict__.pop("forward", None)
+            attributes.pop("forward", None)
         else:
-            layer.forward = routed.own_forward
+            attributes["forward"] = routed.own_forward
 
 
 def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -483,7 +530,7 @@ def _routed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor
         # the user's own adapters, active or fused, belong to the base: peft applies them (or, disabled, unfuses them)
         output = type(layer).forward(layer, *args, **kwargs)
     else:
-        output = layer.base_layer(*args, **kwargs)
+        output = layer._modules["base_layer"](*args, **kwargs)
     for router in routed.routers:
         updated = router._add_updates(layer, args, kwargs, output)
         output = output if updated is None else updated
@@ -513,6 +560,10 @@ def _enclosing_modules(module: nn.Module, layers: list[nn.Module]) -> list[nn.Mo
     return [module.get_submodule(path) for path in sorted(paths)]
 
 
+#: a layer's plan not yet worked out in this routing (None is a plan: no update)
+_UNPLANNED = object()
+
+
 class _LayerRouting(NamedTuple):
     """What a LoRA layer needs to add its routed adapters' updates."""
 
@@ -523,20 +574,85 @@ class _LayerRouting(NamedTuple):
     first_a: nn.Module  # the first adapter's A and B: their operation (linear or convolution) applies stacked weights
     first_b: nn.Module
     rank_axis: int | None  # where the rank lies in the low-rank activations (None: the last axis)
+    factors: dict[str, tuple[nn.Module, nn.Module]]  # each adapter's A and B modules
+
+
+class _LayerState(NamedTuple):
+    """What a routed layer needs, kept across routing contexts while its fingerprint (:func:`_fingerprint`: its
+    routed adapters' modules, weights, scalings, dropouts and hooks) is unchanged: compared at the layer's first call
+    in each context, any difference makes a new state."""
+
+    fingerprint: tuple
+    routing: _LayerRouting
+    plans: dict[tuple, _SegmentPlan | None]  # (segments, rows, ndim) → its share of that routing
+    stacked: dict[tuple[str, ...], tuple]  # adapters → (LoRA scale, A_cat, (B·s)_cat) at that scale
+
+
+class _SegmentPlan(NamedTuple):
+    """A layer's share of a row-segment routing, worked out at its first call in that routing (kept in its
+    state)."""
+
+    routing: _LayerRouting
+    segments: tuple[tuple[str, int, int], ...]  # (adapter, first row, last row) of its adapters' rows, shifted to
+    # start at ``start`` when they are stacked
+    start: int  # the rows from the first to the last adapted one
+    stop: int
+    mask: torch.Tensor | None  # rows × Σr, shaped to multiply the low-rank activations (None: one update per segment)
+    adapters: tuple[str, ...]  # in stacking order
 
 
 def _layer_routing(layer: nn.Module, order: list[str]) -> _LayerRouting:
-    adapters = tuple(adapter for adapter in order if adapter in layer.lora_A)
-    layout = tuple((order.index(adapter), layer.lora_A[adapter].weight.shape[0]) for adapter in adapters)
+    modules = layer._modules  # (a submodule looked up through nn.Module's attributes costs several dictionaries')
+    lora_a, lora_b = modules["lora_A"]._modules, modules["lora_B"]._modules
+    adapters = tuple(adapter for adapter in order if adapter in lora_a)
+    factors = {adapter: (lora_a[adapter], lora_b[adapter]) for adapter in adapters}
+    layout = tuple((order.index(adapter), _weight(factors[adapter][0]).shape[0]) for adapter in adapters)
     rank_axis = 1 if isinstance(layer, lora.layer._ConvNd) else None
-    candidates = (layer.lora_dropout[adapter] for adapter in adapters)
+    candidates = (modules["lora_dropout"]._modules[adapter] for adapter in adapters)
     dropouts = tuple(dropout for dropout in candidates if not isinstance(dropout, nn.Identity) and dropout.p > 0)
-    stackable = _stackable(layer, list(adapters)) and not any(
-        weights_placed_on_call(factor[adapter]) for factor in (layer.lora_A, layer.lora_B) for adapter in adapters
+    stackable = _stackable(layer, adapters) and not any(
+        weights_placed_on_call(factor) for pair in factors.values() for factor in pair
     )
-    return _LayerRouting(
-        adapters, layout, stackable, dropouts, layer.lora_A[adapters[0]], layer.lora_B[adapters[0]], rank_axis
-    )
+    return _LayerRouting(adapters, layout, stackable, dropouts, *factors[adapters[0]], rank_axis, factors)
+
+
+def _fingerprint(layer: nn.Module, order: list[str]) -> tuple:
+    """Everything a layer's state is worked out from that may change between routing contexts (pipeline calls), in
+    one flat tuple: for each routed adapter the layer holds, its A, B and dropout modules, the dropout's
+    probability, its scaling, the storage, version and rank of its weights (changed in place, moved or replaced), and
+    whether a hook places them on call (offloading turned on or off). Modules compare by identity; no tensor is held,
+    so comparing two fingerprints reads nothing from a device."""
+    modules = layer._modules
+    lora_a, lora_b, dropout = (modules[name]._modules for name in ("lora_A", "lora_B", "lora_dropout"))
+    scaling, parts = layer.scaling, []
+    for adapter in order:
+        a = lora_a.get(adapter)
+        if a is None:
+            continue
+        b, drop = lora_b[adapter], dropout[adapter]
+        weight_a, weight_b = _weight(a), _weight(b)
+        parts += (
+            adapter,
+            a,
+            b,
+            drop,
+            drop.__dict__.get("p"),
+            scaling[adapter],
+            weight_a.data_ptr(),
+            weight_a._version,
+            weight_a.shape[0],
+            weight_b.data_ptr(),
+            weight_b._version,
+            weights_placed_on_call(a),
+            weights_placed_on_call(b),
+        )
+    return tuple(parts)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, read from its parameters where it is one (a parametrised weight is a property)."""
+    weight = module._parameters.get("weight")
+    return weight if weight is not None else module.weight
 
 
 def weights_placed_on_call(module: nn.Module) -> bool:
@@ -544,26 +660,35 @@ def weights_placed_on_call(module: nn.Module) -> bool:
     offload parks them on the meta device between calls; diffusers' leaf-level group offloading moves them): such
     weights cannot be read for a stacked product, the module must be called. A forward left on the instance that is
     just the class's own (what removing accelerate's hooks leaves) and an empty diffusers hook registry do not count."""
-    forward = module.__dict__.get("forward")
+    # (read from the instance's own attributes, where accelerate and diffusers put their hooks: a missing attribute
+    # looked up through nn.Module.__getattr__ raises inside, and every LoRA factor is checked at every routing context)
+    attributes = module.__dict__
+    forward = attributes.get("forward")
     replaced = forward is not None and getattr(forward, "__func__", None) is not type(module).forward
-    registry = getattr(module, "_diffusers_hook", None)
+    registry = attributes.get("_diffusers_hook")
     return (
         replaced
-        or bool(module._forward_pre_hooks)
-        or hasattr(module, "_hf_hook")
+        or bool(attributes["_forward_pre_hooks"])
+        or "_hf_hook" in attributes
         or bool(registry is not None and registry.hooks)
     )
 
 
 def _stacks(routing: _LayerRouting) -> bool:
     """Whether the layer's updates are one stacked product now (train/eval mode may change between calls)."""
-    return routing.stackable and not any(dropout.training for dropout in routing.dropouts)
+    return routing.stackable and not _dropping(routing)
 
 
-def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, low_rank: torch.Tensor) -> torch.Tensor:
-    """A rows × rank mask shaped to multiply the low-rank activations (rows first, rank on its axis)."""
-    shape = [1] * low_rank.ndim
-    shape[0], shape[low_rank.ndim - 1 if routing.rank_axis is None else routing.rank_axis] = mask.shape
+def _dropping(routing: _LayerRouting) -> bool:
+    """Whether a dropout of the layer's routed adapters is active now (train mode)."""
+    return any(dropout.training for dropout in routing.dropouts)
+
+
+def _on_rank_axis(mask: torch.Tensor, routing: _LayerRouting, ndim: int) -> torch.Tensor:
+    """A rows × rank mask shaped to multiply low-rank activations of ``ndim`` dimensions (rows first, rank on its
+    axis)."""
+    shape = [1] * ndim
+    shape[0], shape[ndim - 1 if routing.rank_axis is None else routing.rank_axis] = mask.shape
     return mask.view(shape)
 
 
@@ -612,7 +737,7 @@ def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return module._conv_forward(x, weight, None)
 
 
-def _stackable(layer: nn.Module, adapters: list[str]) -> bool:
+def _stackable(layer: nn.Module, adapters: Sequence[str]) -> bool:
     """Whether the adapters' updates can be one stacked product: no bias on B and (for convolutions) identical
     convolution settings. (Their dropouts must be inactive too, which can change from call to call: :func:`_stacks`.)"""
     if any(getattr(layer, "lora_bias", {}).get(a) for a in adapters):

@@ -58,29 +58,6 @@ def validate_weights(weights: Mapping[str, float], names: Iterable[str], *, simp
     return checked
 
 
-def parse_named_numbers(text: str, what: str = "weights", bare: float | None = None) -> dict[str, float]:
-    """``"a=0.3,b=0.7"`` → ``{"a": 0.3, "b": 0.7}`` (how weights are written at the CLI); a bare name counts as
-    ``bare`` when given, else it is an error. Raise on empty items, non-numbers, non-finite values and repeats."""
-    values: dict[str, float] = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            raise ValueError(f"{what}: empty item in {text!r}")
-        name, sep, value = item.rpartition("=") if "=" in item else (item, "", "")
-        name = name.strip()
-        if not name or (not sep and bare is None):
-            raise ValueError(f"{what}: {item!r} is not NAME=NUMBER")
-        if name in values:
-            raise ValueError(f"{what}: {name!r} is given twice")
-        try:
-            number = float(value) if sep else float(bare)
-        except ValueError:
-            raise ValueError(f"{what}: {value.strip()!r} (for {name!r}) is not a number") from None
-        if not math.isfinite(number):
-            raise ValueError(f"{what}: {name!r} is {value.strip()}: weights must be finite numbers")
-        values[name] = number
-    return values
-
-
 def base_coefficient(weights: Iterable[float], kl_scale: float) -> float:
     """The base's coefficient 1 − λ·Σw once the formula is expanded; the base is needed only where it is non-zero."""
     coefficient = 1.0 - kl_scale * math.fsum(weights)

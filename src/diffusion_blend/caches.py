@@ -25,6 +25,10 @@ import weakref
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
+from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+
+#: The attention processors that read or fill a condition key/value cache
+CONDITION_CACHE_PROCESSORS = (Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor)
 #: The denoiser arguments of the protocol: the cache, and whether the call makes it or reads it
 CACHE_ARGUMENT, MODE_ARGUMENT = "kv_cache", "kv_cache_mode"
 EXTRACT, CACHED = "extract", "cached"
@@ -129,9 +133,9 @@ def caches_conditions(pipe: Any, denoiser: Any, pipeline_kwargs: Mapping[str, An
 
 
 def reads_condition_cache(processor_class: type) -> bool:
-    """Whether an attention processor reads or fills a condition key/value cache (FLUX.2 Klein's ``…KV…``
-    processors); others ignore the cache the denoiser is given."""
-    return "KV" in processor_class.__name__
+    """Whether an attention processor reads or fills a condition key/value cache (FLUX.2 Klein's KV processors);
+    others ignore the cache the denoiser is given."""
+    return issubclass(processor_class, CONDITION_CACHE_PROCESSORS)
 
 
 def returned_cache(output: Any) -> Any:

@@ -25,6 +25,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .hub import HUB_FILE, is_hub_file, is_hub_id
+
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "pytorch_lora_weights.bin")
 PEFT_PREFIX = "base_model.model."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry holding the LoraConfig
@@ -32,24 +34,8 @@ TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te3_
 _OLD_PROCESSOR_KEY = re.compile(
     r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<side>down|up)\.weight$"
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>.+\.(?:safetensors|bin))$")
 #: The pipeline attributes (and folders of a pipeline repository) that may hold its denoiser
 DENOISER_FOLDERS = ("unet", "transformer")
-
-
-def is_hub_id(text: str) -> bool:
-    """Whether a string that is not a local path reads as a Hugging Face hub repository id ("owner/name")."""
-    return _reads_as(_HUB_ID, text)
-
-
-def is_hub_file(text: str) -> bool:
-    """Whether a string that is not a local path reads as a file of a hub repository ("owner/name/lora.safetensors")."""
-    return _reads_as(_HUB_FILE, text)
-
-
-def _reads_as(pattern: re.Pattern, text: str) -> bool:
-    return bool(pattern.match(text)) and not text.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -90,7 +76,7 @@ class BasisFilesError(Exception):
 def _download(text: str, denoiser_folders: tuple[str, ...]) -> Path:
     import huggingface_hub
 
-    file = _HUB_FILE.match(text)
+    file = HUB_FILE.match(text)
     if file is not None:
         return Path(huggingface_hub.hf_hub_download(file["repo"], file["file"]))
     try:

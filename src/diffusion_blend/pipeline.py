@@ -11,36 +11,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import itertools
-import json
-import logging
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry
-from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
-from .adapters import ActivationSnapshot, loaded_adapters
-from .caches import CONDITION_CACHES_IN_STOCHASTIC_MODE, caches_conditions, reads_condition_cache
-from .denoiser import BlendedDenoiser, check_member_name, declared_prediction_type
-from .loading import (
-    DENOISER_FOLDERS,
-    LoraFile,
-    is_denoiser_folder,
-    module_path,
-    read_lora,
-    read_scheduler_prediction_type,
-    resolve_source,
-    scheduler_prediction_type,
-    text_encoder_keys,
-)
-
-BasisSource = str | os.PathLike | nn.Module | Mapping[str, "str | os.PathLike | nn.Module | None"]
+from .adapters import loaded_adapters
+from .caches import CONDITION_CACHES_IN_STOCHASTIC_MODE, caches_conditions
+from .checks import check_member_name
+from .denoiser import BlendedDenoiser
+from .loading import DENOISER_FOLDERS, resolve_source
+from .stage import BasisSource, Stage, family
 
 
 class Blend:
@@ -64,7 +48,7 @@ class Blend:
             :class:`BlendedDenoiser`): by default the base and all LoRA members in one call on the shared base,
             compiled with ``torch.compile`` when the pipeline's denoiser was (``pipe.unet = torch.compile(...)``).
 
-    Outside :meth:`blend` the pipeline behaves exactly as before: the basis LoRAs are loaded but inactive, and the
+    Outside :meth:`blend` the pipeline samples as the plain pipeline: the basis LoRAs are loaded but inactive, and the
     activation of its own adapters is left as it was.
     """
 
@@ -89,48 +73,16 @@ class Blend:
             vmap_full_members=vmap_full_members,
             compile=compile,
         )
-        self.experts: list[Blend] = []  # the pipeline's other denoisers blended alike (Wan 2.2's second expert)
-        try:
-            for other in names[1:]:
-                expert = Blend.__new__(Blend)
-                expert.experts = []
-                expert._attach(pipe, other, per_denoiser[other], evaluation)
-                self.experts.append(expert)
-            self._attach(pipe, names[0], per_denoiser[names[0]], evaluation)
-        except Exception:
-            for expert in self.experts:
-                expert.unload()
-            raise
-
-    def _attach(self, pipe: Any, denoiser_name: str, basis: Mapping[str, BasisSource], evaluation: dict) -> None:
-        """Load the basis onto (or beside) one denoiser of the pipeline and make its BlendedDenoiser."""
         self.pipe = pipe
-        self.denoiser_name = denoiser_name
-        if not isinstance(getattr(pipe, denoiser_name, None), nn.Module):
-            raise ValueError(f"{type(pipe).__name__} has no module {denoiser_name!r} to blend (denoiser=...)")
-        self.held: nn.Module = getattr(pipe, denoiser_name)  # what the pipeline holds (maybe a compiled wrapper)
-        self.base: nn.Module = unwrap_module(self.held)
-        self.owned: dict[str, nn.Module] = {}  # full members this Blend loaded from paths
-        resolved = {name: self._resolve(name, source) for name, source in basis.items()}
-        loaded: list[str] = []
-        snapshot = ActivationSnapshot(self.base)
+        #: one per denoiser blended, in the order given (Wan 2.2: the high-noise expert, then the low-noise one)
+        self.stages: list[Stage] = []
         try:
-            members: dict[str, nn.Module | str] = {}
-            for name, source in resolved.items():
-                if isinstance(source, LoraFile):
-                    self._load_lora(name, source)
-                    loaded.append(name)
-                    members[name] = name
-                else:
-                    members[name] = source
-            snapshot.restore()  # the new adapters stay loaded, inactive and frozen
-            self.denoiser = BlendedDenoiser(self.held, members, **evaluation)
+            for name in names:
+                self.stages.append(Stage(pipe, name, per_denoiser[name], evaluation))
         except Exception:
-            if loaded:
-                self.base.delete_adapters(loaded)
-            snapshot.restore()
+            for stage in self.stages:
+                stage.unload()
             raise
-        self.lora_names = loaded
 
     @classmethod
     def from_pretrained(
@@ -176,25 +128,52 @@ class Blend:
     @property
     def names(self) -> list[str]:
         """The basis names, in the order they were given."""
-        self._check_loaded()
-        return list(self.denoiser.names)
+        return list(self._first_usable().denoiser.names)
 
     @property
     def denoiser_names(self) -> list[str]:
-        """The pipeline attributes blended: its denoiser, or each of its denoisers given a basis (Wan 2.2's experts).
-        ``denoiser``, ``base``, ``lora_names`` and ``owned`` are the first one's; ``experts`` hold the others'."""
-        return [stage.denoiser_name for stage in self._stages()]
+        """The pipeline attributes blended: its denoiser, or each of its denoisers given a basis (Wan 2.2's experts)."""
+        return [stage.denoiser_name for stage in self.stages]
+
+    @property
+    def denoiser(self) -> BlendedDenoiser:
+        """The first stage's blended denoiser (the only one, unless a pipeline switches denoisers)."""
+        return self._first_usable().denoiser
+
+    @property
+    def base(self) -> nn.Module:
+        """The first stage's base denoiser."""
+        return self.stages[0].base
+
+    @property
+    def denoiser_name(self) -> str:
+        return self.stages[0].denoiser_name
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The basis LoRAs loaded on the first stage's denoiser."""
+        return self.stages[0].lora_names
+
+    @property
+    def owned(self) -> dict[str, nn.Module]:
+        """The full members the first stage loaded from paths."""
+        return self.stages[0].owned
+
+    @property
+    def experts(self) -> list[Stage]:
+        """The stages after the first (Wan 2.2's low-noise expert)."""
+        return self.stages[1:]
 
     @property
     def has_lora_members(self) -> bool:
         """Whether any basis is a LoRA on any of the denoisers blended."""
-        return any(stage.lora_names for stage in self._stages())
+        return any(stage.lora_names for stage in self.stages)
 
     def to(self, *args: Any, **kwargs: Any) -> Blend:
         """Move the pipeline (and the full-module members loaded from paths) like ``pipe.to``."""
         self.pipe.to(*args, **kwargs)
-        for stage in self._stages():
-            stage._follow_base()
+        for stage in self.stages:
+            stage.follow_base()
         return self
 
     def blend(
@@ -219,9 +198,9 @@ class Blend:
                 ``generator`` (so a fixed seed reproduces the images) and kept apart from its noise stream.
             *args, **pipeline_kwargs: passed to the pipeline unchanged (prompt, guidance_scale, generator, ...).
         """
-        stages = self._stages()
+        stages = self.stages
         for stage in stages:
-            stage._check_usable()
+            stage.check_usable()
         for per_image in (weights, kl_scale):
             _check_one_per_image(per_image, args, pipeline_kwargs)
         offloaded = bool(getattr(self.pipe, "_all_hooks", None))
@@ -235,15 +214,13 @@ class Blend:
         if mode == "stochastic" and member_generator is None:
             member_generator = _member_generator(pipeline_kwargs.get("generator"), self._execution_device())
         for stage in stages:
-            stage._follow_base()
+            stage.follow_base()
             stage.denoiser.set_blend(weights, kl_scale=kl_scale, mode=mode, generator=member_generator)
         with contextlib.ExitStack() as during_the_call:
             if offloaded:  # runs last, once every denoiser is back
-                during_the_call.callback(self._offload_again, stages)
+                during_the_call.callback(self._offload_again)
             for stage in stages:
-                during_the_call.enter_context(stage._swapped())
-                during_the_call.enter_context(stage.denoiser.routing())
-                during_the_call.enter_context(_attention_processors_kept(stage.denoiser))
+                during_the_call.enter_context(stage.in_the_call())
             during_the_call.enter_context(_guider_hooks_on_modules(self.pipe, stages))
             return self.pipe(*args, **pipeline_kwargs)
 
@@ -251,214 +228,28 @@ class Blend:
 
     def unload(self) -> None:
         """Remove the basis LoRAs from the pipeline and drop the loaded full members; the Blend is done after."""
-        for expert in self.experts:
-            expert.unload()
-        if self.lora_names:
-            snapshot = ActivationSnapshot(self.base)
-            self.base.delete_adapters(self.lora_names)
-            snapshot.restore()
-        self.lora_names = []
-        self.owned.clear()
-        self.denoiser = None
+        for stage in self.stages:
+            stage.unload()
 
-    # -------------------------------------------------------------------------------------------------------- loading
-    def _stages(self) -> list[Blend]:
-        """This denoiser's attachment and those of the pipeline's other denoisers blended alike."""
-        return [self, *self.experts]
+    def _first_usable(self) -> Stage:
+        if self.stages[0].denoiser is None:
+            raise ValueError("this Blend was unloaded; make a new one")
+        return self.stages[0]
 
     def _execution_device(self) -> torch.device:
         """Where the pipeline computes (its denoiser's device, or the offload target)."""
         device = getattr(self.pipe, "_execution_device", None)
         return torch.device(device) if device is not None else self.base.device
 
-    def _check_loaded(self) -> None:
-        if self.denoiser is None:
-            raise ValueError("this Blend was unloaded; make a new one")
-
-    def _check_usable(self) -> None:
-        self._check_loaded()
-        if getattr(self.pipe, self.denoiser_name) is self.denoiser:
-            raise ValueError(
-                "this Blend is in the middle of a call (blend() from a callback of its own call?): one call at a time"
-            )
-        if getattr(self.pipe, self.denoiser_name) is not self.held:
-            raise ValueError(
-                f"pipe.{self.denoiser_name} was replaced after the Blend was made; make a new Blend for the new one"
-            )
-
-    def _resolve(self, name: str, source: BasisSource | None) -> LoraFile | nn.Module:
-        """Read and check one basis source without touching the pipeline (None: this denoiser is the base's)."""
-        if source is None:
-            return self.base
-        if isinstance(source, nn.Module):
-            return source
-        if not isinstance(source, (str, os.PathLike)):
-            raise ValueError(f"basis {name!r} must be a path, a hub id or an nn.Module, got {type(source).__name__}")
-        path = resolve_source(name, source, (self.denoiser_name,))
-        if is_denoiser_folder(path):
-            return self._read_denoiser(name, path)
-        lora = read_lora(name, path)
-        lora.state_dict, lora.network_alphas = self._pipeline_format(name, lora)
-        self._check_lora_keys(name, lora)
-        return lora
-
-    def _read_denoiser(self, name: str, path: Path) -> nn.Module:
-        subfolder = self.denoiser_name if (path / "model_index.json").is_file() else None
-        self._check_denoiser_folder(name, path / subfolder if subfolder else path)
-        base_kind = scheduler_prediction_type(dict(self.pipe.scheduler.config))
-        member_kind = read_scheduler_prediction_type(path) if subfolder else None
-        try:
-            module, loading = type(self.base).from_pretrained(
-                path, subfolder=subfolder, dtype=self.base.dtype, output_loading_info=True
-            )
-        except Exception as error:
-            raise ValueError(
-                f"basis {name!r}: cannot load a {type(self.base).__name__} from {path} ({error})"
-            ) from error
-        missing = loading.get("missing_keys") or []
-        if missing:
-            raise ValueError(
-                f"basis {name!r}: the weights in {path} lack {len(missing)} of the "
-                f"{type(self.base).__name__}'s parameters ({', '.join(sorted(missing)[:3])}, ...)"
-            )
-        member_kind = member_kind or declared_prediction_type(module)
-        if base_kind and member_kind and base_kind != member_kind:
-            raise ValueError(f"basis {name!r} predicts {member_kind} but the pipeline's scheduler expects {base_kind}")
-        self.owned[name] = module.to(self.base.device).eval().requires_grad_(False)
-        _take_cache_processors(self.base, module)
-        return self.owned[name]
-
-    def _check_denoiser_folder(self, name: str, folder: Path) -> None:
-        """A denoiser folder (or a pipeline's denoiser subfolder) exists and holds the base's model class."""
-        config = folder / "config.json"
-        if not config.is_file():
-            raise ValueError(
-                f"basis {name!r}: the pipeline folder {folder.parent} has no {folder.name} "
-                f"(no {folder.name}/config.json)"
-            )
-        try:
-            settings = json.loads(config.read_text())
-            declared = _loaded_class_name(settings.get("_class_name"), settings)
-        except (OSError, ValueError, AttributeError) as error:
-            raise ValueError(f"basis {name!r}: {config} is not a readable model config ({error})") from error
-        if declared is not None and declared != type(self.base).__name__:
-            raise ValueError(
-                f"basis {name!r}: {folder} holds a {declared}, but the pipeline's {self.denoiser_name} "
-                f"is a {type(self.base).__name__}"
-            )
-
-    def _pipeline_format(self, name: str, lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict | None]:
-        """Let the pipeline's own ``lora_state_dict`` convert formats it knows (kohya, A1111, ...)."""
-        converter = getattr(self.pipe, "lora_state_dict", None)
-        if converter is None:
-            return lora.state_dict, None
-        try:
-            result = converter(dict(lora.state_dict))
-        except Exception as error:
-            raise ValueError(f"basis {name!r}: {lora.path} is not a LoRA this pipeline can read ({error})") from error
-        if isinstance(result, tuple):
-            return result[0], result[1] if len(result) > 1 and isinstance(result[1], dict) else None
-        return result, None
-
-    def _check_lora_keys(self, name: str, lora: LoraFile) -> None:
-        if text_encoder_keys(lora.state_dict):
-            raise ValueError(
-                f"basis {name!r}: {lora.path} also adapts a text encoder ({text_encoder_keys(lora.state_dict)[0]}, "
-                "...); blending needs one prompt encoding for all members, so only denoiser LoRAs are supported"
-            )
-        prefix = self._lora_prefix(lora.state_dict)
-        keys = [key.removeprefix(f"{prefix}.") if prefix else key for key in lora.state_dict]
-        modules = dict(self.base.named_modules())
-        targets = {module_path(key) for key in keys}
-        unmatched = sorted(str(t) for t in targets if t is None or t not in modules)
-        if not keys or len(unmatched) == len(targets):
-            raise ValueError(
-                f"basis {name!r}: the LoRA keys of {lora.path} match no module of the pipeline's "
-                f"{self.denoiser_name} (e.g. {keys[0] if keys else 'no keys at all'})"
-            )
-        if unmatched:
-            raise ValueError(
-                f"basis {name!r}: {len(unmatched)} module(s) of {lora.path} are not in the pipeline's "
-                f"{self.denoiser_name}: {', '.join(unmatched[:3])}{', ...' if len(unmatched) > 3 else ''}"
-            )
-
-    def _lora_prefix(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
-        """The prefix of a LoRA's keys naming the denoiser (``transformer.…``), or None for unprefixed keys. A
-        LoRA for Wan 2.2's ``transformer_2`` usually carries ``transformer.``, as diffusers saves it."""
-        for prefix in dict.fromkeys((self.denoiser_name, _family(self.denoiser_name))):
-            if any(key.startswith(f"{prefix}.") for key in state_dict):
-                return prefix
-        return None
-
-    def _load_lora(self, name: str, lora: LoraFile) -> None:
-        prefix = self._lora_prefix(lora.state_dict)
-        try:
-            # diffusers' "missing keys" warning matches adapter names as substrings of other adapters' keys (a
-            # LoRA named "b" reports every "…_blocks…" key of the others); the keys were checked above instead.
-            with _quiet_logger("diffusers.utils.peft_utils"):
-                self.base.load_lora_adapter(
-                    lora.state_dict,
-                    prefix=prefix,
-                    adapter_name=name,
-                    network_alphas=lora.network_alphas,
-                    metadata=lora.metadata if not lora.network_alphas else None,
-                    _pipeline=self.pipe,
-                )
-        except (RuntimeError, ValueError, TypeError) as error:  # e.g. a LoRA made for another model size
-            detail = str(error).strip().splitlines()
-            raise ValueError(
-                f"basis {name!r}: {lora.path} does not fit the pipeline's {self.denoiser_name} "
-                f"({detail[-1] if detail else type(error).__name__})"
-            ) from error
-
-    # ------------------------------------------------------------------------------------------------------- calling
-    def _follow_base(self) -> None:
-        """Keep the full members this Blend loaded where the base is (e.g. after ``pipe.to``), tensor by tensor: a
-        half-precision diffusers model keeps some modules in float32 (``_keep_in_fp32_modules``), and a member must
-        compute as the base does."""
-        if not self.owned:
-            return
-        default = (self.base.device, self.base.dtype)
-        placements = {
-            name.replace(".base_layer", ""): (tensor.device, tensor.dtype)
-            for name, tensor in itertools.chain(self.base.named_parameters(), self.base.named_buffers())
-        }
-        for module in self.owned.values():
-            for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
-                device, dtype = placements.get(name, default)
-                dtype = dtype if tensor.is_floating_point() else tensor.dtype
-                if (tensor.device, tensor.dtype) != (device, dtype):
-                    tensor.data = tensor.data.to(device=device, dtype=dtype)
-
-    @contextlib.contextmanager
-    def _swapped(self) -> Iterator[None]:
-        """The pipeline's denoiser is the blend for the duration of the block, the base again after it."""
-        setattr(self.pipe, self.denoiser_name, self.denoiser)
-        try:
-            yield
-        finally:
-            setattr(self.pipe, self.denoiser_name, self.held)
-
-    def _offload_again(self, stages: list[Blend]) -> None:
+    def _offload_again(self) -> None:
         """With model CPU offload the pipeline re-installs its offload hooks at the end of every call, on whatever
         its components then are, the wrappers included; they are taken off the wrappers and put back on the bases.
         (A base's own hook moves it to the GPU for every member evaluation meanwhile.)"""
         from accelerate.hooks import remove_hook_from_module
 
-        for stage in stages:
+        for stage in self.stages:
             remove_hook_from_module(stage.denoiser)
         self.pipe.enable_model_cpu_offload(device=getattr(self.pipe, "_offload_device", None))
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
@@ -530,7 +321,7 @@ def _find_denoiser_name(pipe: Any) -> str:
     where it is the only one loaded. Pipelines that switch between two denoisers during sampling (Wan 2.2's high-
     and low-noise experts, ``transformer`` and ``transformer_2``) must be told which one to blend."""
     names = [
-        name for name in (getattr(pipe, "components", None) or DENOISER_FOLDERS) if _family(name) in DENOISER_FOLDERS
+        name for name in (getattr(pipe, "components", None) or DENOISER_FOLDERS) if family(name) in DENOISER_FOLDERS
     ]
     present = [name for name in names if isinstance(getattr(pipe, name, None), nn.Module)]
     if len(present) > 1:
@@ -607,38 +398,8 @@ def _prompts_of_call(args: tuple, pipeline_kwargs: dict) -> int | None:
     return None
 
 
-def _take_cache_processors(base: nn.Module, member: nn.Module) -> None:
-    """A member loaded for a pipeline gets the key/value-cache attention processors the pipeline gave its own
-    denoiser (FLUX.2 Klein's KV pipeline sets them at its construction): without them it would ignore the cache."""
-    processors = getattr(member, "attn_processors", None)
-    if not processors:
-        return
-    base_processors = base.attn_processors
-    taken = {
-        name: type(base_processors[name])() if reads_condition_cache(type(base_processors.get(name))) else processor
-        for name, processor in processors.items()
-    }  # (a layer the base lacks: the architecture check says so)
-    if any(taken[name] is not processors[name] for name in processors):
-        member.set_attn_processor(taken)
-
-
-def _loaded_class_name(declared: str | None, config: dict) -> str | None:
-    """The model class diffusers loads a config's ``_class_name`` as: older PixArt and DiT checkpoints declare
-    ``Transformer2DModel``, which diffusers remaps by their ``norm_type``."""
-    try:
-        from diffusers.models.model_loading_utils import _CLASS_REMAPPING_DICT
-    except ImportError:  # (a diffusers without the remapping: names are taken as they are)
-        return declared
-    return _CLASS_REMAPPING_DICT.get(declared, {}).get(config.get("norm_type"), declared)
-
-
-def _family(denoiser_name: str) -> str:
-    """``transformer`` for ``transformer_2``: the name its LoRA keys and folders carry in a one-denoiser pipeline."""
-    return re.sub(r"_\d+$", "", denoiser_name)
-
-
 @contextlib.contextmanager
-def _guider_hooks_on_modules(pipe: Any, stages: list[Blend]) -> Iterator[None]:
+def _guider_hooks_on_modules(pipe: Any, stages: list[Stage]) -> Iterator[None]:
     """Guiders that hook the denoiser's blocks for their extra batch (diffusers' skip-layer, perturbed-attention and
     smoothed-energy guiders: modular pipelines, HunyuanVideo 1.5) look the blocks up by name in the module they are
     given, and the blended denoiser's are its base's and its full members'. For the call, such a guider given the
@@ -688,23 +449,6 @@ def _diffusers_hooks(module: nn.Module) -> dict[tuple[str, str], Any]:
         for name, submodule in module.named_modules()
         for hook_name, hook in getattr(getattr(submodule, "_diffusers_hook", None), "hooks", {}).items()
     }
-
-
-@contextlib.contextmanager
-def _attention_processors_kept(denoiser: BlendedDenoiser) -> Iterator[None]:
-    """Full members get back the attention processors they had. Pipelines that install processors for their call
-    (perturbed-attention guidance) walk the wrapper's modules, members included, as they should, but restore
-    only what they read through the wrapper: the base's processors."""
-    kept = [
-        (member, member.attn_processors)
-        for member in denoiser.modules_by_name.values()
-        if hasattr(member, "attn_processors")
-    ]
-    try:
-        yield
-    finally:
-        for member, processors in kept:
-            member.set_attn_processor(processors)
 
 
 def _member_generator(pipeline_generator: Any, device: torch.device) -> torch.Generator:

@@ -208,4 +208,4 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-__all__ = ["INSTALL", "Page", "digits_page", "free_port", "read_front", "serve"]
+__all__ = ["Page", "digits_page", "free_port", "read_front", "require_gradio", "reward_plot", "serve"]

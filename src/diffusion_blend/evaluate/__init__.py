@@ -8,7 +8,7 @@ across processes; ``report.py`` turns the unit files into ``results.json``, ``sa
     run_sweep("sweep.yaml", "out")          # or run_sweep(None, "out", preset="digits")
 """
 
-from .config import ConfigError, SweepConfig, load_config
+from .config import ConfigError, load_config
 from .sweep import run_sweep
 
-__all__ = ["ConfigError", "SweepConfig", "load_config", "run_sweep"]
+__all__ = ["ConfigError", "load_config", "run_sweep"]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from .. import BlendedDenoiser
 from ..baselines import BaseSampler, code_sample, guided_sample
 from ..baselines.soup import interpolate_parameters
-from ..denoiser import BlendedDenoiser
 from ..finetune.path import StochasticPath
 from ..lab.exact import ExactDenoiser
 from ..lab.experiment import make_scheduler, sliced_wasserstein

@@ -320,7 +320,7 @@ def require_basis(rewards: Sequence[str], basis: dict) -> None:
 
 def oracle_point(name: str, rewards: Sequence[str]) -> tuple[float, ...] | None:
     """``"bold=0.25,stencil=0.75"`` → (0.25, 0.75) in the rewards' order; None for an oracle of other rewards."""
-    from ..blend import parse_named_numbers
+    from ..named_numbers import parse_named_numbers
 
     weights = parse_named_numbers(name)
     if set(weights) - set(rewards):

@@ -11,20 +11,6 @@ E[r(x₀)] − α Σ_t KL_t, whose optimal sampler draws from p_base·exp(r/α) 
 against the exact target.
 """
 
-from .method import Method
-from .path import StochasticPath, kl
 from .run import finetune, read_prompts
-from .trainer import DEFAULT_METHOD, METHODS, Settings, evaluate, train
 
-__all__ = [
-    "DEFAULT_METHOD",
-    "METHODS",
-    "Method",
-    "Settings",
-    "StochasticPath",
-    "evaluate",
-    "finetune",
-    "kl",
-    "read_prompts",
-    "train",
-]
+__all__ = ["finetune", "read_prompts"]

@@ -6,17 +6,15 @@ schedulers, and measures the blend's approximation error (its Jensen gap) direct
 """
 
 from .exact import ExactDenoiser
-from .experiment import blend_method_name, initial_noise, make_scheduler, run_lab, sample, sliced_wasserstein
-from .mixture import GaussianMixture, QuadraticReward, weighted_reward
-from .scenario import Scenario, Schedule, default_scenario, grid_scenario, load_scenario
+from .experiment import initial_noise, make_scheduler, run_lab, sample
+from .mixture import GaussianMixture, QuadraticReward
+from .scenario import Scenario, default_scenario, grid_scenario, load_scenario
 
 __all__ = [
     "ExactDenoiser",
     "GaussianMixture",
     "QuadraticReward",
     "Scenario",
-    "Schedule",
-    "blend_method_name",
     "default_scenario",
     "grid_scenario",
     "initial_noise",
@@ -24,6 +22,4 @@ __all__ = [
     "make_scheduler",
     "run_lab",
     "sample",
-    "sliced_wasserstein",
-    "weighted_reward",
 ]

@@ -21,21 +21,16 @@ import time
 from collections.abc import Iterable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from ..blend import base_coefficient, validate_kl_scale, validate_weights
-from ..denoiser import BlendedDenoiser
+from .. import BlendedDenoiser, base_coefficient, validate_kl_scale, validate_weights
+from ..schedulers import scheduler_class
 from .exact import ExactDenoiser
 from .mixture import DTYPE, weighted_reward
 from .scenario import Scenario, Schedule
 
 METHOD_KINDS = ("oracle", "base", "blend", "stochastic")
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-}
+#: The schedulers a lab run may use (short names of the shared table in ``schedulers.py``)
+LAB_SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
 
 
 def make_scheduler(schedule: Schedule, name: str = "ddim"):
@@ -43,8 +38,8 @@ def make_scheduler(schedule: Schedule, name: str = "ddim"):
     not images: clipping to [−1, 1] would destroy modes at ±2) and, for DDIM/DDPM, "trailing" timestep spacing:
     the default "leading" spacing starts 400 steps at t = 798, where the data still shows through the noise that
     the sampler starts from, and biases every method."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    if name not in LAB_SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(LAB_SCHEDULERS)}, got {name!r}")
     config = dict(
         num_train_timesteps=schedule.train_steps,
         beta_start=schedule.beta_start,
@@ -54,7 +49,7 @@ def make_scheduler(schedule: Schedule, name: str = "ddim"):
     )
     if name in ("ddim", "ddpm"):
         config.update(clip_sample=False, timestep_spacing="trailing")
-    return SCHEDULERS[name](**config)
+    return scheduler_class(name)(**config)
 
 
 @torch.no_grad()

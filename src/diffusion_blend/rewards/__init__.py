@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blend import parse_named_numbers
-from .base import FunctionReward, Reward, RewardWeightsError, WeightedReward, env_variable
+from ..named_numbers import parse_named_numbers
+from .base import FunctionReward, Reward, RewardWeightsError, WeightedReward
 
 
 @dataclass(frozen=True)
@@ -32,99 +32,84 @@ class RewardInfo:
     licence: str
 
 
-def _clip(kind: str) -> Callable[..., Reward]:
-    def load(path_or_id=None):
-        from . import clip
+def _defined_in(path: str, **options) -> Callable[..., Reward]:
+    """``Class.load`` of the reward class at ``module:Class`` (a path relative to this package), imported on first
+    use: the registry names every reward without loading the libraries it needs, nor the packages that define some
+    of them (the digits preset, the lab), which build on this one."""
 
-        return getattr(clip, kind).load(path_or_id)
-
-    return load
-
-
-def _hps(version: str) -> Callable[..., Reward]:
-    def load(path_or_id=None):
-        from .clip import HPSv2
-
-        return HPSv2.load(path_or_id, version=version)
-
-    return load
-
-
-def _image_reward(path_or_id=None):
-    from .image_reward import ImageReward
-
-    return ImageReward.load(path_or_id)
-
-
-def _jpeg(path_or_id=None):
-    from .jpeg import JpegCompressibility
-
-    return JpegCompressibility.load(path_or_id)
-
-
-def _digits(kind: str) -> Callable[..., Reward]:
-    def load(path_or_id=None):
-        from ..presets.digits import rewards
-
-        return getattr(rewards, kind).load(path_or_id)
+    def load(*arguments):
+        module, _, attribute = path.partition(":")
+        return getattr(importlib.import_module(module, __package__), attribute).load(*arguments, **options)
 
     return load
 
 
 REGISTRY: dict[str, RewardInfo] = {
     "imagereward": RewardInfo(
-        _image_reward,
+        _defined_in(".image_reward:ImageReward"),
         "text-image alignment and quality (human preferences, BLIP)",
         "THUDM/ImageReward (ImageReward.pt, med_config.json) + bert-base-uncased tokenizer",
         True,
         "Apache-2.0",
     ),
     "pickscore": RewardInfo(
-        _clip("PickScore"),
+        _defined_in(".clip:PickScore"),
         "human preference (Pick-a-Pic), CLIP-H",
         "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor",
         True,
         "MIT",
     ),
     "hpsv2": RewardInfo(
-        _hps("hpsv2"),
+        _defined_in(".clip:HPSv2", version="hpsv2"),
         "human preference (HPD v2), open_clip ViT-H-14",
         "xswu/HPSv2 (HPS_v2_compressed.pt) + CLIP-H tokenizer",
         True,
         "Apache-2.0",
     ),
     "hpsv2.1": RewardInfo(
-        _hps("hpsv2.1"),
+        _defined_in(".clip:HPSv2", version="hpsv2.1"),
         "human preference (HPD v2, v2.1 weights), open_clip ViT-H-14",
         "xswu/HPSv2 (HPS_v2.1_compressed.pt) + CLIP-H tokenizer",
         True,
         "Apache-2.0",
     ),
     "aesthetic": RewardInfo(
-        _clip("LaionAesthetic"),
+        _defined_in(".clip:LaionAesthetic"),
         "aesthetics (LAION predictor v2 on CLIP ViT-L/14)",
         "sac+logos+ava1-l14-linearMSE.pth + openai/clip-vit-large-patch14",
         True,
         "Apache-2.0 (head), MIT (CLIP)",
     ),
     "clipscore": RewardInfo(
-        _clip("ClipScore"),
+        _defined_in(".clip:ClipScore"),
         "text-image alignment, 2.5·max(cos, 0) (Hessel et al.)",
         "any CLIP checkpoint (default openai/clip-vit-base-patch32)",
         True,
         "MIT (OpenAI CLIP)",
     ),
-    "jpeg": RewardInfo(_jpeg, "compressibility: −JPEG size in kB at quality 95", "none", False, "—"),
+    "jpeg": RewardInfo(
+        _defined_in(".jpeg:JpegCompressibility"), "compressibility: −JPEG size in kB at quality 95", "none", False, "—"
+    ),
     "legible": RewardInfo(
-        _digits("Legible"),
+        _defined_in("..presets.digits.rewards:Legible"),
         "digits model: log-probability of the requested digit (classifier)",
         "shipped (presets/digits)",
         True,
         "Apache-2.0",
     ),
-    "bold": RewardInfo(_digits("Bold"), "digits model: fraction of the image inked (soft count)", "none", True, "—"),
+    "bold": RewardInfo(
+        _defined_in("..presets.digits.rewards:Bold"),
+        "digits model: fraction of the image inked (soft count)",
+        "none",
+        True,
+        "—",
+    ),
     "stencil": RewardInfo(
-        _digits("Stencil"), "digits model: separate ink pieces − 1 (gaps cut into the strokes)", "none", False, "—"
+        _defined_in("..presets.digits.rewards:Stencil"),
+        "digits model: separate ink pieces − 1 (gaps cut into the strokes)",
+        "none",
+        False,
+        "—",
     ),
 }
 ALIASES = {
@@ -135,7 +120,9 @@ ALIASES = {
     "hps": "hpsv2.1",
     "compressibility": "jpeg",
 }
+#: ``lab:<name>``: the reward ``name`` of a lab scenario, loaded by ``LAB_REWARD(name, scenario_file_or_None)``
 LAB_PREFIX = "lab:"
+LAB_REWARD = _defined_in("..lab.reward:LabReward")
 
 
 def list_rewards() -> dict[str, RewardInfo]:
@@ -155,9 +142,7 @@ def get_reward(
         raise ValueError(f"reward name must be a non-empty string, got {name!r}")
     name = name.strip()
     if name.startswith(LAB_PREFIX):
-        from .quadratic import LabReward
-
-        reward = LabReward.load(name[len(LAB_PREFIX) :], path_or_id)
+        reward = LAB_REWARD(name[len(LAB_PREFIX) :], path_or_id)
     elif ":" in name:
         reward = load_user_reward(name)
     else:
@@ -197,7 +182,7 @@ def parse_weighted(spec: str) -> dict[str, float]:
 
 
 def check_reward_spec(spec: str) -> bool:
-    """Check every reward a spec names without loading any model (unknown names, user functions that do not import);
+    """Check every reward a spec names before any model is loaded (unknown names, user functions that do not import);
     return whether the reward is differentiable (every part is)."""
     differentiable = True
     for name in parse_weighted(spec):
@@ -230,14 +215,10 @@ def parse_reward(spec: str, paths: dict[str, str] | None = None, device=None, dt
 
 __all__ = [
     "ALIASES",
-    "REGISTRY",
-    "FunctionReward",
     "Reward",
-    "RewardInfo",
     "RewardWeightsError",
     "WeightedReward",
     "check_reward_spec",
-    "env_variable",
     "get_reward",
     "list_rewards",
     "load_user_reward",

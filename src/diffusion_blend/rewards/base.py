@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import is_hub_id
+from ..hub import is_hub_id
 
 #: Where rewards look for their weights when no path is given: ``$DIFFUSION_BLEND_<NAME>`` (one folder per reward).
 ENV_PREFIX = "DIFFUSION_BLEND_"
@@ -254,7 +254,6 @@ __all__ = [
     "ScoreHead",
     "WeightedReward",
     "cosine",
-    "env_variable",
     "load_exactly",
     "load_or_explain",
     "missing_weights",

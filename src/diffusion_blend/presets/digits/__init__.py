@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .pipeline import NULL_CLASS, DigitsPipeline, digit_labels
+from .pipeline import DigitsPipeline, digit_labels
 
 WEIGHTS = Path(__file__).parent / "weights"
 BASE_FOLDER = "base"
@@ -57,8 +57,11 @@ def oracles(folder: str | Path | None = None) -> dict[str, Path]:
 
 
 __all__ = [
-    "NULL_CLASS",
-    "DigitsPipeline",
+    "BASE_FOLDER",
+    "BASIS_FOLDER",
+    "MANIFEST",
+    "ORACLE_FOLDER",
+    "WEIGHTS",
     "basis_models",
     "digit_labels",
     "load_pipeline",

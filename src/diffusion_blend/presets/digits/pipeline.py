@@ -172,4 +172,4 @@ def ink(images: torch.Tensor) -> torch.Tensor:
     return images.mean(dim=1, keepdim=True)
 
 
-__all__ = ["NULL_CLASS", "DigitsPipeline", "digit_labels", "ink", "scheduler_config", "to_images", "unet_config"]
+__all__ = ["NULL_CLASS", "DigitsPipeline", "digit_labels", "ink", "scheduler_config", "to_images"]

@@ -1,11 +1,13 @@
-"""The lab's quadratic rewards r(x) = bᵀx − ½ xᵀAx as rewards of this interface (on samples, not images)."""
+"""The lab's quadratic rewards r(x) = bᵀx − ½ xᵀAx as rewards of the common interface (on samples, not images):
+what ``get_reward("lab:r1")`` loads, through the registry's module path."""
 
 from __future__ import annotations
 
 import torch
 
-from ..lab.mixture import QuadraticReward
-from .base import Reward
+from ..rewards import Reward
+from .mixture import QuadraticReward
+from .scenario import default_scenario, load_scenario
 
 
 class LabReward(Reward):
@@ -20,8 +22,6 @@ class LabReward(Reward):
     @classmethod
     def load(cls, reward_name: str, path_or_id=None) -> LabReward:
         """``reward_name`` of the default scenario, or of the scenario file ``path_or_id``."""
-        from ..lab import default_scenario, load_scenario
-
         scenario = load_scenario(path_or_id) if path_or_id is not None else default_scenario()
         if reward_name not in scenario.rewards:
             raise ValueError(

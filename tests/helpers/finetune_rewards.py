@@ -1,4 +1,4 @@
-"""Rewards for the fine-tuning tests, importable as ``finetune_rewards:NAME`` (user rewards, ``module:function``)."""
+"""Rewards for the fine-tuning tests, as user rewards (``module:function``): ``helpers.finetune_rewards:NAME``."""
 
 from __future__ import annotations
 

@@ -1190,8 +1190,9 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
     return pipe
 
 
-def lora_config(rank: int = 2, alpha: int = 4, targets: list[str] = LORA_TARGETS) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+def lora_config(rank: int = 2, alpha: int = 4, targets: list[str] = LORA_TARGETS, dropout: float = 0.0) -> LoraConfig:
+    """The tests' LoRA configuration: peft's non-zero init, so that an adapter changes the denoiser's output."""
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, init_lora_weights=False)
 
 
 def add_lora(denoiser: torch.nn.Module, name: str, seed: int, config: LoraConfig | None = None) -> None:

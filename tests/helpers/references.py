@@ -1,5 +1,6 @@
 """Hand-written reference samplers: the blend computed in its expanded form, (1 − λΣw)·base + Σ λ w_i·member_i,
-inside a plain denoising loop that uses the scheduler directly (no pipeline, no BlendedDenoiser)."""
+inside a plain denoising loop that uses the scheduler directly (no pipeline, no BlendedDenoiser), and as a stand-in
+denoiser over separate plain models (ExpandedBlend)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,23 @@ def expanded_blend(predictions: dict, weights: dict, kl_scale: float) -> torch.T
     for name, weight in weights.items():
         out = out + kl_scale * weight * predictions[name].double()
     return out.to(predictions["base"].dtype)
+
+
+class ExpandedBlend(torch.nn.Module):
+    """An independent stand-in denoiser: expanded_blend of separate plain models' predictions ("base" and members)."""
+
+    def __init__(self, models, weights, kl_scale):
+        super().__init__()
+        self.models = torch.nn.ModuleDict(models)
+        self.weights, self.kl_scale = weights, kl_scale
+        self.config = models["base"].config
+
+    dtype, device = torch.float32, torch.device("cpu")
+
+    def forward(self, *args, **kwargs):
+        kwargs["return_dict"] = False
+        predictions = {name: model(*args, **kwargs)[0] for name, model in self.models.items()}
+        return (expanded_blend(predictions, self.weights, self.kl_scale),)
 
 
 def _guided(prediction, guidance, do_cfg):
