@@ -14,7 +14,7 @@
 # blended steps (host_sync_check.py).
 # It writes three files into OUT_DIR, each as soon as it has something: environment.txt (GPU, versions),
 # results.jsonl (one JSON object per benchmark run) and log.txt (everything printed, with each run's duration), so
-# a run stopped early still leaves what it measured. About 4-6 minutes on an H100 (estimated, not yet measured).
+# a run stopped early still leaves what it measured. About 4-6 minutes on an H100 (an estimate).
 # GPU_CHECK_COMPILE=1 adds the torch.compile comparison (M = 2, batch 1, 10 steps; minutes of compilation).
 #
 # GPU_CHECK_DEVICE, GPU_CHECK_CONFIG, GPU_CHECK_STEPS, GPU_CHECK_REPEATS and GPU_CHECK_DTYPE (defaults cuda, sd15,

@@ -137,9 +137,8 @@ def _blend_rows(base):
 
 @pytest.mark.parametrize("region", ["whole", "block"])
 def test_in_place_compiled_regions_do_not_hide_the_routing(region):
-    """A graph compiled before the routing was installed must not run it (with routing hooks, TorchDynamo's
-    skipped hook guards made it ignore them): the blend runs those regions uncompiled, and gives them back
-    compiled after."""
+    """A graph compiled before the routing was installed must not run it (TorchDynamo skips hook guards, so such a
+    graph would ignore the routing): the blend runs those regions uncompiled, and gives them back compiled after."""
     weights = {"ir": 0.3, "aes": 0.5}
     expected = _steps(BlendedDenoiser(lora_base(), MEMBERS, compile=False), weights, 1.5, timesteps=(400,))[0]
     base = lora_base()

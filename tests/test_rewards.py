@@ -340,7 +340,7 @@ def test_score_command_offline_error_is_one_line(tmp_path, monkeypatch):
     assert len(lines) == 1 and "DIFFUSION_BLEND_IMAGEREWARD" in lines[0]
 
 
-# ------------------------------------------------------------------------------ review-driven behaviour
+# ------------------------------------------------------------------------------------- modes and edge cases
 def test_train_mode_is_ignored(tmp_path):
     folder, _ = tiny_rewards.save_image_reward_folder(tmp_path / "ir")
     reward = get_reward("ir", folder)

@@ -100,7 +100,7 @@ class AdapterRouter:
     modules — to that adapter's rows. Rows are grouped contiguously per adapter by the caller, so every group is a
     slice (a view), never a gather: this is what keeps a stacked call at the cost of its FLOPs. (peft's
     ``adapter_names`` mixed batches give the same numbers but build per-row index lists and gather/scatter
-    copies in every layer; on small models that overhead was larger than the calls it saves.)
+    copies in every layer; on small models that overhead is larger than the calls it saves.)
 
     A routing can also be a tensor: a (rows × adapters) 0/1 mask, :attr:`row_mask`, that every layer
     multiplies into one stacked low-rank product over all rows. The stochastic mode builds it from its draws on the

@@ -4,7 +4,7 @@ The released model is BLIP: a ViT (ViT-L/16 at 224 px) encodes the image, a BERT
 reads the prompt while attending to the image, and an MLP on the [CLS] state gives the reward, normalised with the
 published mean and standard deviation. transformers' ``BlipVisionModel`` and ``BlipTextModel`` are the same networks
 (ports of BLIP's ``vit.py`` and ``med.py``), so the released ``ImageReward.pt`` loads into them after renaming keys;
-the ImageReward package itself (which no longer imports with transformers 5) is not needed.
+the ImageReward package itself (which does not import with transformers 5) is not needed.
 """
 
 from __future__ import annotations
