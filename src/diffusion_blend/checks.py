@@ -187,15 +187,20 @@ def _freeu_settings(module: nn.Module) -> tuple:
 
 
 def check_processors_alike(
-    name: str, base_layers: list[nn.Module], member_layers: list[nn.Module], kind: Any, what: str, remedy: str
+    base_layers: list[nn.Module], members_layers: Mapping[str, list[nn.Module]], kind: Any, what: str, remedy: str
 ) -> None:
-    """A full member's attention processors are of ``kind`` (a predicate on processor classes) exactly where the
-    base's are: else the member computes attention another way than the base does in this call."""
-    differing = [
-        index
-        for index, (base_layer, layer) in enumerate(zip(base_layers, member_layers))
-        if kind(type(layer.processor)) != kind(type(base_layer.processor))
-    ]
+    """Every full member's attention processors (member name → its attention layers) are of ``kind`` (a predicate on
+    processor classes) exactly where the base's are: else the member computes attention another way than the base
+    does in this call."""
+    base = [kind(type(layer.processor)) for layer in base_layers]
+    for name, member_layers in members_layers.items():
+        _check_processors_alike(name, base, member_layers, kind, what, remedy)
+
+
+def _check_processors_alike(
+    name: str, base: list[bool], member_layers: list[nn.Module], kind: Any, what: str, remedy: str
+) -> None:
+    differing = [index for index, layer in enumerate(member_layers) if kind(type(layer.processor)) != base[index]]
     if differing:
         raise ValueError(
             f"member {name!r} has {what} on {len(differing)} attention layer(s) where the base has none, "

@@ -457,27 +457,27 @@ class BlendedDenoiser(nn.Module):
         matches a basis's name ("mid" in "humid") puts them on every attention layer of that member. FLUX.2 Klein's
         KV pipeline installs processors that read its condition cache on its own transformer only: a member without
         them would ignore the cache. Either way the member would silently be another model."""
+        if not self.modules_by_name:
+            return
         layers = self.executor.attention_layers
-        for name in self.modules_by_name:
+        members = {name: layers[name] for name in self.modules_by_name}
+        check_processors_alike(
+            layers[BASE],
+            members,
+            splits_its_rows,
+            "perturbed-attention-guidance processors",
+            "a pag_applied_layers pattern of the pipeline matches the basis's name in the blend "
+            "(modules_by_name.<basis>.…); choose a basis name no pattern matches",
+        )
+        if self.executor.caches.active:  # (without a cache those processors compute plain attention)
             check_processors_alike(
-                name,
                 layers[BASE],
-                layers[name],
-                splits_its_rows,
-                "perturbed-attention-guidance processors",
-                "a pag_applied_layers pattern of the pipeline matches the basis's name in the blend "
-                "(modules_by_name.<basis>.…); choose a basis name no pattern matches",
+                members,
+                reads_condition_cache,
+                "key/value-cache processors",
+                "give the member the base's processor classes (FLUX.2 Klein KV: Flux2KVAttnProcessor and "
+                "Flux2KVParallelSelfAttnProcessor, as the pipeline gives its transformer)",
             )
-            if self.executor.caches.active:  # (without a cache those processors compute plain attention)
-                check_processors_alike(
-                    name,
-                    layers[BASE],
-                    layers[name],
-                    reads_condition_cache,
-                    "key/value-cache processors",
-                    "give the member the base's processor classes (FLUX.2 Klein KV: Flux2KVAttnProcessor and "
-                    "Flux2KVParallelSelfAttnProcessor, as the pipeline gives its transformer)",
-                )
 
 
 class SignedForward:

@@ -232,8 +232,7 @@ class Blend:
             stage.unload()
 
     def _first_usable(self) -> Stage:
-        if self.stages[0].denoiser is None:
-            raise ValueError("this Blend was unloaded; make a new one")
+        self.stages[0].check_loaded()
         return self.stages[0]
 
     def _execution_device(self) -> torch.device:

@@ -85,9 +85,12 @@ class Stage:
         self.owned.clear()
         self.denoiser = None
 
-    def check_usable(self) -> None:
+    def check_loaded(self) -> None:
         if self.denoiser is None:
             raise ValueError("this Blend was unloaded; make a new one")
+
+    def check_usable(self) -> None:
+        self.check_loaded()
         if getattr(self.pipe, self.denoiser_name) is self.denoiser:
             raise ValueError(
                 "this Blend is in the middle of a call (blend() from a callback of its own call?): one call at a time"
@@ -283,21 +286,6 @@ def _take_cache_processors(base: nn.Module, member: nn.Module) -> None:
     }  # (a layer the base lacks: the architecture check says so)
     if any(taken[name] is not processors[name] for name in processors):
         member.set_attn_processor(taken)
-
-
-def _loaded_class_name(declared: str | None, config: dict) -> str | None:
-    """The model class diffusers loads a config's ``_class_name`` as: older PixArt and DiT checkpoints declare
-    ``Transformer2DModel``, which diffusers remaps by their ``norm_type``."""
-    try:
-        from diffusers.models.model_loading_utils import _CLASS_REMAPPING_DICT
-    except ImportError:  # (a diffusers without the remapping: names are taken as they are)
-        return declared
-    return _CLASS_REMAPPING_DICT.get(declared, {}).get(config.get("norm_type"), declared)
-
-
-def _family(denoiser_name: str) -> str:
-    """``transformer`` for ``transformer_2``: the name its LoRA keys and folders carry in a one-denoiser pipeline."""
-    return re.sub(r"_\d+$", "", denoiser_name)
 
 
 def _loaded_class_name(declared: str | None, config: dict) -> str | None:
