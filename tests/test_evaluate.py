@@ -91,6 +91,7 @@ def test_the_digits_preset_loads():
         "base",
         "db-mpa",
         "db-mpa-ls",
+        "db-smc",
         "soup",
         "soup-published",
         "code",

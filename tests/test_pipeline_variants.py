@@ -14,13 +14,13 @@ from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor
 
 from diffusion_blend import Blend, BlendedDenoiser
 from helpers import tiny
-from helpers.calls import call_kwargs, forward_calls, lora_base, max_diff, with_lora
+from helpers.calls import LEAVE_OUT, call_kwargs, forward_calls, lora_base, max_diff, with_lora
 
 _generator = torch.Generator().manual_seed(5)
 IMAGE = torch.rand(1, 3, 16, 16, generator=_generator)
 MASK = (torch.rand(1, 1, 16, 16, generator=_generator) > 0.5).float()
 VARIANTS = {  # name: (pipeline builder, the pipeline's own extra arguments)
-    "img2img": (tiny.img2img_pipeline, {"image": IMAGE, "strength": 0.7}),
+    "img2img": (tiny.img2img_pipeline, {"image": IMAGE, "strength": 0.7, "height": LEAVE_OUT, "width": LEAVE_OUT}),
     "inpaint": (tiny.inpaint_pipeline, {"image": IMAGE, "mask_image": MASK}),
     "controlnet": (tiny.controlnet_pipeline, {"image": IMAGE}),
     "pag": (tiny.pag_pipeline, {"pag_scale": 3.0}),

@@ -131,7 +131,7 @@ def test_where_the_blend_is_not_exact_the_weights_move():
 def test_skipped_potential_evaluations_telescope_into_the_same_final_weights(monkeypatch):
     """With resampling off, the final log-weights do not depend on how often the potential was evaluated: the
     potential's differences telescope to log ψ₀ − log ψ_T, and the transition ratios are the same draws."""
-    import diffusion_blend.smc as smc_module
+    import diffusion_blend.smc.particles as smc_module
 
     path, predict, rewards, weights = lab_problem(default_scenario(), {"r1": 0.5, "r2": 0.5}, steps=20)
     start = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)

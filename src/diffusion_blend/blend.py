@@ -21,6 +21,12 @@ import torch
 BASE_COEFFICIENT_TOLERANCE = 1e-9
 #: |Σw − 1| allowed for weights that must lie on the probability simplex.
 SIMPLEX_TOLERANCE = 1e-6
+#: Denoiser predictions stay well within this magnitude: coefficients that would carry one past the largest number
+#: of the prediction's dtype are refused before sampling (they would give NaN or inf images).
+PREDICTION_RANGE = 1e3
+#: No coefficient of a meaningful blend comes near this (the method's λ stays within a few units): beyond it the
+#: samples leave the range a denoiser's normalisations can square, and come out NaN, whatever the dtype.
+MAX_COEFFICIENT = 1e6
 
 
 def validate_kl_scale(kl_scale: float) -> float:
@@ -56,6 +62,21 @@ def validate_weights(weights: Mapping[str, float], names: Iterable[str], *, simp
         if abs(total - 1.0) > SIMPLEX_TOLERANCE:
             raise ValueError(f"stochastic mode needs weights that sum to 1 (a probability per member), got {total:g}")
     return checked
+
+
+def check_coefficients(weights: Mapping[str, float], kl_scale: float, dtype: torch.dtype) -> None:
+    """Raise where a coefficient of the expanded formula, λ·w_i or 1 − λΣw, exceeds :data:`MAX_COEFFICIENT` or is so
+    large that predictions of up to :data:`PREDICTION_RANGE` times it overflow ``dtype`` (float16: ±65)."""
+    floating = dtype if dtype.is_floating_point else torch.float32
+    largest = min(MAX_COEFFICIENT, torch.finfo(floating).max / PREDICTION_RANGE)
+    coefficients = {f"kl_scale·w[{name!r}]": kl_scale * weight for name, weight in weights.items()}
+    coefficients["1 − kl_scale·Σw"] = 1.0 - kl_scale * math.fsum(weights.values())
+    too_large = [f"{what} = {value:.3g}" for what, value in coefficients.items() if not abs(value) <= largest]
+    if too_large:
+        raise ValueError(
+            f"weights and kl_scale give {', '.join(too_large)}: beyond ±{largest:.3g} the blend's {dtype} samples "
+            "overflow (NaN or inf images); use smaller weights or kl_scale"
+        )
 
 
 def base_coefficient(weights: Iterable[float], kl_scale: float) -> float:

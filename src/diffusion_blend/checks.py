@@ -48,8 +48,12 @@ def check_member_name(name: object) -> None:
     torch modules already have (``train``, ``to``, ...)."""
     if not isinstance(name, str) or not name or any(c in name for c in ".,=") or name == NO_ADAPTER or name.isspace():
         raise ValueError(f"basis name {name!r} must be a non-empty string without '.', ',' or '='")
-    if hasattr(nn.ModuleDict, name):
+    if name in MODULE_ATTRIBUTES:
         raise ValueError(f"basis name {name!r} is the name of a torch module attribute: choose another")
+
+
+#: what a torch module instance already has (methods, and fields such as ``training``): no basis may be named so
+MODULE_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
 
 
 def splits_its_rows(processor_class: type) -> bool:

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from .adapters import NO_ADAPTER, RowsReshaped, loaded_adapters
 from .arguments import CallSignature
-from .blend import base_coefficient, validate_kl_scale, validate_weights
+from .blend import base_coefficient, check_coefficients, validate_kl_scale, validate_weights
 from .caches import CONDITION_CACHES_IN_STOCHASTIC_MODE, reads_condition_cache, uses_step_cache
 from .checks import (
     check_member_name,
@@ -144,6 +144,10 @@ class BlendedDenoiser(nn.Module):
         self._draws: DrawCache | None = None
         self._draw_probabilities: torch.Tensor | None = None
         self._row_tables: dict[tuple, torch.Tensor] = {}  # per-sample λ·w (or λ) as (rows, columns), per call shape
+        #: called with (the blend's prediction, the base's) after every mix call while set: the SMC corrector weighs
+        #: each step by the base's transition against the blend's. The base is then evaluated in every call (one more
+        #: row per sample where 1 − λΣw = 0), in the same batched call as the members.
+        self.observe_base: Callable[[Prediction, Prediction], None] | None = None
         self.forward = SignedForward(self, self.signature.signature)
 
     @property
@@ -252,7 +256,10 @@ class BlendedDenoiser(nn.Module):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if mode == "stochastic":
             self._refuse_step_caches()
-        self.settings = BlendSettings(checked, _kl_scales_per_sample(kl_scale, len(checked)), mode, generator)
+        settings = BlendSettings(checked, _kl_scales_per_sample(kl_scale, len(checked)), mode, generator)
+        for sample_weights, sample_kl_scale in settings.samples:
+            check_coefficients(sample_weights, sample_kl_scale, self.dtype)
+        self.settings = settings
         self._draws = None
         self._draw_probabilities = self._probabilities() if mode == "stochastic" else None
         self.executor.caches.clear()
@@ -346,7 +353,9 @@ class BlendedDenoiser(nn.Module):
             for name in per_sample[0][0]
             if any(kl_scale * weights[name] != 0 for weights, kl_scale in per_sample)
         ]
-        needs_base = any(base_coefficient(weights.values(), kl_scale) != 0 for weights, kl_scale in per_sample)
+        needs_base = self.observe_base is not None or any(
+            base_coefficient(weights.values(), kl_scale) != 0 for weights, kl_scale in per_sample
+        )
         return ([Evaluation(BASE)] if needs_base else []) + members
 
     def _mix(self, latent: Rows, args: tuple, kwargs: dict) -> Any:
@@ -360,6 +369,8 @@ class BlendedDenoiser(nn.Module):
             blended = blend_rows(base, member_predictions, weights, self.settings.kl_scale)
         else:  # λ·w per row, so that λ too may differ from sample to sample
             blended = blend_rows(base, member_predictions, self._per_row_table(tuple(members), latent), 1.0)
+        if self.observe_base is not None:
+            self.observe_base(blended, base)
         return with_prediction(template, blended)
 
     def _per_row_table(self, members: tuple[str, ...] | None, latent: Rows) -> torch.Tensor:

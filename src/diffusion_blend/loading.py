@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,14 +127,46 @@ def read_lora(name: str, path: Path) -> LoraFile:
     file = _lora_weight_file(name, path)
     if file.suffix == ".safetensors":
         state_dict, header = _read_safetensors(name, file)
-        metadata = json.loads(header[DIFFUSERS_METADATA_KEY]) if DIFFUSERS_METADATA_KEY in header else None
+        check_finite(name, file, state_dict)
+        metadata = _lora_metadata(name, file, header)
         if (file.parent / "adapter_config.json").is_file() and any(k.startswith(PEFT_PREFIX) for k in state_dict):
             state_dict, metadata = _from_peft_folder(name, file.parent, state_dict)
         return LoraFile(file, state_dict, metadata)
     state_dict = _read_pickle(name, file)
+    check_finite(name, file, state_dict)
     if is_attention_processor_lora(state_dict):
         state_dict = convert_attention_processor_lora(state_dict)
     return LoraFile(file, state_dict, None)
+
+
+def check_finite(name: str, source: object, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Weights holding NaN or inf would turn every image they touch into NaN: refused, naming the first tensor."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"basis {name!r}: {source} holds non-finite values (NaN or inf) in {key!r}")
+
+
+def _lora_metadata(name: str, file: Path, header: Mapping[str, str]) -> dict | None:
+    """The LoraConfig diffusers writes into the safetensors header (None where there is none)."""
+    if DIFFUSERS_METADATA_KEY not in header:
+        return None
+    try:
+        metadata = json.loads(header[DIFFUSERS_METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"basis {name!r}: the LoRA metadata in {file} is not JSON ({error})") from error
+    from peft import LoraConfig
+
+    fields = set(LoraConfig.__dataclass_fields__)
+    # (keys are the LoraConfig's fields, prefixed by the component in a pipeline's file: "unet.lora_alpha")
+    unknown = (
+        sorted(key for key in metadata if key.rsplit(".", 1)[-1] not in fields) if isinstance(metadata, dict) else []
+    )
+    if not isinstance(metadata, dict) or unknown:
+        raise ValueError(
+            f"basis {name!r}: the LoRA metadata in {file} is not a LoraConfig"
+            + (f" (unknown fields: {', '.join(unknown[:5])})" if unknown else f" (got {type(metadata).__name__})")
+        )
+    return metadata
 
 
 def _lora_weight_file(name: str, path: Path) -> Path:
@@ -164,8 +198,14 @@ def _read_pickle(name: str, file: Path) -> dict[str, torch.Tensor]:
     """A legacy ``.bin`` checkpoint, read without executing code (``weights_only=True``)."""
     try:
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"basis {name!r}: {file} holds Python objects besides tensors, which loading could run as code: refused "
+            "(save the weights as .safetensors)"
+        ) from None
     except Exception as error:
-        raise ValueError(f"basis {name!r}: cannot read {file} as a weights-only torch checkpoint ({error})") from error
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"basis {name!r}: cannot read {file} as a weights-only torch checkpoint ({detail})") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"basis {name!r}: {file} is not a state dict of tensors")
     return state_dict

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +25,11 @@ from .adapters import loaded_adapters
 from .caches import CONDITION_CACHES_IN_STOCHASTIC_MODE, caches_conditions
 from .checks import check_member_name
 from .denoiser import BlendedDenoiser
+from .hub import is_hub_id
 from .loading import DENOISER_FOLDERS, resolve_source
+from .smc.particles import SMC, Trace
 from .stage import BasisSource, Stage, family
+from .turns import taking_turns
 
 
 class Blend:
@@ -76,6 +81,8 @@ class Blend:
         self.pipe = pipe
         #: one per denoiser blended, in the order given (Wan 2.2: the high-noise expert, then the low-noise one)
         self.stages: list[Stage] = []
+        #: what the last call corrected by SMC did (ESS per step, resamplings, calls)
+        self.smc_trace: Trace | None = None
         try:
             for name in names:
                 self.stages.append(Stage(pipe, name, per_denoiser[name], evaluation))
@@ -110,6 +117,7 @@ class Blend:
                 raise ValueError("give the pipeline's dtype once: torch_dtype or dtype, not both")
             torch_dtype = kwargs.pop("dtype")
         _check_basis_names(basis)
+        _check_base_source(model_id_or_path)
         for name, source in basis.items():
             for folder, part in source.items() if isinstance(source, Mapping) else [(denoiser, source)]:
                 if part is not None and not isinstance(part, nn.Module):
@@ -183,6 +191,7 @@ class Blend:
         kl_scale: float | Sequence[float] = 1.0,
         mode: str = "mix",
         member_generator: torch.Generator | None = None,
+        corrector: SMC | None = None,
         **pipeline_kwargs: Any,
     ) -> Any:
         """Call the pipeline with its denoiser replaced by the blend; returns the pipeline's own output.
@@ -196,13 +205,31 @@ class Blend:
                 and step, drawn with probability w; weights on the simplex).
             member_generator: generator for the stochastic draws; by default one seeded from the pipeline's
                 ``generator`` (so a fixed seed reproduces the images) and kept apart from its noise stream.
+            corrector: :class:`~diffusion_blend.smc.SMC` with rewards and α: sequential Monte Carlo towards the exact
+                target p_base · exp(λ Σ w_i r_i / α), K particles per image as rows of the call, the blend as proposal
+                (:mod:`diffusion_blend.smc.pipeline`; mode ``"mix"``, a DDPM or DDIM η > 0 scheduler). The run's
+                trace (ESS per step, resamplings, calls) is kept in :attr:`smc_trace`.
             *args, **pipeline_kwargs: passed to the pipeline unchanged (prompt, guidance_scale, generator, ...).
+
+        Calls on the same denoiser take turns (:mod:`diffusion_blend.turns`): from several threads, each waits for
+        the one before it and gets its own result.
         """
+        with taking_turns(stage.base for stage in self.stages):
+            return self._blend_call(args, weights, kl_scale, mode, member_generator, corrector, pipeline_kwargs)
+
+    __call__ = blend
+
+    def _blend_call(self, args, weights, kl_scale, mode, member_generator, corrector, pipeline_kwargs) -> Any:
         stages = self.stages
+        _check_pipeline_arguments(self.pipe, pipeline_kwargs)
         for stage in stages:
             stage.check_usable()
-        for per_image in (weights, kl_scale):
-            _check_one_per_image(per_image, args, pipeline_kwargs)
+        for what, per_image in (("weights", weights), ("kl_scale values", kl_scale)):
+            _check_one_per_image(what, per_image, args, pipeline_kwargs)
+        correction = None
+        if corrector is not None:
+            correction = self._correction(corrector, weights, kl_scale, mode, args, pipeline_kwargs)
+            weights, kl_scale, pipeline_kwargs = correction.weights, correction.kl_scale, correction.pipeline_kwargs
         offloaded = bool(getattr(self.pipe, "_all_hooks", None))
         if offloaded and any(stage.denoiser.modules_by_name for stage in stages):
             raise ValueError(
@@ -222,14 +249,29 @@ class Blend:
             for stage in stages:
                 during_the_call.enter_context(stage.in_the_call())
             during_the_call.enter_context(_guider_hooks_on_modules(self.pipe, stages))
-            return self.pipe(*args, **pipeline_kwargs)
-
-    __call__ = blend
+            if correction is None:
+                return self.pipe(*args, **pipeline_kwargs)
+            during_the_call.enter_context(correction.installed(stages[0].denoiser))
+            output = self.pipe(*args, **pipeline_kwargs)
+        self.smc_trace = correction.trace
+        return correction.selected(output)
 
     def unload(self) -> None:
         """Remove the basis LoRAs from the pipeline and drop the loaded full members; the Blend is done after."""
         for stage in self.stages:
             stage.unload()
+
+    def _correction(self, corrector: SMC, weights, kl_scale, mode: str, args: tuple, pipeline_kwargs: dict):
+        from .smc.pipeline import PipelineCorrection
+
+        if not isinstance(corrector, SMC):
+            raise ValueError(f"corrector must be an SMC(...), got {type(corrector).__name__}")
+        if mode != "mix":
+            raise ValueError("the SMC corrector weighs the blend's Gaussian step: use mode='mix'")
+        if len(self.stages) > 1:
+            raise ValueError("the SMC corrector follows one blended denoiser; this blend switches between several")
+        images = _images_of_call(args, pipeline_kwargs)
+        return PipelineCorrection(self.pipe, corrector, weights, kl_scale, images, args, pipeline_kwargs)
 
     def _first_usable(self) -> Stage:
         self.stages[0].check_loaded()
@@ -252,7 +294,12 @@ class Blend:
 
 
 def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
-    if not isinstance(basis, Mapping) or not basis:
+    if not isinstance(basis, Mapping):
+        raise ValueError(
+            f"basis must be a mapping of name → LoRA path, denoiser folder or module (the names are what weights "
+            f"refer to), got a {type(basis).__name__}"
+        )
+    if not basis:
         raise ValueError("the basis is empty: give at least one name → LoRA path, denoiser folder or module")
     for name, source in basis.items():
         check_member_name(name)
@@ -261,6 +308,15 @@ def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
                 f"basis {name!r} leaves every denoiser unchanged (no source, or None for each): give "
                 "a LoRA, a denoiser folder or a module (None only beside another denoiser's source)"
             )
+
+
+def _check_base_source(model_id_or_path: str | os.PathLike) -> None:
+    """A base that is not a hub id ("owner/name") is a local folder, and must exist (diffusers would report it as an
+    invalid repository id)."""
+    text = os.fspath(model_id_or_path)
+    if not is_hub_id(text) and not Path(text).expanduser().is_dir():
+        what = "is not a folder" if Path(text).expanduser().exists() else "does not exist"
+        raise ValueError(f"base {text!r} {what}: give a pipeline folder (model_index.json) or a hub id (owner/name)")
 
 
 def _check_no_collision(pipe: Any, basis: Mapping[str, BasisSource], denoisers: Sequence[str]) -> None:
@@ -337,13 +393,38 @@ def _find_denoiser_name(pipe: Any) -> str:
     return present[0]
 
 
-def _check_one_per_image(values: Any, args: tuple, pipeline_kwargs: dict) -> None:
+#: what diffusers pipelines still read from their ``**kwargs`` (deprecated callbacks)
+DEPRECATED_CALL_ARGUMENTS = ("callback", "callback_steps")
+
+
+def _check_pipeline_arguments(pipe: Any, pipeline_kwargs: dict) -> None:
+    """Arguments a diffusers pipeline would silently ignore (its ``**kwargs`` takes anything) and step counts below
+    one (a pipeline would decode its starting noise) are refused by name. (A modular pipeline's ``**kwargs`` are its
+    inputs.)"""
+    from diffusers import DiffusionPipeline
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    takes_anything = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
+    if isinstance(pipe, DiffusionPipeline) and takes_anything:
+        unknown = sorted(set(pipeline_kwargs) - set(parameters) - set(DEPRECATED_CALL_ARGUMENTS))
+        if unknown:
+            raise ValueError(
+                f"{type(pipe).__name__} takes no argument(s) {', '.join(unknown)} (it would ignore them); "
+                "Blend.blend's own are weights, kl_scale, mode, member_generator and corrector"
+            )
+    steps = pipeline_kwargs.get("num_inference_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+
+
+def _check_one_per_image(what: str, values: Any, args: tuple, pipeline_kwargs: dict) -> None:
     """Weights or λ given per sample are one per image of the call. Where the call's arguments do not tell how many
     images it makes, a list of several is refused: the denoiser's rows alone cannot tell images from the halves of
     classifier-free guidance (4 weights on 2 images × 2 halves would blend each image's halves apart)."""
     if isinstance(values, (Mapping, str)) or not isinstance(values, Sequence):
         return
-    what = "weights" if values and isinstance(values[0], Mapping) else "kl_scale values"
+    if not values:
+        raise ValueError(f"{what} are an empty list: give one value for every image, or one for all")
     images = _images_of_call(args, pipeline_kwargs)
     if images is None and len(values) > 1:
         raise ValueError(

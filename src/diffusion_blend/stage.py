@@ -28,6 +28,7 @@ from .checks import declared_prediction_type
 from .denoiser import BlendedDenoiser
 from .loading import (
     LoraFile,
+    check_finite,
     is_denoiser_folder,
     module_path,
     read_lora,
@@ -113,6 +114,7 @@ class Stage:
         if source is None:
             return self.base
         if isinstance(source, nn.Module):
+            check_finite(name, "the module given", dict(source.named_parameters()))
             return source
         if not isinstance(source, (str, os.PathLike)):
             raise ValueError(f"basis {name!r} must be a path, a hub id or an nn.Module, got {type(source).__name__}")
@@ -143,6 +145,7 @@ class Stage:
                 f"basis {name!r}: the weights in {path} lack {len(missing)} of the "
                 f"{type(self.base).__name__}'s parameters ({', '.join(sorted(missing)[:3])}, ...)"
             )
+        check_finite(name, path, dict(module.named_parameters()))
         member_kind = member_kind or declared_prediction_type(module)
         if base_kind and member_kind and base_kind != member_kind:
             raise ValueError(f"basis {name!r} predicts {member_kind} but the pipeline's scheduler expects {base_kind}")
@@ -226,8 +229,8 @@ class Stage:
                     metadata=lora.metadata if not lora.network_alphas else None,
                     _pipeline=self.pipe,
                 )
-        except (RuntimeError, ValueError, TypeError) as error:  # e.g. a LoRA made for another model size
-            detail = str(error).strip().splitlines()
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:  # e.g. a LoRA made for another model size
+            detail = str(error).strip().splitlines() if not isinstance(error, KeyError) else [f"no {error}"]
             raise ValueError(
                 f"basis {name!r}: {lora.path} does not fit the pipeline's {self.denoiser_name} "
                 f"({detail[-1] if detail else type(error).__name__})"

@@ -10,9 +10,13 @@ PROMPT = "a red cat"
 SIZE = 16
 
 
+#: in ``call_kwargs``' extra: leave that argument out (a pipeline that takes no height, such as img2img's)
+LEAVE_OUT = object()
+
+
 def call_kwargs(steps=4, guidance=5.0, seed=0, **extra):
-    """A short pipeline call's arguments; ``extra`` adds or replaces any of them."""
-    return (
+    """A short pipeline call's arguments; ``extra`` adds, replaces or (``LEAVE_OUT``) removes any of them."""
+    kwargs = (
         dict(
             prompt=PROMPT,
             num_inference_steps=steps,
@@ -24,6 +28,7 @@ def call_kwargs(steps=4, guidance=5.0, seed=0, **extra):
         )
         | extra
     )
+    return {name: value for name, value in kwargs.items() if value is not LEAVE_OUT}
 
 
 def with_lora(pipe, lora_file, name="basis"):

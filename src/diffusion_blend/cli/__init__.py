@@ -6,11 +6,41 @@ non-zero exit code (``running.py``), and writes its outputs only once everything
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
 
 from . import demo, finetune, generate, lab, rewards, sweep, ui
 
-app = typer.Typer(
+try:  # typer ≥ 0.25 runs on its own copy of click
+    from typer._click import exceptions as usage
+except ImportError:
+    from click import exceptions as usage
+
+
+class OneLineUsage(typer.Typer):
+    """The app as the ``diffusion-blend`` script runs it: a mistyped option or argument is one line on stderr
+    (``error: No such option: --stpes (see diffusion-blend generate --help)``), not a usage box."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        command = typer.main.get_command(self)
+        try:
+            code = command.main(*args, standalone_mode=False, **kwargs)
+        except usage.NoArgsIsHelpError as shown:
+            shown.show()
+            sys.exit(shown.exit_code)
+        except usage.UsageError as error:
+            path = error.ctx.command_path if error.ctx is not None else "diffusion-blend"
+            typer.echo(f"error: {error.format_message()} (see {path} --help)", err=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = OneLineUsage(
     name="diffusion-blend",
     help="Align a diffusion model with any mix of preferences at inference time (Diffusion Blend).",
     no_args_is_help=True,

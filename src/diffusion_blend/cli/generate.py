@@ -7,6 +7,7 @@ The story of a call: the options checked (``request.py``), the blend loaded, the
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +18,7 @@ from ..schedulers import SCHEDULERS
 from .output import save_images
 from .pipeline_call import PipelineCall, pipeline_call
 from .request import COMPILE_MODES, DTYPES, Request, check_request
-from .running import quiet_libraries, run_reporting_errors
+from .running import CommandError, quiet_libraries, run_reporting_errors
 
 
 def generate(
@@ -80,6 +81,26 @@ def generate(
         str | None,
         typer.Option(
             help="The pipeline's denoiser to blend, where it has several (Wan 2.2: transformer or transformer_2)."
+        ),
+    ] = None,
+    eta: Annotated[
+        float | None, typer.Option(help="DDIM's η: 0 deterministic, 1 DDPM's noise (default: the pipeline's).")
+    ] = None,
+    smc: Annotated[
+        int | None,
+        typer.Option(
+            help="Correct the blend by sequential Monte Carlo with this many particles per image, towards "
+            "p_base·exp(λ Σ w r / α) (needs a stochastic sampler: --eta 1, or --scheduler ddpm)."
+        ),
+    ] = None,
+    smc_reward: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=SPEC: the reward of basis NAME for --smc (default: the reward named NAME); repeat it."),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="The KL weight α the basis models were fine-tuned with, for --smc (embedded model: its own)."
         ),
     ] = None,
     base: Annotated[
@@ -156,13 +177,27 @@ def sample_with_progress(blend: Any, request: Request, call: PipelineCall) -> li
     ) as progress:  # stdout: the paths
         task = progress.add_task("denoising", total=steps)
 
-        def on_step_end(_pipe, _step, _timestep, callback_kwargs):
+        def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            check_finite_latents(callback_kwargs.get("latents"), step)
             progress.advance(task)
             return callback_kwargs
 
         if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
             kwargs["callback_on_step_end"] = on_step_end
+        if request.smc is not None:
+            kwargs["corrector"] = request.smc.corrector(request.device)
         return blend.blend(weights=weights, kl_scale=kl_scale, mode=request.mode, **kwargs).images
+
+
+def check_finite_latents(latents: Any, step: int) -> None:
+    """Stop at the first step whose latents hold NaN or inf: the images would come out black, and exit 0."""
+    import torch
+
+    if isinstance(latents, torch.Tensor) and not bool(torch.isfinite(latents).all()):
+        raise CommandError(
+            f"the sampling produced non-finite values (NaN or inf) at step {step + 1}; nothing was written "
+            "(in half precision, try --dtype fp32 or smaller weights)"
+        )
 
 
 def settings_record(request: Request, blend: Any, call: PipelineCall, images: list) -> dict[str, Any]:
@@ -200,7 +235,20 @@ def settings_record(request: Request, blend: Any, call: PipelineCall, images: li
         "max_batch_size": request.max_batch_size,
         "lora_scale": request.lora_scale,
         "denoiser": blend.denoiser_names if blend.experts else blend.denoiser_name,
+        "eta": call.kwargs.get("eta"),
+        "smc": None if request.smc is None else {**dataclasses.asdict(request.smc), **_trace_summary(blend.smc_trace)},
         "versions": {"diffusion_blend": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
+    }
+
+
+def _trace_summary(trace: Any) -> dict[str, Any]:
+    """What the settings file records of a corrected run: the lowest mean ESS fraction, the resampling steps, the
+    log normalising-constant estimate per image, the calls."""
+    return {
+        "min_ess": min(trace.ess),
+        "resampling_steps": sorted(trace.resampled),
+        "log_normaliser": trace.log_normaliser.tolist(),
+        "reward_calls": trace.reward_calls,
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from ..files import write_atomically
@@ -29,6 +30,8 @@ class Output:
     @classmethod
     def parse(cls, text: str) -> Output:
         """``--out``: an image file by its suffix, a folder where it ends in a slash, has no suffix or exists."""
+        if not text.strip():
+            raise CommandError("--out is empty: give an image file (.png, ...) or a folder (ending in /)")
         path = Path(text).expanduser()
         if text.endswith(("/", os.sep)):
             return cls(path, image=False)
@@ -83,5 +86,11 @@ def check_out(out: Output) -> None:
     if out.sidecar.is_dir():
         raise CommandError(f"--out: the settings file {out.sidecar} would replace a folder")
     existing = next(parent for parent in (path.parent if out.image else path, *path.parents) if parent.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(f"--out: cannot write under {existing}")
+    if not existing.is_dir():
+        raise CommandError(f"--out: cannot write under {existing} (not a folder)")
+    try:  # as the outputs will be written: a temp file in the folder (os.access alone passes /proc for root)
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".diffusion-blend-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise CommandError(f"--out: cannot write under {existing} ({error.strerror or error})") from None

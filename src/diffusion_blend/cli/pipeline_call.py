@@ -52,6 +52,10 @@ def pipeline_call(request: Request, blend: Any) -> PipelineCall:
     for name in ("negative_prompt", "height", "width"):  # given, else the pipeline's own default
         if getattr(request, name) is not None:
             kwargs[name] = getattr(request, name)
+    if request.eta is not None:
+        if "eta" not in defaults:
+            raise CommandError(f"--eta: {type(pipe).__name__} takes no eta (its scheduler sets the noise)")
+        kwargs["eta"] = request.eta
     if request.lora_scale is not None:
         kwargs[lora_scale_argument(blend, defaults)] = {"scale": request.lora_scale}
     return PipelineCall(kwargs, steps, guidance, guidance_argument)

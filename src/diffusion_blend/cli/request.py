@@ -59,6 +59,23 @@ class Sweep:
 
 
 @dataclasses.dataclass(frozen=True)
+class Correction:
+    """``--smc K``: K particles per image towards p_base·exp(λ Σ w r / α), each weighed basis with its reward."""
+
+    particles: int
+    alpha: float
+    rewards: dict[str, str]  # basis name → reward spec
+
+    def corrector(self, device: str) -> Any:
+        """The :class:`~diffusion_blend.smc.SMC` of ``Blend.blend``, its reward models loaded on ``device``."""
+        from ..rewards import parse_reward
+        from ..smc import SMC
+
+        rewards = {name: parse_reward(spec, device=device) for name, spec in self.rewards.items()}
+        return SMC(particles=self.particles, rewards=rewards, alpha=self.alpha)
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
     """A ``generate`` call, checked: what to load, how to call the pipeline, where to write."""
 
@@ -82,6 +99,8 @@ class Request:
     lora_scale: float | None
     denoiser: str | None
     out: Output
+    eta: float | None = None
+    smc: Correction | None = None
 
     @property
     def compile_setting(self) -> bool | dict:
@@ -110,6 +129,10 @@ def check_request(
     max_batch_size,
     lora_scale,
     denoiser,
+    eta=None,
+    smc=None,
+    smc_reward=None,
+    alpha=None,
 ) -> Request:
     """``generate``'s options as a :class:`Request`; the first bad one raises (in this order)."""
     import torch
@@ -126,6 +149,9 @@ def check_request(
     output = Output.parse(out)
     check_out(output)
     scheduler_cls = scheduler_option(scheduler) if scheduler else None
+    if eta is not None and not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise CommandError(f"--eta must lie in [0, 1], got {eta}")
+    correction = smc_option(smc, smc_reward, alpha, base, mode, sweep, sources)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Request(
         base=base,
@@ -148,7 +174,62 @@ def check_request(
         lora_scale=lora_scale,
         denoiser=denoiser,
         out=output,
+        eta=eta,
+        smc=correction,
     )
+
+
+def smc_option(
+    particles: int | None, rewards: list[str] | None, alpha: float | None, base: str | None, mode: str, sweep, sources
+) -> Correction | None:
+    """``--smc K`` with ``--smc-reward NAME=SPEC`` (default: the basis name is the reward's) and ``--alpha`` (the
+    basis models' KL weight; the embedded model's by default), every reward spec checked before anything loads."""
+    from ..rewards import check_reward_spec
+
+    if particles is None:
+        if rewards or alpha is not None:
+            raise CommandError("--smc-reward and --alpha set the SMC corrector: give --smc K with them")
+        return None
+    if particles < 1:
+        raise CommandError(f"--smc must be >= 1 particle per image, got {particles}")
+    if mode != "mix":
+        raise CommandError("--smc weighs the blend's Gaussian step: use --mode mix")
+    if alpha is None:
+        if base is not None:
+            raise CommandError("--smc needs --alpha, the KL weight the basis models were fine-tuned with")
+        from ..presets import digits
+
+        alpha = digits.basis_alpha()
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise CommandError(f"--alpha must be a finite number > 0, got {alpha}")
+    given = parse_named_texts(rewards or [], "--smc-reward")
+    unknown = sorted(set(given) - set(sources))
+    if unknown:
+        raise CommandError(
+            f"--smc-reward names {', '.join(unknown)}, which no --basis is; the basis: {', '.join(sources)}"
+        )
+    weighed = [name for name in sources if any(kl * weights.get(name, 0.0) != 0 for weights, kl in sweep.rows)]
+    specs = {name: given.get(name, name) for name in weighed}
+    for name, spec in specs.items():
+        try:
+            check_reward_spec(spec)
+        except ValueError as error:
+            hint = "" if name in given else f" (give its reward with --smc-reward {name}=SPEC)"
+            raise CommandError(f"--smc: basis {name!r}: {error}{hint}") from None
+    return Correction(particles, float(alpha), specs)
+
+
+def parse_named_texts(items: list[str], option: str) -> dict[str, str]:
+    """``NAME=TEXT`` items (each name once)."""
+    named = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip() or not text.strip():
+            raise CommandError(f"{option} takes NAME=SPEC, got {item!r}")
+        if name.strip() in named:
+            raise CommandError(f"{option} gives {name.strip()!r} twice")
+        named[name.strip()] = text.strip()
+    return named
 
 
 def basis_sources(base: str | None, basis: list[str] | None, prompt: str) -> Basis:

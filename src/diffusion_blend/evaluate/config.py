@@ -2,7 +2,7 @@
 
     setting: digits                 # or lab
     rewards: [bold, stencil]        # the basis models' rewards, in the order weights are written
-    methods: [base, db-mpa, db-mpa-ls, soup, soup-published, code, guidance, oracle]
+    methods: [base, db-mpa, db-mpa-ls, db-smc, soup, soup-published, code, guidance, oracle]
     grid: 0.1                       # m = 2: w ∈ {0, 0.1, ..., 1}; m = 3: the simplex grid of that step
     # weights: [[0.25, 0.75], ...]  # or the weights themselves, one list (or name → value) per point
     kl_scales: [1.0]                # λ for the joint method (DB-KLA with one reward)
@@ -12,10 +12,10 @@
     batch_images: 100               # rows of one pipeline call (the blend batches its points up to this)
     # the lab only: scenario: FILE (default: the built-in one), basis: exact | learned, basis_steps: N
     # diffusers only: base: PIPELINE, basis: {NAME: LORA}, oracles: {"a=0.5,b=0.5": LORA}, reward_models: {NAME: SPEC},
-    #                 height, width
+    #                 height, width, alpha (the basis models' KL weight: db-smc's target)
 
 A method is a name or ``{name: ..., weights: [...], <option>: value}`` (its own weights: the oracle only exists where
-it was fine-tuned; CoDe's ``candidates`` and ``block``; guidance's ``scale``; ...).
+it was fine-tuned; CoDe's ``candidates`` and ``block``; guidance's ``scale``; DB-MPA + SMC's ``particles``; ...).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "db-mpa": {},
     "db-mpa-ls": {},
     "joint": {},
+    "db-smc": {"particles": 8, "ess_threshold": 0.5, "potential_every": 1},
     "soup": {},
     "soup-published": {},
     "code": {"candidates": 20, "block": 5, "branching": "block"},
@@ -70,7 +71,7 @@ KEYS = {
 SETTING_KEYS = {
     "digits": (),
     "lab": ("scenario", "basis", "basis_steps"),
-    "diffusers": ("base", "basis", "oracles", "reward_models", "height", "width"),
+    "diffusers": ("base", "basis", "oracles", "reward_models", "height", "width", "alpha"),
 }
 LAB_BASIS = ("exact", "learned")
 #: coordinates closer than this are the same weight point (grid steps, oracles' names, results' entries)
@@ -183,6 +184,15 @@ def parse_config(raw: dict, base: Path = Path(".")) -> SweepConfig:
                         f"db-mpa-ls samples one member per step with probability w: its weights must "
                         f"sum to 1, got {list(point)} ({error})"
                     ) from error
+        if method.name == "db-smc":
+            from ..smc import SMC
+
+            try:
+                SMC(**method.options)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"db-smc: {error}") from error
+            if non_negative(raw.get("eta", 1.0), "eta") == 0:
+                raise ConfigError("db-smc reweighs the sampler's Gaussian steps: set eta > 0 (1: DDPM's)")
     kl_scales = tuple(non_negative(value, "kl_scales") for value in raw.get("kl_scales", [1.0]))
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
@@ -243,6 +253,7 @@ def setting_options(setting: str, raw: dict, base: Path) -> dict[str, Any]:
             )
         for key in ("height", "width"):
             options[key] = None if raw.get(key) is None else positive_integer(raw[key], key)
+        options["alpha"] = None if raw.get("alpha") is None else positive_number(raw["alpha"], "alpha")
         return options
     return {}
 

@@ -22,6 +22,7 @@ from ..lab.exact import ExactDenoiser
 from ..lab.experiment import make_scheduler, sliced_wasserstein
 from ..lab.mixture import DTYPE, weighted_reward
 from ..lab.scenario import Scenario, default_scenario, load_scenario
+from ..smc import SMC, smc_sample
 from .config import ConfigError, Method, SweepConfig
 from .settings import SEED_STRIDE, Counter
 
@@ -175,11 +176,36 @@ class LabSetting:
     def samples(self, method: Method, point: tuple[float, ...], kl_scale: float) -> torch.Tensor:
         generators = [torch.Generator().manual_seed(seed) for seed in self.seeds]
         name = method.name
+        if name == "db-smc":
+            return self.corrected(method, point, kl_scale, generators)
         if name in ("code", "guidance"):
             weights = torch.tensor([point] * len(self.seeds), dtype=torch.float64)
             steer = code_sample if name == "code" else guided_sample
             return steer(self.sampler(self.base), generators, weights, **method.options)
         return self.sampler(self.denoiser(method, point, kl_scale)).sample(generators)
+
+    def corrected(self, method: Method, point: tuple[float, ...], kl_scale: float, generators) -> torch.Tensor:
+        """DB-MPA + SMC towards the exact target of ``point``, from the same starting noise as the other methods."""
+        blended = self.denoiser(Method("db-mpa"), point, kl_scale)
+
+        def predict(x, timestep):
+            return blended(x, timestep), self.base(x, timestep)
+
+        def rewards(x0):
+            return torch.stack([self.scenario.rewards[name](x0) for name in self.config.rewards], 1)
+
+        samples, _ = smc_sample(
+            self.path,
+            predict,
+            rewards,
+            torch.tensor(point, dtype=torch.float64),
+            alpha=self.scenario.alpha,
+            kl_scale=kl_scale,
+            start=self.sampler(self.base).initial(generators),
+            generator=generators,
+            options=SMC(**method.options),
+        )
+        return samples
 
     def denoiser(self, method: Method, point: tuple[float, ...], kl_scale: float):
         name = method.name

@@ -20,6 +20,7 @@ LABELS = {
     "base": "base",
     "db-mpa": "DB-MPA",
     "db-mpa-ls": "DB-MPA-LS",
+    "db-smc": "DB-MPA + SMC",
     "joint": "joint (w, λ)",
     "soup": "soup",
     "soup-published": "soup (published: A, B averaged)",

@@ -44,6 +44,7 @@ class PipelineSetting:
         rewards: reward name → reward model, in the order of the weight points.
         prompts: the evaluation prompts; every method draws ``images_per_prompt`` images per prompt and seed.
         base_sampler: ``(prompts) → BaseSampler`` for CoDe and guidance (None: those methods are unavailable).
+        alpha: the KL weight the basis models were fine-tuned with: DB-MPA + SMC's target (None: unavailable).
     """
 
     def __init__(
@@ -56,9 +57,10 @@ class PipelineSetting:
         prompts: Sequence[str],
         base_sampler=None,
         description: dict | None = None,
+        alpha: float | None = None,
     ):
         self.config, self.pipe, self.basis, self.oracles = config, pipe, basis, oracles
-        self.rewards, self.base_sampler = rewards, base_sampler
+        self.rewards, self.base_sampler, self.alpha = rewards, base_sampler, alpha
         self.description = description or {}
         self.prompts = [prompt for seed in config.seeds for prompt in prompts for _ in range(config.images_per_prompt)]
         self.seeds = [
@@ -79,6 +81,11 @@ class PipelineSetting:
             if method.name in ("code", "guidance") and self.base_sampler is None:
                 raise ConfigError(
                     f"method {method.name!r} needs the base sampler as a loop, which this setting does not provide"
+                )
+            if method.name == "db-smc" and self.alpha is None:
+                raise ConfigError(
+                    "db-smc targets p_base·exp(Σ w r / α): give alpha, the KL weight the basis models were fine-tuned "
+                    "with"
                 )
             if method.name == "oracle" and not self.oracles:
                 raise ConfigError("no MORL oracle to compare with: the setting has none")
@@ -106,6 +113,8 @@ class PipelineSetting:
         if name in ("db-mpa", "db-mpa-ls", "joint"):
             mode = "stochastic" if name == "db-mpa-ls" else "mix"
             return self.blended(points, mode, kl_scale)
+        if name == "db-smc":
+            return self.corrected(points, method.options)
         if name in ("soup", "soup-published"):
             soup = self.soup("updates" if name == "soup" else "published")
             return torch.cat([self.call(soup, 1, weights=self.named(point)) for point in points])
@@ -143,6 +152,14 @@ class PipelineSetting:
         weights = [self.named(point) for point in points for _ in self.prompts]
         per_image = {"weights": weights, "kl_scale": [kl_scale] * len(weights)}
         return self.call(blend.blend, len(points), per_image=per_image, mode=mode)
+
+    def corrected(self, points, options: dict) -> torch.Tensor:
+        """DB-MPA + SMC towards p_base·exp(Σ w r / α), the setting's rewards as potentials."""
+        from ..smc import SMC
+
+        corrector = SMC(**options, rewards=self.rewards, alpha=self.alpha)
+        weights = [self.named(point) for point in points for _ in self.prompts]
+        return self.call(self.blend().blend, len(points), per_image={"weights": weights}, corrector=corrector)
 
     def steered(self, method: Method, point: tuple[float, ...]) -> torch.Tensor:
         """CoDe or guidance, in groups of images whose rows (CoDe: candidates per image) fill ``batch_images``."""
@@ -231,6 +248,7 @@ class DigitsSetting(PipelineSetting):
             prompts,
             sampler,
             {"model": "digits (embedded)", "prompts": prompts},
+            digits.basis_alpha(),
         )
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
@@ -297,6 +315,7 @@ class DiffusersSetting(PipelineSetting):
             prompts,
             sampler,
             {"model": options["base"], "prompts": len(prompts)},
+            options["alpha"],
         )
 
     def call(self, function, repeats: int, **options) -> torch.Tensor:

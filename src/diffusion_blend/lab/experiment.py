@@ -123,6 +123,22 @@ def on_simplex(weights: dict[str, float]) -> bool:
     return True
 
 
+#: |λ·w_i / α| above this tilts the scenario's base into targets far narrower than any sampler step resolves (and,
+#: further, past float64's closed forms): the lab's numbers would mean nothing
+MAX_TILT = 1e4
+
+
+def check_tilt(weights: dict[str, float], kl_scale: float, alpha: float) -> None:
+    """Refuse weights, λ and α whose tilt λ·w_i/α leaves the range where the lab's exact targets mean something."""
+    strengths = {name: kl_scale * weight / alpha for name, weight in weights.items()}
+    beyond = [f"{name}: {value:.3g}" for name, value in strengths.items() if not abs(value) <= MAX_TILT]
+    if beyond:
+        raise ValueError(
+            f"kl_scale·w/α ({', '.join(beyond)}; kl_scale = {kl_scale:g}, α = {alpha:g}) is beyond ±{MAX_TILT:g}: "
+            "the exact targets are then narrower than any sampler resolves; use smaller weights or a larger α"
+        )
+
+
 def run_lab(
     scenario: Scenario,
     weights: dict[str, float],
@@ -151,6 +167,7 @@ def run_lab(
         raise ValueError(f"methods must include 'blend' and come from {', '.join(METHOD_KINDS)}; got {methods}")
     weights = validate_weights(weights, scenario.rewards)
     kl_scale = validate_kl_scale(kl_scale)
+    check_tilt(weights, kl_scale, scenario.alpha)
     for option, value in (("samples", samples), ("steps", steps)):
         if not isinstance(value, int) or value < 2:
             raise ValueError(f"{option} must be an integer >= 2, got {value!r}")

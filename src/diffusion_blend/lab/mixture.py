@@ -159,6 +159,11 @@ class GaussianMixture:
             - 0.5 * torch.einsum("ki,kij,kj->k", self.means, precisions, self.means)
         )
         log_weights = torch.log(self.weights) + log_normalisers
+        if not all(bool(torch.isfinite(value).all()) for value in (covs, means, log_normalisers)):
+            raise ValueError(
+                f"p·exp(r/α) with α = {alpha:g} is beyond float64's closed form (the tilt overflows): use a weaker "
+                "reward or a larger α"
+            )
         return GaussianMixture(torch.softmax(log_weights, dim=0), means, covs)
 
     def expected(self, reward: QuadraticReward) -> float:

@@ -12,6 +12,7 @@ faked here. The closest substitute is the LAION aesthetic predictor v2 (``aesthe
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,6 +174,12 @@ def load_user_reward(path: str) -> Reward:
         return target()
     if not callable(target):
         raise ValueError(f"user reward {path!r} is not callable")
+    try:
+        inspect.signature(target).bind(None, None)
+    except TypeError as error:
+        raise ValueError(f"user reward {path!r} must take (images, prompts) ({error})") from None
+    except ValueError:  # a callable whose signature Python cannot read: found out at its first call
+        pass
     return FunctionReward(target, path)
 
 
@@ -205,6 +212,7 @@ def parse_reward(spec: str, paths: dict[str, str] | None = None, device=None, dt
     ``paths`` maps reward names to their ``path_or_id``.
     """
     paths = paths or {}
+    check_reward_spec(spec)  # every name, before any model loads
     weights = parse_weighted(spec)
     if len(weights) == 1 and next(iter(weights.values())) == 1 and "=" not in spec:
         name = next(iter(weights))

@@ -9,6 +9,7 @@ Differentiable rewards keep the autograd graph when the images require grad; oth
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -180,6 +181,21 @@ def weights_source(reward: str, path_or_id: str | os.PathLike | None) -> Path | 
             raise RewardWeightsError(f"{reward}: ${variable} points to {path}, which does not exist")
         return path
     return None
+
+
+def load_checkpoint(reward: str, path: Path) -> dict:
+    """A ``.pt``/``.pth`` checkpoint read without running code (``weights_only=True``); anything else refused,
+    naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RewardWeightsError(
+            f"{reward}: cannot read {path} as a weights-only checkpoint (it holds Python objects besides tensors, "
+            "which loading could run as code)"
+        ) from None
+    except Exception as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RewardWeightsError(f"{reward}: cannot read {path} as a weights-only checkpoint ({detail})") from None
 
 
 def env_variable(reward: str) -> str:

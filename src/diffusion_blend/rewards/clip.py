@@ -19,6 +19,7 @@ from .base import (
     ScoreHead,
     cosine,
     letterbox,
+    load_checkpoint,
     load_exactly,
     load_or_explain,
     missing_weights,
@@ -187,7 +188,7 @@ class LaionAesthetic(Reward):
 
             repo = source or cls.head_repo
             head_path = load_or_explain(cls.name, files, repo, lambda: Path(hf_hub_download(repo, cls.head_file)))
-        state = torch.load(head_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(cls.name, head_path)
         return cls(ClipTower.load(cls.name, clip_source), ScoreHead.from_state_dict(state))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -323,7 +324,7 @@ class HPSv2(Reward):
         heads = VIT_H_14
         if (checkpoint.parent / "open_clip_config.json").is_file():
             heads = {**heads, **json.loads((checkpoint.parent / "open_clip_config.json").read_text())}
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = load_checkpoint(version, checkpoint)
         state = state.get("state_dict", state)
         state = {key.removeprefix("module."): value for key, value in state.items()}
         config, converted = open_clip_to_transformers(state, heads)

@@ -18,6 +18,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 from .base import (
     Reward,
     ScoreHead,
+    load_checkpoint,
     load_exactly,
     load_or_explain,
     missing_weights,
@@ -135,7 +136,7 @@ class ImageReward(Reward):
         tokenizer = load_or_explain(
             cls.name, needed, "the Hugging Face hub", lambda: BertTokenizer.from_pretrained(str(tokenizer_source))
         )
-        state = torch.load(folder / cls.files[0], map_location="cpu", weights_only=True)
+        state = load_checkpoint(cls.name, folder / cls.files[0])
         state = state.get("state_dict", state)
         vision_config, vision_state = blip_vision_from_original(state)
         vision = BlipVisionModel(vision_config)

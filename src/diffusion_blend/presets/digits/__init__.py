@@ -30,6 +30,11 @@ def manifest() -> dict:
     return json.loads((WEIGHTS / MANIFEST).read_text())
 
 
+def basis_alpha() -> float:
+    """α, the KL weight the shipped basis models were fine-tuned with (their target is p_base·exp(r/α))."""
+    return float(manifest()["basis"]["settings"]["alpha"])
+
+
 def load_pipeline(device: str | None = None, folder: str | Path | None = None) -> DigitsPipeline:
     """The shipped base pipeline (or one saved in ``folder``), quiet, on ``device``."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -62,6 +67,7 @@ __all__ = [
     "MANIFEST",
     "ORACLE_FOLDER",
     "WEIGHTS",
+    "basis_alpha",
     "basis_models",
     "digit_labels",
     "load_pipeline",
