@@ -11,31 +11,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffusion_blend.cli import app
+from helpers.processes import generate_args
 
 runner = CliRunner()
 
 
 def _generate(base, basis, out, *extra):
-    args = [
-        "generate",
-        "--base",
-        str(base),
-        "--prompt",
-        "a red cat",
-        "--steps",
-        "3",
-        "--height",
-        "16",
-        "--width",
-        "16",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    for name, path in basis.items():
-        args += ["--basis", f"{name}={path}"]
-    return runner.invoke(app, args + list(extra))
+    return runner.invoke(app, generate_args(base, basis, out, *extra))
 
 
 def test_grid_and_sidecar(sd_pipeline_folder, sd_loras, tmp_path):

@@ -4,6 +4,8 @@ weights never pass silently; every mistake gets one line that names it, before a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +20,7 @@ from diffusion_blend.lab import default_scenario, run_lab
 from diffusion_blend.rewards import parse_reward
 from helpers import tiny
 from helpers.calls import call_kwargs, max_diff
+from helpers.processes import generate_args
 
 runner = CliRunner()
 WEIGHTS = ({"ir": 1.0, "aes": 0.0}, {"ir": 0.2, "aes": 0.9})
@@ -128,28 +131,7 @@ def test_generate_stops_at_a_non_finite_step_and_writes_nothing(sd_pipeline_fold
 
     monkeypatch.setattr(BlendedDenoiser, "_blend", poisoned)
     out = tmp_path / "out.png"
-    result = runner.invoke(
-        app,
-        [
-            "generate",
-            "--base",
-            str(sd_pipeline_folder),
-            "--basis",
-            f"ir={sd_loras['ir']}",
-            "--weights",
-            "ir=1",
-            "--prompt",
-            "a cat",
-            "--steps",
-            "2",
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--out",
-            str(out),
-        ],
-    )
+    result = runner.invoke(app, generate_args(sd_pipeline_folder, {"ir": sd_loras["ir"]}, out, "--weights", "ir=1"))
     assert result.exit_code != 0 and "non-finite values (NaN or inf) at step 1" in result.output
     assert not out.exists() and not out.with_suffix(".json").exists()
 
@@ -228,3 +210,31 @@ def test_the_lab_refuses_tilts_beyond_its_closed_forms_naming_them(weights, alph
 def test_generate_checks_the_output_as_it_will_write_it(tmp_path, out, message):
     result = runner.invoke(app, ["generate", "--weights", "bold=1", "--prompt", "3", "--out", out, "--steps", "1"])
     assert result.exit_code != 0 and message in result.output
+
+
+def test_a_base_saved_with_its_adapters_is_refused_naming_the_file(sd_loras, tmp_path):
+    """diffusers would load such a folder's adapted layers with random weights, silently."""
+    pipe = tiny.sd_pipeline()
+    pipe.load_lora_weights(str(sd_loras["ir"]), adapter_name="kept")
+    pipe.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="unet.*holds LoRA adapter weights .*saved with adapters loaded"):
+        Blend.from_pretrained(tmp_path / "saved", {"aes": sd_loras["aes"]})
+
+
+def test_a_scheduler_that_does_not_fit_the_pipeline_is_one_line(sd_pipeline_folder, sd_loras, tmp_path):
+    out = tmp_path / "out.png"
+    arguments = generate_args(sd_pipeline_folder, {"ir": sd_loras["ir"]}, out, "--weights", "ir=1")
+    result = runner.invoke(app, [*arguments, "--scheduler", "flow-euler"])
+    assert result.exit_code != 0
+    assert "--scheduler FlowMatchEulerDiscreteScheduler does not fit StableDiffusionPipeline" in result.output
+    assert not out.exists()
+
+
+def test_a_mistyped_option_is_one_line_on_stderr():
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusion_blend", "generate", "--stpes", "3"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and not result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: No such option: --stpes (Possible options: --dtype, --seed, --steps) (see ")
+    assert line.endswith(" generate --help)")

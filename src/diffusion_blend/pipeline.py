@@ -13,10 +13,12 @@ import copy
 import hashlib
 import inspect
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from diffusers.hooks import HookRegistry
 from torch import nn
@@ -314,9 +316,20 @@ def _check_base_source(model_id_or_path: str | os.PathLike) -> None:
     """A base that is not a hub id ("owner/name") is a local folder, and must exist (diffusers would report it as an
     invalid repository id)."""
     text = os.fspath(model_id_or_path)
-    if not is_hub_id(text) and not Path(text).expanduser().is_dir():
-        what = "is not a folder" if Path(text).expanduser().exists() else "does not exist"
+    folder = Path(text).expanduser()
+    if not is_hub_id(text) and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
         raise ValueError(f"base {text!r} {what}: give a pipeline folder (model_index.json) or a hub id (owner/name)")
+    for name in DENOISER_FOLDERS if folder.is_dir() else ():
+        for weights in sorted((folder / name).glob("*.safetensors")):
+            with safetensors.safe_open(str(weights), framework="pt") as handle:
+                adapted = next((key for key in handle.keys() if ADAPTER_KEY.search(key)), None)
+            if adapted is not None:
+                raise ValueError(
+                    f"base {text!r}: {weights} holds LoRA adapter weights ({adapted}): the pipeline was saved with "
+                    "adapters loaded, and diffusers would load its layers with random weights; fuse_lora() and "
+                    "unload_lora_weights() before save_pretrained, or save the pipeline without its LoRAs"
+                )
 
 
 def _check_no_collision(pipe: Any, basis: Mapping[str, BasisSource], denoisers: Sequence[str]) -> None:
@@ -391,6 +404,10 @@ def _find_denoiser_name(pipe: Any) -> str:
             "pass denoiser='<attribute name>'"
         )
     return present[0]
+
+
+#: a key of a peft-adapted layer (``….to_q.lora_A.name.weight``, ``….to_q.base_layer.weight``)
+ADAPTER_KEY = re.compile(r"\.(lora_[AB]|lora_magnitude_vector|base_layer)\.")
 
 
 #: what diffusers pipelines still read from their ``**kwargs`` (deprecated callbacks)

@@ -37,3 +37,12 @@ def two_processes(port: int) -> list[str]:
         "--main_process_port",
         str(port),
     ]
+
+
+def generate_args(base, basis: dict, out, *extra: str) -> list[str]:
+    """``generate``'s arguments for a short run of a tiny pipeline folder (3 steps, 16 px) with the given basis."""
+    args = ["generate", "--base", str(base), "--prompt", "a red cat", "--steps", "3", "--height", "16"]
+    args += ["--width", "16", "--device", "cpu", "--out", str(out)]
+    for name, path in basis.items():
+        args += ["--basis", f"{name}={path}"]
+    return args + list(extra)

@@ -153,9 +153,23 @@ def load_blend(request: Request) -> Any:
     else:
         blend = Blend.from_pretrained(request.base, torch_dtype=torch_dtype, **options)
     if request.scheduler is not None:
+        check_scheduler_fits(request.scheduler, blend.pipe)
         blend.pipe.scheduler = request.scheduler.from_config(blend.pipe.scheduler.config)
     blend.to(request.device)
     return blend
+
+
+def check_scheduler_fits(scheduler: type, pipe: Any) -> None:
+    """``--scheduler`` among those diffusers lists as compatible with the pipeline's own (a flow-matching scheduler
+    on an ε-prediction model would fail deep inside the first step)."""
+    own = type(pipe.scheduler)
+    compatible = {own, *getattr(pipe.scheduler, "compatibles", ())}
+    if scheduler not in compatible:
+        names = ", ".join(sorted(cls.__name__ for cls in compatible))
+        raise CommandError(
+            f"--scheduler {scheduler.__name__} does not fit {type(pipe).__name__} (its {own.__name__} is "
+            f"compatible with {names})"
+        )
 
 
 def sample_with_progress(blend: Any, request: Request, call: PipelineCall) -> list:
