@@ -75,7 +75,7 @@ def test_a_pickle_payload_is_refused_as_a_reward_checkpoint(tmp_path):
     marker = tmp_path / "ran"
     folder = tmp_path / "aesthetic"
     payload_file(folder / "sac+logos+ava1-l14-linearMSE.pth", marker)
-    with pytest.raises(ValueError, match="aesthetic: cannot read .* as a weights-only checkpoint"):
+    with pytest.raises(ValueError, match="aesthetic: .* holds Python objects besides tensors"):
         get_reward("aesthetic", folder)
     assert not marker.exists()
 
@@ -112,3 +112,12 @@ def test_a_nan_safetensors_denoiser_is_refused(tmp_path):
     safetensors.torch.save_file(state, weights)
     with pytest.raises(ValueError, match="non-finite.*conv_out.bias"):
         Blend(tiny.sd_pipeline(), {"x": folder})
+
+
+def test_a_file_that_is_no_checkpoint_is_not_called_a_payload(tmp_path):
+    """A Git LFS pointer where the weights should be: not a pickle at all, reported as such."""
+    pointer = tmp_path / "lora" / "pytorch_lora_weights.bin"
+    pointer.parent.mkdir()
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match=f"basis 'x': {pointer} is not a torch checkpoint"):
+        Blend(tiny.sd_pipeline(), {"x": pointer.parent})

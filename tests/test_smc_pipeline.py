@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 
 import pytest
 import torch
@@ -295,3 +296,16 @@ def test_a_latent_model_is_weighed_on_its_decoded_estimate(sd_loras):
     assert trace.resampled and blend.smc_trace.resampled == trace.resampled
     assert out.shape == expected.shape == (images, *start.shape[1:])
     assert torch.allclose(out, expected, atol=1e-4)
+
+
+def test_each_thread_reads_the_trace_of_its_own_last_call(blend):
+    corrected(blend, SMC(particles=2, rewards=REWARDS, alpha=1.0), generator=torch.Generator().manual_seed(0))
+    mine = blend.smc_trace
+    other = threading.Thread(
+        target=corrected,
+        args=(blend, SMC(particles=3, rewards=REWARDS, alpha=1.0)),
+        kwargs={"generator": torch.Generator().manual_seed(1)},
+    )
+    other.start()
+    other.join()
+    assert blend.smc_trace is mine and mine.log_normaliser is not None

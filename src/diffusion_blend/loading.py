@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .checkpoints import read_weights_only
 from .hub import HUB_FILE, is_hub_file, is_hub_id
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "pytorch_lora_weights.bin")
@@ -197,15 +197,9 @@ def _read_safetensors(name: str, file: Path) -> tuple[dict[str, torch.Tensor], d
 def _read_pickle(name: str, file: Path) -> dict[str, torch.Tensor]:
     """A legacy ``.bin`` checkpoint, read without executing code (``weights_only=True``)."""
     try:
-        state_dict = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"basis {name!r}: {file} holds Python objects besides tensors, which loading could run as code: refused "
-            "(save the weights as .safetensors)"
-        ) from None
-    except Exception as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"basis {name!r}: cannot read {file} as a weights-only torch checkpoint ({detail})") from None
+        state_dict = read_weights_only(file)
+    except ValueError as error:
+        raise ValueError(f"basis {name!r}: {error}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"basis {name!r}: {file} is not a state dict of tensors")
     return state_dict

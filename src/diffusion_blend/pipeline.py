@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,15 +84,15 @@ class Blend:
         self.pipe = pipe
         #: one per denoiser blended, in the order given (Wan 2.2: the high-noise expert, then the low-noise one)
         self.stages: list[Stage] = []
-        #: what the last call corrected by SMC did (ESS per step, resamplings, calls)
-        self.smc_trace: Trace | None = None
-        try:
-            for name in names:
-                self.stages.append(Stage(pipe, name, per_denoiser[name], evaluation))
-        except Exception:
-            for stage in self.stages:
-                stage.unload()
-            raise
+        self._last = threading.local()  # per thread: what its last corrected call did
+        with taking_turns([pipe]):  # (adapters loaded while another thread samples would change its images)
+            try:
+                for name in names:
+                    self.stages.append(Stage(pipe, name, per_denoiser[name], evaluation))
+            except Exception:
+                for stage in self.stages:
+                    stage.unload()
+                raise
 
     @classmethod
     def from_pretrained(
@@ -175,6 +176,11 @@ class Blend:
         return self.stages[1:]
 
     @property
+    def smc_trace(self) -> Trace | None:
+        """What this thread's last call corrected by SMC did (ESS per step, resamplings, calls); None before one."""
+        return getattr(self._last, "trace", None)
+
+    @property
     def has_lora_members(self) -> bool:
         """Whether any basis is a LoRA on any of the denoisers blended."""
         return any(stage.lora_names for stage in self.stages)
@@ -216,7 +222,7 @@ class Blend:
         Calls on the same denoiser take turns (:mod:`diffusion_blend.turns`): from several threads, each waits for
         the one before it and gets its own result.
         """
-        with taking_turns(stage.base for stage in self.stages):
+        with taking_turns([self.pipe, *(stage.base for stage in self.stages)]):
             return self._blend_call(args, weights, kl_scale, mode, member_generator, corrector, pipeline_kwargs)
 
     __call__ = blend
@@ -255,13 +261,14 @@ class Blend:
                 return self.pipe(*args, **pipeline_kwargs)
             during_the_call.enter_context(correction.installed(stages[0].denoiser))
             output = self.pipe(*args, **pipeline_kwargs)
-        self.smc_trace = correction.trace
+        self._last.trace = correction.trace
         return correction.selected(output)
 
     def unload(self) -> None:
         """Remove the basis LoRAs from the pipeline and drop the loaded full members; the Blend is done after."""
-        for stage in self.stages:
-            stage.unload()
+        with taking_turns([self.pipe]):
+            for stage in self.stages:
+                stage.unload()
 
     def _correction(self, corrector: SMC, weights, kl_scale, mode: str, args: tuple, pipeline_kwargs: dict):
         from .smc.pipeline import PipelineCorrection

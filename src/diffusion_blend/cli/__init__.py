@@ -17,6 +17,8 @@ try:  # typer ≥ 0.25 runs on its own copy of click
     from typer._click import exceptions as usage
 except ImportError:
     from click import exceptions as usage
+#: the help a group prints when called bare (click ≥ 8.2 raises it as a usage error)
+NO_ARGS_IS_HELP = getattr(usage, "NoArgsIsHelpError", ())
 
 
 class OneLineUsage(typer.Typer):
@@ -27,12 +29,15 @@ class OneLineUsage(typer.Typer):
         command = typer.main.get_command(self)
         try:
             code = command.main(*args, standalone_mode=False, **kwargs)
-        except usage.NoArgsIsHelpError as shown:
+        except NO_ARGS_IS_HELP as shown:
             shown.show()
             sys.exit(shown.exit_code)
         except usage.UsageError as error:
             path = error.ctx.command_path if error.ctx is not None else "diffusion-blend"
             typer.echo(f"error: {error.format_message()} (see {path} --help)", err=True)
+            sys.exit(error.exit_code)
+        except usage.ClickException as error:
+            error.show()
             sys.exit(error.exit_code)
         except typer.Abort:
             typer.echo("aborted", err=True)

@@ -9,13 +9,13 @@ Differentiable rewards keep the autograd graph when the images require grad; oth
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoints import read_weights_only
 from ..hub import is_hub_id
 
 #: Where rewards look for their weights when no path is given: ``$DIFFUSION_BLEND_<NAME>`` (one folder per reward).
@@ -184,18 +184,11 @@ def weights_source(reward: str, path_or_id: str | os.PathLike | None) -> Path | 
 
 
 def load_checkpoint(reward: str, path: Path) -> dict:
-    """A ``.pt``/``.pth`` checkpoint read without running code (``weights_only=True``); anything else refused,
-    naming the file."""
+    """A ``.pt``/``.pth`` checkpoint read without running code (:mod:`diffusion_blend.checkpoints`)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise RewardWeightsError(
-            f"{reward}: cannot read {path} as a weights-only checkpoint (it holds Python objects besides tensors, "
-            "which loading could run as code)"
-        ) from None
-    except Exception as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RewardWeightsError(f"{reward}: cannot read {path} as a weights-only checkpoint ({detail})") from None
+        return read_weights_only(path)
+    except ValueError as error:
+        raise RewardWeightsError(f"{reward}: {error}") from None
 
 
 def env_variable(reward: str) -> str:

@@ -105,7 +105,8 @@ def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator) -
     weights = torch.softmax(log_weights.double(), dim=1)
     cumulative = weights.cumsum(1)
     cumulative[:, -1] = 1.0  # no draw may fall past the last particle by rounding
-    offsets = torch.rand(groups, 1, generator=generator, dtype=torch.float64)
+    device = generator.device if generator is not None else None  # (a CUDA generator draws on its device)
+    offsets = torch.rand(groups, 1, generator=generator, dtype=torch.float64, device=device).cpu()
     positions = (offsets + torch.arange(count, dtype=torch.float64)) / count
     return torch.searchsorted(cumulative, positions, right=True).clamp_max(count - 1)
 
@@ -186,7 +187,8 @@ class Particles:
         self.trace.log_normaliser = self.log_normaliser
 
         def choose(log_weights, generator):
-            return torch.multinomial(torch.softmax(log_weights, 1), 1, generator=generator)
+            device = generator.device if generator is not None else None
+            return torch.multinomial(torch.softmax(log_weights, 1).to(device), 1, generator=generator).cpu()
 
         chosen = self._draw(torch.arange(self.samples), choose)[:, 0]
         return torch.arange(self.samples) * self.count + chosen

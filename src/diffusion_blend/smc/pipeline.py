@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ..finetune.path import Step, StochasticPath
 from .particles import SMC, Particles, Trace, check_alpha
@@ -68,7 +69,14 @@ class PipelineCorrection:
         self.weights = [w for w in per_image[0] for _ in range(self.count)]
         self.kl_scale = [kl for kl in per_image[1] for _ in range(self.count)]
         self.pipeline_kwargs, generators = self._expanded(parameters, pipeline_kwargs)
-        self.prompts = [prompt for prompt in _prompts(args, pipeline_kwargs, self.images) for _ in range(self.count)]
+        default_guidance = parameters["guidance_scale"].default if "guidance_scale" in parameters else 1.0
+        self.guidance_scale = pipeline_kwargs.get("guidance_scale", default_guidance)
+        prompts = _prompts(args, pipeline_kwargs, self.images)
+        if prompts is None and "prompt" in parameters:
+            raise ValueError(
+                "SMC: the rewards score each image with its prompt: pass prompt (not only prompt embeddings)"
+            )
+        self.prompts = [prompt for prompt in prompts or [""] * self.images for _ in range(self.count)]
         self.particles = Particles(self.images, options, self._log_target, generators)
         self.chosen: torch.Tensor | None = None
         self._seen: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -156,7 +164,8 @@ class PipelineCorrection:
         clean = step.clean(sample, model_output)
         if not kwargs.get("return_dict", True):
             return moved, clean
-        return DDIMSchedulerOutput(prev_sample=moved, pred_original_sample=clean)
+        output = DDPMSchedulerOutput if isinstance(self.pipe.scheduler, DDPMScheduler) else DDIMSchedulerOutput
+        return output(prev_sample=moved, pred_original_sample=clean)
 
     def _step_at(self, timestep: int, eta: float) -> Step:
         """The Gaussian transition at ``timestep`` of the schedule the pipeline set (read once per call)."""
@@ -176,7 +185,7 @@ class PipelineCorrection:
             raise ValueError("SMC: the scheduler stepped without a call of the blended denoiser before it")
         (blended, base), self._seen = self._seen, None
         if len(blended) == 2 * len(sample):
-            scale = float(getattr(self.pipe, "guidance_scale", 1.0))
+            scale = float(getattr(self.pipe, "guidance_scale", self.guidance_scale))
             blended, base = (_guidance(prediction, scale) for prediction in (blended, base))
         if blended.shape != guided.shape or not torch.allclose(
             blended.to(guided.dtype), guided, rtol=GUIDANCE_TOLERANCE, atol=GUIDANCE_TOLERANCE
@@ -202,15 +211,40 @@ def _guidance(prediction: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _images(pipe: Any, clean: torch.Tensor) -> torch.Tensor:
-    """x̂₀ as images [B, 3, H, W] in [0, 1]: decoded by the pipeline's VAE, or read as pixels in [−1, 1] (one channel
-    as grey)."""
-    if getattr(pipe, "vae", None) is not None:
-        from ..finetune.denoiser_target import decoded
+    """x̂₀ as images [B, 3, H, W] in [0, 1]: decoded by the pipeline's VAE as its pipelines decode (latents_mean/std,
+    scaling and shift factors; a half-precision VAE marked ``force_upcast`` decodes in float32), or read as pixels in
+    [−1, 1] (one channel as grey)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        images = ((clean.float() + 1) / 2).clamp(0, 1)
+        return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+    config = vae.config
+    latents = clean.float()
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+    upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    with torch.no_grad(), _in_dtype(vae, dtype):
+        images = vae.decode(latents.to(dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
-        with torch.no_grad():
-            return decoded(pipe, clean).float()
-    images = ((clean.float() + 1) / 2).clamp(0, 1)
-    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+
+@contextlib.contextmanager
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The module in ``dtype`` for a while (an fp16 VAE that overflows decodes in float32, as diffusers upcasts it)."""
+    original = next(module.parameters()).dtype
+    if original == dtype:
+        yield
+        return
+    module.to(dtype)
+    try:
+        yield
+    finally:
+        module.to(original)
 
 
 def _reward_values(name: str, reward: Callable, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -284,10 +318,10 @@ def _checked_scheduler(scheduler: Any, parameters: Mapping, pipeline_kwargs: dic
     return float(eta)
 
 
-def _prompts(args: tuple, pipeline_kwargs: dict, images: int) -> list[str]:
-    """The prompt of each image, for the rewards (each prompt's images together); "" where the call has none."""
+def _prompts(args: tuple, pipeline_kwargs: dict, images: int) -> list[str] | None:
+    """The prompt of each image, for the rewards (each prompt's images together); None where the call has none."""
     prompt = pipeline_kwargs.get("prompt", args[0] if args else None)
     prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt) if isinstance(prompt, Sequence) else []
     if not prompts:
-        return [""] * images
+        return None
     return [str(prompt) for prompt in prompts for _ in range(images // len(prompts))]
