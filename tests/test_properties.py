@@ -5,6 +5,7 @@ and bounded, so CI runs the same examples every time; ``pytest tests/test_proper
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -86,6 +87,44 @@ def pipe():
     return tiny.sd_pipeline()
 
 
+@pytest.fixture(scope="module")
+def sd_blend(sd_loras):
+    return Blend(tiny.sd_pipeline(), dict(sd_loras))
+
+
+@EXAMPLES
+@given(
+    steps=st.one_of(st.integers(1, 4), st.integers(-2, 0)),
+    size=st.one_of(st.sampled_from([8, 16, 24]), st.integers(-8, 40)),
+    scheduler=st.sampled_from(sorted(tiny.SCHEDULERS)),
+    guidance=st.one_of(st.floats(0, 8), st.floats(allow_nan=True, allow_infinity=True)),
+    seed=st.integers(0, 2**32),
+    weight=st.floats(-1, 2),
+)
+def test_a_pipeline_call_either_samples_finite_images_or_is_refused(
+    sd_blend, steps, size, scheduler, guidance, seed, weight
+):
+    """Through a whole tiny Stable Diffusion call: schedulers, step counts, sizes, guidance, seeds."""
+    sd_blend.pipe.scheduler = tiny.SCHEDULERS[scheduler]()
+    try:
+        images = sd_blend.blend(
+            "a cat",
+            weights={"ir": weight, "aes": 1 - weight},
+            num_inference_steps=steps,
+            height=size,
+            width=size,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images
+    except ValueError as error:
+        event("refused")
+        assert one_line(error), error
+        return
+    event("sampled")
+    assert images.shape == (1, size, size, 3) and np.isfinite(images).all()
+
+
 @MANY
 @given(
     content=st.one_of(
@@ -119,51 +158,57 @@ def test_a_lora_of_the_wrong_shapes_is_refused_in_one_line(pipe, tmp_path_factor
     assert not getattr(pipe.unet, "peft_config", None)
 
 
-weight_texts = st.lists(
-    st.one_of(
-        st.sampled_from(["bold=0.5,stencil=0.5", "legible=1", "bold=1", "stencil=0.3,bold=0.7", "bold=2,legible=-1"]),
-        st.text(alphabet="boldstencilgbe=,.0123456789-+ ", max_size=16),
-    ),
-    max_size=2,
-)
-sizes = st.one_of(st.none(), st.none(), st.integers(-3, 40))
-maybe_floats = st.one_of(st.none(), st.floats(0, 10), st.floats(allow_nan=True, allow_infinity=True))
+#: each option of ``generate``: what a user means (VALID) and anything at all (WIDE)
+VALID = {
+    "weights": st.sampled_from([["bold=0.5,stencil=0.5"], ["legible=1"], ["bold=1", "stencil=1"]]),
+    "kl_scale": st.sampled_from([None, [1.0], [0.5, 1.5]]),
+    "mode": st.just("mix"),
+    "prompt": st.sampled_from(["3", "7"]),
+    "out": st.sampled_from(["out.png", "out/", "deep/er/out.webp", "out.jpeg"]),
+    "steps": st.one_of(st.none(), st.integers(1, 50)),
+    "height": st.none(),
+    "width": st.none(),
+    "guidance": st.one_of(st.none(), st.floats(0, 10)),
+    "seed": st.integers(0, 1000),
+    "num_images": st.integers(1, 4),
+    "scheduler": st.sampled_from([None, "ddim", "euler", "DDPMScheduler"]),
+    "dtype": st.sampled_from(["fp32", "fp16"]),
+    "eta": st.one_of(st.none(), st.floats(0, 1)),
+    "smc": st.one_of(st.none(), st.integers(1, 4)),
+}
+WIDE = {
+    "weights": st.lists(st.text(alphabet="boldstencilgbe=,.0123456789-+ ", max_size=16), max_size=2),
+    "kl_scale": st.one_of(st.none(), st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=2)),
+    "mode": st.sampled_from(["stochastic", "x", ""]),
+    "prompt": st.sampled_from(["12", "", "seven", " "]),
+    "out": st.sampled_from(["out.gif", "", "/proc/out.png", "out", "."]),
+    "steps": st.integers(-3, 0),
+    "height": st.integers(-3, 40),
+    "width": st.integers(-3, 40),
+    "guidance": st.floats(allow_nan=True, allow_infinity=True),
+    "seed": st.integers(-5, 2**64 + 5),
+    "num_images": st.integers(-1, 0),
+    "scheduler": st.sampled_from(["nope", "flow", ""]),
+    "dtype": st.sampled_from(["int8", "float32", ""]),
+    "eta": st.floats(allow_nan=True, allow_infinity=True),
+    "smc": st.integers(-2, 0),
+}
 
 
 @MANY
-@given(
-    weights=weight_texts,
-    kl_scale=st.one_of(
-        st.none(), st.lists(st.one_of(st.floats(0, 2), st.floats(allow_nan=True, allow_infinity=True)), max_size=2)
-    ),
-    mode=st.sampled_from(["mix", "mix", "stochastic", "x"]),
-    prompt=st.sampled_from(["3", "3", "12", "", "seven"]),
-    out=st.sampled_from(["out.png", "out/", "out.png", "out.gif", "", "out.jpeg", "deep/er/out.webp", "/proc/out.png"]),
-    steps=sizes,
-    height=sizes,
-    width=sizes,
-    guidance=maybe_floats,
-    seed=st.one_of(st.integers(0, 100), st.integers(-5, 2**64 + 5)),
-    num_images=st.integers(-1, 4),
-    scheduler=st.sampled_from([None, None, "ddim", "euler", "nope", "DDPMScheduler"]),
-    dtype=st.sampled_from(["fp32", "fp32", "fp16", "int8"]),
-    eta=st.one_of(st.none(), st.none(), st.floats(-1, 2)),
-    smc=st.one_of(st.none(), st.none(), st.integers(-1, 4)),
-)
-def test_generate_options_either_make_a_request_or_one_clean_error_writing_nothing(
-    tmp_path_factory, monkeypatch, weights, kl_scale, mode, prompt, out, steps, height, width, guidance, seed,
-    num_images, scheduler, dtype, eta, smc,
-):  # fmt: skip
+@given(data=st.data())
+def test_generate_options_either_make_a_request_or_one_clean_error_writing_nothing(tmp_path_factory, data):
+    """A meant request with up to two options drawn from anything at all."""
     folder = tmp_path_factory.mktemp("generate")
-    monkeypatch.chdir(folder)
-    options = dict(
-        base=None, basis=None, weights=weights, prompt=prompt, out=out, kl_scale=kl_scale, mode=mode,
-        negative_prompt=None, steps=steps, guidance=guidance, seed=seed, num_images=num_images, height=height,
-        width=width, scheduler=scheduler, dtype=dtype, device="cpu", compile=None, max_batch_size=None,
-        lora_scale=None, denoiser=None, eta=eta, smc=smc, smc_reward=None, alpha=None,
-    )  # fmt: skip
+    broken = data.draw(st.sets(st.sampled_from(sorted(VALID)), max_size=2), label="options drawn from anything")
+    options = {name: data.draw((WIDE if name in broken else VALID)[name], label=name) for name in VALID}
+    fixed = dict(base=None, basis=None, negative_prompt=None, device="cpu", compile=None, max_batch_size=None)
+    fixed |= dict(lora_scale=None, denoiser=None, smc_reward=None, alpha=None)
+    options["out"] = (
+        str(folder / options["out"]) if options["out"] and not options["out"].startswith("/") else options["out"]
+    )
     try:
-        check_request(**options)
+        check_request(**options, **fixed)
         event("accepted")
     except (CommandError, ValueError) as error:
         event("refused")

@@ -3,6 +3,7 @@ weights never pass silently; every mistake gets one line that names it, before a
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -238,3 +239,27 @@ def test_a_mistyped_option_is_one_line_on_stderr():
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: No such option: --stpes (Possible options: --dtype, --seed, --steps) (see ")
     assert line.endswith(" generate --help)")
+
+
+def test_generate_shows_its_progress_from_the_first_step(sd_pipeline_folder, sd_loras, tmp_path, monkeypatch):
+    """On a terminal, whatever the step count: the bar is drawn before the first step ends."""
+    import io
+
+    import rich.console
+
+    screen = io.StringIO()
+    terminal = functools.partial(rich.console.Console, file=screen, force_terminal=True, width=100)
+    monkeypatch.setattr(rich.console, "Console", lambda *args, **kwargs: terminal())
+    seen_before_first_step = []
+    original = BlendedDenoiser._blend
+
+    def first(self, *args, **kwargs):
+        seen_before_first_step.append("denoising" in screen.getvalue())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlendedDenoiser, "_blend", first)
+    result = runner.invoke(
+        app, generate_args(sd_pipeline_folder, {"ir": sd_loras["ir"]}, tmp_path / "o.png", "--weights", "ir=1")
+    )
+    assert result.exit_code == 0, result.output
+    assert seen_before_first_step and seen_before_first_step[0] and "0/3" in screen.getvalue()

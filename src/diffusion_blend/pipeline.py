@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import math
 import os
 import re
 import threading
@@ -422,9 +423,9 @@ DEPRECATED_CALL_ARGUMENTS = ("callback", "callback_steps")
 
 
 def _check_pipeline_arguments(pipe: Any, pipeline_kwargs: dict) -> None:
-    """Arguments a diffusers pipeline would silently ignore (its ``**kwargs`` takes anything) and step counts below
-    one (a pipeline would decode its starting noise) are refused by name. (A modular pipeline's ``**kwargs`` are its
-    inputs.)"""
+    """Arguments a diffusers pipeline would silently ignore (its ``**kwargs`` takes anything), counts and sizes below
+    one (a pipeline would decode its starting noise, or fail deep inside) and non-finite numbers are refused by name.
+    (A modular pipeline's ``**kwargs`` are its inputs.)"""
     from diffusers import DiffusionPipeline
 
     parameters = inspect.signature(pipe.__call__).parameters
@@ -436,9 +437,13 @@ def _check_pipeline_arguments(pipe: Any, pipeline_kwargs: dict) -> None:
                 f"{type(pipe).__name__} takes no argument(s) {', '.join(unknown)} (it would ignore them); "
                 "Blend.blend's own are weights, kl_scale, mode, member_generator and corrector"
             )
-    steps = pipeline_kwargs.get("num_inference_steps")
-    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    for name in ("num_inference_steps", "height", "width", "num_frames"):
+        count = pipeline_kwargs.get(name)
+        if isinstance(count, int) and not isinstance(count, bool) and count < 1:
+            raise ValueError(f"{name} must be >= 1, got {count}")
+    for name, value in pipeline_kwargs.items():  # (a NaN guidance scale would make NaN images, silently)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} is {value}: the pipeline's numeric arguments must be finite")
 
 
 def _check_one_per_image(what: str, values: Any, args: tuple, pipeline_kwargs: dict) -> None:

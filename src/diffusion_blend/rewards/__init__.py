@@ -159,6 +159,17 @@ def get_reward(
 
 def load_user_reward(path: str) -> Reward:
     """``package.module:function`` (or a Reward subclass / instance) as a reward."""
+    target = _user_target(path)
+    if isinstance(target, Reward):
+        return target
+    if isinstance(target, type):
+        return target()
+    return FunctionReward(target, path)
+
+
+def _user_target(path: str):
+    """What ``package.module:name`` names, checked to be a reward (a Reward subclass or instance, or a function of
+    (images, prompts)) without building it."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"user reward {path!r} must look like module:function")
@@ -168,10 +179,8 @@ def load_user_reward(path: str) -> Reward:
         raise ValueError(f"user reward {path!r}: cannot import {module_name} ({error})") from error
     except AttributeError:
         raise ValueError(f"user reward {path!r}: {module_name} has no {attribute!r}") from None
-    if isinstance(target, Reward):
+    if isinstance(target, Reward) or (isinstance(target, type) and issubclass(target, Reward)):
         return target
-    if isinstance(target, type) and issubclass(target, Reward):
-        return target()
     if not callable(target):
         raise ValueError(f"user reward {path!r} is not callable")
     try:
@@ -180,7 +189,7 @@ def load_user_reward(path: str) -> Reward:
         raise ValueError(f"user reward {path!r} must take (images, prompts) ({error})") from None
     except ValueError:  # a callable whose signature Python cannot read: found out at its first call
         pass
-    return FunctionReward(target, path)
+    return target
 
 
 def parse_weighted(spec: str) -> dict[str, float]:
@@ -196,7 +205,8 @@ def check_reward_spec(spec: str) -> bool:
         if name.startswith(LAB_PREFIX):
             continue
         if ":" in name:
-            differentiable &= load_user_reward(name).differentiable
+            target = _user_target(name)  # (not built: a user reward class may load a model)
+            differentiable &= bool(getattr(target, "differentiable", FunctionReward.differentiable))
             continue
         key = ALIASES.get(name.lower(), name.lower())
         if key not in REGISTRY:
