@@ -126,7 +126,7 @@ class AdapterRouter:
         self.adapters = set(adapters)
         self.row_mask: torch.Tensor | None = None
         self.lora_scale = 1.0  # what every routed update is multiplied by (:meth:`scaled`)
-        self._rank_masks: tuple[torch.Tensor | None, dict] = (None, {})  # the row mask they expand, and them
+        self._rank_masks = _RankMasks(None, {})
         self._suspended: list[tuple[nn.Module, object]] = []
         self._last_mask: tuple[tuple, torch.Tensor] | None = None
         self._member_rows: tuple[tuple, torch.Tensor] | None = None
@@ -139,8 +139,9 @@ class AdapterRouter:
         self._layer_routings: dict[int, _LayerRouting] = {}  # layer → its routing, checked in this context
         self._read_weights: dict[tuple, tuple] = {}  # (layer, adapters) → stacked weights, read in this context
         self._masks: dict[tuple, torch.Tensor] = {}  # row × rank-block masks, shared by layers of equal ranks
-        self._plans_by_routing: dict[tuple, dict] = {}  # segments → {(layer, rows) → the layer's share of them}
-        self._plans: dict[tuple, tuple | None] = {}  # those of the current routing
+        self._plans_by_routing: dict[tuple, _RoutingPlans] = {}  # segments → the plans made for them
+        self._plans: dict[tuple, _SegmentPlan | None] = {}  # (layer, rows, ndim) → its plan in the current routing
+        self._shared_plans: dict[tuple, _SharedPlan] = {}  # what layers of equal adapters and ranks share in it
         self._depth = 0
         self._snapshot: ActivationSnapshot | None = None
 
@@ -202,7 +203,7 @@ class AdapterRouter:
     def _forget_context(self) -> None:
         """Drop what was worked out during a routing context: the next one checks the layers and weights anew."""
         self._layer_routings, self._read_weights, self._masks, self._plans_by_routing = {}, {}, {}, {}
-        self._rank_masks = (None, {})
+        self._rank_masks = _RankMasks(None, {})
 
     def _suspend_compiled_regions(self) -> None:
         """Run the user's in-place compiled regions (``module.compile()``, diffusers' ``compile_repeated_blocks``)
@@ -220,7 +221,7 @@ class AdapterRouter:
         rows × adapters mask (:meth:`member_mask`, :meth:`dense_mask`)."""
         if self._depth == 0:
             raise RuntimeError("AdapterRouter.route() must be used inside `with router:`")
-        previous = self._segments, self.row_mask, self._plans
+        previous = self._segments, self.row_mask, self._plans, self._shared_plans
         if isinstance(names, torch.Tensor):
             self._segments, self.row_mask = None, names
         else:
@@ -228,11 +229,12 @@ class AdapterRouter:
             if len(self._plans_by_routing) >= MAX_PLANNED_ROUTINGS:  # routings that change every call (draws)
                 self._plans_by_routing, self._masks = {}, {}
             # the layers' plans for this routing, kept for the context: a mix blend routes every step alike
-            self._plans = self._plans_by_routing.setdefault(self._segments, {})
+            plans = self._plans_by_routing.setdefault(self._segments, _RoutingPlans({}, {}))
+            self._plans, self._shared_plans = plans.layers, plans.shared
         try:
             yield
         finally:
-            self._segments, self.row_mask, self._plans = previous
+            self._segments, self.row_mask, self._plans, self._shared_plans = previous
 
     @contextlib.contextmanager
     def scaled(self, scale: float) -> Iterator[None]:
@@ -316,11 +318,11 @@ class AdapterRouter:
             rank_mask = _rank_mask(row_mask, routing.layout)
         else:
             stacked_a, stacked_b = self._stacked_weights(layer, routing, routing.adapters)
-            if self._rank_masks[0] is not row_mask:  # a new routing (holding the mask keeps its identity unique)
-                self._rank_masks = (row_mask, {})
-            rank_mask = self._rank_masks[1].get(routing.layout)
+            if self._rank_masks.row_mask is not row_mask:  # a new routing (holding the mask keeps its identity unique)
+                self._rank_masks = _RankMasks(row_mask, {})
+            rank_mask = self._rank_masks.by_layout.get(routing.layout)
             if rank_mask is None:  # shared by every layer of the same ranks during this routing
-                rank_mask = self._rank_masks[1][routing.layout] = _rank_mask(row_mask, routing.layout)
+                rank_mask = self._rank_masks.by_layout[routing.layout] = _rank_mask(row_mask, routing.layout)
         low_rank = _apply(routing.first_a, x.to(stacked_a.dtype), stacked_a)
         update = _apply(
             routing.first_b, low_rank * _on_rank_axis(rank_mask.to(low_rank.dtype), routing, low_rank.ndim), stacked_b
@@ -383,24 +385,24 @@ class AdapterRouter:
             like.dtype,
             like.device,
         )
-        shared = self._plans.get(key)  # what layers of the same adapters, ranks and inputs share
+        shared = self._shared_plans.get(key)  # what layers of the same adapters, ranks and inputs share
         if shared is None:
-            shared = self._plans[key] = self._shared_plan(routing, segments, rows, ndim, like)
+            shared = self._shared_plans[key] = self._shared_plan(routing, segments, rows, ndim, like)
         return _SegmentPlan(routing, *shared)
 
-    def _shared_plan(self, routing: _LayerRouting, segments: list, rows: int, ndim: int, like: torch.Tensor) -> tuple:
-        """A :class:`_SegmentPlan` but its routing: the segments (shifted to start at the first adapted row when
-        they are stacked), that row range, the rows × rank mask of the stacked product (None: one update per
-        segment), and the adapters in stacking order."""
+    def _shared_plan(
+        self, routing: _LayerRouting, segments: list, rows: int, ndim: int, like: torch.Tensor
+    ) -> _SharedPlan:
+        """What every layer of the same adapters, ranks and inputs shares of its :class:`_SegmentPlan`."""
         adapters = tuple(dict.fromkeys(adapter for adapter, _, _ in segments))
         if len(segments) == 1 or not routing.stackable:
-            return tuple(segments), 0, rows, None, adapters
+            return _SharedPlan(tuple(segments), 0, rows, None, adapters)
         start, stop = segments[0][1], segments[-1][2]
         shifted = tuple((adapter, first - start, last - start) for adapter, first, last in segments)
         ranks = dict(zip(routing.adapters, (rank for _, rank in routing.layout)))
         blocks = _rank_blocks(adapters, [ranks[adapter] for adapter in adapters])
         mask = self._mask(shifted, blocks, stop - start, like)
-        return shifted, start, stop, _on_rank_axis(mask, routing, ndim), adapters
+        return _SharedPlan(shifted, start, stop, _on_rank_axis(mask, routing, ndim), adapters)
 
     def _stacked_update(
         self, layer: nn.Module, routing: _LayerRouting, x: torch.Tensor, plan: _SegmentPlan
@@ -428,11 +430,11 @@ class AdapterRouter:
             state.stacked.clear()
             return _stack(layer, adapters, scale)
         kept = state.stacked.get(adapters)
-        if kept is None or kept[0] != scale:
+        if kept is None or kept.scale != scale:
             with torch.no_grad():
-                kept = state.stacked[adapters] = (scale, *_stack(layer, adapters, scale))
-        self._read_weights[(id(layer), adapters, scale)] = kept[1:]
-        return kept[1:]
+                kept = state.stacked[adapters] = _StackedFactors(scale, *_stack(layer, adapters, scale))
+        weights = self._read_weights[(id(layer), adapters, scale)] = (kept.a, kept.b)
+        return weights
 
     def _mask(self, segments: list, blocks: dict, rows: int, like: torch.Tensor) -> torch.Tensor:
         """Rows × total rank, 1 where a row's adapter owns the rank block; shared by all layers of equal ranks."""
@@ -585,7 +587,42 @@ class _LayerState(NamedTuple):
     fingerprint: tuple
     routing: _LayerRouting
     plans: dict[tuple, _SegmentPlan | None]  # (segments, rows, ndim) → its share of that routing
-    stacked: dict[tuple[str, ...], tuple]  # adapters → (LoRA scale, A_cat, (B·s)_cat) at that scale
+    stacked: dict[tuple[str, ...], _StackedFactors]  # adapters → their stacked factors at a LoRA scale
+
+
+class _StackedFactors(NamedTuple):
+    """Adapters' factors stacked for one low-rank product (:func:`_stack`) at one LoRA scale."""
+
+    scale: float
+    a: torch.Tensor  # A_cat
+    b: torch.Tensor  # (B·s)_cat
+
+
+class _RankMasks(NamedTuple):
+    """A mask routing's row × adapter mask expanded to rows × rank blocks, per rank layout (shared by the layers of
+    equal ranks while that mask routes)."""
+
+    row_mask: torch.Tensor | None  # the mask they expand (held, so that its identity stays unique)
+    by_layout: dict[tuple, torch.Tensor]
+
+
+class _SharedPlan(NamedTuple):
+    """What layers of the same adapters, ranks and inputs share of a row-segment routing (a :class:`_SegmentPlan`
+    but its layer's routing)."""
+
+    segments: tuple[tuple[str, int, int], ...]  # (adapter, first row, last row), shifted to start at ``start`` when
+    # stacked
+    start: int  # the rows from the first to the last adapted one
+    stop: int
+    mask: torch.Tensor | None  # rows × Σr, shaped to multiply the low-rank activations (None: one update per segment)
+    adapters: tuple[str, ...]  # in stacking order
+
+
+class _RoutingPlans(NamedTuple):
+    """The plans made for one routing (kept for the routing context: a mix blend routes every step alike)."""
+
+    layers: dict[tuple, _SegmentPlan | None]  # (layer, rows, ndim) → the layer's plan
+    shared: dict[tuple, _SharedPlan]  # (adapters, ranks, rows, ...) → what such layers share
 
 
 class _SegmentPlan(NamedTuple):
