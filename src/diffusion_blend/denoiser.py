@@ -34,12 +34,12 @@ from .checks import (
     check_processors_alike,
     check_same_architecture,
     check_same_settings,
-    placement,
     splits_its_rows,
 )
 from .compiled import compile_options, was_compiled
 from .draws import DrawCache, per_row, rows_by_member
 from .execution import INPUT_ROWS, Evaluation, Executor
+from .face import DenoiserFace
 from .predictions import Prediction, Rows, blend_rows, like, placed_rows, with_prediction
 
 #: The base's name in an evaluation plan (peft's own name for "no adapter", so it can never be a member's name).
@@ -71,7 +71,7 @@ class BlendSettings:
         return self.kl_scales[0] if len(self.kl_scales) == 1 else None
 
 
-class BlendedDenoiser(nn.Module):
+class BlendedDenoiser(DenoiserFace):
     """Wraps a denoiser and its basis members; ``forward`` returns ``base + λ Σ w_i (member_i − base)``.
 
     Args:
@@ -159,64 +159,6 @@ class BlendedDenoiser(nn.Module):
     def compile_options(self) -> dict[str, Any] | None:
         """The ``torch.compile`` options of the blend's calls (None: eager calls)."""
         return None if self.executor.compiled is None else self.executor.compiled.options
-
-    # ---------------------------------------------------------------------------------------------- what pipelines read
-    @property
-    def config(self):
-        return self.base.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return placement(self.base)[1]
-
-    @property
-    def device(self) -> torch.device:
-        return placement(self.base)[0]
-
-    def set_attn_processor(self, processor: Any) -> None:
-        """Set the attention processors of the base and of every full member (diffusers' ``set_attn_processor``:
-        one processor, or one per layer name, the base's names). Pipelines that install processors for their call
-        (perturbed-attention guidance) put them on every attention layer of the wrapper, members' included, and
-        restore them through this method: on the base alone, the members would keep the call's processors."""
-        for module in self.executor.modules().values():
-            module.set_attn_processor(dict(processor) if isinstance(processor, Mapping) else processor)  # (it pops)
-
-    def cache_context(self, name: str, **kwargs: Any) -> contextlib.AbstractContextManager:
-        """diffusers' ``cache_context``: the context a pipeline names for its denoiser call (``"cond"``,
-        ``"uncond"``) for the step caches of the base and of the members (``enable_cache``). Each denoiser call of the
-        blend runs in a context of its own within it (:class:`~diffusion_blend.caches.StepCacheContexts`)."""
-        return self.executor.step_contexts.given(name, **kwargs)
-
-    def enable_cache(self, config: Any) -> None:
-        """diffusers' ``enable_cache`` (First Block Cache, TaylorSeer, MagCache, ...) on the base and on every full
-        member: each module keeps its own cache state. LoRA members are cached with the base they share."""
-        for module in self.executor.modules().values():
-            module.enable_cache(config)
-
-    def disable_cache(self) -> None:
-        """diffusers' ``disable_cache`` on the base and on every full member that has a cache enabled."""
-        for module in self.executor.modules().values():
-            if uses_step_cache(module):
-                module.disable_cache()
-
-    def _reset_stateful_cache(self, recurse: bool = True) -> None:
-        """Forget what the step caches of the base and of the members computed (diffusers' pipelines call it at the
-        end of their call, so that the next call starts afresh)."""
-        for module in self.executor.modules().values():
-            if hasattr(module, "_reset_stateful_cache"):
-                module._reset_stateful_cache(recurse=recurse)
-
-    def __getattr__(self, name: str) -> Any:
-        """Public attributes the wrapper lacks come from the base (``add_embedding``, ``encoder_hid_proj``, ...).
-        Private ones do not: hooks that libraries keep on a module (accelerate's ``_hf_hook``) belong to that
-        module, and must not look installed on the wrapper."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base")
-            if base is None or name.startswith("_"):
-                raise
-            return getattr(base, name)
 
     # ------------------------------------------------------------------------------------------------------- the blend
     def set_blend(
