@@ -240,7 +240,7 @@ def test_the_sweep_checks_db_smc_options():
 def test_a_latent_model_is_weighed_on_its_decoded_estimate(sd_loras):
     """Stable Diffusion (tiny): the potentials score the VAE-decoded x̂₀; draw for draw ``smc_sample`` on plain
     models with the same text conditioning."""
-    from diffusion_blend.finetune.denoiser_target import decoded
+    from diffusion_blend.images import decoded
     from helpers import tiny
     from helpers.calls import PROMPT, SIZE, lora_denoiser
 

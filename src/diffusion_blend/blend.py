@@ -79,6 +79,13 @@ def check_coefficients(weights: Mapping[str, float], kl_scale: float, dtype: tor
         )
 
 
+def weighed_names(samples: Sequence[tuple[Mapping[str, float], float]]) -> list[str]:
+    """The basis names whose coefficient λ·w_i is non-zero for some sample (weights, λ), in the order they come:
+    the members a blend has to evaluate."""
+    names = dict.fromkeys(name for weights, _ in samples for name in weights)
+    return [name for name in names if any(kl_scale * weights.get(name, 0.0) != 0 for weights, kl_scale in samples)]
+
+
 def base_coefficient(weights: Iterable[float], kl_scale: float) -> float:
     """The base's coefficient 1 − λ·Σw once the formula is expanded; the base is needed only where it is non-zero."""
     coefficient = 1.0 - kl_scale * math.fsum(weights)

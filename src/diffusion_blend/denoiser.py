@@ -25,7 +25,7 @@ from torch import nn
 
 from .adapters import NO_ADAPTER, RowsReshaped, loaded_adapters
 from .arguments import CallSignature
-from .blend import base_coefficient, check_coefficients, validate_kl_scale, validate_weights
+from .blend import base_coefficient, check_coefficients, validate_kl_scale, validate_weights, weighed_names
 from .caches import CONDITION_CACHES_IN_STOCHASTIC_MODE, reads_condition_cache, uses_step_cache
 from .checks import (
     check_member_name,
@@ -290,11 +290,7 @@ class BlendedDenoiser(DenoiserFace):
             ({name: w for name, w in weights.items() if name not in self.same_as_base}, kl_scale)
             for weights, kl_scale in self.settings.samples
         ]
-        members = [
-            Evaluation(name)
-            for name in per_sample[0][0]
-            if any(kl_scale * weights[name] != 0 for weights, kl_scale in per_sample)
-        ]
+        members = [Evaluation(name) for name in weighed_names(per_sample)]
         needs_base = self.observe_base is not None or any(
             base_coefficient(weights.values(), kl_scale) != 0 for weights, kl_scale in per_sample
         )

@@ -33,6 +33,8 @@ LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetens
 PEFT_PREFIX = "base_model.model."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry holding the LoraConfig
 TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te3_")
+#: a key of a peft-adapted layer (``….to_q.lora_A.name.weight``, ``….to_q.base_layer.weight``)
+ADAPTER_KEY = re.compile(r"\.(lora_[AB]|lora_magnitude_vector|base_layer)\.")
 _OLD_PROCESSOR_KEY = re.compile(
     r"^(?:unet\.)?(?P<module>.+)\.processor\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<side>down|up)\.weight$"
 )
@@ -115,6 +117,26 @@ def _denoiser_weights(files: list[str], folder: str) -> list[str]:
     plain = re.compile(rf"^{re.escape(stem)}(?:-\d+-of-\d+)?\.safetensors(?:\.index\.json)?$")
     extension = ".safetensors" if any(plain.match(file) for file in files) else ".bin"
     return [f"{folder}config.json", f"{stem}{extension}", f"{stem}-*{extension}", f"{stem}{extension}.index.json"]
+
+
+def check_base_folder(model_id_or_path: str | os.PathLike) -> None:
+    """A base that is not a hub id ("owner/name") is a local folder, and must exist (diffusers would report it as an
+    invalid repository id)."""
+    text = os.fspath(model_id_or_path)
+    folder = Path(text).expanduser()
+    if not is_hub_id(text) and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"base {text!r} {what}: give a pipeline folder (model_index.json) or a hub id (owner/name)")
+    for name in DENOISER_FOLDERS if folder.is_dir() else ():
+        for weights in sorted((folder / name).glob("*.safetensors")):
+            with safetensors.safe_open(str(weights), framework="pt") as handle:
+                adapted = next((key for key in handle.keys() if ADAPTER_KEY.search(key)), None)
+            if adapted is not None:
+                raise ValueError(
+                    f"base {text!r}: {weights} holds LoRA adapter weights ({adapted}): the pipeline was saved with "
+                    "adapters loaded, and diffusers would load its layers with random weights; fuse_lora() and "
+                    "unload_lora_weights() before save_pretrained, or save the pipeline without its LoRAs"
+                )
 
 
 def is_denoiser_folder(path: Path) -> bool:

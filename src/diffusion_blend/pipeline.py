@@ -14,13 +14,10 @@ import hashlib
 import inspect
 import math
 import os
-import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 from diffusers.hooks import HookRegistry
 from torch import nn
@@ -29,8 +26,7 @@ from .adapters import loaded_adapters
 from .caches import CONDITION_CACHES_IN_STOCHASTIC_MODE, caches_conditions
 from .checks import check_member_name
 from .denoiser import BlendedDenoiser
-from .hub import is_hub_id
-from .loading import DENOISER_FOLDERS, resolve_source
+from .loading import DENOISER_FOLDERS, check_base_folder, resolve_source
 from .smc.particles import SMC, Trace
 from .stage import BasisSource, Stage, family
 from .turns import taking_turns
@@ -121,7 +117,7 @@ class Blend:
                 raise ValueError("give the pipeline's dtype once: torch_dtype or dtype, not both")
             torch_dtype = kwargs.pop("dtype")
         _check_basis_names(basis)
-        _check_base_source(model_id_or_path)
+        check_base_folder(model_id_or_path)
         for name, source in basis.items():
             for folder, part in source.items() if isinstance(source, Mapping) else [(denoiser, source)]:
                 if part is not None and not isinstance(part, nn.Module):
@@ -281,7 +277,7 @@ class Blend:
         if len(self.stages) > 1:
             raise ValueError("the SMC corrector follows one blended denoiser; this blend switches between several")
         images = _images_of_call(args, pipeline_kwargs)
-        return PipelineCorrection(self.pipe, corrector, weights, kl_scale, images, args, pipeline_kwargs)
+        return PipelineCorrection(self.pipe, corrector, weights, kl_scale, images, self.names, args, pipeline_kwargs)
 
     def _first_usable(self) -> Stage:
         self.stages[0].check_loaded()
@@ -318,26 +314,6 @@ def _check_basis_names(basis: Mapping[str, BasisSource]) -> None:
                 f"basis {name!r} leaves every denoiser unchanged (no source, or None for each): give "
                 "a LoRA, a denoiser folder or a module (None only beside another denoiser's source)"
             )
-
-
-def _check_base_source(model_id_or_path: str | os.PathLike) -> None:
-    """A base that is not a hub id ("owner/name") is a local folder, and must exist (diffusers would report it as an
-    invalid repository id)."""
-    text = os.fspath(model_id_or_path)
-    folder = Path(text).expanduser()
-    if not is_hub_id(text) and not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ValueError(f"base {text!r} {what}: give a pipeline folder (model_index.json) or a hub id (owner/name)")
-    for name in DENOISER_FOLDERS if folder.is_dir() else ():
-        for weights in sorted((folder / name).glob("*.safetensors")):
-            with safetensors.safe_open(str(weights), framework="pt") as handle:
-                adapted = next((key for key in handle.keys() if ADAPTER_KEY.search(key)), None)
-            if adapted is not None:
-                raise ValueError(
-                    f"base {text!r}: {weights} holds LoRA adapter weights ({adapted}): the pipeline was saved with "
-                    "adapters loaded, and diffusers would load its layers with random weights; fuse_lora() and "
-                    "unload_lora_weights() before save_pretrained, or save the pipeline without its LoRAs"
-                )
 
 
 def _check_no_collision(pipe: Any, basis: Mapping[str, BasisSource], denoisers: Sequence[str]) -> None:
@@ -412,10 +388,6 @@ def _find_denoiser_name(pipe: Any) -> str:
             "pass denoiser='<attribute name>'"
         )
     return present[0]
-
-
-#: a key of a peft-adapted layer (``….to_q.lora_A.name.weight``, ``….to_q.base_layer.weight``)
-ADAPTER_KEY = re.compile(r"\.(lora_[AB]|lora_magnitude_vector|base_layer)\.")
 
 
 #: what diffusers pipelines still read from their ``**kwargs`` (deprecated callbacks)

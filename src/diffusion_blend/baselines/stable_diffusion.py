@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from ..finetune.denoiser_target import decoded
 from ..finetune.path import StochasticPath
+from ..images import decoded
 from .sampler import BaseSampler
 
 

@@ -62,6 +62,19 @@ def parse_options(items: list[str]) -> dict[str, int | float | bool]:
     return options
 
 
+def parse_named_texts(items: list[str], option: str) -> dict[str, str]:
+    """``NAME=TEXT`` items (each name once)."""
+    named = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip() or not text.strip():
+            raise CommandError(f"{option} takes NAME=SPEC, got {item!r}")
+        if name.strip() in named:
+            raise CommandError(f"{option} gives {name.strip()!r} twice")
+        named[name.strip()] = text.strip()
+    return named
+
+
 def parse_weights_paths(items: list[str] | None, names: list[str]) -> dict[str, str]:
     """``--weights-path`` values → reward name → path: ``NAME=PATH``, or a bare ``PATH`` when there is one reward."""
     paths: dict[str, str] = {}

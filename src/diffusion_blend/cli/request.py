@@ -8,10 +8,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..blend import weighed_names
 from ..named_numbers import parse_named_numbers
 from ..schedulers import scheduler_class
 from .output import Output, check_out
-from .parsing import parse_basis, paths_of
+from .parsing import parse_basis, parse_named_texts, paths_of
 from .running import CommandError
 
 MODES = ("mix", "stochastic")
@@ -208,8 +209,7 @@ def smc_option(
         raise CommandError(
             f"--smc-reward names {', '.join(unknown)}, which no --basis is; the basis: {', '.join(sources)}"
         )
-    weighed = [name for name in sources if any(kl * weights.get(name, 0.0) != 0 for weights, kl in sweep.rows)]
-    specs = {name: given.get(name, name) for name in weighed}
+    specs = {name: given.get(name, name) for name in weighed_names(sweep.rows)}
     for name, spec in specs.items():
         try:
             check_reward_spec(spec)
@@ -217,19 +217,6 @@ def smc_option(
             hint = "" if name in given else f" (give its reward with --smc-reward {name}=SPEC)"
             raise CommandError(f"--smc: basis {name!r}: {error}{hint}") from None
     return Correction(particles, float(alpha), specs)
-
-
-def parse_named_texts(items: list[str], option: str) -> dict[str, str]:
-    """``NAME=TEXT`` items (each name once)."""
-    named = {}
-    for item in items:
-        name, equals, text = item.partition("=")
-        if not equals or not name.strip() or not text.strip():
-            raise CommandError(f"{option} takes NAME=SPEC, got {item!r}")
-        if name.strip() in named:
-            raise CommandError(f"{option} gives {name.strip()!r} twice")
-        named[name.strip()] = text.strip()
-    return named
 
 
 def basis_sources(base: str | None, basis: list[str] | None, prompt: str) -> Basis:

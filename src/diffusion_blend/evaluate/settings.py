@@ -322,7 +322,7 @@ class DiffusersSetting(PipelineSetting):
         return super().call(function, repeats, **self._size, **options)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        from ..finetune.denoiser_target import decoded
+        from ..images import decoded
 
         with torch.no_grad():
             return decoded(self.pipe, samples).float()

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 
+from ..images import decoded
 from .path import StochasticPath
 
 #: The attention projections a LoRA adapts unless told otherwise (the method's published basis models do the same).
@@ -226,12 +227,6 @@ class StableDiffusionLoraTarget(LoraTarget):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decoded(self.pipe, latents)
-
-
-def decoded(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images [B, 3, H, W] in [0, 1], as a Stable Diffusion pipeline decodes them (differentiable)."""
-    vae = pipe.vae
-    return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
 
 
 def check_pipeline(pipe) -> None:

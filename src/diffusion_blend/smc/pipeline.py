@@ -31,7 +31,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
+from ..blend import validate_kl_scale, validate_weights, weighed_names
 from ..finetune.path import Step, StochasticPath
+from ..images import decoded
 from .particles import SMC, Particles, Trace, check_alpha
 
 #: the guided blend recomputed from the denoiser's rows may differ from the pipeline's by rounding only
@@ -52,13 +54,17 @@ class PipelineCorrection:
         weights: Mapping[str, float] | Sequence[Mapping[str, float]],
         kl_scale: float | Sequence[float],
         images: int | None,
+        names: Sequence[str],
         args: tuple,
         pipeline_kwargs: dict,
     ):
         self.pipe, self.options, self.count = pipe, options, options.particles
         parameters = inspect.signature(pipe.__call__).parameters
         self.images, self.rows_argument = _images_and_argument(images, parameters, pipeline_kwargs)
-        per_image = _per_image(weights, self.images), _per_image(kl_scale, self.images)
+        per_image = (
+            [validate_weights(sample, names) for sample in _per_image(weights, self.images)],
+            [validate_kl_scale(value) for value in _per_image(kl_scale, self.images)],
+        )
         self.rewards = _checked_rewards(options, per_image[0], per_image[1])
         check_alpha(options.alpha)
         self.eta = _checked_scheduler(pipe.scheduler, parameters, pipeline_kwargs)
@@ -211,40 +217,13 @@ def _guidance(prediction: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _images(pipe: Any, clean: torch.Tensor) -> torch.Tensor:
-    """x̂₀ as images [B, 3, H, W] in [0, 1]: decoded by the pipeline's VAE as its pipelines decode (latents_mean/std,
-    scaling and shift factors; a half-precision VAE marked ``force_upcast`` decodes in float32), or read as pixels in
-    [−1, 1] (one channel as grey)."""
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        images = ((clean.float() + 1) / 2).clamp(0, 1)
-        return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
-    config = vae.config
-    latents = clean.float()
-    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
-        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1)
-        latents = latents * std / config.scaling_factor + mean
-    else:
-        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-    upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
-    with torch.no_grad(), _in_dtype(vae, dtype):
-        images = vae.decode(latents.to(dtype), return_dict=False)[0]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-@contextlib.contextmanager
-def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """The module in ``dtype`` for a while (an fp16 VAE that overflows decodes in float32, as diffusers upcasts it)."""
-    original = next(module.parameters()).dtype
-    if original == dtype:
-        yield
-        return
-    module.to(dtype)
-    try:
-        yield
-    finally:
-        module.to(original)
+    """x̂₀ as images [B, 3, H, W] in [0, 1]: decoded as the pipeline decodes (an fp16 VAE marked ``force_upcast`` in
+    float32), or read as pixels in [−1, 1] (one channel as grey)."""
+    if getattr(pipe, "vae", None) is not None:
+        with torch.no_grad():
+            return decoded(pipe, clean, upcast=True).float()
+    images = ((clean.float() + 1) / 2).clamp(0, 1)
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
 def _reward_values(name: str, reward: Callable, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -284,7 +263,7 @@ def _checked_rewards(options: SMC, weights: list[Mapping[str, float]], kl_scales
     rewards = options.rewards
     if not isinstance(rewards, Mapping) or not rewards:
         raise ValueError("SMC in a pipeline needs rewards: SMC(rewards={basis name: reward(images, prompts)}, ...)")
-    weighed = sorted({name for w, kl in zip(weights, kl_scales) for name, value in w.items() if kl * value != 0})
+    weighed = weighed_names(list(zip(weights, kl_scales)))
     missing = [name for name in weighed if name not in rewards]
     if missing:
         raise ValueError(
